@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules for chat.v1 (see proto/generate.py)."""

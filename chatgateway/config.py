@@ -1,0 +1,271 @@
+"""Gateway configuration: environment variables, overridden by twistd options.
+
+Every setting is declared once in SETTINGS (name, parser, default, help); the
+README's configuration table is checked against it. ``load`` collects every
+problem before failing, so an operator sees all of them in one run.
+"""
+
+import collections
+import dataclasses
+import os
+import socket
+import uuid
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def _int(minimum):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+
+    parse.kind = "integer"
+    return parse
+
+
+def _number(minimum):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("must be a finite number")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+
+    parse.kind = "number"
+    return parse
+
+
+def _bool(text):
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _text(text):
+    return text.strip()
+
+
+def _host_port(text):
+    """host:port, as grpcio takes it (``dns:///`` prefixes are passed through)."""
+    text = text.strip()
+    target = text.split("///", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:7010")
+    return text
+
+
+def _store_uri(text):
+    text = text.strip()
+    if text in ("", "memory://"):
+        return "memory://"
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"unknown scheme {parts.scheme!r}: use memory://, redis://host:port/db or unix:///path")
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            parts.port
+        except ValueError as e:
+            raise ValueError(f"bad port: {e}")
+        if not parts.hostname:
+            raise ValueError("must name a host, e.g. redis://127.0.0.1:6379/0")
+    elif not parts.path:
+        raise ValueError("unix:// must name a socket path")
+    return text
+
+
+def _http_url(text):
+    text = text.strip()
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
+def _log_level(text):
+    level = text.strip().lower()
+    if level == "warn":
+        level = "warning"
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be one of debug, info, warning, error")
+    return level
+
+
+def _origins(text):
+    return tuple(o.strip() for o in text.split(",") if o.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: object
+    default: str
+    help: str
+
+    @property
+    def field(self):
+        return self.name.lower()
+
+
+SETTINGS = [
+    Setting("CHAT_SERVICE_URI", _host_port, "127.0.0.1:7010", "host:port of the core chat service (gRPC)."),
+    Setting("MAX_CONNECTIONS_PER_DEVICE", _int(1), "1", "Connections one device may hold; a newer one closes the oldest with 4001."),
+    Setting("CONNECTION_TIMEOUT_SEC", _number(1), "300", "No frame from a device for this long closes it with 4408."),
+    Setting("HEARTBEAT_INTERVAL_SEC", _number(0.1), "30", "Interval of WebSocket pings (and metadata refresh)."),
+    Setting("MAX_EVENTS_PER_SECOND", _number(0.1), "100", "Commands per second per connection (token bucket, burst of the same size)."),
+    Setting("CACHE_URI", _store_uri, "memory://", "Connection metadata store: memory:// (one instance) or redis://host:port/db."),
+    Setting("EVENTS_URI", _store_uri, "", "Event bus; defaults to CACHE_URI."),
+    Setting("OAUTH2_ISSUER", _text, "", "Expected iss claim; its OpenID discovery gives the JWKS unless OAUTH2_JWKS_URI is set."),
+    Setting("OAUTH2_JWT_VERIFY_AUDIENCE", _text, "service_chat_gateway", "Expected aud claim."),
+    Setting("OAUTH2_JWKS_URI", _http_url, "", "JWKS URL for RS256/ES256 tokens (default: from the issuer's discovery document)."),
+    Setting("OAUTH2_TOKEN_ENDPOINT", _http_url, "", "Token endpoint for the gateway's own client-credentials token."),
+    Setting("JWT_CLIENT_ID", _text, "", "The gateway's OAuth2 client id."),
+    Setting("JWT_CLIENT_SECRET", _text, "", "The gateway's OAuth2 client secret."),
+    Setting("JWT_SECRET", _text, "", "HS256 secret (development); enables HS256 tokens."),
+    Setting("JWT_LEEWAY_SEC", _number(0), "30", "Clock skew allowed on exp/nbf/iat."),
+    Setting("JWKS_REFETCH_COOLDOWN_SEC", _number(0), "60", "An unknown kid refetches the JWKS at most once per this many seconds."),
+    Setting("HTTP_PORT", _int(0), "80", "WebSocket (/ws), /healthz, /readyz."),
+    Setting("HTTP_INTERFACE", _text, "", "Address the HTTP port binds (default: all)."),
+    Setting("GRPC_PORT", _int(0), "50051", "gRPC port (reserved for the gRPC edge)."),
+    Setting("GATEWAY_ID", _text, "", "This instance's id (default: gateway-<host>-<random>)."),
+    Setting("AUTH_TIMEOUT_SEC", _number(0.1), "10", "Time for a device to authenticate in its first frame (else 4401)."),
+    Setting("MAX_MESSAGE_BYTES", _int(256), "65536", "Largest frame/message a device may send (else 1009)."),
+    Setting("SEND_BUFFER_BYTES", _int(1024), "1048576", "Outbound bytes buffered per connection before it is a slow consumer."),
+    Setting("ALLOWED_ORIGINS", _origins, "", "Comma-separated browser origins allowed (empty: any)."),
+    Setting("CORE_TIMEOUT_SEC", _number(0.01), "5", "Deadline of each call to the core."),
+    Setting("CORE_THREADS", _int(1), "16", "Threads for blocking calls to the core (bounded pool)."),
+    Setting("DRAIN_TIMEOUT_SEC", _number(0), "30", "Longest a graceful stop may take."),
+    Setting("PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."),
+    Setting("CORE_DB", _text, "", "Reference core: SQLite file (default: in memory)."),
+    Setting("CORE_PORT", _int(0), "7010", "Reference core: gRPC port of twistd chatcore."),
+    Setting("LOG_LEVEL", _log_level, "info", "debug, info, warning or error."),
+]
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    chat_service_uri: str
+    max_connections_per_device: int
+    connection_timeout_sec: float
+    heartbeat_interval_sec: float
+    max_events_per_second: float
+    cache_uri: str
+    events_uri: str
+    oauth2_issuer: str
+    oauth2_jwt_verify_audience: str
+    oauth2_jwks_uri: str
+    oauth2_token_endpoint: str
+    jwt_client_id: str
+    jwt_client_secret: str
+    jwt_secret: str
+    jwt_leeway_sec: float
+    jwks_refetch_cooldown_sec: float
+    http_port: int
+    http_interface: str
+    grpc_port: int
+    gateway_id: str
+    auth_timeout_sec: float
+    max_message_bytes: int
+    send_buffer_bytes: int
+    allowed_origins: tuple
+    core_timeout_sec: float
+    core_threads: int
+    drain_timeout_sec: float
+    publish_forwarded_events: bool
+    core_db: str
+    core_port: int
+    log_level: str
+
+    @property
+    def embedded(self):
+        """True when store and bus are in this process (no Redis)."""
+        return self.cache_uri == "memory://" and self.events_uri == "memory://"
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def load(environ=None, overrides=None):
+    """Build a Config from ``environ`` (default os.environ) and ``overrides``.
+
+    ``overrides`` maps setting names (either case) to text, as twistd options
+    give them; None values are ignored. Raises ConfigError listing every problem.
+    """
+    environ = os.environ if environ is None else environ
+    raw = {s.name: environ.get(s.name, s.default) for s in SETTINGS}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        name = key.upper().replace("-", "_")
+        if name not in _BY_NAME:
+            raise ConfigError([f"{key}: unknown setting"])
+        raw[name] = str(value)
+
+    problems = []
+    values = {}
+    for setting in SETTINGS:
+        text = raw[setting.name]
+        try:
+            values[setting.field] = setting.parse(text)
+        except ValueError as e:
+            problems.append(f"{setting.name}={text!r}: {e}")
+
+    problems.extend(_cross_checks(values))
+    if problems:
+        raise ConfigError(problems)
+
+    if not raw["EVENTS_URI"].strip():
+        values["events_uri"] = values["cache_uri"]
+    if not values["gateway_id"]:
+        values["gateway_id"] = f"gateway-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    return Config(**values)
+
+
+def _cross_checks(given):
+    """Checks between settings; a setting that did not parse is left out."""
+    values = collections.defaultdict(lambda: None, given)
+    heartbeat, timeout = values["heartbeat_interval_sec"], values["connection_timeout_sec"]
+    if heartbeat is not None and timeout is not None and heartbeat >= timeout:
+        yield (
+            f"HEARTBEAT_INTERVAL_SEC={values['heartbeat_interval_sec']:g} must be less than "
+            f"CONNECTION_TIMEOUT_SEC={values['connection_timeout_sec']:g}"
+        )
+    for name in ("HTTP_PORT", "GRPC_PORT", "CORE_PORT"):
+        if values[name.lower()] is not None and values[name.lower()] > 65535:
+            yield f"{name}={values[name.lower()]}: must be a port number (0-65535)"
+    if not (values["jwt_secret"] or values["oauth2_issuer"] or values["oauth2_jwks_uri"]):
+        yield "no way to verify tokens: set JWT_SECRET (HS256) or OAUTH2_ISSUER / OAUTH2_JWKS_URI (RS256/ES256)"
+    if values["oauth2_issuer"] and not values["oauth2_jwks_uri"] and not values["jwt_secret"]:
+        try:
+            _http_url(values["oauth2_issuer"])
+        except ValueError:
+            yield (
+                f"OAUTH2_ISSUER={values['oauth2_issuer']!r}: discovery needs an http(s) URL; "
+                "set OAUTH2_JWKS_URI or JWT_SECRET"
+            )
+    client = [values["oauth2_token_endpoint"] or "", values["jwt_client_id"], values["jwt_client_secret"]]
+    if any(client) and not all(client):
+        yield "OAUTH2_TOKEN_ENDPOINT, JWT_CLIENT_ID and JWT_CLIENT_SECRET go together: set all three or none"

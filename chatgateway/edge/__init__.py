@@ -1,0 +1,1 @@
+"""The surfaces devices reach: WebSocket (websocket.py) and HTTP (http.py)."""

@@ -1,0 +1,94 @@
+"""The HTTP surface on HTTP_PORT: /ws, /healthz, /readyz (and /dev/token in development)."""
+
+import json
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from chatgateway.edge.websocket import DeviceFactory
+
+
+def _json(request, status, body):
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, sort_keys=True).encode("utf-8") + b"\n"
+
+
+class Healthz(resource.Resource):
+    """Liveness: the process and its reactor answer."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        return _json(request, 200, {"status": "alive"})
+
+
+class Readyz(resource.Resource):
+    """Readiness: 200 when listening and every dependency answers, else 503."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, checks):
+        super().__init__()
+        self._checks = checks  # name -> callable returning bool or Deferred[bool]
+
+    def render_GET(self, request):
+        d = defer.Deferred.fromCoroutine(self._states())
+
+        def answer(states):
+            ready = all(state == "up" for state in states.values())
+            body = {"status": "ready" if ready else "unavailable", "dependencies": states}
+            if not request.finished and not request._disconnected:
+                request.write(_json(request, 200 if ready else 503, body))
+                request.finish()
+
+        d.addCallback(answer)
+        d.addErrback(lambda f: self.log.failure("readiness check failed", f))
+        return server.NOT_DONE_YET
+
+    async def _states(self):
+        states = {}
+        for name, check in self._checks.items():
+            try:
+                ok = await defer.maybeDeferred(check)
+            except Exception as e:
+                self.log.debug("readiness of {name}: {error}", name=name, error=e)
+                ok = False
+            states[name] = "up" if ok else "down"
+        return states
+
+
+class DevToken(resource.Resource):
+    """Development only: GET /dev/token?profile=alice&device=phone mints an HS256 token."""
+
+    isLeaf = True
+
+    def __init__(self, mint):
+        super().__init__()
+        self._mint = mint
+
+    def render_GET(self, request):
+        profile = (request.args.get(b"profile") or [b""])[0].decode("utf-8", "replace")
+        device = (request.args.get(b"device") or [b""])[0].decode("utf-8", "replace") or None
+        if not profile:
+            return _json(request, 400, {"error": "profile is required"})
+        return _json(request, 200, {"token": self._mint(profile, device), "profile_id": profile, "device_id": device})
+
+
+def build_site(gateway, checks, mint=None):
+    root = resource.Resource()
+    factory = DeviceFactory(gateway)
+    root.putChild(b"ws", WebSocketResource(factory))
+    root.putChild(b"healthz", Healthz())
+    root.putChild(b"readyz", Readyz(checks))
+    if mint is not None:
+        dev = resource.Resource()
+        dev.putChild(b"token", DevToken(mint))
+        root.putChild(b"dev", dev)
+    site = server.Site(root)
+    site.noisy = False
+    return site

@@ -1,0 +1,239 @@
+"""The WebSocket edge: frames in and out of a Session (DESIGN §5).
+
+Thin by design: authentication at the handshake or in the first frame, then
+every frame is decoded and handed to the Session; the protocol also serves
+as the Session's transport.
+"""
+
+import grpc
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from chatgateway import codec
+from chatgateway.auth import AuthError
+from chatgateway.core import CoreError
+from chatgateway.session import CloseCode, ISessionTransport, error_detail
+
+# Frames a device may send while its session is being opened; more is abuse.
+MAX_PENDING_FRAMES = 16
+# WebSocket close reasons are limited to 123 bytes of UTF-8.
+MAX_REASON_BYTES = 120
+
+
+def bearer_token(value):
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+def choose_subprotocol(offered):
+    """The first subprotocol of ours the client offered; JSON when none is offered."""
+    for name in offered:
+        if name in codec.SUBPROTOCOLS:
+            return name
+    if offered:
+        raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "supported subprotocols: " + ", ".join(codec.SUBPROTOCOLS))
+    return None
+
+
+def _first(params, name):
+    values = params.get(name) or [None]
+    return values[0]
+
+
+@implementer(ISessionTransport)
+class DeviceProtocol(WebSocketServerProtocol):
+    log = Logger()
+
+    session = None
+    _claims = None
+    _token = None
+    _auth_error = None
+    _auth_timer = None
+    _opening = False
+    _gone = False
+
+    # ------------------------------------------------------------ handshake
+
+    def onConnect(self, request):
+        self.gateway = self.factory.gateway
+        subprotocol = choose_subprotocol(request.protocols)
+        self.subprotocol = subprotocol or codec.JSON
+        self._fallback_device = _first(request.params, "device_id") or request.headers.get("x-device-id") or ""
+        self._pending = []
+        header_token = bearer_token(request.headers.get("authorization"))
+        if header_token:
+            return self._verify(header_token).addCallbacks(
+                lambda _: subprotocol, self._deny_unauthorized
+            )
+        query_token = _first(request.params, "access_token")
+        if query_token:
+            # Browsers cannot read an HTTP 401, so a bad query token is
+            # answered after the upgrade with close code 4401.
+            return self._verify(query_token).addCallbacks(
+                lambda _: subprotocol, self._remember_auth_error, errbackArgs=(subprotocol,)
+            )
+        return subprotocol
+
+    def _verify(self, token):
+        def verified(claims):
+            self._claims, self._token = claims, token
+            return claims
+
+        return self.gateway.verifier.verify(token).addCallback(verified)
+
+    def _deny_unauthorized(self, failure):
+        failure.trap(AuthError)
+        raise ConnectionDeny(401, f"unauthorized: {failure.value}")
+
+    def _remember_auth_error(self, failure, subprotocol):
+        failure.trap(AuthError)
+        self._auth_error = str(failure.value)
+        return subprotocol
+
+    # ------------------------------------------------------------ open / auth
+
+    def onOpen(self):
+        if self._auth_error is not None:
+            self.close(CloseCode.UNAUTHENTICATED, f"invalid token: {self._auth_error}")
+        elif self._claims is not None:
+            self._open_session(self._fallback_device)
+        else:
+            self._auth_timer = self.gateway.clock.callLater(
+                self.gateway.config.auth_timeout_sec,
+                self.close,
+                CloseCode.UNAUTHENTICATED,
+                "authentication timeout: send auth_token in the first frame",
+            )
+
+    def _authenticate_frame(self, request):
+        if not request.auth_token:
+            self.close(CloseCode.UNAUTHENTICATED, "the first frame must carry auth_token")
+            return
+        self._opening = True
+        self._pending.append(request)
+
+        def bad(failure):
+            failure.trap(AuthError)
+            self.close(CloseCode.UNAUTHENTICATED, f"invalid token: {failure.value}")
+
+        self._verify(request.auth_token).addCallbacks(
+            lambda _: self._open_session(request.device_id or self._fallback_device), bad
+        )
+
+    def _open_session(self, device_id):
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        self._opening = True
+        device_id = self._claims.device_id or device_id or "default"
+        d = defer.Deferred.fromCoroutine(self.gateway.open_session(self, self._claims, self._token, device_id))
+        d.addCallbacks(self._session_opened, self._session_failed)
+
+    def _session_opened(self, session):
+        self.session = session
+        self._opening = False
+        if self._gone:
+            session.closed_by_transport()
+            return
+        pending, self._pending = self._pending, []
+        for request in pending:
+            # The auth frame itself was consumed; only its command remains.
+            request.ClearField("auth_token")
+            session.handle(request)
+
+    def _session_failed(self, failure):
+        self._opening = False
+        if failure.check(CoreError) and failure.value.code == grpc.StatusCode.UNAUTHENTICATED:
+            self.close(CloseCode.UNAUTHENTICATED, f"core refused the token: {failure.value.message}")
+        elif failure.check(CoreError):
+            self.close(CloseCode.TRY_AGAIN_LATER, f"core unavailable: {failure.value.message}")
+        else:
+            self.log.failure("opening a session failed", failure)
+            self.close(CloseCode.TRY_AGAIN_LATER, "internal error")
+
+    # ------------------------------------------------------------ frames
+
+    def onMessage(self, payload, isBinary):
+        if self.session is not None:
+            self.session.activity()
+        try:
+            request = codec.decode_request(payload, isBinary, self.subprotocol)
+        except codec.FrameError as e:
+            self._bad_frame(e)
+            return
+        if self.session is not None:
+            self.session.handle(request)
+        elif self._opening:
+            if len(self._pending) >= MAX_PENDING_FRAMES:
+                self.close(CloseCode.POLICY, "too many frames before connected")
+            else:
+                self._pending.append(request)
+        else:
+            self._authenticate_frame(request)
+
+    def _bad_frame(self, error):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+        if self.session is None:
+            if not self._opening:
+                self.close(CloseCode.UNAUTHENTICATED, f"the first frame must carry auth_token ({error})")
+            return
+        if error.request_id:
+            self.session.reply(error.request_id, error_detail(code, str(error)))
+        else:
+            self.session.send_error(code, str(error))
+
+    def onPong(self, payload):
+        if self.session is not None:
+            self.session.activity()
+
+    def onClose(self, wasClean, code, reason):
+        self._gone = True
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        if self.session is not None:
+            self.session.closed_by_transport()
+
+    # ------------------------------------------------------------ ISessionTransport
+
+    def send_event(self, event):
+        payload, is_binary = codec.encode_event(event, self.subprotocol)
+        self.sendMessage(payload, is_binary)
+
+    def send_encoded(self, encoded):
+        self.sendPreparedMessage(encoded.frame(self.subprotocol, self._prepare))
+
+    def _prepare(self, encoded):
+        if self.subprotocol == codec.PROTO and encoded.payload is not None:
+            return self.factory.prepareMessage(encoded.payload, isBinary=True)
+        payload, is_binary = codec.encode_event(encoded.event, self.subprotocol)
+        return self.factory.prepareMessage(payload, isBinary=is_binary)
+
+    def ping(self):
+        if self.state == self.STATE_OPEN:
+            self.sendPing()
+
+    def close(self, code, reason):
+        if self.state == self.STATE_OPEN:
+            encoded = reason.encode("utf-8")[:MAX_REASON_BYTES].decode("utf-8", "ignore")
+            self.sendClose(code, encoded)
+
+
+class DeviceFactory(WebSocketServerFactory):
+    protocol = DeviceProtocol
+
+    def __init__(self, gateway, url=None):
+        super().__init__(url)
+        self.gateway = gateway
+        config = gateway.config
+        self.setProtocolOptions(
+            maxFramePayloadSize=config.max_message_bytes,
+            maxMessagePayloadSize=config.max_message_bytes,
+            autoPingInterval=0,  # the gateway's heartbeat sweep pings (one timer, not one per connection)
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+            failByDrop=True,
+            allowNullOrigin=True,
+        )

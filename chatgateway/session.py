@@ -1,0 +1,283 @@
+"""One authenticated device connection, whatever carries it.
+
+The WebSocket protocol (and later the gRPC stream) turns frames into
+``Session.handle(StreamRequest)`` and implements the small transport
+interface below; everything a device may do is decided here.
+"""
+
+import uuid
+
+import grpc
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import Interface
+
+from chatgateway import channels, codec
+from chatgateway.api import chat_pb2 as pb
+from chatgateway.auth import AuthError
+from chatgateway.core import METHODS, CoreError
+from chatgateway.ratelimit import TokenBucket
+from chatgateway.store import ConnectionMeta
+
+TYPE_PREFIX = "type.googleapis.com/"
+
+
+class CloseCode:
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY = 1008
+    TOO_BIG = 1009
+    TRY_AGAIN_LATER = 1013
+    REPLACED = 4001
+    UNAUTHENTICATED = 4401
+    HEARTBEAT_TIMEOUT = 4408
+    SLOW_CONSUMER = 4429
+
+
+class ISessionTransport(Interface):
+    def send_event(event):
+        """Send one ServerEvent to this device only."""
+
+    def send_encoded(encoded):
+        """Send a shared EncodedEvent (fan-out) to this device."""
+
+    def ping():
+        """Send a heartbeat probe."""
+
+    def close(code, reason):
+        """Close the connection with a close code of DESIGN §5."""
+
+
+def error_detail(code, message):
+    return pb.ErrorDetail(code=code.value[0], status=code.name, message=message)
+
+
+class Session:
+    log = Logger()
+
+    def __init__(self, gateway, transport, claims, token, device_id, member_rooms):
+        self.gateway = gateway
+        self.transport = transport
+        self.id = uuid.uuid4().hex
+        self.profile_id = claims.profile_id
+        self.device_id = device_id
+        self.token = token
+        self.member_rooms = set(member_rooms)
+        self.rooms = set(member_rooms)  # rooms delivered to this connection
+        self.closed = False
+        clock = gateway.clock
+        self.connected_at = self.last_active = self.last_heartbeat = clock.seconds()
+        self._bucket = TokenBucket(gateway.config.max_events_per_second, gateway.config.max_events_per_second, clock)
+        self._expiry = None
+        self._schedule_expiry(claims.expires_at)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def meta(self):
+        return ConnectionMeta(
+            profile_id=self.profile_id,
+            device_id=self.device_id,
+            room_ids=sorted(self.rooms),
+            last_active=int(self.last_active),
+            last_heartbeat=int(self.last_heartbeat),
+            connected=int(self.connected_at),
+            gateway_id=self.gateway.config.gateway_id,
+        )
+
+    def connected_event(self):
+        return pb.ServerEvent(
+            id=uuid.uuid4().hex,
+            connected=pb.Connected(
+                gateway_id=self.gateway.config.gateway_id,
+                session_id=self.id,
+                profile_id=self.profile_id,
+                device_id=self.device_id,
+                heartbeat_interval_sec=max(1, round(self.gateway.config.heartbeat_interval_sec)),
+                room_ids=sorted(self.rooms),
+                resume_token=self.id,
+            ),
+        )
+
+    def activity(self):
+        """Any frame from the device (pongs included) shows it is alive."""
+        self.last_active = self.gateway.clock.seconds()
+
+    def close(self, code, reason):
+        if not self.closed:
+            self.transport.close(code, reason)
+
+    def closed_by_transport(self):
+        """The connection is gone: forget it everywhere."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        self.gateway.session_closed(self)
+
+    def _schedule_expiry(self, expires_at):
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        delay = max(0.0, expires_at - self.gateway.clock.seconds())
+        self._expiry = self.gateway.clock.callLater(delay, self.close, CloseCode.UNAUTHENTICATED, "token expired")
+
+    # ------------------------------------------------------------ outbound
+
+    def send(self, event):
+        if not self.closed:
+            self.transport.send_event(codec.stamp(event, self.gateway.clock.seconds()))
+
+    def deliver(self, encoded):
+        if not self.closed:
+            self.transport.send_encoded(encoded)
+
+    def reply(self, request_id, error=None, body=None, more=False):
+        result = pb.CommandResult(request_id=request_id, more=more)
+        if error is not None:
+            result.error.CopyFrom(error)
+        if body is not None:
+            result.body.Pack(body)
+        self.send(pb.ServerEvent(id=uuid.uuid4().hex, command_result=result))
+
+    def send_error(self, code, message):
+        """An error about the stream itself (e.g. an unparsable frame)."""
+        self.send(pb.ServerEvent(id=uuid.uuid4().hex, error=error_detail(code, message)))
+
+    # ------------------------------------------------------------ inbound
+
+    def handle(self, request):
+        """One StreamRequest from the device."""
+        if request.auth_token:
+            self._refresh_token(request.auth_token)
+        which = request.WhichOneof("payload")
+        if which == "command":
+            self._command(request.command)
+        # Acks are accepted; delivery is at-most-once until resumable catch-up exists.
+
+    def _refresh_token(self, token):
+        def fresh(claims):
+            if claims.profile_id != self.profile_id:
+                self.close(CloseCode.UNAUTHENTICATED, "token is for another profile")
+                return
+            self.token = token
+            self._schedule_expiry(claims.expires_at)
+
+        def bad(failure):
+            failure.trap(AuthError)
+            self.close(CloseCode.UNAUTHENTICATED, f"invalid token: {failure.value}")
+
+        self.gateway.verifier.verify(token).addCallbacks(fresh, bad)
+
+    def _command(self, command):
+        request_id = command.request_id
+        if not self._bucket.take():
+            self.reply(request_id, error_detail(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded"))
+            return
+        which = command.WhichOneof("command")
+        handler = getattr(self, f"_cmd_{which}", None) if which else None
+        if handler is None:
+            self.reply(request_id, error_detail(grpc.StatusCode.INVALID_ARGUMENT, "unknown or empty command"))
+            return
+        d = defer.maybeDeferred(handler, request_id, getattr(command, which))
+        d.addErrback(self._command_failed, request_id)
+
+    def _command_failed(self, failure, request_id):
+        if failure.check(CoreError):
+            self.reply(request_id, failure.value.detail())
+        elif failure.check(CommandError):
+            self.reply(request_id, error_detail(failure.value.code, failure.value.message))
+        else:
+            self.log.failure("command {request_id} failed", failure, request_id=request_id)
+            self.reply(request_id, error_detail(grpc.StatusCode.INTERNAL, "internal error"))
+
+    def _require_member(self, room_id):
+        if not room_id:
+            raise CommandError(grpc.StatusCode.INVALID_ARGUMENT, "room_id is required")
+        if room_id not in self.member_rooms:
+            raise CommandError(grpc.StatusCode.PERMISSION_DENIED, f"not a member of room {room_id}")
+
+    # ------------------------------------------------------------ commands
+
+    async def _cmd_room_event(self, request_id, room_event):
+        if not room_event.room_id:
+            raise CommandError(grpc.StatusCode.INVALID_ARGUMENT, "room_event.room_id is required")
+        request = pb.SendEventRequest(event=room_event)
+        response = await self.gateway.forward(self, "SendEvent", request)
+        self.reply(request_id, body=response)
+
+    def _cmd_typing(self, request_id, typing):
+        self._require_member(typing.room_id)
+        event = pb.TypingEvent(room_id=typing.room_id, profile_id=self.profile_id, typing=typing.typing)
+        self.gateway.publish(channels.room(typing.room_id), pb.ServerEvent(id=uuid.uuid4().hex, typing_event=event))
+        self.reply(request_id)
+
+    def _cmd_read_marker(self, request_id, marker):
+        self._require_member(marker.room_id)
+        if not marker.event_id:
+            raise CommandError(grpc.StatusCode.INVALID_ARGUMENT, "read_marker.event_id is required")
+        event = pb.ReceiptEvent(room_id=marker.room_id, profile_id=self.profile_id, event_id=marker.event_id)
+        self.gateway.publish(channels.room(marker.room_id), pb.ServerEvent(id=uuid.uuid4().hex, receipt_event=event))
+        self.reply(request_id)
+
+    async def _cmd_subscribe(self, request_id, rooms):
+        wanted = [r for r in rooms.room_ids if r]
+        if any(r not in self.member_rooms for r in wanted):
+            # Our view of the memberships may lag the core's: ask once more.
+            self.member_rooms |= set(await self.gateway.memberships(self.token, self.device_id))
+        outside = [r for r in wanted if r not in self.member_rooms]
+        if outside:
+            raise CommandError(grpc.StatusCode.PERMISSION_DENIED, "not a member of: " + ", ".join(outside))
+        self.gateway.registry.join(self, wanted)
+        self.reply(request_id)
+
+    def _cmd_unsubscribe(self, request_id, rooms):
+        self.gateway.registry.leave(self, [r for r in rooms.room_ids if r])
+        self.reply(request_id)
+
+    async def _cmd_call(self, request_id, call):
+        spec = METHODS.get(call.method)
+        if spec is None:
+            raise CommandError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown method {call.method!r}; one of: " + ", ".join(METHODS),
+            )
+        request_cls, _, streaming = spec
+        request = request_cls()
+        if call.HasField("body"):
+            expected = TYPE_PREFIX + request_cls.DESCRIPTOR.full_name
+            if call.body.type_url != expected:
+                raise CommandError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{call.method} takes a body of type {expected}, not {call.body.type_url!r}",
+                )
+            if not call.body.Unpack(request):
+                raise CommandError(grpc.StatusCode.INVALID_ARGUMENT, "body could not be decoded")
+        response = await self.gateway.forward(self, call.method, request)
+        if streaming:
+            for item in response:
+                self.reply(request_id, body=item, more=True)
+            self.reply(request_id)
+        else:
+            self.reply(request_id, body=response)
+
+    # ------------------------------------------------------------ membership
+
+    def apply_membership(self, change):
+        """The profile joined, left or changed role in a room (SubscriptionEvent)."""
+        Change = pb.SubscriptionEvent.Change
+        if change.change == Change.ADDED:
+            if change.room_id not in self.member_rooms:
+                self.member_rooms.add(change.room_id)
+                self.gateway.registry.join(self, [change.room_id])
+        elif change.change == Change.REMOVED:
+            self.member_rooms.discard(change.room_id)
+            self.gateway.registry.leave(self, [change.room_id])
+
+
+class CommandError(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+

@@ -1,0 +1,38 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="chatgateway",
+    version="0.1.0",
+    description="Real-time WebSocket/gRPC gateway between edge devices and a core chat service",
+    python_requires=">=3.11",
+    packages=find_packages(include=["chatgateway", "chatgateway.*"]) + ["twisted.plugins"],
+    package_data={"twisted.plugins": ["chatgateway_plugin.py"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]==26.10.0",
+        "autobahn==26.10.2",
+        "txredisapi==1.6.0",
+        "grpcio==1.85.1",
+        "protobuf==7.36.2",
+        "pyjwt[crypto]==2.15.1",
+        "cryptography==50.0.2",
+        "opentelemetry-sdk==1.45.2",
+        "service-identity==26.1.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest==9.2.0",
+            "pytest-twisted==1.14.3",
+            "hypothesis==6.170.17",
+            "grpcio-tools==1.85.1",
+        ],
+        "dev": [
+            "grpcio-tools==1.85.1",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "chatgateway-client = chatgateway.client:main",
+        ],
+    },
+)
