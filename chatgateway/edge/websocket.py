@@ -8,6 +8,7 @@ as the Session's transport.
 import grpc
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from autobahn.util import encode_truncate
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -20,7 +21,7 @@ from chatgateway.session import CloseCode, ISessionTransport, error_detail
 # Frames a device may send while its session is being opened; more is abuse.
 MAX_PENDING_FRAMES = 16
 # WebSocket close reasons are limited to 123 bytes of UTF-8.
-MAX_REASON_BYTES = 120
+MAX_REASON_BYTES = 123
 
 
 def bearer_token(value):
@@ -217,8 +218,8 @@ class DeviceProtocol(WebSocketServerProtocol):
 
     def close(self, code, reason):
         if self.state == self.STATE_OPEN:
-            encoded = reason.encode("utf-8")[:MAX_REASON_BYTES].decode("utf-8", "ignore")
-            self.sendClose(code, encoded)
+            # sendClose() only takes 1000 and 3000-4999; 1001/1008/1013 are ours to send too.
+            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, MAX_REASON_BYTES), isReply=False)
 
 
 class DeviceFactory(WebSocketServerFactory):
@@ -234,6 +235,6 @@ class DeviceFactory(WebSocketServerFactory):
             autoPingInterval=0,  # the gateway's heartbeat sweep pings (one timer, not one per connection)
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
-            failByDrop=True,
+            failByDrop=False,  # send the close code (1009 etc.) before dropping
             allowNullOrigin=True,
         )

@@ -1,0 +1,191 @@
+"""A gateway on a task.Clock with fake core and verifier, and in-memory WebSocket pairs.
+
+Connections are real Autobahn client and server protocols joined by
+twisted.test.iosim pumps, so every byte of the handshake and the frames is
+exercised without sockets or real time.
+"""
+
+import grpc
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.test import iosim
+
+from chatgateway import codec, config
+from chatgateway.api import chat_pb2 as pb
+from chatgateway.auth import AuthError, Claims
+from chatgateway.bus.memory import MemoryBus, MemoryHub
+from chatgateway.core import CoreError
+from chatgateway.edge.websocket import DeviceFactory
+from chatgateway.gateway import Gateway
+from chatgateway.store.memory import MemoryStore
+
+
+class FakeVerifier:
+    """Tokens are "PROFILE" or "PROFILE/DEVICE" or "PROFILE@EXPIRES"; "bad..." is refused."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def claims(self, token):
+        if token.startswith("bad"):
+            raise AuthError("signature verification failed")
+        expires = self.clock.seconds() + 3600
+        if "@" in token:
+            token, _, at = token.partition("@")
+            expires = float(at)
+        profile, _, device = token.partition("/")
+        return Claims(profile_id=profile, device_id=device or None, expires_at=expires, claims={"sub": profile})
+
+    def verify(self, token):
+        return defer.maybeDeferred(self.claims, token)
+
+
+class FakeCore:
+    """Memberships and canned answers; records every call."""
+
+    def __init__(self):
+        self.rooms = {}  # profile -> [room ids]
+        self.calls = []
+        self.sent = []
+
+    def call(self, method, request, token, device_id=""):
+        self.calls.append((method, request, token))
+        profile = token.split("/")[0].split("@")[0]
+        if method == "SearchRooms":
+            rooms = [pb.Room(id=r) for r in self.rooms.get(profile, [])]
+            return defer.succeed([pb.SearchRoomsResponse(data=rooms)] if rooms else [])
+        if method == "SendEvent":
+            if request.event.room_id not in self.rooms.get(profile, []):
+                return defer.fail(CoreError(grpc.StatusCode.PERMISSION_DENIED, "not a member"))
+            event = pb.RoomEvent()
+            event.CopyFrom(request.event)
+            event.id = f"e{len(self.sent) + 1}"
+            event.sender_id = profile
+            self.sent.append(event)
+            return defer.succeed(pb.SendEventResponse(event=event))
+        if method == "AddRoomSubscriptions":
+            for member in request.members:
+                self.rooms.setdefault(member.profile_id, []).append(request.room_id)
+            subs = [pb.RoomSubscription(room_id=request.room_id, profile_id=m.profile_id, roles=["member"]) for m in request.members]
+            return defer.succeed(pb.AddRoomSubscriptionsResponse(subscriptions=subs))
+        if method == "GetHistory":
+            return defer.fail(CoreError(grpc.StatusCode.NOT_FOUND, f"room {request.room_id} not found"))
+        return defer.fail(CoreError(grpc.StatusCode.UNIMPLEMENTED, method))
+
+
+class RecordingClient(WebSocketClientProtocol):
+    def onConnect(self, response):
+        self.factory.response = response
+
+    def onOpen(self):
+        self.factory.opened = True
+
+    def onMessage(self, payload, isBinary):
+        self.factory.events.append(codec.decode_event(payload, isBinary))
+
+    def onClose(self, wasClean, code, reason):
+        self.factory.closed = (code, reason)
+
+
+class Connection:
+    def __init__(self, harness, server, client, pump):
+        self.harness = harness
+        self.server = server
+        self.client = client
+        self.pump = pump
+        self.factory = client.factory
+
+    @property
+    def events(self):
+        return self.factory.events
+
+    @property
+    def closed(self):
+        return self.factory.closed
+
+    def kinds(self):
+        return [e.WhichOneof("payload") for e in self.events]
+
+    def of(self, kind):
+        return [e for e in self.events if e.WhichOneof("payload") == kind]
+
+    def send(self, request):
+        payload, is_binary = codec.encode_request(request, self.server.subprotocol)
+        self.send_raw(payload, is_binary)
+
+    def send_raw(self, payload, is_binary=False):
+        self.client.sendMessage(payload, is_binary)
+        self.harness.flush()
+
+    def command(self, **fields):
+        self.send(pb.StreamRequest(command=pb.ClientCommand(**fields)))
+        return self.of("command_result")
+
+
+class Harness:
+    def __init__(self, **settings):
+        env = {"JWT_SECRET": "unit-test-secret", "GATEWAY_ID": "gw-test"}
+        env.update({k: str(v) for k, v in settings.items()})
+        self.config = config.load(env)
+        self.clock = task.Clock()
+        self.clock.advance(1_000_000)
+        self.core = FakeCore()
+        self.hub = MemoryHub()
+        self.store = MemoryStore()
+        self.gateway = Gateway(
+            self.config, self.clock, FakeVerifier(self.clock), self.core, MemoryBus(self.hub), self.store, clock=self.clock
+        )
+        self.gateway.startService()
+        self.factory = DeviceFactory(self.gateway)
+        # Autobahn's own handshake timers run on the global reactor; unit tests do not use them.
+        self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        self.connections = []
+
+    def connect(self, token=None, *, auth="header", protocols=(codec.JSON,), headers=None, device=None):
+        headers = dict(headers or {})
+        url = "ws://127.0.0.1:8080/ws"
+        if token and auth == "header":
+            headers["Authorization"] = f"Bearer {token}"
+        if token and auth == "query":
+            url += f"?access_token={token}"
+        if device:
+            headers["X-Device-ID"] = device
+        server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        cf = WebSocketClientFactory(url, protocols=list(protocols) or None, headers=headers)
+        cf.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, autoPingInterval=0)
+        cf.protocol = RecordingClient
+        cf.events, cf.closed, cf.opened, cf.response = [], None, False, None
+        client = cf.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        pump = iosim.connect(
+            server,
+            iosim.FakeTransport(server, isServer=True),
+            client,
+            iosim.FakeTransport(client, isServer=False),
+            greet=True,
+        )
+        connection = Connection(self, server, client, pump)
+        self.connections.append(connection)
+        return connection
+
+    def flush(self):
+        for connection in self.connections:
+            connection.pump.flush()
+
+    def advance(self, seconds):
+        self.clock.advance(seconds)
+        self.flush()
+
+    def run_for(self, seconds, step=1.0):
+        """Let time pass in steps, with live devices answering pings as they come."""
+        steps = int(round(seconds / step))
+        for _ in range(steps):
+            self.advance(step)
+
+    def publish(self, channel, event):
+        self.hub.deliver(channel, event.SerializeToString())
+        self.flush()
+
+    def stop(self):
+        self.gateway.stopService()
+        self.flush()
