@@ -14,6 +14,7 @@ from chatgateway.bus.memory import MemoryHub
 from chatgateway.core import CoreClient
 from chatgateway.edge.http import build_site
 from chatgateway.gateway import Gateway
+from chatgateway.logconfig import LogLevelService
 from chatgateway.store import make_store
 
 
@@ -81,6 +82,7 @@ class _Listener(service.Service):
 def make_gateway_service(config, reactor, dev=False):
     """The MultiService of one gateway process. With dev, the reference core runs in it."""
     root = service.MultiService()
+    LogLevelService(config.log_level).setServiceParent(root)
     hub = MemoryHub()
     store = make_store(config, reactor)
     bus = make_bus(config, reactor, hub)

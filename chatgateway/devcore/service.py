@@ -1,0 +1,88 @@
+"""The reference core as a Twisted service: model + gRPC server, publishing to the bus.
+
+grpcio serves on its own threads; the model publishes from them through
+``reactor.callFromThread`` so the bus is only touched on the reactor thread,
+in the order the model stored the events.
+"""
+
+from twisted.application import service
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from chatgateway.devcore.model import ChatModel
+from chatgateway.devcore.server import ChatCoreServicer, make_grpc_server
+
+
+class CoreService(service.Service):
+    """Serves the ten forwarded ChatService methods on ``interface:port``.
+
+    ``verifier`` has ``verify_blocking(token)`` (default: chatgateway.auth's
+    TokenVerifier for ``config``). ``port`` is the bound port once started.
+    """
+
+    log = Logger()
+
+    def __init__(self, config, bus, reactor, port, interface="127.0.0.1", verifier=None):
+        self.config = config
+        self.bus = bus
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+        self.verifier = verifier
+        self._owns_verifier = verifier is None
+        self.model = None
+        self.server = None
+
+    def startService(self):
+        if self.verifier is None:
+            from chatgateway.auth import TokenVerifier
+
+            self.verifier = TokenVerifier(self.config, self.reactor)
+        self.model = ChatModel(
+            self.config.core_db or ":memory:", clock=self.reactor.seconds, publish=self._publish
+        )
+        servicer = ChatCoreServicer(self.model, self.verifier.verify_blocking)
+        host = f"[{self.interface}]" if ":" in self.interface else self.interface
+        try:
+            self.server, self.port = make_grpc_server(servicer, f"{host}:{self.port}")
+        except Exception:
+            self.model.close()
+            raise
+        super().startService()
+        self.log.info(
+            "chat core listening on {host}:{port} (storage: {db})",
+            host=host,
+            port=self.port,
+            db=self.config.core_db or "memory",
+        )
+
+    def _publish(self, channel, payload):
+        self.reactor.callFromThread(self._publish_now, channel, payload)
+
+    def _publish_now(self, channel, payload):
+        d = self.bus.publish(channel, payload)
+        if d is not None:
+            d.addErrback(lambda failure: self.log.failure("publishing on {channel} failed", failure, channel=channel))
+
+    def stopService(self):
+        super().stopService()
+        server, model = self.server, self.model
+        self.server = self.model = None
+        grace = self.config.drain_timeout_sec
+
+        def stop_server():
+            if server is not None:
+                server.stop(grace).wait()
+
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), stop_server)
+
+        def close_model(result):
+            if model is not None:
+                model.close()
+            return result
+
+        d.addBoth(close_model)
+        if self._owns_verifier and self.verifier is not None:
+            verifier, self.verifier = self.verifier, None
+            d.addBoth(lambda result: verifier.close().addCallback(lambda _: result))
+        return d

@@ -1,0 +1,1 @@
+"""Shared pytest setup. Test helpers live in tests/support (imported as ``support``)."""

@@ -1,0 +1,127 @@
+"""Real processes for integration tests: free ports and twistd plugins."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# twistd of this interpreter; ``python -m twisted`` is the different ``twist`` runner.
+TWISTD = (
+    sys.executable,
+    "-c",
+    "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; sys.exit(run())",
+)
+
+
+# The exit code of a twistd that shut down cleanly on SIGTERM.
+CLEAN_STOP = -signal.SIGTERM
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _accepts(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class Twistd:
+    """``twistd --nodaemon --pidfile= <plugin> <args>`` in the repository root.
+
+    Output (stdout and stderr of every run) goes to ``log_path``. ``start`` may be
+    called again after ``stop`` to restart with the same arguments.
+    """
+
+    def __init__(self, plugin, args=(), env=None, port=None, host="127.0.0.1", log_dir=None):
+        self.plugin = plugin
+        self.args = [str(a) for a in args]
+        self.env = dict(env or {})
+        self.port = port
+        self.host = host
+        self.log_path = Path(log_dir or tempfile.mkdtemp(prefix=f"twistd-{plugin}-")) / f"{plugin}.log"
+        self.process = None
+
+    @property
+    def pid(self):
+        return None if self.process is None else self.process.pid
+
+    @property
+    def running(self):
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout=30):
+        """Start and wait until ``port`` accepts TCP connections; raise with the log tail if it dies."""
+        if self.running:
+            raise RuntimeError(f"twistd {self.plugin} already running (pid {self.pid})")
+        command = [*TWISTD, "--nodaemon", "--pidfile=", self.plugin, *self.args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while self.port is not None and not _accepts(self.host, self.port):
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"twistd {self.plugin} exited with {self.process.returncode} before listening:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(
+                    f"twistd {self.plugin} not listening on {self.port} after {timeout}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)  # readiness polling only
+        return self
+
+    def stop(self, timeout=10):
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit code.
+
+        twistd ends a clean SIGTERM shutdown by killing itself with SIGTERM again,
+        so a clean stop is ``-signal.SIGTERM`` (see CLEAN_STOP); SIGKILL gives -9.
+        """
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        return None if self.process is None else self.process.returncode
+
+    def log_text(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines=40):
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def __enter__(self):
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
