@@ -1,13 +1,22 @@
 """The HTTP surface on HTTP_PORT: /ws, /healthz, /readyz (and /dev/token in development)."""
 
 import json
+import re
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from chatgateway.edge.websocket import DeviceFactory
+
+
+_SECRET_PARAMS = re.compile(r"((?:access_token|token)=)[^&\s\"]+")
+
+
+def redacting_log_formatter(timestamp, request):
+    """The combined access-log line, with tokens in query strings replaced."""
+    return _SECRET_PARAMS.sub(r"\1REDACTED", http.combinedLogFormatter(timestamp, request))
 
 
 def _json(request, status, body):
@@ -89,6 +98,6 @@ def build_site(gateway, checks, mint=None):
         dev = resource.Resource()
         dev.putChild(b"token", DevToken(mint))
         root.putChild(b"dev", dev)
-    site = server.Site(root)
+    site = server.Site(root, logFormatter=redacting_log_formatter)
     site.noisy = False
     return site

@@ -237,4 +237,5 @@ class DeviceFactory(WebSocketServerFactory):
             closeHandshakeTimeout=5,
             failByDrop=False,  # send the close code (1009 etc.) before dropping
             allowNullOrigin=True,
+            webStatus=False,  # a plain GET /ws gets 426, not Autobahn's status page
         )

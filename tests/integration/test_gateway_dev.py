@@ -223,12 +223,19 @@ async def test_a_thousand_random_frames_leave_the_process_serving_others(dev_gat
 @pytest_twisted.ensureDeferred
 async def test_query_and_first_frame_auth_paths(dev_gateway):
     profile = unique("browser")
-    by_query = await GatewayClient.connect(dev_gateway.url, dev_gateway.token(profile, "b1"), auth="query")
+    query_token = dev_gateway.token(profile, "b1")
+    by_query = await GatewayClient.connect(dev_gateway.url, query_token, auth="query")
     assert (await by_query.next_event("connected")).connected.device_id == "b1"
     by_frame = await GatewayClient.connect(dev_gateway.url, dev_gateway.token(profile), auth="frame", device_id="b2")
     assert (await by_frame.next_event("connected")).connected.device_id == "b2"
     await by_query.close()
     await by_frame.close()
+    # Plain HTTP requests are access-logged; a token in their query string must not be.
+    with urllib.request.urlopen(f"{dev_gateway.http}/healthz?access_token={query_token}", timeout=5):
+        pass
+    log = dev_gateway.process.log_text()
+    assert "access_token=REDACTED" in log
+    assert query_token not in log and query_token.split(".")[2] not in log
 
 
 def test_health_endpoints(dev_gateway):
@@ -239,3 +246,22 @@ def test_health_endpoints(dev_gateway):
     assert response.status == 200
     assert body["status"] == "ready"
     assert set(body["dependencies"]) == {"listening", "store", "bus", "core"}
+
+
+def test_invalid_configuration_exits_before_listening(tmp_path):
+    from support.processes import Twistd, free_port
+
+    process = Twistd(
+        "chatgateway",
+        ["--http-port", free_port()],
+        env={"JWT_SECRET": "", "OAUTH2_ISSUER": "", "HEARTBEAT_INTERVAL_SEC": "400", "CACHE_URI": "mongodb://x"},
+        port=free_port(),
+        log_dir=tmp_path,
+    )
+    with pytest.raises(RuntimeError, match="exited with 1 before listening"):
+        process.start(timeout=30)
+    log = process.log_text()
+    assert "HEARTBEAT_INTERVAL_SEC=400 must be less than CONNECTION_TIMEOUT_SEC=300" in log
+    assert "CACHE_URI='mongodb://x': unknown scheme" in log
+    assert "no way to verify tokens" in log
+    assert "listening on" not in log

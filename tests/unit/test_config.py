@@ -1,0 +1,111 @@
+"""Configuration: the spec's defaults, overrides, and every problem reported at once."""
+
+import pytest
+
+from chatgateway import config
+from chatgateway.tap import Options
+
+BASE = {"JWT_SECRET": "s" * 32}
+
+
+def test_spec_defaults():
+    c = config.load(BASE)
+    assert c.chat_service_uri == "127.0.0.1:7010"
+    assert c.max_connections_per_device == 1
+    assert c.connection_timeout_sec == 300
+    assert c.heartbeat_interval_sec == 30
+    assert c.max_events_per_second == 100
+    assert c.oauth2_jwt_verify_audience == "service_chat_gateway"
+    assert (c.http_port, c.grpc_port) == (80, 50051)
+    assert c.cache_uri == c.events_uri == "memory://"
+    assert c.embedded
+    assert c.gateway_id.startswith("gateway-")
+
+
+def test_events_uri_defaults_to_cache_uri():
+    c = config.load({**BASE, "CACHE_URI": "redis://10.0.0.5:6379/2"})
+    assert c.events_uri == "redis://10.0.0.5:6379/2"
+    assert not c.embedded
+
+
+def test_overrides_win_over_environment():
+    c = config.load({**BASE, "HTTP_PORT": "9000"}, {"http-port": "9100", "log_level": "DEBUG"})
+    assert c.http_port == 9100
+    assert c.log_level == "debug"
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(config.ConfigError) as error:
+        config.load(
+            {
+                "MAX_CONNECTIONS_PER_DEVICE": "-1",
+                "HEARTBEAT_INTERVAL_SEC": "300",
+                "CONNECTION_TIMEOUT_SEC": "300",
+                "CACHE_URI": "ftp://cache:21",
+                "CHAT_SERVICE_URI": "no-port",
+                "HTTP_PORT": "eighty",
+                "GRPC_PORT": "70000",
+                "MAX_EVENTS_PER_SECOND": "nan",
+                "PUBLISH_FORWARDED_EVENTS": "maybe",
+                "LOG_LEVEL": "loud",
+            }
+        )
+    problems = error.value.problems
+    text = "\n".join(problems)
+    for name in (
+        "MAX_CONNECTIONS_PER_DEVICE",
+        "HEARTBEAT_INTERVAL_SEC=300 must be less than CONNECTION_TIMEOUT_SEC=300",
+        "CACHE_URI='ftp://cache:21': unknown scheme",
+        "CHAT_SERVICE_URI",
+        "HTTP_PORT='eighty'",
+        "GRPC_PORT=70000",
+        "MAX_EVENTS_PER_SECOND",
+        "PUBLISH_FORWARDED_EVENTS",
+        "LOG_LEVEL",
+        "no way to verify tokens",
+    ):
+        assert name in text, name
+    assert len(problems) == 10
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["redis://", "redis://host:notaport/0", "unix://", "http://cache:6379"],
+)
+def test_malformed_cache_uris(uri):
+    with pytest.raises(config.ConfigError) as error:
+        config.load({**BASE, "CACHE_URI": uri})
+    assert error.value.problems[0].startswith("CACHE_URI=")
+
+
+def test_client_credentials_go_together():
+    with pytest.raises(config.ConfigError) as error:
+        config.load({**BASE, "JWT_CLIENT_ID": "gw"})
+    assert "go together" in error.value.problems[0]
+
+
+def test_twistd_options_override_and_fail_with_usage_error(monkeypatch):
+    monkeypatch.setenv("JWT_SECRET", "s" * 32)
+    monkeypatch.setenv("HTTP_PORT", "9000")
+    options = Options()
+    options.parseOptions(["--http-port", "9200", "--max-events-per-second", "5"])
+    assert options.config.http_port == 9200
+    assert options.config.max_events_per_second == 5
+    from twisted.python import usage
+
+    with pytest.raises(usage.UsageError) as error:
+        Options().parseOptions(["--heartbeat-interval-sec", "500"])
+    assert "HEARTBEAT_INTERVAL_SEC=500" in str(error.value)
+
+
+def test_dev_mode_fills_only_what_is_unset(monkeypatch):
+    for name in ("JWT_SECRET", "HTTP_PORT", "OAUTH2_ISSUER", "CACHE_URI"):
+        monkeypatch.delenv(name, raising=False)
+    options = Options()
+    options.parseOptions(["--dev"])
+    assert options.config.http_port == 8080
+    assert len(options.config.jwt_secret) >= 32
+    assert options.config.oauth2_issuer == "chatgateway-dev"
+    options = Options()
+    options.parseOptions(["--dev", "--http-port", "8181"])
+    assert options.config.http_port == 8181
