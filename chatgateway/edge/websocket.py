@@ -16,6 +16,7 @@ from zope.interface import implementer
 from chatgateway import codec
 from chatgateway.auth import AuthError
 from chatgateway.core import CoreError
+from chatgateway.edge.origins import OriginPolicy
 from chatgateway.session import CloseCode, ISessionTransport, error_detail
 
 # Frames a device may send while its session is being opened; more is abuse.
@@ -61,6 +62,9 @@ class DeviceProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request):
         self.gateway = self.factory.gateway
+        origin = request.headers.get("origin")
+        if not self.factory.origins.allows(origin):
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {origin} is not allowed")
         subprotocol = choose_subprotocol(request.protocols)
         self.subprotocol = subprotocol or codec.JSON
         self._fallback_device = _first(request.params, "device_id") or request.headers.get("x-device-id") or ""
@@ -229,6 +233,7 @@ class DeviceFactory(WebSocketServerFactory):
         super().__init__(url)
         self.gateway = gateway
         config = gateway.config
+        self.origins = OriginPolicy(config.allowed_origins)
         self.setProtocolOptions(
             maxFramePayloadSize=config.max_message_bytes,
             maxMessagePayloadSize=config.max_message_bytes,
@@ -236,6 +241,6 @@ class DeviceFactory(WebSocketServerFactory):
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
             failByDrop=False,  # send the close code (1009 etc.) before dropping
-            allowNullOrigin=True,
+            allowNullOrigin=True,  # origins are checked by OriginPolicy in onConnect (403)
             webStatus=False,  # a plain GET /ws gets 426, not Autobahn's status page
         )

@@ -139,7 +139,7 @@ class Harness:
         self.gateway.startService()
         self.factory = DeviceFactory(self.gateway)
         # Autobahn's own handshake timers run on the global reactor; unit tests do not use them.
-        self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, allowNullOrigin=True)
         self.connections = []
 
     def connect(self, token=None, *, auth="header", protocols=(codec.JSON,), headers=None, device=None):

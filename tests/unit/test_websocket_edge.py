@@ -359,3 +359,24 @@ def test_metadata_in_store_follows_the_connection(h):
     h.flush()
     assert "gateway:conn:alice:phone" not in h.store.values
     assert "gateway:room:r1" not in h.store.sets
+
+
+# ---------------------------------------------------------------- origins
+
+
+def test_origin_policy_refuses_other_sites_with_403():
+    h = Harness(ALLOWED_ORIGINS="https://app.example.com, https://*.example.org")
+    try:
+        refused = h.connect("alice", headers={"Origin": "https://evil.example.net"})
+        assert not refused.factory.opened and "403" in refused.client.http_status_line
+        for origin in ("https://app.example.com", "https://app.example.com:443", "https://chat.example.org"):
+            assert h.connect("alice", headers={"Origin": origin}).factory.opened, origin
+        assert h.connect("alice", headers={"Origin": "http://app.example.com"}).client.http_status_line.split()[1] == "403"
+        assert h.connect("alice", headers={"Origin": "null"}).client.http_status_line.split()[1] == "403"
+        assert h.connect("native-device").factory.opened  # no Origin header
+    finally:
+        h.stop()
+
+
+def test_any_origin_when_none_configured(h):
+    assert h.connect("alice", headers={"Origin": "https://anywhere.example"}).factory.opened
