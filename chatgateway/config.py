@@ -21,34 +21,29 @@ class ConfigError(Exception):
         self.problems = list(problems)
 
 
-def _int(minimum):
+def _at_least(convert, kind, minimum):
+    """A parser of finite numbers of one kind, no smaller than minimum."""
+
     def parse(text):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise ValueError("must be a whole number") from None
-        if value < minimum:
-            raise ValueError(f"must be at least {minimum}")
-        return value
-
-    parse.kind = "integer"
-    return parse
-
-
-def _number(minimum):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("must be a number") from None
+            raise ValueError(f"must be {kind}") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError("must be a finite number")
         if value < minimum:
             raise ValueError(f"must be at least {minimum}")
         return value
 
-    parse.kind = "number"
     return parse
+
+
+def _int(minimum):
+    return _at_least(int, "a whole number", minimum)
+
+
+def _number(minimum):
+    return _at_least(float, "a number", minimum)
 
 
 def _bool(text):
