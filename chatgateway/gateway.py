@@ -6,8 +6,10 @@ authenticate a device, then call ``open_session``; every Session calls back
 into ``forward``, ``publish`` and ``memberships``.
 """
 
+import json
 import uuid
 
+import grpc
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -20,6 +22,9 @@ from chatgateway.session import CloseCode, Session
 
 # Rooms asked of the core per streamed page when a device connects.
 MEMBERSHIP_PAGE = 500
+# Look for dead gateways to clean up after every this many heartbeat ticks.
+REAP_EVERY_TICKS = 5
+REPLACED_REASON = "replaced by a newer connection of this device"
 
 
 class Gateway(service.Service):
@@ -35,14 +40,23 @@ class Gateway(service.Service):
         self.store = store
         self.registry = ConnectionRegistry(bus, store, config.max_connections_per_device)
         self.fanout = Fanout(self.registry, self.apply_membership, reactor)
+        self.addresses = []  # where devices reach this instance (set by the service tree)
+        self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
         self._heartbeat.clock = self.clock
+        self._ticks = 0
+        self._started_at = None
 
     # ------------------------------------------------------------ service
 
     def startService(self):
         super().startService()
-        self.bus.start(self.fanout.receive)
+        self._started_at = self.clock.seconds()
+        self.bus.start(self.receive)
+        self.bus.on_reconnect(self._bus_reconnected)
+        self.store.on_reconnect(self._store_reconnected)
+        self._quietly(self.bus.subscribe(self._control_channel), "subscribing to the control channel")
+        self._announce()
         self._heartbeat.start(self.config.heartbeat_interval_sec, now=False)
 
     def stopService(self):
@@ -70,9 +84,11 @@ class Gateway(service.Service):
         """
         rooms = await self.memberships(token, device_id)
         session = Session(self, transport, claims, token, device_id, rooms)
+        # The local limit holds at once; the store then enforces it across gateways.
         for older in self.registry.add(session):
-            older.close(CloseCode.REPLACED, "replaced by a newer connection of this device")
+            older.close(CloseCode.REPLACED, REPLACED_REASON)
         session.send(session.connected_event())
+        self._claim(session)
         self.log.debug(
             "device {profile_id}/{device_id} connected with {rooms} rooms",
             profile_id=session.profile_id,
@@ -83,6 +99,89 @@ class Gateway(service.Service):
 
     def session_closed(self, session):
         self.registry.remove(session)
+        self._quietly(
+            self.store.release_device(session.profile_id, session.device_id, self.config.gateway_id, session.id),
+            "releasing a device",
+        )
+
+    def _claim(self, session):
+        """Register the session in the device's list across gateways; evict what is beyond the limit."""
+        d = self.store.claim_device(
+            session.profile_id,
+            session.device_id,
+            self.config.gateway_id,
+            session.id,
+            self.config.max_connections_per_device,
+        )
+        d.addCallback(lambda evicted: [self.evict(gateway_id, session_id) for gateway_id, session_id in evicted])
+        self._quietly(d, "claiming a device")
+
+    def evict(self, gateway_id, session_id, code=CloseCode.REPLACED, reason=REPLACED_REASON):
+        """Close a session wherever it lives: here, or through its gateway's control channel."""
+        if gateway_id == self.config.gateway_id:
+            session = self.registry.session(session_id)
+            if session is not None:
+                session.close(code, reason)
+            return
+        message = {"evict": {"session_id": session_id, "code": code, "reason": reason}}
+        self._quietly(
+            self.bus.publish(channels.control(gateway_id), json.dumps(message).encode("utf-8")),
+            "sending an eviction",
+        )
+
+    # ------------------------------------------------------------ bus, store and instance
+
+    def receive(self, channel, payload):
+        """Bus receiver: control messages for this instance, events for its devices."""
+        if channel == self._control_channel:
+            self._control(payload)
+        else:
+            self.fanout.receive(channel, payload)
+
+    def _control(self, payload):
+        try:
+            evict = json.loads(payload)["evict"]
+            session_id, code, reason = evict["session_id"], int(evict["code"]), str(evict["reason"])
+        except (ValueError, KeyError, TypeError):
+            self.log.warn("ignored a malformed control message")
+            return
+        session = self.registry.session(session_id)
+        if session is not None:
+            session.close(code, reason)
+
+    def _bus_reconnected(self):
+        """Pub/sub was down: events published meanwhile are gone. Tell every device."""
+        self.log.warn("event bus reconnected; devices are told events may have been missed")
+        for session in list(self.registry.sessions):
+            session.send_error(grpc.StatusCode.DATA_LOSS, "the event bus was unavailable: events may have been missed")
+
+    def _store_reconnected(self):
+        """The store came back and may have lost writes: rewrite every live connection."""
+        sessions = list(self.registry.sessions)
+        self.log.info("store reconnected; rewriting {count} connections", count=len(sessions))
+        for session in sessions:
+            self._quietly(self.store.connected(session.meta()), "rewriting metadata")
+            self._claim(session)
+        self._announce()
+
+    def _announce(self):
+        info = {
+            "started": int(self._started_at or self.clock.seconds()),
+            "addresses": list(self.addresses),
+            "connections": len(self.registry),
+        }
+        self._quietly(self.store.instance_alive(self.config.gateway_id, info), "renewing the instance entry")
+
+    def _reap(self):
+        d = self.store.reap_dead_instances(self.config.gateway_id)
+        d.addCallback(lambda reaped: reaped and self.log.info("cleaned up after dead gateways {ids}", ids=reaped))
+        self._quietly(d, "cleaning up after dead gateways")
+
+    def _quietly(self, d, doing):
+        """Store and bus failures never reach devices; they are logged (readiness shows the outage)."""
+        if d is not None:
+            d.addErrback(lambda f: self.log.warn("{doing} failed: {error}", doing=doing, error=f.getErrorMessage()))
+        return d
 
     def _heartbeat_tick(self):
         """Ping every device; close those silent for CONNECTION_TIMEOUT_SEC."""
@@ -97,8 +196,11 @@ class Gateway(service.Service):
             session.last_heartbeat = now
             alive.append(session.meta())
         if alive:
-            d = self.store.refresh(alive)
-            d.addErrback(lambda f: self.log.failure("metadata refresh failed", f))
+            self._quietly(self.store.refresh(alive), "refreshing metadata")
+        self._announce()
+        self._ticks += 1
+        if self._ticks % REAP_EVERY_TICKS == 0:
+            self._reap()
 
     # ------------------------------------------------------------ shared operations
 
@@ -124,6 +226,5 @@ class Gateway(service.Service):
 
     def publish(self, channel, event):
         codec.stamp(event, self.clock.seconds())
-        d = self.bus.publish(channel, event.SerializeToString())
-        d.addErrback(lambda f: self.log.failure("publish to {channel} failed", f, channel=channel))
+        self._quietly(self.bus.publish(channel, event.SerializeToString()), f"publishing to {channel}")
 

@@ -19,12 +19,16 @@ class ConnectionRegistry:
         self._store = store
         self._max_per_device = max_per_device
         self.sessions = set()
+        self._by_id = {}  # session id -> Session
         self._by_device = {}  # (profile_id, device_id) -> [Session], oldest first
         self._by_room = {}  # room_id -> {Session}
         self._by_profile = {}  # profile_id -> {Session}
 
     def __len__(self):
         return len(self.sessions)
+
+    def session(self, session_id):
+        return self._by_id.get(session_id)
 
     def room_sessions(self, room_id):
         return self._by_room.get(room_id, ())
@@ -38,6 +42,7 @@ class ConnectionRegistry:
     def add(self, session):
         """Index a new session; returns the older sessions of its device to close (4001)."""
         self.sessions.add(session)
+        self._by_id[session.id] = session
         device = self._by_device.setdefault((session.profile_id, session.device_id), [])
         device.append(session)
         excess = len(device) - self._max_per_device
@@ -52,6 +57,7 @@ class ConnectionRegistry:
         if session not in self.sessions:
             return
         self.sessions.discard(session)
+        self._by_id.pop(session.id, None)
         key = (session.profile_id, session.device_id)
         device = self._by_device.get(key, [])
         if session in device:

@@ -65,6 +65,7 @@ class _Listener(service.Service):
         self._port = port
         self._interface = interface
         self.factory = None
+        self.on_listening = None  # called with the bound address
         self.listening = None
 
     def startService(self):
@@ -72,11 +73,17 @@ class _Listener(service.Service):
         self.listening = self._reactor.listenTCP(self._port, self.factory, interface=self._interface)
         address = self.listening.getHost()
         self.log.info("{name} listening on {host}:{port}", name=self.name, host=address.host, port=address.port)
+        if self.on_listening is not None:
+            self.on_listening(address)
 
     def stopService(self):
         super().stopService()
         listening, self.listening = self.listening, None
         return defer.maybeDeferred(listening.stopListening) if listening else defer.succeed(None)
+
+
+def _kind(uri):
+    return "memory" if uri == "memory://" else "redis"
 
 
 def make_gateway_service(config, reactor, dev=False):
@@ -107,7 +114,14 @@ def make_gateway_service(config, reactor, dev=False):
     def listening():
         return http.listening is not None and gateway.running
 
-    checks = {"listening": listening, "store": lambda: store.ready, "bus": lambda: bus.ready, "core": core.ping}
+    # Named by kind, so an operator sees e.g. "store:redis": "down".
+    checks = {
+        "listening": listening,
+        f"store:{_kind(config.cache_uri)}": lambda: store.ready,
+        f"bus:{_kind(config.events_uri)}": lambda: bus.ready,
+        "core": core.ping,
+    }
+    http.on_listening = lambda address: gateway.addresses.append(f"http://{address.host}:{address.port}")
     mint = None
     if dev:
         def mint(profile_id, device_id):

@@ -124,15 +124,18 @@ class Connection:
 
 
 class Harness:
-    def __init__(self, **settings):
+    """One gateway; ``peer()`` makes another sharing the bus, store, core and clock."""
+
+    def __init__(self, _shared=None, **settings):
         env = {"JWT_SECRET": "unit-test-secret", "GATEWAY_ID": "gw-test"}
         env.update({k: str(v) for k, v in settings.items()})
         self.config = config.load(env)
-        self.clock = task.Clock()
-        self.clock.advance(1_000_000)
-        self.core = FakeCore()
-        self.hub = MemoryHub()
-        self.store = MemoryStore()
+        if _shared is None:
+            clock = task.Clock()
+            clock.advance(1_000_000)
+            _shared = (clock, FakeCore(), MemoryHub(), MemoryStore())
+        self._shared = _shared
+        self.clock, self.core, self.hub, self.store = _shared
         self.gateway = Gateway(
             self.config, self.clock, FakeVerifier(self.clock), self.core, MemoryBus(self.hub), self.store, clock=self.clock
         )
@@ -167,6 +170,10 @@ class Harness:
         connection = Connection(self, server, client, pump)
         self.connections.append(connection)
         return connection
+
+    def peer(self, gateway_id, **settings):
+        """A second gateway instance on the same bus, store and core."""
+        return Harness(self._shared, GATEWAY_ID=gateway_id, **settings)
 
     def flush(self):
         for connection in self.connections:

@@ -380,3 +380,51 @@ def test_origin_policy_refuses_other_sites_with_403():
 
 def test_any_origin_when_none_configured(h):
     assert h.connect("alice", headers={"Origin": "https://anywhere.example"}).factory.opened
+
+
+# ---------------------------------------------------------------- across gateways
+
+
+def test_device_moving_to_another_gateway_is_evicted_there_through_the_control_channel(h):
+    other = h.peer("gw-other")
+    try:
+        first = h.connect("alice/phone")
+        assert h.store.devices["gateway:device:alice:phone"]
+        second = other.connect("alice/phone")
+        h.flush()
+        assert first.closed[0] == 4001
+        assert second.closed is None
+        assert len(h.gateway.registry) == 0 and len(other.gateway.registry) == 1
+        # the device list names only the surviving session
+        (entry,) = h.store.devices["gateway:device:alice:phone"]
+        assert "gw-other" in entry
+    finally:
+        other.stop()
+
+
+def test_malformed_control_message_is_ignored(h):
+    c = h.connect("alice")
+    h.hub.deliver(channels.control("gw-test"), b"{not json")
+    h.hub.deliver(channels.control("gw-test"), b'{"evict": {"session_id": 5}}')
+    h.flush()
+    assert c.closed is None
+
+
+def test_bus_reconnect_tells_every_device_events_may_be_missed(h):
+    c = h.connect("alice")
+    h.gateway._bus_reconnected()
+    h.flush()
+    (notice,) = c.of("error")
+    assert notice.error.status == "DATA_LOSS"
+    assert "may have been missed" in notice.error.message
+
+
+def test_store_reconnect_rewrites_live_connections(h):
+    h.core.rooms["alice"] = ["r1"]
+    h.connect("alice/phone")
+    h.store.values.clear()
+    h.store.sets.clear()
+    h.gateway._store_reconnected()
+    assert json.loads(h.store.values["gateway:conn:alice:phone"])["room_ids"] == ["r1"]
+    assert h.store.sets["gateway:room:r1"] == {"alice:phone"}
+    assert "gateway:instance:gw-test" in h.store.values
