@@ -26,6 +26,9 @@ class IEventBus(Interface):
     def stop():
         """Release connections. Returns a Deferred."""
 
+    def on_reconnect(callback):
+        """Call ``callback()`` when delivery resumes after messages may have been missed."""
+
 
 def make_bus(config, reactor, hub=None):
     """The bus named by config.events_uri; ``hub`` shares one in-memory bus in a process."""
@@ -33,4 +36,6 @@ def make_bus(config, reactor, hub=None):
         from chatgateway.bus.memory import MemoryBus
 
         return MemoryBus(hub)
-    raise NotImplementedError(f"EVENTS_URI scheme of {config.events_uri!r} has no bus yet")
+    from chatgateway.bus.redis import RedisBus
+
+    return RedisBus(config, reactor)

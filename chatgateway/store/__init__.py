@@ -6,6 +6,12 @@ Two implementations of IConnectionStore: ``memory`` (one instance) and
     gateway:conn:{profileID}:{deviceID} -> JSON ConnectionMeta
     gateway:room:{roomID}               -> set of "profileID:deviceID"
     gateway:instance:{gatewayID}        -> JSON instance info
+
+and, to coordinate gateways (ours, see chatgateway.store.redis):
+
+    gateway:device:{profileID}:{deviceID} -> sorted set of device_entry(gateway, session), oldest first
+    gateway:instance:{gatewayID}:conns    -> set of "profileID:deviceID" this gateway holds
+    gateway:instances                     -> set of gateway ids (to find dead ones)
 """
 
 import dataclasses
@@ -24,6 +30,32 @@ def room_key(room_id):
 
 def instance_key(gateway_id):
     return f"gateway:instance:{gateway_id}"
+
+
+def instance_conns_key(gateway_id):
+    return f"gateway:instance:{gateway_id}:conns"
+
+
+def device_key(profile_id, device_id):
+    return f"gateway:device:{profile_id}:{device_id}"
+
+
+INSTANCES_KEY = "gateway:instances"
+
+
+def device_entry(gateway_id, session_id):
+    """A member of a device's connection list: unambiguous whatever the ids contain."""
+    return json.dumps([gateway_id, session_id], separators=(",", ":"))
+
+
+def parse_device_entry(entry):
+    gateway_id, session_id = json.loads(entry)
+    return gateway_id, session_id
+
+
+def instance_info(gateway_id, info):
+    """The JSON of gateway:instance:{id}: {gateway_id, started, addresses, connections}."""
+    return json.dumps({"gateway_id": gateway_id, **info}, separators=(",", ":"))
 
 
 @dataclasses.dataclass
@@ -61,10 +93,36 @@ class IConnectionStore(Interface):
         """Rewrite the metadata of live connections and renew their TTLs, in one batch."""
 
     def disconnected(meta):
-        """Remove a connection's metadata and room entries."""
+        """Remove a connection's metadata and room entries.
+
+        When another gateway holds the device now (its gateway_id is in the
+        metadata), its metadata and the rooms it lists are left alone.
+        """
+
+    def claim_device(profile_id, device_id, gateway_id, session_id, limit):
+        """Append this session to the device's connections, atomically across gateways.
+
+        Returns a Deferred firing with the (gateway_id, session_id) pairs beyond
+        ``limit``, oldest first, now removed from the list: close those (4001).
+        """
+
+    def release_device(profile_id, device_id, gateway_id, session_id):
+        """Remove a closed session from its device's connections. Returns a Deferred."""
 
     def instance_alive(gateway_id, info):
-        """Renew this instance's registry entry."""
+        """Renew this instance's registry entry; ``info`` is {started, addresses, connections}."""
+
+    def reap_dead_instances(own_gateway_id):
+        """Clean up after gateways whose registry entry expired.
+
+        Returns a Deferred firing with the ids of the gateways cleaned up.
+        """
+
+    def on_reconnect(callback):
+        """Call ``callback()`` when the store is back after writes may have been lost.
+
+        The gateway then rewrites every live connection with ``connected(meta)``.
+        """
 
     def stop():
         """Remove this instance's entry and disconnect. Returns a Deferred."""
@@ -76,4 +134,6 @@ def make_store(config, reactor):
         from chatgateway.store.memory import MemoryStore
 
         return MemoryStore()
-    raise NotImplementedError(f"CACHE_URI scheme of {config.cache_uri!r} has no store yet")
+    from chatgateway.store.redis import RedisStore
+
+    return RedisStore(config, reactor)

@@ -1,11 +1,27 @@
-"""In-process store with the same keys and values as the Redis one."""
+"""In-process store with the same keys and values as the Redis one (without TTLs).
+
+``values`` holds the JSON strings, ``sets`` the sets and ``devices`` the
+device connection lists (sorted sets in Redis), so tests can read the same
+keys from either store.
+"""
 
 import json
 
 from twisted.internet import defer
 from zope.interface import implementer
 
-from chatgateway.store import IConnectionStore, conn_key, instance_key, room_key
+from chatgateway.store import (
+    INSTANCES_KEY,
+    IConnectionStore,
+    conn_key,
+    device_entry,
+    device_key,
+    instance_conns_key,
+    instance_info,
+    instance_key,
+    parse_device_entry,
+    room_key,
+)
 
 
 @implementer(IConnectionStore)
@@ -15,6 +31,8 @@ class MemoryStore:
     def __init__(self):
         self.values = {}  # key -> JSON text
         self.sets = {}  # key -> set of members
+        self.devices = {}  # device key -> [device entry], oldest first
+        self._own = set()  # gateway ids this store has registered
 
     def start(self):
         return defer.succeed(None)
@@ -22,13 +40,14 @@ class MemoryStore:
     def connected(self, meta):
         self.values[conn_key(meta.profile_id, meta.device_id)] = meta.to_json()
         for room_id in meta.room_ids:
-            self.sets.setdefault(room_key(room_id), set()).add(meta.member)
+            self._add(room_key(room_id), meta.member)
+        self._add(instance_conns_key(meta.gateway_id), meta.member)
         return defer.succeed(None)
 
     def rooms_changed(self, meta, added, removed):
         self.values[conn_key(meta.profile_id, meta.device_id)] = meta.to_json()
         for room_id in added:
-            self.sets.setdefault(room_key(room_id), set()).add(meta.member)
+            self._add(room_key(room_id), meta.member)
         for room_id in removed:
             self._discard(room_key(room_id), meta.member)
         return defer.succeed(None)
@@ -39,18 +58,83 @@ class MemoryStore:
         return defer.succeed(None)
 
     def disconnected(self, meta):
-        self.values.pop(conn_key(meta.profile_id, meta.device_id), None)
+        key = conn_key(meta.profile_id, meta.device_id)
+        owner = _owner(self.values.get(key))
+        keep = set()
+        if owner is not None and owner.get("gateway_id") != meta.gateway_id:
+            keep = set(owner.get("room_ids") or ())  # another gateway holds the device now
+        else:
+            self.values.pop(key, None)
         for room_id in meta.room_ids:
-            self._discard(room_key(room_id), meta.member)
+            if room_id not in keep:
+                self._discard(room_key(room_id), meta.member)
+        self._discard(instance_conns_key(meta.gateway_id), meta.member)
+        return defer.succeed(None)
+
+    def claim_device(self, profile_id, device_id, gateway_id, session_id, limit):
+        entries = self.devices.setdefault(device_key(profile_id, device_id), [])
+        entry = device_entry(gateway_id, session_id)
+        if entry not in entries:
+            entries.append(entry)
+        excess = max(0, len(entries) - limit)
+        evicted = entries[:excess]
+        del entries[:excess]
+        if not entries:
+            del self.devices[device_key(profile_id, device_id)]
+        return defer.succeed([parse_device_entry(e) for e in evicted])
+
+    def release_device(self, profile_id, device_id, gateway_id, session_id):
+        key = device_key(profile_id, device_id)
+        entries = self.devices.get(key, [])
+        entry = device_entry(gateway_id, session_id)
+        if entry in entries:
+            entries.remove(entry)
+            if not entries:
+                del self.devices[key]
         return defer.succeed(None)
 
     def instance_alive(self, gateway_id, info):
-        self.values[instance_key(gateway_id)] = json.dumps(info)
+        self._own.add(gateway_id)
+        self.values[instance_key(gateway_id)] = instance_info(gateway_id, info)
+        self._add(INSTANCES_KEY, gateway_id)
         return defer.succeed(None)
 
+    def reap_dead_instances(self, own_gateway_id):
+        reaped = []
+        for gateway_id in sorted(self.sets.get(INSTANCES_KEY, ())):
+            if gateway_id == own_gateway_id or instance_key(gateway_id) in self.values:
+                continue
+            for member in self.sets.pop(instance_conns_key(gateway_id), set()):
+                self._reap_member(gateway_id, member)
+            self._discard(INSTANCES_KEY, gateway_id)
+            reaped.append(gateway_id)
+        return defer.succeed(reaped)
+
+    def on_reconnect(self, callback):
+        """Never called: memory is never disconnected."""
+
     def stop(self):
-        self.values = {k: v for k, v in self.values.items() if not k.startswith("gateway:instance:")}
+        for gateway_id in self._own:
+            self.values.pop(instance_key(gateway_id), None)
+            if not self.sets.get(instance_conns_key(gateway_id)):
+                self.sets.pop(instance_conns_key(gateway_id), None)
+                self._discard(INSTANCES_KEY, gateway_id)
         return defer.succeed(None)
+
+    def _reap_member(self, gateway_id, member):
+        key = "gateway:conn:" + member
+        owner = _owner(self.values.get(key))
+        if owner is not None and owner.get("gateway_id") == gateway_id:
+            del self.values[key]
+            for room_id in owner.get("room_ids") or ():
+                self._discard(room_key(room_id), member)
+        entries = self.devices.get("gateway:device:" + member, [])
+        entries[:] = [e for e in entries if parse_device_entry(e)[0] != gateway_id]
+        if not entries:
+            self.devices.pop("gateway:device:" + member, None)
+
+    def _add(self, key, member):
+        self.sets.setdefault(key, set()).add(member)
 
     def _discard(self, key, member):
         members = self.sets.get(key)
@@ -59,3 +143,13 @@ class MemoryStore:
             if not members:
                 del self.sets[key]
 
+
+def _owner(raw):
+    """The metadata dict of a stored connection, or None."""
+    if raw is None:
+        return None
+    try:
+        owner = json.loads(raw)
+    except ValueError:
+        return None
+    return owner if isinstance(owner, dict) else None
