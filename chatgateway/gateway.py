@@ -38,7 +38,7 @@ class Gateway(service.Service):
         self.core = core
         self.bus = bus
         self.store = store
-        self.registry = ConnectionRegistry(bus, store, config.max_connections_per_device)
+        self.registry = ConnectionRegistry(bus, store, config.max_connections_per_device, self._quietly)
         self.fanout = Fanout(self.registry, self.apply_membership, reactor)
         self.addresses = []  # where devices reach this instance (set by the service tree)
         self._control_channel = channels.control(config.gateway_id)

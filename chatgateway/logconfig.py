@@ -23,7 +23,6 @@ class LogLevelService(service.Service):
     def __init__(self, level, publisher=None):
         self.level = level
         self._publisher = publisher if publisher is not None else globalLogPublisher
-        self._wrapped = []
 
     def startService(self):
         super().startService()
@@ -33,11 +32,6 @@ class LogLevelService(service.Service):
             wrapped = FilteringLogObserver(observer, [predicate])
             self._publisher.removeObserver(observer)
             self._publisher.addObserver(wrapped)
-            self._wrapped.append((observer, wrapped))
 
-    def stopService(self):
-        super().stopService()
-        for observer, wrapped in self._wrapped:
-            self._publisher.removeObserver(wrapped)
-            self._publisher.addObserver(observer)
-        self._wrapped = []
+    # The filter stays through shutdown: unwrapping on stop would let the
+    # debug events of the closing connections through.

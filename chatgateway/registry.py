@@ -6,17 +6,14 @@ first local session arrives and unsubscribes when the last one leaves, and
 mirrors every change into the shared store.
 """
 
-from twisted.logger import Logger
-
 from chatgateway import channels
 
 
 class ConnectionRegistry:
-    log = Logger()
-
-    def __init__(self, bus, store, max_per_device):
+    def __init__(self, bus, store, max_per_device, background):
         self._bus = bus
         self._store = store
+        self._background = background  # background(deferred, what) logs a failure
         self._max_per_device = max_per_device
         self.sessions = set()
         self._by_id = {}  # session id -> Session
@@ -109,6 +106,5 @@ class ConnectionRegistry:
             self._write(self._bus.unsubscribe(channel_of(key)))
 
     def _write(self, d):
-        # Store and bus writes never hold up delivery; failures are logged.
-        if d is not None:
-            d.addErrback(lambda f: self.log.failure("store/bus update failed", f))
+        # Store and bus writes never hold up delivery.
+        self._background(d, "updating the store or the bus")
