@@ -25,6 +25,7 @@ setup(
             "pytest-twisted==1.14.3",
             "hypothesis==6.170.17",
             "grpcio-tools==1.85.1",
+            "redis==8.1.0",  # a plain client to read what the gateway wrote, in tests only
         ],
         "dev": [
             "grpcio-tools==1.85.1",

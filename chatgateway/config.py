@@ -73,18 +73,17 @@ def _store_uri(text):
     text = text.strip()
     if text in ("", "memory://"):
         return "memory://"
-    parts = urlsplit(text)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"unknown scheme {parts.scheme!r}: use memory://, redis://host:port/db or unix:///path")
-    if parts.scheme in ("redis", "rediss"):
-        try:
-            parts.port
-        except ValueError as e:
-            raise ValueError(f"bad port: {e}")
-        if not parts.hostname:
-            raise ValueError("must name a host, e.g. redis://127.0.0.1:6379/0")
-    elif not parts.path:
-        raise ValueError("unix:// must name a socket path")
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            f"unknown scheme {urlsplit(text).scheme!r}: use memory://, redis://host:port/db or unix:///path"
+        )
+    from chatgateway.redisconn import parse_uri
+
+    try:
+        parse_uri(text)
+    except ValueError as e:
+        # parse_uri names the URI itself; the caller's line already does.
+        raise ValueError(str(e).split(": ", 1)[-1]) from None
     return text
 
 

@@ -151,8 +151,10 @@ class Gateway(service.Service):
 
     def _bus_reconnected(self):
         """Pub/sub was down: events published meanwhile are gone. Tell every device."""
-        self.log.warn("event bus reconnected; devices are told events may have been missed")
-        for session in list(self.registry.sessions):
+        sessions = list(self.registry.sessions)
+        if sessions:
+            self.log.warn("event bus reconnected; {count} devices told events may have been missed", count=len(sessions))
+        for session in sessions:
             session.send_error(grpc.StatusCode.DATA_LOSS, "the event bus was unavailable: events may have been missed")
 
     def _store_reconnected(self):

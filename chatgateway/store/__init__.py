@@ -11,6 +11,7 @@ and, to coordinate gateways (ours, see chatgateway.store.redis):
 
     gateway:device:{profileID}:{deviceID} -> sorted set of device_entry(gateway, session), oldest first
     gateway:instance:{gatewayID}:conns    -> set of "profileID:deviceID" this gateway holds
+    gateway:instance:{gatewayID}:rooms    -> set of room ids this gateway has joined connections to
     gateway:instances                     -> set of gateway ids (to find dead ones)
 """
 
@@ -34,6 +35,10 @@ def instance_key(gateway_id):
 
 def instance_conns_key(gateway_id):
     return f"gateway:instance:{gateway_id}:conns"
+
+
+def instance_rooms_key(gateway_id):
+    return f"gateway:instance:{gateway_id}:rooms"
 
 
 def device_key(profile_id, device_id):

@@ -19,6 +19,7 @@ from chatgateway.store import (
     instance_conns_key,
     instance_info,
     instance_key,
+    instance_rooms_key,
     parse_device_entry,
     room_key,
 )
@@ -38,19 +39,21 @@ class MemoryStore:
         return defer.succeed(None)
 
     def connected(self, meta):
-        self.values[conn_key(meta.profile_id, meta.device_id)] = meta.to_json()
-        for room_id in meta.room_ids:
-            self._add(room_key(room_id), meta.member)
+        self._joined(meta, meta.room_ids)
         self._add(instance_conns_key(meta.gateway_id), meta.member)
         return defer.succeed(None)
 
     def rooms_changed(self, meta, added, removed):
-        self.values[conn_key(meta.profile_id, meta.device_id)] = meta.to_json()
-        for room_id in added:
-            self._add(room_key(room_id), meta.member)
+        self._joined(meta, added)
         for room_id in removed:
             self._discard(room_key(room_id), meta.member)
         return defer.succeed(None)
+
+    def _joined(self, meta, room_ids):
+        self.values[conn_key(meta.profile_id, meta.device_id)] = meta.to_json()
+        for room_id in room_ids:
+            self._add(room_key(room_id), meta.member)
+            self._add(instance_rooms_key(meta.gateway_id), room_id)
 
     def refresh(self, metas):
         for meta in metas:
@@ -104,6 +107,11 @@ class MemoryStore:
         for gateway_id in sorted(self.sets.get(INSTANCES_KEY, ())):
             if gateway_id == own_gateway_id or instance_key(gateway_id) in self.values:
                 continue
+            conns = self.sets.get(instance_conns_key(gateway_id), set())
+            for room_id in self.sets.pop(instance_rooms_key(gateway_id), set()):
+                for member in self.sets.get(room_key(room_id), set()) & conns:
+                    if not _held_elsewhere(self.values.get("gateway:conn:" + member), gateway_id):
+                        self._discard(room_key(room_id), member)
             for member in self.sets.pop(instance_conns_key(gateway_id), set()):
                 self._reap_member(gateway_id, member)
             self._discard(INSTANCES_KEY, gateway_id)
@@ -118,13 +126,15 @@ class MemoryStore:
             self.values.pop(instance_key(gateway_id), None)
             if not self.sets.get(instance_conns_key(gateway_id)):
                 self.sets.pop(instance_conns_key(gateway_id), None)
+                self.sets.pop(instance_rooms_key(gateway_id), None)
                 self._discard(INSTANCES_KEY, gateway_id)
         return defer.succeed(None)
 
     def _reap_member(self, gateway_id, member):
         key = "gateway:conn:" + member
-        owner = _owner(self.values.get(key))
-        if owner is not None and owner.get("gateway_id") == gateway_id:
+        raw = self.values.get(key)
+        if raw is not None and not _held_elsewhere(raw, gateway_id):
+            owner = _owner(raw) or {}
             del self.values[key]
             for room_id in owner.get("room_ids") or ():
                 self._discard(room_key(room_id), member)
@@ -145,7 +155,7 @@ class MemoryStore:
 
 
 def _owner(raw):
-    """The metadata dict of a stored connection, or None."""
+    """The metadata dict of a stored connection, or None (none, or unreadable)."""
     if raw is None:
         return None
     try:
@@ -153,3 +163,9 @@ def _owner(raw):
     except ValueError:
         return None
     return owner if isinstance(owner, dict) else None
+
+
+def _held_elsewhere(raw, gateway_id):
+    """The stored connection names another gateway (unreadable metadata counts as nobody's)."""
+    owner = _owner(raw)
+    return owner is not None and owner.get("gateway_id") is not None and owner["gateway_id"] != gateway_id
