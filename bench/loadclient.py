@@ -4,6 +4,7 @@ Runs in its own process (the driver starts it), with plain Autobahn clients
 and prebuilt frames, so it costs little next to the gateway it measures.
 Talks to the driver over stdin/stdout, one line each:
 
+    <- CONNECT            (with --wait) start connecting now
     -> READY <n>          every connection received its `connected` frame
     <- STATS              -> STATS {"messages": n, "closed": n, ...}
     <- CLOSE              closes every connection cleanly, then -> CLOSED and exit
@@ -50,7 +51,9 @@ class Control(LineReceiver):
 
     def lineReceived(self, line):
         command = line.decode().strip()
-        if command == "STATS":
+        if command == "CONNECT":
+            self.load.go.callback(None)
+        elif command == "STATS":
             self.sendLine(b"STATS " + json.dumps(self.load.stats).encode())
         elif command == "CLOSE":
             self.load.close_all().addCallback(lambda _: self.sendLine(b"CLOSED"))
@@ -63,6 +66,7 @@ class Load:
         self.stats = {"open": 0, "messages": 0, "closed": 0, "close_codes": {}}
         self.protocols = []
         self.done = defer.Deferred()
+        self.go = defer.Deferred()  # fired by CONNECT when --wait
 
     async def connect_one(self, index):
         url = self.args.urls[index % len(self.args.urls)]
@@ -120,9 +124,12 @@ async def main(reactor, argv):
     parser.add_argument("--profiles", type=int, default=100)
     parser.add_argument("--prefix", default="dev")
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--wait", action="store_true", help="connect only when told CONNECT")
     args = parser.parse_args(argv)
     load = Load(reactor, args)
     stdio.StandardIO(Control(load))
+    if args.wait:
+        await load.go
     await load.connect_all()
     sys.stdout.write(f"READY {len(load.protocols)}\n")
     sys.stdout.flush()

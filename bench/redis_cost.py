@@ -92,77 +92,127 @@ def reference_memory(client, meta_json, count):
     return used / count
 
 
+def start_gateways(env, core_port, heartbeat, count=2):
+    gateways = []
+    for i in range(count):
+        port = free_port()
+        gateway_env = {
+            **env,
+            "CHAT_SERVICE_URI": f"127.0.0.1:{core_port}",
+            "HTTP_PORT": str(port),
+            "HTTP_INTERFACE": "127.0.0.1",
+            "GATEWAY_ID": f"bench-gw-{i}",
+            "HEARTBEAT_INTERVAL_SEC": str(heartbeat),
+            "CONNECTION_TIMEOUT_SEC": str(heartbeat * 10),
+        }
+        gateways.append(Twistd("chatgateway", [], env=gateway_env, port=port).start())
+    return gateways
+
+
+def start_load(gateways, connections, wait=False):
+    urls = ",".join(f"ws://127.0.0.1:{g.port}/ws" for g in gateways)
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "loadclient.py"), "--urls", urls, "--secret", SECRET,
+         "--profiles", str(connections), "--prefix", "dev", *(["--wait"] if wait else [])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+
+
+def close_load(load):
+    load.stdin.write("CLOSE\n")
+    load.stdin.flush()
+    read_line(load, "CLOSED", 120)
+
+
+def settle(r, quiet=1.0, timeout=60):
+    """Wait until Redis's command counters stop moving for ``quiet`` seconds (writes have landed)."""
+    deadline = time.monotonic() + timeout
+    last = total(commandstats(r))
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = total(commandstats(r)) - 1  # the INFO call itself
+        if now == last:
+            return
+        last = now + 1
+
+
+def connect_and_disconnect(r, env, core_port, n):
+    """Phase 1: the cost of connecting and disconnecting, with no refresh in the window."""
+    gateways = start_gateways(env, core_port, heartbeat=300)
+    load = start_load(gateways, n, wait=True)
+    try:
+        settle(r)
+        memory_before = r.info("memory")["used_memory"]
+        s0 = commandstats(r)
+        started = time.monotonic()
+        load.stdin.write("CONNECT\n")
+        load.stdin.flush()
+        read_line(load, "READY", 600)
+        seconds = time.monotonic() - started
+        settle(r)
+        s1 = commandstats(r)
+        memory = r.info("memory")["used_memory"] - memory_before
+        close_load(load)
+        settle(r)
+        s2 = commandstats(r)
+        return delta(s1, s0), delta(s2, s1), memory, seconds
+    finally:
+        if load.poll() is None:
+            load.kill()
+        for g in gateways:
+            g.stop()
+
+
+def steady_state(r, env, core_port, n, heartbeat, intervals):
+    """Phase 2: commands while n devices stay connected for a number of heartbeat intervals."""
+    gateways = start_gateways(env, core_port, heartbeat=heartbeat)
+    load = start_load(gateways, n)
+    try:
+        read_line(load, "READY", 600)
+        time.sleep(heartbeat * 2)  # past the connect writes and the first refresh
+        s0 = commandstats(r)
+        started = time.monotonic()
+        time.sleep(heartbeat * intervals)
+        seconds = time.monotonic() - started
+        s1 = commandstats(r)
+        close_load(load)
+        return delta(s1, s0), seconds
+    finally:
+        if load.poll() is None:
+            load.kill()
+        for g in gateways:
+            g.stop()
+
+
 def run(args):
     redis_server = RedisServer()
     r = redis_server.client()
     core_port = free_port()
     env = {"JWT_SECRET": SECRET, "CACHE_URI": redis_server.uri, "LOG_LEVEL": "warning"}
     core = Twistd("chatcore", ["--port", core_port], env=env, port=core_port).start()
-    gateways = []
-    for i in range(2):
-        port = free_port()
-        gateways.append(
-            Twistd(
-                "chatgateway",
-                [],
-                env={
-                    **env,
-                    "CHAT_SERVICE_URI": f"127.0.0.1:{core_port}",
-                    "HTTP_PORT": str(port),
-                    "HTTP_INTERFACE": "127.0.0.1",
-                    "GATEWAY_ID": f"bench-gw-{i}",
-                    "HEARTBEAT_INTERVAL_SEC": str(args.heartbeat),
-                    "CONNECTION_TIMEOUT_SEC": str(args.heartbeat * 10),
-                },
-                port=port,
-            ).start()
-        )
-    load = None
     try:
-        make_rooms(core_port, args.connections, args.room_size, "dev")
-        time.sleep(args.heartbeat * 2)  # let the gateways' own periodic writes settle
-        memory_before = r.info("memory")["used_memory"]
-        r.config_resetstat()
-        s0 = commandstats(r)
-        urls = ",".join(f"ws://127.0.0.1:{g.port}/ws" for g in gateways)
-        load = subprocess.Popen(
-            [sys.executable, str(HERE / "loadclient.py"), "--urls", urls, "--secret", SECRET,
-             "--profiles", str(args.connections), "--prefix", "dev"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        )
-        started = time.monotonic()
-        read_line(load, "READY", 600)
-        connect_seconds = time.monotonic() - started
-        # wait until every claim and write has landed: the counters stop moving
-        time.sleep(args.heartbeat / 2)
-        s1 = commandstats(r)
-        memory_connected = r.info("memory")["used_memory"]
-        steady_start = time.monotonic()
-        time.sleep(args.heartbeat * args.intervals)
-        steady_seconds = time.monotonic() - steady_start
-        s2 = commandstats(r)
-        load.stdin.write("CLOSE\n")
-        load.stdin.flush()
-        read_line(load, "CLOSED", 120)
-        time.sleep(args.heartbeat / 2)
-        s3 = commandstats(r)
         n = args.connections
-        meta_json = r.get("gateway:conn:dev0:bench") or json.dumps(
-            {"profile_id": "dev0", "device_id": "bench", "room_ids": ["x" * 32], "last_active": 0,
-             "last_heartbeat": 0, "connected": 0, "gateway_id": "bench-gw-0"}
+        make_rooms(core_port, n, args.room_size, "dev")
+        connect, disconnect, memory, connect_seconds = connect_and_disconnect(r, env, core_port, n)
+        steady, steady_seconds = steady_state(r, env, core_port, n, args.heartbeat, args.intervals)
+        meta_json = json.dumps(
+            {"profile_id": "dev0", "device_id": "bench", "room_ids": ["0" * 32], "last_active": 1795765703,
+             "last_heartbeat": 1795765703, "connected": 1795765703, "gateway_id": "bench-gw-0"},
+            separators=(",", ":"),
         )
-        connect, steady, disconnect = delta(s1, s0), delta(s2, s1), delta(s3, s2)
         intervals = steady_seconds / args.heartbeat
         results = {
             "connections": n,
+            "room_size": args.room_size,
+            "gateways": 2,
             "heartbeat_interval_sec": args.heartbeat,
             "steady_intervals": round(intervals, 2),
-            "connect_seconds": round(connect_seconds, 2),
+            "handshakes_per_second": round(n / connect_seconds, 1),
             "commands_per_connect": round(total(connect) / n, 2),
             "commands_per_disconnect": round(total(disconnect) / n, 2),
             "steady_commands_per_connection_per_minute": round(total(steady) / n / (steady_seconds / 60), 2),
             "steady_writes_per_connection_per_heartbeat": round(total(steady, WRITES) / n / intervals, 3),
-            "redis_bytes_per_connection": round((memory_connected - memory_before) / n),
+            "redis_bytes_per_connection": round(memory / n),
             "reference_bytes_per_connection": round(reference_memory(r, meta_json, n)),
             "connect_commands": connect,
             "steady_commands": steady,
@@ -174,10 +224,6 @@ def run(args):
         )
         return results
     finally:
-        if load is not None and load.poll() is None:
-            load.kill()
-        for g in gateways:
-            g.stop()
         core.stop()
         redis_server.cleanup()
 
@@ -187,7 +233,7 @@ def main():
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--room-size", type=int, default=10)
     parser.add_argument("--heartbeat", type=float, default=2.0, help="HEARTBEAT_INTERVAL_SEC of the gateways")
-    parser.add_argument("--intervals", type=int, default=5, help="heartbeat intervals held in steady state")
+    parser.add_argument("--intervals", type=int, default=12, help="heartbeat intervals held in steady state")
     parser.add_argument("--out", default=str(HERE / "out" / "redis_cost.json"))
     args = parser.parse_args()
     results = run(args)

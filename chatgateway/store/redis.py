@@ -35,18 +35,21 @@ dying, so another gateway cleans up after it about as fast. Everything
 expires once nobody renews it: Redis never fills with leftovers.
 
 Writes per heartbeat. ``refresh`` is called once per heartbeat interval with
-every live connection. It always rewrites each conn key (SET … EX: one write
-per connection). The room and device keys are renewed only every
-``renew_every`` refreshes, de-duplicated across the batch (a room shared by
-1,000 local connections costs one EXPIRE), where
+every live connection. It rewrites the conn keys (SET … EX, one write per
+connection) on every other call, so ``last_heartbeat``/``last_active`` in
+Redis lag by at most two intervals while the key (TTL = 2 ×
+CONNECTION_TIMEOUT_SEC, at least twice the interval) never lapses. The room
+and device keys are renewed on every ``renew_every``-th call, de-duplicated
+across the batch (a room shared by 1,000 local connections costs one
+EXPIRE), where
 
     renew_every = max(1, floor(TTL / (3 × HEARTBEAT_INTERVAL_SEC)))
 
 so a key is renewed at least every TTL/3: two renewals in a row may fail (or
-be late) and the key still does not lapse; a failed renewal is retried at the
-next refresh. With the defaults (TTL 600 s, heartbeat 30 s) that is every 6th
-refresh: per connection and heartbeat, 1 + (devices + distinct rooms) /
-(6 × connections) writes on average, exactly 1 on five refreshes out of six.
+be late) and the key still does not lapse; a failed rewrite or renewal is
+retried at the next call. With the defaults (TTL 600 s, heartbeat 30 s) that
+is: per connection and heartbeat, 1/2 + (devices + distinct rooms) /
+(6 × connections) writes on average, about 0.7 with one device per profile.
 
 Every operation is one pipeline or one script: connected, rooms_changed,
 refresh, instance_alive are pipelines; disconnected, claim_device and the
@@ -208,6 +211,7 @@ class RedisStore:
         self.renew_every = max(1, math.floor(self.conn_ttl / (3 * config.heartbeat_interval_sec)))
         self._refreshes = 0
         self._renew_next = True
+        self._rewrite_next = True
         self._own = {config.gateway_id}
         self._reconnect_callbacks = []
         self.redis = RedisConnection(parse_uri(config.cache_uri), reactor, "store", timeout=timeout, clock=clock)
@@ -253,23 +257,26 @@ class RedisStore:
     def refresh(self, metas):
         """One SET per connection; room and device TTLs every ``renew_every`` calls (module docstring)."""
         ttl = self.conn_ttl
-        commands = [("SET", conn_key(m.profile_id, m.device_id), m.to_json(), "EX", ttl) for m in metas]
+        rewrite = self._rewrite_next or self._refreshes % 2 == 0
         renew = self._renew_next or self._refreshes % self.renew_every == 0
         self._refreshes += 1
+        commands = []
+        if rewrite:
+            commands += [("SET", conn_key(m.profile_id, m.device_id), m.to_json(), "EX", ttl) for m in metas]
         if renew:
             devices = {device_key(m.profile_id, m.device_id) for m in metas}
             rooms = {room_key(room_id) for m in metas for room_id in m.room_ids}
             commands += [("EXPIRE", key, ttl) for key in sorted(devices | rooms)]
         if not commands:
             return defer.succeed(None)
-        self._renew_next = False
+        self._rewrite_next = self._renew_next = False
         d = self._write(commands)
-        if renew:
-            d.addErrback(self._renewal_failed)
+        d.addErrback(self._refresh_failed, rewrite, renew)
         return d
 
-    def _renewal_failed(self, failure):
-        self._renew_next = True
+    def _refresh_failed(self, failure, rewrite, renew):
+        self._rewrite_next = self._rewrite_next or rewrite
+        self._renew_next = self._renew_next or renew
         return failure
 
     def disconnected(self, meta):
