@@ -28,13 +28,18 @@ def token(profile, device=None):
 
 
 class Cluster:
-    """redis-server, `twistd chatcore` and N `twistd chatgateway` processes."""
+    """redis-server, `twistd chatcore` and N `twistd chatgateway` processes.
 
-    def __init__(self, gateways=3, **settings):
+    ``core_publishes=False`` gives the core an in-memory bus of its own, like a
+    core that does not publish: then only PUBLISH_FORWARDED_EVENTS feeds the bus.
+    """
+
+    def __init__(self, gateways=3, core_publishes=True, **settings):
         self.redis = RedisServer()
         self.core_port = free_port()
         env = {"JWT_SECRET": SECRET, "CACHE_URI": self.redis.uri, "OAUTH2_ISSUER": "", "LOG_LEVEL": "info"}
-        self.core = Twistd("chatcore", ["--port", self.core_port], env=env, port=self.core_port)
+        core_env = env if core_publishes else {**env, "CACHE_URI": "memory://"}
+        self.core = Twistd("chatcore", ["--port", self.core_port], env=core_env, port=self.core_port)
         self.gateways = []
         for i in range(gateways):
             port = free_port()
@@ -300,6 +305,26 @@ async def test_membership_change_on_one_gateway_rescopes_the_profile_on_another(
     assert gone.id not in [e.message.id for e in joiner.pending("message")]
     await owner.close()
     await joiner.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_forwarded_events_for_a_core_that_does_not_publish():
+    c = Cluster(gateways=2, core_publishes=False, PUBLISH_FORWARDED_EVENTS="true").start()
+    try:
+        owner_id, member_id = unique("owner"), unique("member")
+        owner = await connect(c, 0, owner_id)
+        member = await connect(c, 1, member_id)
+        room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="forwarded", member_ids=[member_id]))).room
+        # the membership reaches gateway 1 only through the gateway's own publication
+        added = await member.next_event("subscription_event")
+        assert added.subscription_event.room_id == room.id
+        sent = [(await owner.send_message(room.id, f"f{i}")).id for i in range(5)]
+        got = [(await member.next_event("message", lambda e: e.message.type == pb.RoomEvent.TEXT)).message.id for _ in sent]
+        assert got == sent
+        await owner.close()
+        await member.close()
+    finally:
+        c.stop()
 
 
 def test_unreachable_redis_at_start_then_ready_when_it_appears(tmp_path):
