@@ -127,12 +127,12 @@ async def main(reactor, argv):
     parser.add_argument("--wait", action="store_true", help="connect only when told CONNECT")
     args = parser.parse_args(argv)
     load = Load(reactor, args)
-    stdio.StandardIO(Control(load))
+    control = Control(load)
+    stdio.StandardIO(control)
     if args.wait:
         await load.go
     await load.connect_all()
-    sys.stdout.write(f"READY {len(load.protocols)}\n")
-    sys.stdout.flush()
+    control.sendLine(f"READY {len(load.protocols)}".encode())
     await load.done
 
 

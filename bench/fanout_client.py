@@ -1,0 +1,196 @@
+"""Fan-out load client for bench/suite.py: N receiving devices in one room.
+
+Holds N WebSocket connections (to the gateway with JWTs and the binary
+chat.v1.proto subprotocol, or to the bare reference server). It is a
+deliberately thin client so it is not the bottleneck: the opening handshake
+is written by hand and the receiving side only walks frame headers (server
+frames are unmasked), counting binary frames and answering pings. Delivery
+latency is sampled on every SAMPLE_EVERY-th frame of a connection from the
+publisher's send time, which the publisher writes as the ServerEvent id
+(field 1, the first bytes of the frame): reading it costs a slice.
+
+stdin/stdout, one line each:  -> READY <n> <seconds>;  <- RESET;  <- STATS -> STATS {json};  <- QUIT
+"""
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+from urllib.parse import urlsplit
+
+from twisted.internet import defer, endpoints, protocol, stdio, task
+from twisted.protocols.basic import LineReceiver
+
+from chatgateway.auth import mint_token
+
+SAMPLE_EVERY = 4
+MAX_SAMPLES = 400_000
+
+
+class Counters:
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.messages = 0
+        self.latencies = []
+
+    def stats(self, closed):
+        lat = sorted(self.latencies)
+
+        def pct(p):
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
+
+        return {"messages": self.messages, "samples": len(lat), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+                "max_ms": round(lat[-1] * 1000, 2) if lat else None, "closed": closed}
+
+
+class Device(protocol.Protocol):
+    """One WebSocket client connection, handshake by hand, frames counted."""
+
+    def __init__(self, path, host, headers, subprotocol, counters, opened, expect_hello):
+        self.request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+            + (f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else "")
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + "\r\n"
+        ).encode()
+        self.counters = counters
+        self.opened = opened
+        self.expect_hello = expect_hello
+        self.buffer = b""
+        self.upgraded = False
+        self.frames = 0
+        self.closed = False
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        buffer = self.buffer + data
+        if not self.upgraded:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self.buffer = buffer
+                return
+            status = buffer[:buffer.find(b"\r\n")]
+            if b" 101 " not in status:
+                self.opened.errback(RuntimeError(status.decode(errors="replace")))
+                self.transport.loseConnection()
+                return
+            self.upgraded = True
+            buffer = buffer[end + 4:]
+            if not self.expect_hello:
+                self.opened.callback(self)
+        self.buffer = self._frames(buffer)
+
+    def _frames(self, buffer):
+        i, n = 0, len(buffer)
+        counters = self.counters
+        while n - i >= 2:
+            opcode = buffer[i] & 0x0F
+            length = buffer[i + 1] & 0x7F
+            head = 2
+            if length == 126:
+                if n - i < 4:
+                    break
+                length = int.from_bytes(buffer[i + 2:i + 4], "big")
+                head = 4
+            elif length == 127:
+                if n - i < 10:
+                    break
+                length = int.from_bytes(buffer[i + 2:i + 10], "big")
+                head = 10
+            if n - i < head + length:
+                break
+            start = i + head
+            if opcode == 2:
+                if not self.opened.called:
+                    self.opened.callback(self)  # the gateway's `connected`
+                else:
+                    counters.messages += 1
+                    self.frames += 1
+                    if self.frames % SAMPLE_EVERY == 0 and buffer[start] == 0x0A and len(counters.latencies) < MAX_SAMPLES:
+                        try:
+                            counters.latencies.append(time.time() - float(buffer[start + 2:start + 2 + buffer[start + 1]]))
+                        except ValueError:
+                            pass
+            elif opcode == 9:  # ping: answer with a masked pong (zero mask) carrying the same payload
+                self.transport.write(bytes([0x8A, 0x80 | length]) + b"\0\0\0\0" + buffer[start:start + length])
+            elif opcode == 8:
+                self.transport.loseConnection()
+            i = start + length
+        return buffer[i:]
+
+    def connectionLost(self, reason):
+        self.closed = True
+        if not self.opened.called:
+            self.opened.errback(reason)
+
+
+class Control(LineReceiver):
+    delimiter = b"\n"
+
+    def __init__(self, counters, devices, done):
+        self.counters, self.devices, self.done = counters, devices, done
+
+    def lineReceived(self, line):
+        command = line.decode().strip()
+        if command == "RESET":
+            self.counters.reset()
+            self.sendLine(b"RESET")
+        elif command == "STATS":
+            closed = sum(d.closed for d in self.devices)
+            self.sendLine(b"STATS " + json.dumps(self.counters.stats(closed)).encode())
+        elif command == "QUIT":
+            self.done.callback(None)
+
+
+async def main(reactor, argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--first", type=int, default=0, help="index of the first profile")
+    parser.add_argument("--secret", help="gateway: mint JWTs for profiles PREFIX<i>")
+    parser.add_argument("--prefix", default="fan")
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args(argv)
+    counters = Counters()
+    devices = []
+    done = defer.Deferred()
+    control = Control(counters, devices, done)
+    stdio.StandardIO(control)
+    parts = urlsplit(args.url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, parts.hostname, parts.port, timeout=120)
+
+    async def connect(index):
+        headers = {}
+        if args.secret:
+            token = mint_token(args.secret, f"{args.prefix}{index}", device_id="b", audience="service_chat_gateway", ttl=86400)
+            headers["Authorization"] = f"Bearer {token}"
+        opened = defer.Deferred()
+        device = Device(path, parts.netloc, headers, "chat.v1.proto" if args.secret else None, counters, opened,
+                        expect_hello=bool(args.secret))
+        await endpoints.connectProtocol(endpoint, device)
+        devices.append(await opened)
+
+    indexes = iter(range(args.first, args.first + args.count))
+
+    async def worker():
+        for index in indexes:
+            await connect(index)
+
+    started = time.monotonic()
+    await defer.gatherResults([defer.Deferred.fromCoroutine(worker()) for _ in range(args.concurrency)], consumeErrors=True)
+    control.sendLine(f"READY {len(devices)} {time.monotonic() - started:.3f}".encode())
+    await done
+    for device in devices:
+        device.transport.abortConnection()
+
+
+if __name__ == "__main__":
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor, sys.argv[1:])))
