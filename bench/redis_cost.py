@@ -105,7 +105,7 @@ def start_gateways(env, core_port, heartbeat, count=2):
             "HEARTBEAT_INTERVAL_SEC": str(heartbeat),
             "CONNECTION_TIMEOUT_SEC": str(heartbeat * 10),
         }
-        gateways.append(Twistd("chatgateway", [], env=gateway_env, port=port).start())
+        gateways.append(Twistd("chatgateway", ["--workers", "1"], env=gateway_env, port=port).start())
     return gateways
 
 

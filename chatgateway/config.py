@@ -106,6 +106,13 @@ def _log_level(text):
     return level
 
 
+def _log_format(text):
+    fmt = text.strip().lower()
+    if fmt not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return fmt
+
+
 def _origins(text):
     return tuple(o.strip() for o in text.split(",") if o.strip())
 
@@ -141,19 +148,27 @@ SETTINGS = [
     Setting("JWKS_REFETCH_COOLDOWN_SEC", _number(0), "60", "An unknown kid refetches the JWKS at most once per this many seconds."),
     Setting("HTTP_PORT", _int(0), "80", "WebSocket (/ws), /healthz, /readyz."),
     Setting("HTTP_INTERFACE", _text, "", "Address the HTTP port binds (default: all)."),
-    Setting("GRPC_PORT", _int(0), "50051", "gRPC port (reserved for the gRPC edge)."),
+    Setting("GRPC_PORT", _int(0), "50051", "gRPC port: chat.v1.ChatService, grpc.health.v1 and server reflection."),
+    Setting("GRPC_INTERFACE", _text, "", "Address the gRPC port binds (default: HTTP_INTERFACE)."),
     Setting("GATEWAY_ID", _text, "", "This instance's id (default: gateway-<host>-<random>)."),
     Setting("AUTH_TIMEOUT_SEC", _number(0.1), "10", "Time for a device to authenticate in its first frame (else 4401)."),
+    Setting("HANDSHAKE_TIMEOUT_SEC", _number(0.1), "10", "Time for a new connection to send its request headers, and again to complete the WebSocket upgrade."),
+    Setting("CLOSE_TIMEOUT_SEC", _number(0.1), "5", "Time a closing WebSocket waits for the device's close frame before dropping the connection."),
     Setting("MAX_MESSAGE_BYTES", _int(256), "65536", "Largest frame/message a device may send (else 1009)."),
     Setting("SEND_BUFFER_BYTES", _int(1024), "1048576", "Outbound bytes buffered per connection before it is a slow consumer."),
+    Setting("MAX_CONNECTIONS", _int(1), "10000", "WebSocket connections per process; beyond it /ws answers 503 and /readyz reports full."),
+    Setting("MAX_UNAUTHENTICATED_PER_ADDRESS", _int(0), "64", "Connections of one client address not yet authenticated (0: no cap); beyond it 429."),
     Setting("ALLOWED_ORIGINS", _origins, "", "Comma-separated browser origins allowed (empty: any)."),
     Setting("CORE_TIMEOUT_SEC", _number(0.01), "5", "Deadline of each call to the core."),
     Setting("CORE_THREADS", _int(1), "16", "Threads for blocking calls to the core (bounded pool)."),
+    Setting("CORE_BREAKER_FAILURES", _int(1), "5", "Consecutive UNAVAILABLE/DEADLINE_EXCEEDED answers that open the circuit to the core."),
+    Setting("CORE_BREAKER_COOLDOWN_SEC", _number(0.1), "10", "Time an open circuit fails calls at once before one probe goes through."),
     Setting("DRAIN_TIMEOUT_SEC", _number(0), "30", "Longest a graceful stop may take."),
     Setting("PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."),
     Setting("CORE_DB", _text, "", "Reference core: SQLite file (default: in memory)."),
     Setting("CORE_PORT", _int(0), "7010", "Reference core: gRPC port of twistd chatcore."),
     Setting("LOG_LEVEL", _log_level, "info", "debug, info, warning or error."),
+    Setting("LOG_FORMAT", _log_format, "text", "text (twistd's lines) or json (one JSON object per line)."),
 ]
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -180,18 +195,26 @@ class Config:
     http_port: int
     http_interface: str
     grpc_port: int
+    grpc_interface: str
     gateway_id: str
     auth_timeout_sec: float
+    handshake_timeout_sec: float
+    close_timeout_sec: float
     max_message_bytes: int
     send_buffer_bytes: int
+    max_connections: int
+    max_unauthenticated_per_address: int
     allowed_origins: tuple
     core_timeout_sec: float
     core_threads: int
+    core_breaker_failures: int
+    core_breaker_cooldown_sec: float
     drain_timeout_sec: float
     publish_forwarded_events: bool
     core_db: str
     core_port: int
     log_level: str
+    log_format: str
 
     @property
     def embedded(self):
@@ -233,6 +256,8 @@ def load(environ=None, overrides=None):
 
     if not raw["EVENTS_URI"].strip():
         values["events_uri"] = values["cache_uri"]
+    if not values["grpc_interface"]:
+        values["grpc_interface"] = values["http_interface"]
     if not values["gateway_id"]:
         values["gateway_id"] = f"gateway-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     return Config(**values)

@@ -1,10 +1,23 @@
 """Client of the core chat service: the one module that speaks gRPC to the core.
 
 grpcio stubs block, so every call runs on a bounded thread pool of this
-client's own, with a deadline (CORE_TIMEOUT_SEC). When every thread is busy and
-the queue is full, a call fails at once with RESOURCE_EXHAUSTED rather than
-queueing without bound.
+client's own, with a deadline (CORE_TIMEOUT_SEC, or the caller's own deadline
+when it is shorter). When every thread is busy and the queue is full, a call
+fails at once with RESOURCE_EXHAUSTED rather than queueing without bound.
+
+Every call carries the device's token as ``authorization``, ``x-gateway-id``,
+``x-device-id`` when known, the caller's W3C ``traceparent``/``tracestate`` when
+given, and the gateway's own client-credentials token as
+``x-service-authorization`` when configured (chatgateway.clientcredentials).
+
+A circuit breaker (chatgateway.breaker) watches the answers: after
+CORE_BREAKER_FAILURES consecutive UNAVAILABLE/DEADLINE_EXCEEDED it fails calls
+at once with UNAVAILABLE for CORE_BREAKER_COOLDOWN_SEC, then lets one probe
+through. The core's status code, message and rich details
+(``grpc-status-details-bin``) come back unchanged in CoreError.
 """
+
+import re
 
 import grpc
 from twisted.internet import defer
@@ -12,6 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from chatgateway import breaker as circuit
 from chatgateway.api import chat_pb2 as pb
 
 SERVICE = "chat.v1.ChatService"
@@ -33,15 +47,47 @@ METHODS = {
 # How many calls may wait for a thread, per thread, before new calls are refused.
 QUEUE_PER_THREAD = 4
 
+# Answers that say the core is not there (they count towards opening the circuit).
+TRANSPORT_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+# Reconnect quickly once the core is back (grpcio's default backoff grows to 120 s).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+# W3C Trace Context, version 00 (and forward-compatible later versions).
+_TRACEPARENT = re.compile(r"\A[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?\Z")
+_TRACESTATE_MAX = 512
+
+
+def trace_metadata(traceparent, tracestate=None):
+    """The trace-context metadata to pass on; an invalid traceparent is dropped (with its tracestate)."""
+    if not traceparent or not isinstance(traceparent, str):
+        return []
+    traceparent = traceparent.strip().lower()
+    if not _TRACEPARENT.match(traceparent) or traceparent.startswith("ff-"):
+        return []
+    if traceparent[3:35] == "0" * 32 or traceparent[36:52] == "0" * 16:
+        return []
+    metadata = [("traceparent", traceparent)]
+    if tracestate and isinstance(tracestate, str) and len(tracestate) <= _TRACESTATE_MAX and tracestate.isascii():
+        metadata.append(("tracestate", tracestate.strip()))
+    return metadata
+
 
 class CoreError(Exception):
     """A failed call, with the gRPC status the core (or the transport) gave."""
 
-    def __init__(self, code, message, meta=None):
+    def __init__(self, code, message, meta=None, status_details=None):
         super().__init__(message)
         self.code = code  # grpc.StatusCode
         self.message = message
         self.meta = dict(meta or {})
+        self.status_details = status_details  # grpc-status-details-bin (a google.rpc.Status), if any
 
     def detail(self):
         return pb.ErrorDetail(
@@ -49,12 +95,24 @@ class CoreError(Exception):
         )
 
 
+def _core_error(rpc_error):
+    code = rpc_error.code() or grpc.StatusCode.UNKNOWN
+    details = None
+    trailing = getattr(rpc_error, "trailing_metadata", None)
+    for key, value in (trailing() if trailing else None) or ():
+        if key == STATUS_DETAILS_KEY:
+            details = value
+    return CoreError(code, rpc_error.details() or code.name, status_details=details)
+
+
 class CoreClient:
     """Calls the core's ChatService methods with a device's token."""
 
     log = Logger()
 
-    def __init__(self, target, reactor, timeout, threads, gateway_id):
+    def __init__(
+        self, target, reactor, timeout, threads, gateway_id, breaker=None, service_token=None, clock=None
+    ):
         self._target = target
         self._reactor = reactor
         self._timeout = timeout
@@ -64,11 +122,13 @@ class CoreClient:
         self._in_flight = 0
         self._channel = None
         self._callables = {}
+        self.breaker = breaker if breaker is not None else circuit.CircuitBreaker(clock or reactor)
+        self._service_token = service_token  # ClientCredentials, or None
 
     def start(self):
         # The target may be known only at start (the in-process core's port).
         target = self._target() if callable(self._target) else self._target
-        self._channel = grpc.insecure_channel(target)
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         for name, (request_cls, response_cls, streaming) in METHODS.items():
             make = self._channel.unary_stream if streaming else self._channel.unary_unary
             self._callables[name] = make(
@@ -77,10 +137,14 @@ class CoreClient:
                 response_deserializer=response_cls.FromString,
             )
         self._pool.start()
+        if self._service_token is not None:
+            self._service_token.start()
 
     def stop(self):
         """Wait for calls in flight (each bounded by its deadline), then close."""
         channel, self._channel = self._channel, None
+        if self._service_token is not None:
+            self._service_token.stop()
 
         def shutdown():
             self._pool.stop()
@@ -93,10 +157,11 @@ class CoreClient:
     def in_flight(self):
         return self._in_flight
 
-    def call(self, method, request, token, device_id=""):
+    def call(self, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None):
         """Deferred firing with the response (a list of responses when streaming).
 
-        Fails with CoreError carrying the core's status code.
+        ``timeout`` (seconds) shortens the deadline below CORE_TIMEOUT_SEC, e.g. to
+        the caller's own deadline. Fails with CoreError carrying the core's status code.
         """
         if method not in METHODS:
             return defer.fail(CoreError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}"))
@@ -106,29 +171,65 @@ class CoreClient:
             return defer.fail(
                 CoreError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls to the core in flight")
             )
+        if timeout is not None and timeout <= 0:
+            return defer.fail(CoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call"))
+        if not self.breaker.allow():
+            return defer.fail(
+                CoreError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"core unavailable (circuit open; retry in {self.breaker.retry_after():.1f}s)",
+                )
+            )
         metadata = [("authorization", f"Bearer {token}"), ("x-gateway-id", self._gateway_id)]
         if device_id:
             metadata.append(("x-device-id", device_id))
-        streaming = METHODS[method][2]
-        stub = self._callables[method]
-        timeout = self._timeout
-
-        def blocking():
-            try:
-                if streaming:
-                    return list(stub(request, timeout=timeout, metadata=metadata))
-                return stub(request, timeout=timeout, metadata=metadata)
-            except grpc.RpcError as e:
-                raise CoreError(e.code(), e.details() or e.code().name) from None
-
+        metadata.extend(trace_metadata(traceparent, tracestate))
+        deadline = self._timeout if timeout is None else min(self._timeout, timeout)
         self._in_flight += 1
-        d = deferToThreadPool(self._reactor, self._pool, blocking)
+        d = defer.Deferred.fromCoroutine(self._call(method, request, metadata, deadline))
 
         def done(result):
             self._in_flight -= 1
             return result
 
         return d.addBoth(done)
+
+    async def _call(self, method, request, metadata, deadline):
+        if self._service_token is not None:
+            try:
+                service_token = await self._service_token.token()
+            except Exception as e:
+                self.breaker.released()
+                raise CoreError(grpc.StatusCode.UNAVAILABLE, f"the gateway has no service token: {e}") from None
+            metadata.append(("x-service-authorization", f"Bearer {service_token}"))
+        streaming = METHODS[method][2]
+        stub = self._callables[method]
+
+        def blocking():
+            try:
+                if streaming:
+                    return list(stub(request, timeout=deadline, metadata=metadata))
+                return stub(request, timeout=deadline, metadata=metadata)
+            except grpc.RpcError as e:
+                raise _core_error(e) from None
+            except ValueError as e:  # e.g. the channel was closed while the call waited for a thread
+                raise CoreError(grpc.StatusCode.UNAVAILABLE, f"core client: {e}") from None
+
+        try:
+            response = await deferToThreadPool(self._reactor, self._pool, blocking)
+        except CoreError as e:
+            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED and deadline < self._timeout:
+                self.breaker.released()  # the caller's own, shorter deadline: nothing learned about the core
+            elif e.code in TRANSPORT_FAILURES:
+                self.breaker.failed()
+            else:
+                self.breaker.succeeded()
+            raise
+        except BaseException:
+            self.breaker.released()
+            raise
+        self.breaker.succeeded()
+        return response
 
     def ping(self, timeout=1.0):
         """Deferred firing True when the core's channel connects within timeout."""
@@ -144,3 +245,10 @@ class CoreClient:
                 return False
 
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), blocking)
+
+    def readiness(self):
+        """Deferred of the core's state for /readyz: "up", "down", or the open circuit."""
+        state = self.breaker.state
+        if state != circuit.CLOSED:
+            return defer.succeed(f"circuit {state}")
+        return self.ping().addCallback(lambda up: "up" if up else "down")

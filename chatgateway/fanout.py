@@ -11,7 +11,9 @@ import collections
 from google.protobuf.message import DecodeError
 from twisted.logger import Logger
 
+from chatgateway import telemetry
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.outbox import classify
 
 CHUNK = 500
 
@@ -19,12 +21,20 @@ CHUNK = 500
 class EncodedEvent:
     """One ServerEvent and its frames, encoded on first use per format."""
 
-    __slots__ = ("event", "payload", "_frames")
+    __slots__ = ("event", "payload", "_frames", "_policy")
 
     def __init__(self, event, payload=None):
         self.event = event
         self.payload = payload
         self._frames = {}
+        self._policy = None
+
+    @property
+    def policy(self):
+        """(kind, key) of chatgateway.outbox: how the event waits for a slow recipient."""
+        if self._policy is None:
+            self._policy = classify(self.event)
+        return self._policy
 
     def frame(self, key, encode):
         """The cached frame for ``key``, made by ``encode(self)`` the first time."""
@@ -46,6 +56,7 @@ class Fanout:
 
     def receive(self, channel, payload):
         """Bus receiver: deliver one serialized ServerEvent."""
+        started = telemetry.clock()
         event = pb.ServerEvent()
         try:
             event.ParseFromString(payload)
@@ -65,14 +76,15 @@ class Fanout:
         else:
             return
         if recipients:
-            self.deliver(EncodedEvent(event, payload), recipients)
+            self.deliver(EncodedEvent(event, payload), recipients, started)
 
-    def deliver(self, encoded, recipients):
+    def deliver(self, encoded, recipients, started=None):
         if not self._queue and len(recipients) <= CHUNK:
             for session in tuple(recipients):
                 session.deliver(encoded)
+            telemetry.fanned_out(encoded.event, len(recipients), started)
             return
-        self._queue.append([encoded, list(recipients), 0])
+        self._queue.append([encoded, list(recipients), 0, started])
         if self._pumping is None:
             self._pumping = self._reactor.callLater(0, self._pump)
 
@@ -81,13 +93,14 @@ class Fanout:
         budget = CHUNK
         while self._queue and budget > 0:
             item = self._queue[0]
-            encoded, recipients, start = item
+            encoded, recipients, start, started = item
             end = min(len(recipients), start + budget)
             for session in recipients[start:end]:
                 session.deliver(encoded)
             budget -= end - start
             if end == len(recipients):
                 self._queue.popleft()
+                telemetry.fanned_out(encoded.event, len(recipients), started, chunked=True)
             else:
                 item[2] = end
         if self._queue:

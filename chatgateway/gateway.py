@@ -7,6 +7,7 @@ into ``forward``, ``publish`` and ``memberships``.
 """
 
 import json
+import random
 import uuid
 
 import grpc
@@ -14,7 +15,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from chatgateway import channels, codec, membership
+from chatgateway import channels, codec, membership, telemetry
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.fanout import Fanout
 from chatgateway.registry import ConnectionRegistry
@@ -25,6 +26,13 @@ MEMBERSHIP_PAGE = 500
 # Look for dead gateways to clean up after every this many heartbeat ticks.
 REAP_EVERY_TICKS = 5
 REPLACED_REASON = "replaced by a newer connection of this device"
+# Of DRAIN_TIMEOUT_SEC, the share (at most DRAIN_RESERVE_MAX_SEC) kept for what follows the
+# devices' closes: dropping the stragglers, calls to the core, releasing metadata in the store.
+DRAIN_RESERVE_SHARE = 0.25
+DRAIN_RESERVE_MAX_SEC = 5.0
+# Devices are told to reconnect after a random delay below this, so they do not all
+# arrive at the remaining gateways at once.
+RECONNECT_SPREAD_SEC = 5.0
 
 
 class Gateway(service.Service):
@@ -46,6 +54,9 @@ class Gateway(service.Service):
         self._heartbeat.clock = self.clock
         self._ticks = 0
         self._started_at = None
+        self.draining = False
+        self._opening = 0  # sessions waiting for their rooms (not yet in the registry)
+        self._gone_waiters = []  # Deferreds fired when no session is left (drain)
 
     # ------------------------------------------------------------ service
 
@@ -61,12 +72,64 @@ class Gateway(service.Service):
 
     def stopService(self):
         super().stopService()
+        return defer.Deferred.fromCoroutine(self.drain())
+
+    async def drain(self, timeout=None):
+        """Stop serving devices: each is closed with 1001 and a reconnect hint once the
+        commands it has in flight are answered; those still connected when ``timeout``
+        (DRAIN_TIMEOUT_SEC less a reserve) runs out are dropped. Fires when every
+        session is gone, so its metadata has been released in the store."""
+        self.draining = True
         if self._heartbeat.running:
             self._heartbeat.stop()
-        for session in list(self.registry.sessions):
-            session.close(CloseCode.GOING_AWAY, "gateway shutting down")
+        if timeout is None:
+            total = self.config.drain_timeout_sec
+            timeout = total - min(DRAIN_RESERVE_MAX_SEC, DRAIN_RESERVE_SHARE * total)
+        reserve = self.config.drain_timeout_sec - timeout
+        sessions = list(self.registry.sessions)
+        if sessions:
+            self.log.info("draining: closing {count} devices (1001)", count=len(sessions))
+        for session in sessions:
+            session.drain(self.reconnect_hint())
+        await self._sessions_gone(timeout)
+        if self.registry.sessions:
+            self.log.warn(
+                "drain: {count} devices still connected after {timeout:.1f}s; dropping them",
+                count=len(self.registry.sessions), timeout=timeout,
+            )
+            for session in list(self.registry.sessions):
+                session.abort()
+            await self._sessions_gone(reserve / 2)
+            for session in list(self.registry.sessions):
+                session.closed_by_transport()  # a transport that could not be dropped: forget it
         self.fanout.stop()
-        return defer.succeed(None)
+
+    def reconnect_hint(self):
+        """The close reason of a draining gateway: reconnect (elsewhere) after a random delay."""
+        return f"gateway draining: reconnect in {random.uniform(0, RECONNECT_SPREAD_SEC):.1f}s"
+
+    def _sessions_gone(self, timeout):
+        """A Deferred firing when no session is left (or opening), or after ``timeout`` seconds."""
+        if not self.registry.sessions and not self._opening:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        timer = self.clock.callLater(max(0.0, timeout), lambda: d.called or d.callback(None))
+        self._gone_waiters.append(d)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            if d in self._gone_waiters:
+                self._gone_waiters.remove(d)
+            return result
+
+        return d.addBoth(done)
+
+    def _check_gone(self):
+        if not self.registry.sessions and not self._opening:
+            for d in list(self._gone_waiters):
+                if not d.called:
+                    d.callback(None)
 
     # ------------------------------------------------------------ sessions
 
@@ -82,13 +145,24 @@ class Gateway(service.Service):
 
         Fails with CoreError when the core cannot tell the device's rooms.
         """
-        rooms = await self.memberships(token, device_id)
+        self._opening += 1
+        try:
+            rooms = await self.memberships(token, device_id)
+        except BaseException:
+            self._opening -= 1
+            if self.draining:
+                self._check_gone()
+            raise
+        self._opening -= 1  # registered below, before anything else runs
         session = Session(self, transport, claims, token, device_id, rooms)
         # The local limit holds at once; the store then enforces it across gateways.
         for older in self.registry.add(session):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
+        telemetry.session_opened(session)
         session.send(session.connected_event())
         self._claim(session)
+        if self.draining:
+            session.drain(self.reconnect_hint())
         self.log.debug(
             "device {profile_id}/{device_id} connected with {rooms} rooms",
             profile_id=session.profile_id,
@@ -99,10 +173,13 @@ class Gateway(service.Service):
 
     def session_closed(self, session):
         self.registry.remove(session)
+        telemetry.session_closed(session)
         self._quietly(
             self.store.release_device(session.profile_id, session.device_id, self.config.gateway_id, session.id),
             "releasing a device",
         )
+        if self.draining:
+            self._check_gone()
 
     def _claim(self, session):
         """Register the session in the device's list across gateways; evict what is beyond the limit."""
@@ -208,7 +285,9 @@ class Gateway(service.Service):
 
     async def forward(self, session, method, request):
         """Call the core with the device's token; re-scope on membership changes."""
-        response = await self.core.call(method, request, session.token, session.device_id)
+        # call_options: a Caller of chatgateway.forwarding may carry traceparent/timeout; Sessions do not.
+        options = getattr(session, "call_options", None) or {}
+        response = await self.core.call(method, request, session.token, session.device_id, **options)
         for change in membership.changes(method, request, response, session.profile_id):
             self.apply_membership(change)
             if self.config.publish_forwarded_events:

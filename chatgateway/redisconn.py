@@ -43,6 +43,8 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.logger import Logger
 
+from chatgateway import telemetry
+
 # A Redis that has not answered a command within this many seconds is treated as down.
 REDIS_TIMEOUT_SEC = 2.0
 # Reconnection backoff: first retry after about this long, then growing by e.
@@ -274,6 +276,7 @@ class RedisConnection:
             return defer.fail()
 
     def _failed(self, failure):
+        telemetry.dependency_error("redis", failure.type.__name__)
         if failure.check(TimeoutError):
             # txredisapi aborts the connection on the next reactor turn; from now on it is not ready.
             self._ready = False
@@ -283,6 +286,7 @@ class RedisConnection:
     def _live(self):
         if not self._ready or self._protocol is None or not self._protocol.connected:
             self.needs_resync = True
+            telemetry.dependency_error("redis", "not_connected")
             raise ConnectionError(f"redis {self.name} at {self.address} is not connected")
         return self._protocol
 

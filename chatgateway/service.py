@@ -1,21 +1,38 @@
 """The gateway's service tree: store, bus, (reference core), core client, gateway, listeners.
 
-MultiService starts children in the order added and stops them in reverse,
-so the listeners close first and the store last.
+Children start in the order added. They stop as a drain (README, Operations):
+first, together and at once, the gateway and everything added after it (the
+listeners close, /readyz answers 503, every device is closed with 1001 once its
+commands in flight are answered); then the others one at a time in reverse
+order, so the core client waits for the calls still in flight and the store,
+last, removes this instance's entries.
+
+Under twistd, SIGTERM and SIGINT start that drain and the process exits 0 when it
+is done (twistd itself would end with -SIGTERM); a second signal exits at once,
+and a drain still running DRAIN_TIMEOUT_SEC + 1 s after the signal exits 1.
 """
+
+import os
+import signal
+import threading
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from chatgateway import telemetry
 from chatgateway.auth import TokenVerifier, mint_token
 from chatgateway.bus import make_bus
 from chatgateway.bus.memory import MemoryHub
+from chatgateway.breaker import CircuitBreaker
+from chatgateway.clientcredentials import ClientCredentials
 from chatgateway.core import CoreClient
-from chatgateway.edge.http import build_site
+from chatgateway.edge.grpc import GrpcEdge
+from chatgateway.edge.http import build_http_factory
 from chatgateway.gateway import Gateway
 from chatgateway.logconfig import LogLevelService
 from chatgateway.store import make_store
+from chatgateway.workers import listen_shared
 
 
 class _Lifecycle(service.Service):
@@ -59,8 +76,9 @@ class _Listener(service.Service):
 
     log = Logger()
 
-    def __init__(self, name, reactor, port, interface=""):
+    def __init__(self, name, reactor, port, interface="", shared=False):
         self.setName(name)
+        self._shared = shared  # SO_REUSEPORT: worker processes accept on the same port
         self._reactor = reactor
         self._port = port
         self._interface = interface
@@ -70,7 +88,10 @@ class _Listener(service.Service):
 
     def startService(self):
         super().startService()
-        self.listening = self._reactor.listenTCP(self._port, self.factory, interface=self._interface)
+        if self._shared:
+            self.listening = listen_shared(self._reactor, self._port, self.factory, self._interface)
+        else:
+            self.listening = self._reactor.listenTCP(self._port, self.factory, interface=self._interface)
         address = self.listening.getHost()
         self.log.info("{name} listening on {host}:{port}", name=self.name, host=address.host, port=address.port)
         if self.on_listening is not None:
@@ -82,14 +103,89 @@ class _Listener(service.Service):
         return defer.maybeDeferred(listening.stopListening) if listening else defer.succeed(None)
 
 
+class _Root(service.MultiService):
+    """The service tree's root; stops in two phases (see the module docstring)."""
+
+    log = Logger()
+    gateway = None
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        children = list(self)
+        split = children.index(self.gateway) if self.gateway in children else len(children)
+        together = [defer.maybeDeferred(child.stopService) for child in reversed(children[split:])]
+        for ok, result in await defer.DeferredList(together, consumeErrors=True):
+            if not ok:
+                self.log.failure("stopping a service failed", result)
+        for child in reversed(children[:split]):
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                self.log.failure("stopping {name} failed", name=child.name)
+
+
+class _Signals(service.Service):
+    """SIGTERM/SIGINT under twistd: drain, then exit 0; a second signal exits at once."""
+
+    log = Logger()
+    name = "signals"
+    OVERDUE_MARGIN_SEC = 1.0
+
+    def __init__(self, reactor, drain_timeout):
+        self._reactor = reactor
+        self._drain_timeout = drain_timeout
+        self._received = None
+        self._watchdog = None
+
+    def startService(self):
+        super().startService()
+        # After the reactor's own handlers, which would make twistd end with -SIGTERM.
+        self._reactor.callWhenRunning(self._install)
+
+    def _install(self):
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._signalled)
+
+    def _signalled(self, number, frame):
+        if self._received is not None:
+            os.write(2, f"chatgateway: second {signal.Signals(number).name}: exiting now\n".encode())
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+            return
+        self._received = number
+        self._watchdog = threading.Timer(self._drain_timeout + self.OVERDUE_MARGIN_SEC, self._overdue)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        self._reactor.callFromThread(self._drain, number)
+
+    def _drain(self, number):
+        self.log.info(
+            "{signal}: draining (at most {timeout:g}s); send it again to exit at once",
+            signal=signal.Signals(number).name, timeout=self._drain_timeout,
+        )
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def _overdue(self):
+        os.write(2, b"chatgateway: the drain did not end within DRAIN_TIMEOUT_SEC: exiting\n")
+        os._exit(1)
+
+
 def _kind(uri):
     return "memory" if uri == "memory://" else "redis"
 
 
-def make_gateway_service(config, reactor, dev=False):
-    """The MultiService of one gateway process. With dev, the reference core runs in it."""
-    root = service.MultiService()
-    LogLevelService(config.log_level).setServiceParent(root)
+def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_signals=False):
+    """The MultiService of one gateway process. With dev, the reference core runs in it.
+
+    handle_signals (twistd): SIGTERM/SIGINT drain and exit 0 (see the module docstring).
+    """
+    root = _Root()
+    LogLevelService(config.log_level, config.log_format, (config.jwt_secret, config.jwt_client_secret)).setServiceParent(root)
+    telemetry.TelemetryService(config, reactor).setServiceParent(root)  # stops last; flushes after the drain
     hub = MemoryHub()
     store = make_store(config, reactor)
     bus = make_bus(config, reactor, hub)
@@ -104,14 +200,27 @@ def make_gateway_service(config, reactor, dev=False):
         core_service = CoreService(config, make_bus(config, reactor, hub), reactor, port=0, verifier=verifier)
         core_service.setServiceParent(root)
         target = lambda: f"127.0.0.1:{core_service.port}"  # noqa: E731 - known once started
-    core = CoreClient(target, reactor, config.core_timeout_sec, config.core_threads, config.gateway_id)
+    breaker = CircuitBreaker(reactor, config.core_breaker_failures, config.core_breaker_cooldown_sec)
+    service_token = None
+    if config.oauth2_token_endpoint:
+        service_token = ClientCredentials(
+            config.oauth2_token_endpoint, config.jwt_client_id, config.jwt_client_secret, reactor,
+            timeout=config.core_timeout_sec,
+        )
+    core = CoreClient(
+        target, reactor, config.core_timeout_sec, config.core_threads, config.gateway_id,
+        breaker=breaker, service_token=service_token,
+    )
+    core = telemetry.instrument_core(core)  # a span and rpc.client.call.duration per call
     _Lifecycle("core-client", core).setServiceParent(root)
     gateway = Gateway(config, reactor, verifier, core, bus, store)
     gateway.setName("gateway")
     gateway.setServiceParent(root)
-    http = _Listener("http", reactor, config.http_port, config.http_interface)
+    http = _Listener("http", reactor, config.http_port, config.http_interface, shared=shared_ports)
 
     def listening():
+        if gateway.draining:
+            return "draining"
         return http.listening is not None and gateway.running
 
     # Named by kind, so an operator sees e.g. "store:redis": "down".
@@ -119,7 +228,7 @@ def make_gateway_service(config, reactor, dev=False):
         "listening": listening,
         f"store:{_kind(config.cache_uri)}": lambda: store.ready,
         f"bus:{_kind(config.events_uri)}": lambda: bus.ready,
-        "core": core.ping,
+        "core": core.readiness,
     }
     http.on_listening = lambda address: gateway.addresses.append(f"http://{address.host}:{address.port}")
     mint = None
@@ -133,8 +242,15 @@ def make_gateway_service(config, reactor, dev=False):
                 audience=config.oauth2_jwt_verify_audience,
                 ttl=24 * 3600,
             )
-    http.factory = build_site(gateway, checks, mint)
+    http.factory = build_http_factory(gateway, checks, mint, clock=reactor)
+    devices = http.factory.wrappedFactory.devices
+    checks["capacity"] = lambda: "full" if devices.full else "up"  # MAX_CONNECTIONS
     http.setServiceParent(root)
+    grpc_edge = GrpcEdge(gateway, reactor, config.grpc_port, config.grpc_interface, checks)
+    grpc_edge.setServiceParent(root)  # stops first: its streams end with UNAVAILABLE (1001)
+    if handle_signals:
+        _Signals(reactor, config.drain_timeout_sec).setServiceParent(root)
     root.gateway = gateway
     root.http = http
+    root.grpc = grpc_edge
     return root

@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Interface
 
-from chatgateway import channels, codec
+from chatgateway import channels, codec, telemetry
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.auth import AuthError
 from chatgateway.core import METHODS, CoreError
@@ -47,6 +47,8 @@ class ISessionTransport(Interface):
     def close(code, reason):
         """Close the connection with a close code of DESIGN §5."""
 
+    # Optional: ``abort()`` drops the connection at once (a drain past its deadline).
+
 
 def error_detail(code, message):
     return pb.ErrorDetail(code=code.value[0], status=code.name, message=message)
@@ -65,6 +67,8 @@ class Session:
         self.member_rooms = set(member_rooms)
         self.rooms = set(member_rooms)  # rooms delivered to this connection
         self.closed = False
+        self.draining = None  # the close reason once the gateway drains
+        self._in_flight = 0  # commands not yet answered
         clock = gateway.clock
         self.connected_at = self.last_active = self.last_heartbeat = clock.seconds()
         self._bucket = TokenBucket(gateway.config.max_events_per_second, gateway.config.max_events_per_second, clock)
@@ -106,6 +110,19 @@ class Session:
         if not self.closed:
             self.transport.close(code, reason)
 
+    def drain(self, reason):
+        """The gateway stops: close with 1001 once the commands in flight are answered."""
+        if self.draining is None:
+            self.draining = reason
+            if not self._in_flight:
+                self.close(CloseCode.GOING_AWAY, reason)
+
+    def abort(self):
+        """Drop the connection now; forget it even if the transport cannot say so."""
+        abort = getattr(self.transport, "abort", None)
+        if abort is not None and not self.closed:
+            abort()
+
     def closed_by_transport(self):
         """The connection is gone: forget it everywhere."""
         if self.closed:
@@ -127,6 +144,7 @@ class Session:
     def send(self, event):
         if not self.closed:
             self.transport.send_event(codec.stamp(event, self.gateway.clock.seconds()))
+            telemetry.sent(event)
 
     def deliver(self, encoded):
         if not self.closed:
@@ -148,6 +166,7 @@ class Session:
 
     def handle(self, request):
         """One StreamRequest from the device."""
+        telemetry.received(request)
         if request.auth_token:
             self._refresh_token(request.auth_token)
         which = request.WhichOneof("payload")
@@ -171,7 +190,11 @@ class Session:
 
     def _command(self, command):
         request_id = command.request_id
+        if self.draining is not None:
+            self.reply(request_id, error_detail(grpc.StatusCode.UNAVAILABLE, self.draining))
+            return
         if not self._bucket.take():
+            telemetry.rate_limited()
             self.reply(request_id, error_detail(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded"))
             return
         which = command.WhichOneof("command")
@@ -179,8 +202,15 @@ class Session:
         if handler is None:
             self.reply(request_id, error_detail(grpc.StatusCode.INVALID_ARGUMENT, "unknown or empty command"))
             return
+        self._in_flight += 1
         d = defer.maybeDeferred(handler, request_id, getattr(command, which))
         d.addErrback(self._command_failed, request_id)
+        d.addBoth(self._command_done)
+
+    def _command_done(self, _):
+        self._in_flight -= 1
+        if self.draining is not None and not self._in_flight:
+            self.close(CloseCode.GOING_AWAY, self.draining)
 
     def _command_failed(self, failure, request_id):
         if failure.check(CoreError):

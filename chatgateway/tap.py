@@ -23,6 +23,9 @@ class Options(usage.Options):
     optParameters = [
         [s.name.lower().replace("_", "-"), None, None, f"{s.help} [env {s.name}, default {s.default or 'unset'}]"]
         for s in configuration.SETTINGS
+    ] + [
+        ["workers", None, None, "Processes sharing the ports (SO_REUSEPORT); default: the number of cores with Redis, 1 embedded."],
+        ["worker-index", None, None, "Internal: this process is worker N of a --workers parent."],
     ]
 
     def postOptions(self):
@@ -34,6 +37,38 @@ class Options(usage.Options):
             self.config = configuration.load(environ, overrides)
         except configuration.ConfigError as e:
             raise usage.UsageError("invalid configuration:\n  " + "\n  ".join(e.problems)) from None
+        self.workers = self._workers()
+        if self["worker-index"] is not None:
+            self.config = self.config.replace(gateway_id=f"{self.config.gateway_id}-w{self['worker-index']}")
+
+    def _workers(self):
+        if self["worker-index"] is not None:
+            return 1  # a worker never spawns workers of its own
+        if self["workers"] is None:
+            return 1 if self.config.embedded or self["dev"] else (os.cpu_count() or 1)
+        try:
+            workers = int(self["workers"])
+        except ValueError:
+            raise usage.UsageError(f"--workers {self['workers']!r}: must be a whole number") from None
+        if workers < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if workers > 1 and (self.config.embedded or self["dev"]):
+            raise usage.UsageError(
+                f"--workers {workers} needs CACHE_URI=redis://...: the in-memory store and bus "
+                "cannot span processes (use --workers 1, or Redis)"
+            )
+        if workers > 1 and self.config.http_port == 0:
+            raise usage.UsageError("--workers needs a fixed HTTP_PORT: every worker must bind the same port")
+        return workers
+
+    def worker_args(self):
+        """The plugin arguments a worker runs with: the same overrides, one gateway id each."""
+        args = []
+        for setting in configuration.SETTINGS:
+            option = setting.name.lower().replace("_", "-")
+            if self[option] is not None and setting.name != "GATEWAY_ID":
+                args += [f"--{option}", self[option]]
+        return args + ["--gateway-id", self.config.gateway_id]
 
 
 def dev_environment(environ, overrides):
@@ -78,4 +113,16 @@ def makeService(options, reactor=None):
     if options["dev"]:
         sys.stdout.write(dev_banner(config) + "\n")
         sys.stdout.flush()
-    return make_gateway_service(config, reactor, dev=options["dev"])
+    root = make_gateway_service(
+        config, reactor, dev=options["dev"], shared_ports=options.workers > 1 or options["worker-index"] is not None,
+        handle_signals=True,  # SIGTERM/SIGINT: drain, exit 0 (README, Operations)
+    )
+    if options.workers > 1:
+        from chatgateway.workers import WorkerPool
+
+        WorkerPool(reactor, options.workers, options.worker_args(), dict(os.environ), config.drain_timeout_sec + 5).setServiceParent(root)
+    if options["worker-index"] is not None:
+        from chatgateway.workers import ParentWatch
+
+        ParentWatch(reactor).setServiceParent(root)
+    return root

@@ -1,4 +1,4 @@
-"""The HTTP surface on HTTP_PORT: /ws, /healthz, /readyz (and /dev/token in development)."""
+"""The HTTP surface on HTTP_PORT: /ws, the Connect protocol, /healthz, /readyz (and /dev/token in development)."""
 
 import json
 import re
@@ -8,6 +8,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from chatgateway import readiness, telemetry
+from chatgateway.core import SERVICE
+from chatgateway.edge.connect import ConnectService
+from chatgateway.edge.limits import ConnectionLimits, Guard
 from chatgateway.edge.websocket import DeviceFactory
 
 
@@ -49,7 +53,7 @@ class Readyz(resource.Resource):
         d = defer.Deferred.fromCoroutine(self._states())
 
         def answer(states):
-            ready = all(state == "up" for state in states.values())
+            ready = readiness.is_ready(states)
             body = {"status": "ready" if ready else "unavailable", "dependencies": states}
             if not request.finished and not request._disconnected:
                 request.write(_json(request, 200 if ready else 503, body))
@@ -59,16 +63,8 @@ class Readyz(resource.Resource):
         d.addErrback(lambda f: self.log.failure("readiness check failed", f))
         return server.NOT_DONE_YET
 
-    async def _states(self):
-        states = {}
-        for name, check in self._checks.items():
-            try:
-                ok = await defer.maybeDeferred(check)
-            except Exception as e:
-                self.log.debug("readiness of {name}: {error}", name=name, error=e)
-                ok = False
-            states[name] = "up" if ok else "down"
-        return states
+    def _states(self):
+        return readiness.dependency_states(self._checks)
 
 
 class DevToken(resource.Resource):
@@ -88,16 +84,41 @@ class DevToken(resource.Resource):
         return _json(request, 200, {"token": self._mint(profile, device), "profile_id": profile, "device_id": device})
 
 
+class _Request(server.Request):
+    """Tells the connection's Guard (chatgateway.edge.limits) that a request's headers are in."""
+
+    def process(self):
+        guard = getattr(self.channel, "transport", None)
+        if isinstance(guard, Guard):
+            guard.request_received(websocket=self.path == b"/ws")
+        super().process()
+
+
+def build_http_factory(gateway, checks, mint=None, clock=None):
+    """The factory of HTTP_PORT: the Site behind the per-connection limits."""
+    config = gateway.config
+    return ConnectionLimits(
+        build_site(gateway, checks, mint),
+        clock if clock is not None else gateway.clock,
+        config.max_unauthenticated_per_address,
+        config.handshake_timeout_sec,
+    )
+
+
 def build_site(gateway, checks, mint=None):
     root = resource.Resource()
     factory = DeviceFactory(gateway)
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", Readyz(checks))
+    root.putChild(b"metrics", telemetry.MetricsResource())  # Prometheus text format
+    root.putChild(SERVICE.encode("ascii"), ConnectService(gateway))  # Connect protocol: POST /chat.v1.ChatService/<Method>
     if mint is not None:
         dev = resource.Resource()
         dev.putChild(b"token", DevToken(mint))
         root.putChild(b"dev", dev)
     site = server.Site(root, logFormatter=redacting_log_formatter)
+    site.requestFactory = _Request
+    site.devices = factory  # the WebSocket factory: its connections count toward MAX_CONNECTIONS
     site.noisy = False
     return site

@@ -2,7 +2,15 @@
 
 Thin by design: authentication at the handshake or in the first frame, then
 every frame is decoded and handed to the Session; the protocol also serves
-as the Session's transport.
+as the Session's transport. Outbound frames go through the connection's
+Outbox (chatgateway.outbox), the transport's streaming producer, which bounds
+them to SEND_BUFFER_BYTES and closes a slow consumer with 4429.
+
+Limits (README, Security): frames and messages up to MAX_MESSAGE_BYTES (1009),
+permessage-deflate declined (no decompression bombs; one encoding per event),
+Autobahn's open- and close-handshake timeouts (HANDSHAKE_TIMEOUT_SEC,
+CLOSE_TIMEOUT_SEC), AUTH_TIMEOUT_SEC for first-frame auth, MAX_CONNECTIONS per
+process (HTTP 503), and while the gateway drains, new handshakes get 503 too.
 """
 
 import grpc
@@ -13,10 +21,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatgateway import codec
+from chatgateway import codec, telemetry
 from chatgateway.auth import AuthError
 from chatgateway.core import CoreError
+from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard
 from chatgateway.edge.origins import OriginPolicy
+from chatgateway.outbox import Outbox, classify, unsent_bytes
 from chatgateway.session import CloseCode, ISessionTransport, error_detail
 
 # Frames a device may send while its session is being opened; more is abuse.
@@ -57,11 +67,35 @@ class DeviceProtocol(WebSocketServerProtocol):
     _auth_timer = None
     _opening = False
     _gone = False
+    _outbox = None
+    _close_timer = None
+    _closing = None
+
+    # ------------------------------------------------------------ connection
+
+    def connectionMade(self):
+        self.factory.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason):
+        self.factory.connections.discard(self)
+        super().connectionLost(reason)
+        if self._outbox is not None:
+            self._outbox.close()  # whatever still waited is released with the connection
+        self._cancel_close_timer()
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        if code == 503:
+            responseHeaders = [*(responseHeaders or []), ("Retry-After", str(RETRY_AFTER_SEC))]
+        super().failHandshake(reason, code, responseHeaders)
 
     # ------------------------------------------------------------ handshake
 
     def onConnect(self, request):
         self.gateway = self.factory.gateway
+        refusal = self.factory.refusal()
+        if refusal is not None:
+            raise ConnectionDeny(503, refusal)
         origin = request.headers.get("origin")
         if not self.factory.origins.allows(origin):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {origin} is not allowed")
@@ -102,6 +136,9 @@ class DeviceProtocol(WebSocketServerProtocol):
     # ------------------------------------------------------------ open / auth
 
     def onOpen(self):
+        self._outbox = Outbox(self._write_frame, self.gateway.config.send_buffer_bytes, self._slow_consumer,
+                              unsent=lambda: unsent_bytes(self.transport))
+        self._outbox.bind(self.transport)
         if self._auth_error is not None:
             self.close(CloseCode.UNAUTHENTICATED, f"invalid token: {self._auth_error}")
         elif self._claims is not None:
@@ -143,6 +180,8 @@ class DeviceProtocol(WebSocketServerProtocol):
         if self._gone:
             session.closed_by_transport()
             return
+        if isinstance(self.transport, Guard):
+            self.transport.authenticated()
         pending, self._pending = self._pending, []
         for request in pending:
             # The auth frame itself was consumed; only its command remains.
@@ -190,6 +229,13 @@ class DeviceProtocol(WebSocketServerProtocol):
         else:
             self.session.send_error(code, str(error))
 
+    def onPing(self, payload):
+        if self.session is not None:
+            self.session.activity()
+        # A device that pings without reading gets no pongs piling up for it.
+        if self.state == self.STATE_OPEN and self._outbox is not None and not self._outbox.paused and not len(self._outbox):
+            self.sendPong(payload)
+
     def onPong(self, payload):
         if self.session is not None:
             self.session.activity()
@@ -198,17 +244,40 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._gone = True
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
+        self._cancel_close_timer()
+        if self._outbox is not None:
+            self._outbox.close()
         if self.session is not None:
             self.session.closed_by_transport()
 
     # ------------------------------------------------------------ ISessionTransport
 
     def send_event(self, event):
+        if self._outbox is None or self._closing is not None:
+            return
         payload, is_binary = codec.encode_event(event, self.subprotocol)
-        self.sendMessage(payload, is_binary)
+        kind, key = classify(event)
+        self._outbox.send(self.factory.prepareMessage(payload, isBinary=is_binary).payloadHybi, kind, key)
 
     def send_encoded(self, encoded):
-        self.sendPreparedMessage(encoded.frame(self.subprotocol, self._prepare))
+        if self._outbox is None or self._closing is not None:
+            return
+        kind, key = encoded.policy
+        self._outbox.send(encoded.frame(self.subprotocol, self._prepare).payloadHybi, kind, key)
+
+    def _write_frame(self, frame):
+        if self.state == self.STATE_OPEN:
+            self.sendData(frame)
+        if self._closing is not None and not len(self._outbox):
+            self._send_close(*self._closing)
+
+    def _slow_consumer(self):
+        self.log.info(
+            "closing a slow consumer: more than {limit} bytes waiting for {peer}",
+            limit=self.gateway.config.send_buffer_bytes,
+            peer=self.peer,
+        )
+        self._send_close(CloseCode.SLOW_CONSUMER, "slow consumer: more than SEND_BUFFER_BYTES waiting")
 
     def _prepare(self, encoded):
         if self.subprotocol == codec.PROTO and encoded.payload is not None:
@@ -221,9 +290,40 @@ class DeviceProtocol(WebSocketServerProtocol):
             self.sendPing()
 
     def close(self, code, reason):
+        """Close after the frames still waiting for the device (for at most CLOSE_TIMEOUT_SEC)."""
+        if self.state != self.STATE_OPEN or self._closing is not None:
+            return
+        if self._outbox is None or not len(self._outbox):
+            self._send_close(code, reason)
+            return
+        self._closing = (code, reason)
+        self._close_timer = self.gateway.clock.callLater(
+            self.gateway.config.close_timeout_sec, self._close_overdue, code, reason
+        )
+
+    def _close_overdue(self, code, reason):
+        self._close_timer = None
+        self._outbox.close()
+        self._send_close(code, reason)
+
+    def _send_close(self, code, reason):
+        self._closing = None
+        self._cancel_close_timer()
         if self.state == self.STATE_OPEN:
+            telemetry.connection_closing(self, code)
             # sendClose() only takes 1000 and 3000-4999; 1001/1008/1013 are ours to send too.
             self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, MAX_REASON_BYTES), isReply=False)
+
+    def _cancel_close_timer(self):
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+
+    def abort(self):
+        """Drop the connection now (e.g. the drain's deadline passed)."""
+        if self._outbox is not None:
+            self._outbox.close()
+        self.dropConnection(abort=True)
 
 
 class DeviceFactory(WebSocketServerFactory):
@@ -232,15 +332,32 @@ class DeviceFactory(WebSocketServerFactory):
     def __init__(self, gateway, url=None):
         super().__init__(url)
         self.gateway = gateway
+        self.connections = set()  # every DeviceProtocol of this factory, from TCP takeover to loss
         config = gateway.config
         self.origins = OriginPolicy(config.allowed_origins)
         self.setProtocolOptions(
             maxFramePayloadSize=config.max_message_bytes,
             maxMessagePayloadSize=config.max_message_bytes,
             autoPingInterval=0,  # the gateway's heartbeat sweep pings (one timer, not one per connection)
-            openHandshakeTimeout=10,
-            closeHandshakeTimeout=5,
+            openHandshakeTimeout=config.handshake_timeout_sec,
+            closeHandshakeTimeout=config.close_timeout_sec,
             failByDrop=False,  # send the close code (1009 etc.) before dropping
             allowNullOrigin=True,  # origins are checked by OriginPolicy in onConnect (403)
             webStatus=False,  # a plain GET /ws gets 426, not Autobahn's status page
+            # permessage-deflate is declined (Autobahn's default, stated on purpose): nothing
+            # a device sends is inflated, and fan-out frames stay encoded once.
+            perMessageCompressionAccept=lambda offers: None,
         )
+
+    @property
+    def full(self):
+        """At MAX_CONNECTIONS: new handshakes are refused (503)."""
+        return len(self.connections) >= self.gateway.config.max_connections
+
+    def refusal(self):
+        """Why a new handshake is refused with HTTP 503, or None. Called for a counted connection."""
+        if self.gateway.draining:
+            return "gateway draining: reconnect to another instance"
+        if len(self.connections) > self.gateway.config.max_connections:
+            return "too many connections: try again later"
+        return None

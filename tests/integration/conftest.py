@@ -11,9 +11,10 @@ AUDIENCE = "service_chat_gateway"
 
 
 class DevGateway:
-    def __init__(self, process, port):
+    def __init__(self, process, port, grpc_port=None):
         self.process = process
         self.port = port
+        self.grpc = f"127.0.0.1:{grpc_port}"  # gRPC target (GRPC_PORT)
         self.url = f"ws://127.0.0.1:{port}/ws"
         self.http = f"http://127.0.0.1:{port}"
 
@@ -25,15 +26,15 @@ class DevGateway:
 
 @pytest.fixture(scope="module")
 def dev_gateway():
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     process = Twistd(
         "chatgateway",
-        ["--dev", "--http-port", port],
+        ["--dev", "--http-port", port, "--grpc-port", grpc_port],
         env={"JWT_SECRET": SECRET, "MAX_EVENTS_PER_SECOND": "1000", "LOG_LEVEL": "info"},
         port=port,
     )
     process.start()
-    yield DevGateway(process, port)
+    yield DevGateway(process, port, grpc_port)
     code = process.stop()
     assert code in (0, -15), process.log_tail()
     assert "Traceback (most recent call last)" not in process.log_text(), process.log_tail(80)

@@ -245,7 +245,7 @@ def test_health_endpoints(dev_gateway):
         body = json.load(response)
     assert response.status == 200
     assert body["status"] == "ready"
-    assert set(body["dependencies"]) == {"listening", "store:memory", "bus:memory", "core"}
+    assert set(body["dependencies"]) == {"listening", "store:memory", "bus:memory", "core", "capacity"}
 
 
 def test_invalid_configuration_exits_before_listening(tmp_path):

@@ -54,7 +54,7 @@ class Cluster:
                 "MAX_EVENTS_PER_SECOND": "1000",
                 **settings,
             }
-            self.gateways.append(Twistd("chatgateway", [], env=gateway_env, port=port))
+            self.gateways.append(Twistd("chatgateway", ["--workers", "1"], env=gateway_env, port=port))
 
     def start(self):
         self.core.start()
@@ -327,6 +327,54 @@ async def test_publish_forwarded_events_for_a_core_that_does_not_publish():
         c.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_two_workers_share_the_port_and_deliver_each_event_once():
+    c = Cluster(gateways=0)
+    port = free_port()
+    env = {
+        "JWT_SECRET": SECRET,
+        "CACHE_URI": c.redis.uri,
+        "CHAT_SERVICE_URI": f"127.0.0.1:{c.core_port}",
+        "HTTP_PORT": str(port),
+        "HTTP_INTERFACE": "127.0.0.1",
+        "GRPC_PORT": str(free_port()),
+        "GATEWAY_ID": "gw-main",
+        "MAX_EVENTS_PER_SECOND": "1000",
+    }
+    c.gateways.append(Twistd("chatgateway", ["--workers", "2"], env=env, port=port))
+    c.start()
+    try:
+        owner_id = unique("owner")
+        owner = await connect(c, 0, owner_id)
+        room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="workers"))).room
+        members, seen = [], set()
+        deadline = reactor.seconds() + 30
+        # The worker starts after the parent listens, and the kernel spreads connections
+        # over both: keep connecting until both hold members (bounded).
+        while reactor.seconds() < deadline:
+            member_id = unique("m")
+            await owner.call(
+                "AddRoomSubscriptions",
+                pb.AddRoomSubscriptionsRequest(room_id=room.id, members=[pb.RoomSubscription(profile_id=member_id)]),
+            )
+            member = await connect(c, 0, member_id)
+            members.append(member)
+            seen.add(member.connected.connected.gateway_id)
+            if seen == {"gw-main", "gw-main-w1"} and len(members) >= 4:
+                break
+        assert seen == {"gw-main", "gw-main-w1"}
+        sent = [(await owner.send_message(room.id, f"w{i}")).id for i in range(5)]
+        for member in members:
+            got = [(await member.next_event("message", lambda e: e.message.type == pb.RoomEvent.TEXT)).message.id for _ in sent]
+            assert got == sent
+            await fence(member, room.id)
+            assert [i for i in message_ids(member, room.id) if i in sent] == []
+        for client in [owner, *members]:
+            await client.close()
+    finally:
+        c.stop()
+
+
 def test_unreachable_redis_at_start_then_ready_when_it_appears(tmp_path):
     import urllib.error
     import urllib.request
@@ -335,7 +383,7 @@ def test_unreachable_redis_at_start_then_ready_when_it_appears(tmp_path):
     http_port = free_port()
     gateway = Twistd(
         "chatgateway",
-        [],
+        ["--workers", "1"],
         env={
             "JWT_SECRET": SECRET,
             "CACHE_URI": f"redis://127.0.0.1:{redis_port}/0",
@@ -375,3 +423,45 @@ def test_unreachable_redis_at_start_then_ready_when_it_appears(tmp_path):
         assert gateway.running
     finally:
         gateway.stop()
+
+
+def children_of(pid):
+    """Process ids whose parent is pid (from /proc)."""
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_workers_end_with_their_parent_even_after_sigkill(redis_server, tmp_path):
+    import os
+    import time
+
+    port = free_port()
+    parent = Twistd(
+        "chatgateway",
+        ["--workers", "2"],
+        env={"JWT_SECRET": SECRET, "CACHE_URI": redis_server.uri, "HTTP_PORT": str(port), "GRPC_PORT": str(free_port()),
+             "HTTP_INTERFACE": "127.0.0.1", "CHAT_SERVICE_URI": f"127.0.0.1:{free_port()}"},
+        port=port,
+        log_dir=tmp_path,
+    )
+    parent.start()
+    deadline = time.monotonic() + 20
+    while not children_of(parent.pid):
+        assert time.monotonic() < deadline, parent.log_tail()
+        time.sleep(0.1)  # polling for the worker to appear
+    (worker,) = children_of(parent.pid)
+    parent.kill()
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{worker}") and open(f"/proc/{worker}/stat").read().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the worker outlived its parent"
+        time.sleep(0.1)

@@ -109,3 +109,30 @@ def test_dev_mode_fills_only_what_is_unset(monkeypatch):
     options = Options()
     options.parseOptions(["--dev", "--http-port", "8181"])
     assert options.config.http_port == 8181
+
+
+def test_workers_default_and_refusals(monkeypatch):
+    from twisted.python import usage
+
+    monkeypatch.setenv("JWT_SECRET", "s" * 32)
+    monkeypatch.delenv("CACHE_URI", raising=False)
+    options = Options()
+    options.parseOptions([])
+    assert options.workers == 1  # embedded: one process
+    with pytest.raises(usage.UsageError, match="needs CACHE_URI=redis"):
+        Options().parseOptions(["--workers", "2"])
+    monkeypatch.setenv("CACHE_URI", "redis://127.0.0.1:6390/0")
+    options = Options()
+    options.parseOptions(["--http-port", "9300"])
+    import os
+
+    assert options.workers == (os.cpu_count() or 1)
+    options = Options()
+    options.parseOptions(["--workers", "3", "--http-port", "9300", "--gateway-id", "gw"])
+    assert options.workers == 3
+    assert options.worker_args() == ["--http-port", "9300", "--gateway-id", "gw"]
+    worker = Options()
+    worker.parseOptions(["--worker-index", "2", "--gateway-id", "gw"])
+    assert worker.workers == 1 and worker.config.gateway_id == "gw-w2"
+    with pytest.raises(usage.UsageError, match="fixed HTTP_PORT"):
+        Options().parseOptions(["--workers", "2", "--http-port", "0"])

@@ -1,0 +1,58 @@
+"""Forwarded calls that arrive outside a stream: gRPC unary RPCs and Connect HTTP.
+
+The stream surfaces (WebSocket, gRPC ``Connect``) forward through their Session;
+these surfaces have only a bearer token per call. ``forward`` verifies it as a
+device's token is verified (a bad token never costs a call to the core), then
+goes through ``Gateway.forward`` with a Caller standing in for the Session, so
+membership re-scoping and PUBLISH_FORWARDED_EVENTS apply exactly as for a
+stream's ``call`` command.
+"""
+
+import dataclasses
+
+import grpc
+
+from chatgateway.auth import AuthError
+from chatgateway.core import METHODS, CoreError
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """What Gateway.forward reads of a Session, for a call without one."""
+
+    token: str
+    profile_id: str
+    device_id: str
+    # Extra keyword arguments of CoreClient.call: traceparent, tracestate, timeout.
+    call_options: dict
+
+
+def bearer_token(value):
+    """The token of an ``Authorization: Bearer <token>`` value, or None."""
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip() or None
+    return None
+
+
+async def forward(gateway, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None):
+    """The core's response to ``method`` called with ``token``; CoreError on failure.
+
+    ``timeout`` is the caller's remaining deadline in seconds (None: CORE_TIMEOUT_SEC).
+    """
+    if method not in METHODS:
+        raise CoreError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
+    if not token:
+        raise CoreError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+    try:
+        claims = await gateway.verifier.verify(token)
+    except AuthError as e:
+        raise CoreError(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {e}") from None
+    options = {}
+    if traceparent:
+        options["traceparent"] = traceparent
+        if tracestate:
+            options["tracestate"] = tracestate
+    if timeout is not None:
+        options["timeout"] = timeout
+    caller = Caller(token=token, profile_id=claims.profile_id, device_id=claims.device_id or device_id or "", call_options=options)
+    return await gateway.forward(caller, method, request)

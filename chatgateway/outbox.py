@@ -1,0 +1,211 @@
+"""The bounded outbound buffer of one device connection (DESIGN §8, §11).
+
+A connection may hold at most SEND_BUFFER_BYTES of outbound data: what Twisted's
+transport has not yet handed to the kernel plus what waits in this Outbox,
+counted together. The Outbox is the transport's streaming producer
+(IPushProducer): while Twisted has room it writes every frame straight through;
+once Twisted's buffer passes its ``bufferSize`` (set to at most half of
+SEND_BUFFER_BYTES, see ``bind``) the transport pauses it, and frames wait here
+until it resumes.
+
+While frames wait, each kind of event has its policy:
+
+- typing (TYPING): the latest state per room and typist replaces an older one
+  still waiting; when room is needed, waiting typing events are dropped first,
+  oldest first, and a typing event that does not fit is dropped;
+- receipts and presence (COALESCED): the latest per room and reader (presence:
+  per profile) replaces an older one still waiting, and moves to the end so it
+  never overtakes the events it refers to;
+- everything else (KEPT: messages, command results, membership changes, errors)
+  is kept until the cap; a frame that does not fit even after every waiting
+  typing event is dropped makes the connection a slow consumer: the queue is
+  released at once and ``overflow`` is called (the edge closes with 4429).
+
+Frames are shared between recipients (one encoding per subprotocol), so the
+bytes counted here are an upper bound of the memory a slow connection holds.
+"""
+
+import collections
+
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+from twisted.protocols.policies import ProtocolWrapper
+
+TYPING = "typing"
+COALESCED = "coalesced"
+KEPT = "kept"
+
+# Bookkeeping of one waiting frame (list, slot, key), counted with its bytes so
+# that many tiny frames cannot hold more memory than the limit says.
+ENTRY_OVERHEAD = 96
+# Twisted's default transport buffer before it pauses a producer.
+TWISTED_BUFFER_SIZE = 64 * 1024
+
+
+def classify(event):
+    """(kind, key) of a ServerEvent for the waiting policy."""
+    which = event.WhichOneof("payload")
+    if which == "typing_event":
+        return TYPING, (event.typing_event.room_id, event.typing_event.profile_id)
+    if which == "receipt_event":
+        return COALESCED, ("receipt", event.receipt_event.room_id, event.receipt_event.profile_id)
+    if which == "presence_event":
+        return COALESCED, ("presence", event.presence_event.profile_id)
+    return KEPT, None
+
+
+def tcp_transport(transport):
+    """The transport under any ProtocolWrapper layers (e.g. the connection limits)."""
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    return transport
+
+
+def unsent_bytes(transport):
+    """Bytes written to ``transport`` that it has not yet handed to the kernel.
+
+    Reads twisted.internet.abstract.FileDescriptor's buffers (TCP, Unix sockets);
+    another transport counts 0 (it still pauses the Outbox when its buffer is full).
+    """
+    transport = tcp_transport(transport)
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except (AttributeError, TypeError):
+        return 0
+
+
+class _Entry:
+    __slots__ = ("frame", "kind", "key")
+
+    def __init__(self, frame, kind, key):
+        self.frame = frame
+        self.kind = kind
+        self.key = key
+
+
+@implementer(IPushProducer)
+class Outbox:
+    """Frames for one connection: written through, or waiting under the per-kind policy.
+
+    ``write(frame)`` puts bytes on the transport; ``overflow()`` is called once
+    when a frame that must be kept does not fit (the queue is already released).
+    """
+
+    def __init__(self, write, limit, overflow, unsent=lambda: 0):
+        self._write = write
+        self._overflow = overflow
+        self._unsent = unsent
+        self.limit = limit
+        self.paused = False
+        self.closed = False
+        self.queued = 0  # bytes waiting here, bookkeeping included
+        self.dropped = 0  # typing events dropped, coalesced events replaced
+        self._queue = collections.deque()  # _Entry; frame None once removed
+        self._typing = collections.deque()  # the waiting typing entries, oldest first
+        self._by_key = {}  # key -> the waiting _Entry of that key
+        self._removed = 0  # entries in _queue whose frame is None
+
+    def bind(self, transport):
+        """Become ``transport``'s streaming producer; have it pause us at half the limit."""
+        tcp = tcp_transport(transport)
+        if getattr(tcp, "producer", None) is not None:
+            tcp.unregisterProducer()  # twisted.web's HTTPChannel, whose request we took over
+        if hasattr(tcp, "bufferSize"):
+            tcp.bufferSize = min(TWISTED_BUFFER_SIZE, max(1, self.limit // 2))
+        tcp.registerProducer(self, True)
+
+    def __len__(self):
+        return len(self._queue) - self._removed
+
+    @property
+    def buffered(self):
+        """Outbound bytes held for this connection: the transport's and ours."""
+        return self._unsent() + self.queued
+
+    # ------------------------------------------------------------ sending
+
+    def send(self, frame, kind=KEPT, key=None):
+        if self.closed:
+            return
+        if not self.paused and not self._queue:
+            self._write(frame)
+            return
+        self._wait(_Entry(frame, kind, key))
+
+    def _wait(self, entry):
+        if entry.key is not None:
+            older = self._by_key.get(entry.key)
+            if older is not None:
+                self._remove(older)
+                self.dropped += 1
+        size = len(entry.frame) + ENTRY_OVERHEAD
+        while self._unsent() + self.queued + size > self.limit and self._typing:
+            self._remove(self._typing.popleft(), from_typing=False)
+            self.dropped += 1
+        if self._unsent() + self.queued + size > self.limit:
+            if entry.kind == TYPING:
+                self.dropped += 1
+                return
+            self.close()
+            self._overflow()
+            return
+        self._queue.append(entry)
+        self.queued += size
+        if entry.key is not None:
+            self._by_key[entry.key] = entry
+        if entry.kind == TYPING:
+            self._typing.append(entry)
+
+    def _remove(self, entry, from_typing=True):
+        """Forget a waiting entry (it stays in _queue as a hole until flushed or compacted)."""
+        if entry.frame is None:
+            return
+        self.queued -= len(entry.frame) + ENTRY_OVERHEAD
+        entry.frame = None
+        self._removed += 1
+        if entry.key is not None and self._by_key.get(entry.key) is entry:
+            del self._by_key[entry.key]
+        if from_typing and entry.kind == TYPING:
+            try:
+                self._typing.remove(entry)
+            except ValueError:
+                pass
+        if self._removed > 64 and self._removed * 2 > len(self._queue):
+            self._queue = collections.deque(e for e in self._queue if e.frame is not None)
+            self._removed = 0
+
+    def _flush(self):
+        while self._queue and not self.paused and not self.closed:
+            entry = self._queue.popleft()
+            if entry.frame is None:
+                self._removed -= 1
+                continue
+            frame = entry.frame
+            self.queued -= len(frame) + ENTRY_OVERHEAD
+            entry.frame = None
+            if entry.key is not None and self._by_key.get(entry.key) is entry:
+                del self._by_key[entry.key]
+            if entry.kind == TYPING and self._typing and self._typing[0] is entry:
+                self._typing.popleft()
+            self._write(frame)
+
+    def close(self):
+        """Send nothing more; release everything waiting."""
+        self.closed = True
+        self._queue.clear()
+        self._typing.clear()
+        self._by_key.clear()
+        self._removed = 0
+        self.queued = 0
+
+    # ------------------------------------------------------------ IPushProducer
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self._flush()
+
+    def stopProducing(self):
+        self.close()

@@ -1,0 +1,407 @@
+"""The gRPC edge without sockets: GrpcDevice (the reactor side of a Connect stream) on a
+task.Clock gateway with a fake core and verifier, and the loop side (_Stream, _Handoff)
+on a plain asyncio loop."""
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+from twisted.internet import defer
+from zope.interface.verify import verifyObject
+
+from chatgateway import channels, codec
+from chatgateway.api import chat_pb2 as pb
+from chatgateway.edge import grpc as edge
+from chatgateway.session import CloseCode, ISessionTransport
+from support.wsharness import Harness
+
+
+class RecordingHandoff:
+    def __init__(self):
+        self.items = {}
+
+    def put(self, stream, item):
+        self.items.setdefault(stream, []).append(item)
+
+
+class FakeEdge:
+    def __init__(self, harness):
+        self.gateway = harness.gateway
+        self.devices = set()
+        self.stopping = False
+        self.handoff = RecordingHandoff()
+
+
+class Stream:
+    """What the device sees of one stream: events, and the end."""
+
+    def __init__(self, fake_edge, token=None, fallback_device=""):
+        self.key = object()
+        self.device = edge.GrpcDevice(fake_edge, self.key, fallback_device)
+        self._edge = fake_edge
+        self.device.start(token)
+
+    @property
+    def items(self):
+        return self._edge.handoff.items.get(self.key, [])
+
+    @property
+    def events(self):
+        return [pb.ServerEvent.FromString(i) for i in self.items if isinstance(i, bytes)]
+
+    def kinds(self):
+        return [e.WhichOneof("payload") for e in self.events]
+
+    def of(self, kind):
+        return [e for e in self.events if e.WhichOneof("payload") == kind]
+
+    @property
+    def end(self):
+        ends = [i for i in self.items if isinstance(i, edge._End)]
+        assert len(ends) <= 1
+        return (ends[0].code, ends[0].reason) if ends else None
+
+    def send(self, request):
+        self.device.received(request)
+
+    def command(self, **fields):
+        self.send(pb.StreamRequest(command=pb.ClientCommand(**fields)))
+        return self.of("command_result")
+
+
+@pytest.fixture
+def harness():
+    h = Harness(HEARTBEAT_INTERVAL_SEC=10, CONNECTION_TIMEOUT_SEC=30, AUTH_TIMEOUT_SEC=5, MAX_EVENTS_PER_SECOND=5)
+    h.core.rooms = {"alice": ["r1"], "bob": ["r1"]}
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def fake_edge(harness):
+    return FakeEdge(harness)
+
+
+def test_device_is_a_session_transport(fake_edge):
+    assert verifyObject(ISessionTransport, Stream(fake_edge, "alice/phone").device)
+
+
+def test_every_close_code_has_a_status():
+    codes = [v for k, v in vars(CloseCode).items() if k.isupper()]
+    assert sorted(edge.CLOSE_STATUS) == sorted(codes)
+    assert edge.CLOSE_STATUS[CloseCode.REPLACED] == grpc.StatusCode.ABORTED
+    assert edge.CLOSE_STATUS[CloseCode.UNAUTHENTICATED] == grpc.StatusCode.UNAUTHENTICATED
+    assert edge.CLOSE_STATUS[CloseCode.HEARTBEAT_TIMEOUT] == grpc.StatusCode.UNAVAILABLE
+    assert edge.CLOSE_STATUS[CloseCode.NORMAL] == grpc.StatusCode.OK
+
+
+def test_metadata_token_connects_at_once(harness, fake_edge):
+    stream = Stream(fake_edge, "alice/phone")
+    assert stream.kinds() == ["connected"]
+    connected = stream.events[0].connected
+    assert (connected.profile_id, connected.device_id, list(connected.room_ids)) == ("alice", "phone", ["r1"])
+    assert stream.events[0].HasField("timestamp")
+    assert len(harness.gateway.registry) == 1
+
+
+def test_device_id_falls_back_to_x_device_id_then_default(fake_edge):
+    assert Stream(fake_edge, "alice", fallback_device="kiosk").events[0].connected.device_id == "kiosk"
+    assert Stream(fake_edge, "bob").events[0].connected.device_id == "default"
+
+
+def test_first_message_authenticates_and_its_command_runs(harness, fake_edge):
+    stream = Stream(fake_edge, fallback_device="ignored")
+    assert stream.events == []
+    stream.send(
+        pb.StreamRequest(
+            auth_token="alice",
+            device_id="tablet",
+            command=pb.ClientCommand(request_id="1", typing=pb.TypingCommand(room_id="r1", typing=True)),
+        )
+    )
+    assert stream.kinds() == ["connected", "command_result"]
+    assert stream.events[0].connected.device_id == "tablet"
+    assert stream.of("command_result")[0].command_result.request_id == "1"
+    assert not stream.of("command_result")[0].command_result.HasField("error")
+
+
+@pytest.mark.parametrize(
+    "token, first, reason",
+    [
+        ("bad-token", None, "invalid token"),
+        (None, pb.StreamRequest(auth_token="bad-token"), "invalid token"),
+        (None, pb.StreamRequest(device_id="x"), "must carry auth_token"),
+        (None, codec.FrameError("not a StreamRequest"), "must carry auth_token"),
+    ],
+)
+def test_refused_authentication_ends_unauthenticated(fake_edge, token, first, reason):
+    stream = Stream(fake_edge, token)
+    if first is not None:
+        stream.send(first)
+    code, text = stream.end
+    assert code == CloseCode.UNAUTHENTICATED and reason in text
+    assert stream.kinds() == []
+
+
+def test_silence_before_authentication_times_out(harness, fake_edge):
+    stream = Stream(fake_edge)
+    harness.advance(4.9)
+    assert stream.end is None
+    harness.advance(0.1)
+    assert stream.end[0] == CloseCode.UNAUTHENTICATED
+    assert "timeout" in stream.end[1]
+
+
+def test_a_newer_stream_of_the_same_device_replaces_the_older(fake_edge):
+    older = Stream(fake_edge, "alice/phone")
+    newer = Stream(fake_edge, "alice/phone")
+    assert older.end == (CloseCode.REPLACED, "replaced by a newer connection of this device")
+    assert newer.end is None
+    other_device = Stream(fake_edge, "alice/laptop")
+    assert other_device.end is None and newer.end is None
+
+
+def test_room_events_are_encoded_once_for_every_grpc_recipient(harness, fake_edge):
+    alice, bob = Stream(fake_edge, "alice/phone"), Stream(fake_edge, "bob/phone")
+    event = pb.ServerEvent(id="e1", message=pb.RoomEvent(id="e1", room_id="r1", sender_id="carol"))
+    harness.publish(channels.room("r1"), event)
+    assert alice.items[-1] is bob.items[-1]  # the same bytes object
+    assert pb.ServerEvent.FromString(alice.items[-1]).message.id == "e1"
+
+
+def test_commands_reach_the_core_and_errors_come_back(harness, fake_edge):
+    alice = Stream(fake_edge, "alice/phone")
+    ok = alice.command(request_id="1", room_event=pb.RoomEvent(room_id="r1", type=pb.RoomEvent.TEXT))
+    assert ok[-1].command_result.request_id == "1" and not ok[-1].command_result.HasField("error")
+    denied = alice.command(request_id="2", room_event=pb.RoomEvent(room_id="r9", type=pb.RoomEvent.TEXT))
+    assert denied[-1].command_result.error.status == "PERMISSION_DENIED"
+
+
+def test_bad_messages_are_answered_and_the_stream_stays(fake_edge):
+    alice = Stream(fake_edge, "alice/phone")
+    alice.send(codec.FrameError("not a StreamRequest: truncated"))
+    assert alice.of("error")[0].error.status == "INVALID_ARGUMENT"
+    assert alice.end is None
+
+
+def test_the_rate_limit_applies(fake_edge):
+    alice = Stream(fake_edge, "alice/phone")
+    for i in range(6):
+        results = alice.command(request_id=str(i), typing=pb.TypingCommand(room_id="r1", typing=True))
+    assert results[-1].command_result.error.status == "RESOURCE_EXHAUSTED"
+
+
+def test_heartbeat_timeout_needs_messages_from_the_device(harness, fake_edge):
+    quiet, chatty = Stream(fake_edge, "alice/phone"), Stream(fake_edge, "bob/phone")
+    for _ in range(4):
+        harness.advance(10)
+        chatty.send(pb.StreamRequest())  # an empty message is a heartbeat
+    assert quiet.end == (CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+    assert chatty.end is None
+
+
+def test_half_close_ends_normally_and_gone_forgets(harness, fake_edge):
+    alice = Stream(fake_edge, "alice/phone")
+    alice.device.half_closed()
+    assert alice.end[0] == CloseCode.NORMAL
+    alice.device.send_event(pb.ServerEvent(id="late"))  # dropped after the close
+    assert alice.kinds() == ["connected"]
+    alice.device.gone()
+    assert len(harness.gateway.registry) == 0
+    assert fake_edge.devices == set()
+
+
+def test_messages_while_opening_are_queued_then_capped(harness, fake_edge):
+    waiting = defer.Deferred()
+    answer = harness.core.call
+    harness.core.call = lambda method, *a, **k: waiting if method == "SearchRooms" else answer(method, *a, **k)
+    alice = Stream(fake_edge, "alice/phone")
+    for i in range(edge.MAX_PENDING_MESSAGES):
+        alice.command(request_id=str(i), typing=pb.TypingCommand(room_id="r1", typing=True))
+    assert alice.end is None
+    waiting.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1")])])
+    assert alice.kinds() == ["connected"] + ["command_result"] * edge.MAX_PENDING_MESSAGES
+    errors = [e.command_result.error.status for e in alice.of("command_result")]
+    assert errors == [""] * 5 + ["RESOURCE_EXHAUSTED"] * (edge.MAX_PENDING_MESSAGES - 5)  # the rate limit
+    assert alice.end is None
+
+    slow = defer.Deferred()
+    harness.core.call = lambda method, *a, **k: slow
+    bob = Stream(fake_edge, "bob/phone")
+    for i in range(edge.MAX_PENDING_MESSAGES + 1):
+        bob.send(pb.StreamRequest())
+    assert bob.end[0] == CloseCode.POLICY
+
+
+def test_a_stopping_edge_turns_new_streams_away(fake_edge):
+    fake_edge.stopping = True
+    assert Stream(fake_edge, "alice/phone").end[0] == CloseCode.GOING_AWAY
+
+
+def test_a_core_that_cannot_list_rooms_ends_the_stream_try_again_later(harness, fake_edge):
+    from chatgateway.core import CoreError
+
+    harness.core.call = lambda *a, **k: defer.fail(CoreError(grpc.StatusCode.UNAVAILABLE, "core down"))
+    stream = Stream(fake_edge, "alice/phone")
+    assert stream.end[0] == CloseCode.TRY_AGAIN_LATER
+    assert edge.CLOSE_STATUS[stream.end[0]] == grpc.StatusCode.UNAVAILABLE
+
+
+# ---------------------------------------------------------------- the loop side
+
+
+class FakeContext:
+    def __init__(self, block_after=None):
+        self.written = []
+        self.block_after = block_after
+
+    async def write(self, item):
+        if self.block_after is not None and len(self.written) >= self.block_after:
+            await asyncio.Future()  # the device does not read: HTTP/2 flow control holds the write
+        self.written.append(item)
+
+
+def test_stream_writes_in_order_then_ends():
+    async def scenario():
+        stream = edge._Stream(limit=1000)
+        context = FakeContext()
+        writer = asyncio.ensure_future(stream.write_all(context))
+        stream.push(b"a")
+        stream.push(b"b")
+        stream.push(edge._End(CloseCode.REPLACED, "replaced"))
+        stream.push(b"after the end")
+        end = await writer
+        return context.written, end
+
+    written, end = asyncio.run(scenario())
+    assert written == [b"a", b"b"]
+    assert (end.code, end.reason) == (CloseCode.REPLACED, "replaced")
+
+
+def test_a_slow_consumer_is_ended_when_its_outbox_is_full():
+    async def scenario():
+        context = FakeContext(block_after=1)
+        stream = None
+
+        async def serve():
+            nonlocal stream
+            stream = edge._Stream(limit=100)  # owned by this task, as by a Connect handler
+            return await stream.write_all(context)
+
+        writer = asyncio.ensure_future(serve())
+        await asyncio.sleep(0)
+        for size in (60, 60):  # the first is written, the second is stuck in the write
+            stream.push(b"x" * size)
+            await asyncio.sleep(0)
+        stream.push(b"y" * 60)  # waits in the outbox
+        assert not writer.done()
+        stream.push(b"y" * 60)  # 120 bytes waiting > 100
+        return await writer, context.written
+
+    end, written = asyncio.run(scenario())
+    assert end.code == CloseCode.SLOW_CONSUMER
+    assert edge.CLOSE_STATUS[end.code] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(written) == 1
+
+
+def test_one_event_larger_than_the_bound_still_goes_when_nothing_waits():
+    async def scenario():
+        stream = edge._Stream(limit=10)
+        context = FakeContext()
+        writer = asyncio.ensure_future(stream.write_all(context))
+        stream.push(b"z" * 50)
+        stream.push(edge._End(CloseCode.NORMAL, "bye"))
+        return await writer, context.written
+
+    end, written = asyncio.run(scenario())
+    assert end.code == CloseCode.NORMAL and written == [b"z" * 50]
+
+
+def test_handoff_keeps_order_across_threads_with_one_wakeup_per_batch():
+    loop = asyncio.new_event_loop()
+    received = []
+
+    class Sink:
+        def push(self, item):
+            received.append(item)
+
+    wakeups = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback, *args):
+        wakeups.append(callback)
+        return original(callback, *args)
+
+    loop.call_soon_threadsafe = counting
+    handoff = edge._Handoff(loop)
+    sink = Sink()
+
+    def producer():
+        for i in range(1000):
+            handoff.put(sink, i)
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    thread.join()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    assert received == list(range(1000))
+    assert len(wakeups) == 1  # nothing drained while the producer ran: one wake-up
+
+
+def test_a_flooding_device_is_held_back_until_the_reactor_catches_up():
+    handed = []
+
+    class Reactor:
+        def callFromThread(self, f, *args, **kwargs):
+            handed.append(f)
+
+    class Edge:
+        reactor = Reactor()
+
+    class Device:
+        def received(self, item):
+            pass
+
+        def half_closed(self):
+            pass
+
+    async def scenario():
+        stream = edge._Stream(limit=1000)
+
+        async def flood():
+            for _ in range(200):
+                yield pb.StreamRequest().SerializeToString()
+
+        reader = asyncio.ensure_future(edge.GrpcEdge._read(Edge(), flood(), Device(), stream))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        first = len(handed)
+        for _ in range(10):
+            stream.push(edge.HANDLED)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        second = len(handed)
+        for _ in range(200):
+            stream.push(edge.HANDLED)
+        await reader
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first == edge.MAX_UNHANDLED
+    assert second == edge.MAX_UNHANDLED + 10
+    assert len(handed) == 200 + 1  # every message, then the half-close
+
+
+def test_grpc_settings():
+    from chatgateway import config
+
+    base = {"JWT_SECRET": "s" * 32}
+    c = config.load({**base, "HTTP_INTERFACE": "127.0.0.1"})
+    assert (c.grpc_port, c.grpc_interface) == (50051, "127.0.0.1")  # GRPC_INTERFACE defaults to HTTP_INTERFACE
+    assert config.load({**base, "HTTP_INTERFACE": "127.0.0.1", "GRPC_INTERFACE": "::1"}).grpc_interface == "::1"
+    assert (c.core_breaker_failures, c.core_breaker_cooldown_sec) == (5, 10)
+    with pytest.raises(config.ConfigError) as bad:
+        config.load({**base, "CORE_BREAKER_FAILURES": "0", "CORE_BREAKER_COOLDOWN_SEC": "soon"})
+    assert len(bad.value.problems) == 2
