@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 
-.PHONY: dev test install redis-server
+.PHONY: dev test install redis-server bench
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,9 @@ dev: install
 
 test: install redis-server
 	$(PY) -m pytest -q tests
+
+# The benchmark suite (not a test): about 30 minutes; see bench/README.md.
+bench: install redis-server
+	$(PY) -m pip install --quiet -e '.[bench]' --config-settings editable_mode=compat
+	$(PY) bench/suite.py
+	$(PY) bench/report.py

@@ -39,6 +39,10 @@ setup(
         "dev": [
             "grpcio-tools==1.85.1",
         ],
+        "bench": [
+            "redis==8.1.0",  # the benchmarks publish and read Redis counters directly
+            "matplotlib==3.11.2",  # bench/report.py draws the plots of bench/RESULTS.md
+        ],
     },
     entry_points={
         "console_scripts": [
