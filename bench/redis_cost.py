@@ -100,6 +100,7 @@ def start_gateways(env, core_port, heartbeat, count=2):
             **env,
             "CHAT_SERVICE_URI": f"127.0.0.1:{core_port}",
             "HTTP_PORT": str(port),
+            "GRPC_PORT": str(free_port()),
             "HTTP_INTERFACE": "127.0.0.1",
             "GATEWAY_ID": f"bench-gw-{i}",
             "HEARTBEAT_INTERVAL_SEC": str(heartbeat),

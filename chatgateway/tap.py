@@ -98,6 +98,7 @@ def dev_banner(config):
             f"  token:      curl '{base}/dev/token?profile=alice&device=laptop'",
             f"  CLI:        chatgateway-client --url ws://{host}:{config.http_port}/ws --as alice rooms create general",
             f"              chatgateway-client --url ws://{host}:{config.http_port}/ws --as alice tail ROOM_ID",
+            f"  gRPC:       {host}:{config.grpc_port} (chat.v1.ChatService, health, reflection)",
             f"  health:     {base}/healthz  {base}/readyz",
             "",
         ]
