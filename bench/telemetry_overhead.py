@@ -3,18 +3,22 @@
 One gateway in this process (fake core and verifier, in-memory bus and store, a
 task.Clock), N real Autobahn WebSocket server protocols (half chat.v1.json, half
 chat.v1.proto) on transports that discard what they are given, devices in rooms
-of --room-size. Each round publishes --events room events on the bus and times
-the fan-out (parse, encode once per subprotocol, one WebSocket frame per device).
+of --room-size. Each round publishes --deliveries / room size room events (at
+least 50) on the bus and times the fan-out in CPU time of the process (parse,
+encode once per subprotocol, one WebSocket frame per device).
 
-Rounds alternate between the two modes, in the same process, on the same sessions:
+Two modes, in the same process, on the same sessions:
 
 - off: every telemetry hook the hot path calls is replaced by a no-op (the code as
   it would be without telemetry, less a function call);
 - on:  telemetry configured as twistd configures it (Prometheus reader; with
   --spans, an in-memory span exporter too), and /metrics scraped once per round.
 
-Reported: deliveries per second for each mode (median over rounds) and the ratio
-on/off of each pair of adjacent rounds (median, min, max): 1.00 = no cost.
+Each iteration runs three rounds, off, on and off again, in rotating order. Reported:
+deliveries per second for each mode (median over rounds), the ratio on/off within each
+iteration (median, min, max; 1.00 = no cost), the same ratio between the two off rounds
+(A/A: what noise alone gives), the fan-out's CPU time, and the hooks' own cost per
+fan-out measured with timeit (and the ratio it alone would give).
 
     .venv/bin/python bench/telemetry_overhead.py --room-size 1 10 100 1000
 """
@@ -172,19 +176,22 @@ def measure(room_size, devices, events, rounds, spans):
     deliveries = events * room_size
     setup.round(events)  # warm-up: JSON frames cached per event, code paths hot
     times = {"off": [], "on": []}
-    ratios = []
+    ratios, calibration = [], []
+    slots = ("off", "on", "off2")
     for r in range(rounds):
-        # alternate which mode goes first, so drift favours neither
-        order = ("off", "on") if r % 2 == 0 else ("on", "off")
-        pair = {}
-        for mode in order:
-            getattr(modes, mode)()
-            pair[mode] = setup.round(events)
-            if mode == "on":
+        # rotate the order, so drift favours none; "off2" is a second off round: off/off2
+        # is an A/A comparison, the noise floor of the on/off ratio
+        order = slots[r % 3 :] + slots[: r % 3]
+        triple = {}
+        for slot in order:
+            getattr(modes, slot.rstrip("2"))()
+            triple[slot] = setup.round(events)
+            if slot == "on":
                 modes.scrape()
-        times["off"].append(pair["off"])
-        times["on"].append(pair["on"])
-        ratios.append(pair["off"] / pair["on"])  # throughput on / throughput off
+        times["off"].append(triple["off"])
+        times["on"].append(triple["on"])
+        ratios.append(triple["off"] / triple["on"])  # throughput on / throughput off
+        calibration.append(triple["off"] / triple["off2"])
     modes.on()
     hook_us = hook_cost(room_size)
     telemetry.reset()
@@ -199,6 +206,7 @@ def measure(room_size, devices, events, rounds, spans):
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "aa_ratio_median": statistics.median(calibration),
         "fanout_us_off": event_us_off,
         "hook_us_per_fanout": hook_us,
         "ratio_from_hook_cost": event_us_off / (event_us_off + hook_us),
@@ -209,8 +217,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--room-size", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--devices", type=int, default=2000, help="devices connected (rounded to whole rooms)")
-    parser.add_argument("--deliveries", type=int, default=100_000, help="deliveries per round (events = this / room size)")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--deliveries", type=int, default=5000, help="deliveries per round (events = this / room size, at least 50)")
+    parser.add_argument("--rounds", type=int, default=31, help="iterations (of three rounds each)")
     parser.add_argument("--spans", action="store_true", help="also record spans (in memory); none are on this path")
     parser.add_argument("--out", default=str(HERE / "out" / "telemetry_overhead.json"))
     args = parser.parse_args(argv)
@@ -218,7 +226,7 @@ def main(argv=None):
     results = []
     print(
         f"{'room':>6} {'devices':>8} {'off deliveries/s':>17} {'on deliveries/s':>16} "
-        f"{'ratio on/off median [min, max]':>31} {'fan-out us':>11} {'hooks us':>9} {'ratio from hook cost':>21}"
+        f"{'ratio on/off median [min, max]':>31} {'A/A off/off':>12} {'fan-out us':>11} {'hooks us':>9} {'ratio from hook cost':>21}"
     )
     for size in args.room_size:
         events = max(50, args.deliveries // size)
@@ -228,6 +236,7 @@ def main(argv=None):
             f"{size:>6} {result['devices']:>8} {result['deliveries_per_sec_off']:>17,.0f} "
             f"{result['deliveries_per_sec_on']:>16,.0f} "
             f"{result['ratio_median']:>15.3f} [{result['ratio_min']:.3f}, {result['ratio_max']:.3f}] "
+            f"{result['aa_ratio_median']:>12.3f} "
             f"{result['fanout_us_off']:>11.1f} {result['hook_us_per_fanout']:>9.2f} {result['ratio_from_hook_cost']:>21.4f}"
         )
     report = {

@@ -152,7 +152,7 @@ SETTINGS = [
     Setting("GRPC_INTERFACE", _text, "", "Address the gRPC port binds (default: HTTP_INTERFACE)."),
     Setting("GATEWAY_ID", _text, "", "This instance's id (default: gateway-<host>-<random>)."),
     Setting("AUTH_TIMEOUT_SEC", _number(0.1), "10", "Time for a device to authenticate in its first frame (else 4401)."),
-    Setting("HANDSHAKE_TIMEOUT_SEC", _number(0.1), "10", "Time for a new connection to send its request headers, and again to complete the WebSocket upgrade."),
+    Setting("HANDSHAKE_TIMEOUT_SEC", _number(0.1), "10", "Time for a connection to send request headers (first, or after a response), and again to complete a WebSocket upgrade."),
     Setting("CLOSE_TIMEOUT_SEC", _number(0.1), "5", "Time a closing WebSocket waits for the device's close frame before dropping the connection."),
     Setting("MAX_MESSAGE_BYTES", _int(256), "65536", "Largest frame/message a device may send (else 1009)."),
     Setting("SEND_BUFFER_BYTES", _int(1024), "1048576", "Outbound bytes buffered per connection before it is a slow consumer."),

@@ -56,10 +56,10 @@ _PATTERNS = (
     # A JWT (JWS compact serialization): header.payload.signature, base64url.
     (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
     # An HTTP credential, whatever its form.
-    (re.compile(r"\b(Bearer|Basic)\s+[^\s\"',;]+", re.IGNORECASE), r"\1 " + REDACTED),
+    (re.compile(r"\b(Bearer|Basic)\s+[^\s\"',;\\]+", re.IGNORECASE), r"\1 " + REDACTED),
     # key=value in URLs, forms and text.
     (
-        re.compile(r"\b(\w*(?:token|secret|password)=)[^&\s\"',;]+", re.IGNORECASE),
+        re.compile(r"\b(\w*(?:token|secret|password)=)[^&\s\"',;\\]+", re.IGNORECASE),
         r"\1" + REDACTED,
     ),
     # "key": "value" in JSON (frames, bodies), with or without escaped quotes around.

@@ -99,6 +99,7 @@ class Outbox:
         self.paused = False
         self.closed = False
         self.queued = 0  # bytes waiting here, bookkeeping included
+        self._typing_bytes = 0  # of which typing events
         self.dropped = 0  # typing events dropped, coalesced events replaced
         self._queue = collections.deque()  # _Entry; frame None once removed
         self._typing = collections.deque()  # the waiting typing entries, oldest first
@@ -107,12 +108,12 @@ class Outbox:
 
     def bind(self, transport):
         """Become ``transport``'s streaming producer; have it pause us at half the limit."""
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()  # twisted.web's HTTPChannel, whose request we took over
         tcp = tcp_transport(transport)
-        if getattr(tcp, "producer", None) is not None:
-            tcp.unregisterProducer()  # twisted.web's HTTPChannel, whose request we took over
         if hasattr(tcp, "bufferSize"):
             tcp.bufferSize = min(TWISTED_BUFFER_SIZE, max(1, self.limit // 2))
-        tcp.registerProducer(self, True)
+        transport.registerProducer(self, True)
 
     def __len__(self):
         return len(self._queue) - self._removed
@@ -139,28 +140,35 @@ class Outbox:
                 self._remove(older)
                 self.dropped += 1
         size = len(entry.frame) + ENTRY_OVERHEAD
-        while self._unsent() + self.queued + size > self.limit and self._typing:
-            self._remove(self._typing.popleft(), from_typing=False)
-            self.dropped += 1
-        if self._unsent() + self.queued + size > self.limit:
-            if entry.kind == TYPING:
-                self.dropped += 1
+        held = self._unsent() + self.queued
+        if held + size > self.limit:
+            if held - self._typing_bytes + size > self.limit:
+                # Not even without every waiting typing event.
+                if entry.kind == TYPING:
+                    self.dropped += 1
+                    return
+                self.close()
+                self._overflow()
                 return
-            self.close()
-            self._overflow()
-            return
+            while self._unsent() + self.queued + size > self.limit and self._typing:
+                self._remove(self._typing.popleft(), from_typing=False)
+                self.dropped += 1
         self._queue.append(entry)
         self.queued += size
         if entry.key is not None:
             self._by_key[entry.key] = entry
         if entry.kind == TYPING:
             self._typing.append(entry)
+            self._typing_bytes += size
 
     def _remove(self, entry, from_typing=True):
         """Forget a waiting entry (it stays in _queue as a hole until flushed or compacted)."""
         if entry.frame is None:
             return
-        self.queued -= len(entry.frame) + ENTRY_OVERHEAD
+        size = len(entry.frame) + ENTRY_OVERHEAD
+        self.queued -= size
+        if entry.kind == TYPING:
+            self._typing_bytes -= size
         entry.frame = None
         self._removed += 1
         if entry.key is not None and self._by_key.get(entry.key) is entry:
@@ -182,6 +190,8 @@ class Outbox:
                 continue
             frame = entry.frame
             self.queued -= len(frame) + ENTRY_OVERHEAD
+            if entry.kind == TYPING:
+                self._typing_bytes -= len(frame) + ENTRY_OVERHEAD
             entry.frame = None
             if entry.key is not None and self._by_key.get(entry.key) is entry:
                 del self._by_key[entry.key]
@@ -197,6 +207,7 @@ class Outbox:
         self._by_key.clear()
         self._removed = 0
         self.queued = 0
+        self._typing_bytes = 0
 
     # ------------------------------------------------------------ IPushProducer
 

@@ -92,7 +92,7 @@ RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 
 # The longest a stop waits for OTLP to take the last spans and metrics.
 FLUSH_TIMEOUT_SEC = 3.0
 # One fan-out in this many is timed into FANOUT_DURATION (chunked ones always are).
-FANOUT_SAMPLE_EVERY = 32
+FANOUT_SAMPLE_EVERY = 128
 
 # The standard OpenTelemetry variables this module reads itself (the SDK and the
 # exporters read more OTEL_* variables: every OTEL_* name is passed through).
@@ -130,7 +130,9 @@ def _kinds(*names):
 _received = _kinds(
     *(f.name for f in pb.ClientCommand.DESCRIPTOR.oneofs_by_name["command"].fields), "ack", "auth", "empty", "other"
 )
-_sent = _kinds(*(f.name for f in pb.ServerEvent.DESCRIPTOR.oneofs_by_name["payload"].fields), "other")
+# A defaultdict: a payload kind added to the proto later counts without a change here
+# (None, no payload, is reported as "other"); dict.copy() of it is atomic under the GIL.
+_sent = collections.defaultdict(int, _kinds(*(f.name for f in pb.ServerEvent.DESCRIPTOR.oneofs_by_name["payload"].fields)))
 _active = _kinds(*TRANSPORTS.values(), "other")
 _closes = collections.defaultdict(int)  # (transport, code) -> count; new keys are rare
 _rate_limited = [0]
@@ -153,11 +155,7 @@ def received(request):
 
 def sent(event, count=1):
     """``count`` deliveries of a ServerEvent (Session.send: one; a fan-out: its recipients)."""
-    kind = event.WhichOneof("payload")
-    if kind in _sent:
-        _sent[kind] += count
-    else:
-        _sent["other"] += count
+    _sent[event.WhichOneof("payload")] += count
 
 
 def fanned_out(event, recipients, started, chunked=False):
@@ -168,9 +166,9 @@ def fanned_out(event, recipients, started, chunked=False):
     per-measurement cost off the per-event path; the histogram's quantiles stay
     right, its count is not the number of fan-outs (SENT_MESSAGES counts).
     """
-    sent(event, recipients)
-    _fanouts[0] += 1
-    if started is not None and (chunked or _fanouts[0] % FANOUT_SAMPLE_EVERY == 0):
+    _sent[event.WhichOneof("payload")] += recipients
+    count = _fanouts[0] = _fanouts[0] + 1
+    if (chunked or not count % FANOUT_SAMPLE_EVERY) and started is not None:
         _instruments.fanout_duration.record(clock() - started)
 
 
@@ -505,7 +503,7 @@ class Telemetry:
 
 def _observe(counts, key):
     def callback(options):
-        return [Observation(value, _attributes(key, name)) for name, value in counts.copy().items()]
+        return [Observation(value, _attributes(key, name or "other")) for name, value in counts.copy().items()]
 
     return callback
 

@@ -92,13 +92,17 @@ def _metadata(context):
 
 
 class _End:
-    """The end of a stream: a close code of DESIGN §5 and its reason."""
+    """The end of a stream: a close code of DESIGN §5 and its reason.
 
-    __slots__ = ("code", "reason")
+    ``now``: end at once, dropping what waits in the outbox (an abort).
+    """
 
-    def __init__(self, code, reason):
+    __slots__ = ("code", "reason", "now")
+
+    def __init__(self, code, reason, now=False):
         self.code = code
         self.reason = reason
+        self.now = now
 
 
 class _Handled:
@@ -137,21 +141,27 @@ class _Stream:
             if self.unhandled < MAX_UNHANDLED:
                 self.credit.set()
             return
-        if self.end is not None or self.abort is not None:
+        if self.abort is not None or (self.end is not None and not getattr(item, "now", False)):
+            return
+        if isinstance(item, _End) and item.now:
+            self._abort(item)
             return
         if isinstance(item, _End):
             self.end = item
         elif self.outbox and self.queued + len(item) > self.limit:
-            self.outbox.clear()
-            self.queued = 0
-            self.abort = _End(CloseCode.SLOW_CONSUMER, "slow consumer: more than SEND_BUFFER_BYTES waiting")
+            self._abort(_End(CloseCode.SLOW_CONSUMER, "slow consumer: more than SEND_BUFFER_BYTES waiting"))
             telemetry.connection_closing(GrpcDevice, CloseCode.SLOW_CONSUMER)  # loop thread: only it counts 4429s of gRPC
-            self.task.cancel()  # the writer may be stuck in a write the device does not read
             return
         else:
             self.outbox.append(item)
             self.queued += len(item)
         self.wake.set()
+
+    def _abort(self, end):
+        self.outbox.clear()
+        self.queued = 0
+        self.abort = end
+        self.task.cancel()  # the writer may be stuck in a write the device does not read
 
     async def write_all(self, context):
         """Write the outbox until the stream ends; returns the _End."""
@@ -225,7 +235,7 @@ class GrpcDevice:
 
     def start(self, token):
         self.edge.devices.add(self)
-        if self.edge.stopping:
+        if self.edge.stopping or getattr(self.gateway, "draining", False):
             self.close(CloseCode.GOING_AWAY, "gateway shutting down")
         elif token:
             self._opening = True
@@ -354,6 +364,12 @@ class GrpcDevice:
             self._cancel_auth_timer()
             self.edge.handoff.put(self._stream, _End(code, reason))
 
+    def abort(self):
+        """End the stream now, whatever waits to be written (a drain past its deadline)."""
+        if not self._gone:
+            self._closing = True
+            self.edge.handoff.put(self._stream, _End(CloseCode.GOING_AWAY, "gateway stopped", now=True))
+
 
 class GrpcEdge(service.Service):
     """The grpc.aio server on GRPC_PORT, in a thread with its own asyncio loop."""
@@ -405,10 +421,14 @@ class GrpcEdge(service.Service):
             self._health_loop.stop()
         if self._loop is None or self._server is None or self._thread_ended.called:
             return defer.succeed(None)
-        # The closes go through the hand-off before the shutdown below (both are
-        # call_soon_threadsafe, FIFO): streams end with UNAVAILABLE (1001) at once.
+        # The Gateway, stopping beside this service (MultiService stops its children
+        # together), drains the streams that have a session like every other: 1001
+        # once their commands in flight are answered. Streams still authenticating
+        # end now. The server takes no new RPC and waits (up to DRAIN_TIMEOUT_SEC)
+        # for the others; the closes reach the loop first (both call_soon_threadsafe).
         for device in list(self.devices):
-            device.close(CloseCode.GOING_AWAY, "gateway shutting down")
+            if device.session is None:
+                device.close(CloseCode.GOING_AWAY, "gateway shutting down")
         asyncio.run_coroutine_threadsafe(self._shutdown(self.config.drain_timeout_sec), self._loop)
         return self._thread_ended
 

@@ -90,7 +90,10 @@ class _Request(server.Request):
     def process(self):
         guard = getattr(self.channel, "transport", None)
         if isinstance(guard, Guard):
-            guard.request_received(websocket=self.path == b"/ws")
+            websocket = self.path == b"/ws"
+            guard.request_received(websocket=websocket)
+            if not websocket:
+                self.notifyFinish().addBoth(lambda _: guard.response_finished())
         super().process()
 
 

@@ -4,9 +4,11 @@ Every connection is wrapped (twisted.protocols.policies) to enforce two limits
 that no single request can see:
 
 - HANDSHAKE_TIMEOUT_SEC: a connection must deliver the headers of its first
-  request within this time, or it is dropped (slow-header "slowloris" clients).
-  For WebSocket, Autobahn's own open-handshake timeout (the same setting) then
-  covers the upgrade, and AUTH_TIMEOUT_SEC the first-frame authentication.
+  request within this time, and of each next request within this time after the
+  previous response, or it is dropped (slow-header "slowloris" clients, idle
+  keep-alive connections). For WebSocket, Autobahn's own open-handshake timeout
+  (the same setting) then covers the upgrade, and AUTH_TIMEOUT_SEC the
+  first-frame authentication.
 - MAX_UNAUTHENTICATED_PER_ADDRESS: connections of one client address that are
   not yet authenticated - from TCP accept until the headers of a plain HTTP
   request arrive, or until a WebSocket session is authenticated. A connection
@@ -56,7 +58,11 @@ class _Refused(protocol.Protocol):
 
     def connectionMade(self):
         self.transport.write(self._response)
-        self.transport.loseWriteConnection()
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        half_close()
         self._abort = self._clock.callLater(self.LINGER_SEC, self.transport.abortConnection)
 
     def dataReceived(self, data):
@@ -72,20 +78,30 @@ class Guard(ProtocolWrapper):
 
     pending = False
     _timer = None
+    _lost = False
 
     def connectionMade(self):
         self.address = _host(self.transport.getPeer())
         self.factory.pending[self.address] += 1
         self.pending = True
+        self._arm()
+        super().connectionMade()
+
+    def _arm(self):
+        self._cancel_timer()
         if self.factory.handshake_timeout:
             self._timer = self.factory.clock.callLater(self.factory.handshake_timeout, self._handshake_timeout)
-        super().connectionMade()
 
     def request_received(self, websocket):
         """The headers of a request arrived (called by the Site's requests)."""
         self._cancel_timer()
         if not websocket:
             self.authenticated()
+
+    def response_finished(self):
+        """A plain HTTP response was sent: the next request has HANDSHAKE_TIMEOUT_SEC to arrive."""
+        if not self._lost and not self.disconnecting:
+            self._arm()
 
     def authenticated(self):
         """A WebSocket session on this connection was authenticated."""
@@ -104,6 +120,7 @@ class Guard(ProtocolWrapper):
         self._timer = None
 
     def connectionLost(self, reason):
+        self._lost = True
         self._cancel_timer()
         self.authenticated()
         super().connectionLost(reason)

@@ -19,7 +19,8 @@ TWISTD = (
 )
 
 
-# The exit code of a twistd that shut down cleanly on SIGTERM.
+# The exit code of a twistd that shut down cleanly on SIGTERM (twistd's own handling, e.g.
+# `twistd chatcore`). `twistd chatgateway` handles SIGTERM itself: it drains and exits 0.
 CLEAN_STOP = -signal.SIGTERM
 
 

@@ -7,6 +7,7 @@ exercised without sockets or real time.
 
 import grpc
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.test import iosim
@@ -145,7 +146,7 @@ class Harness:
         self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, allowNullOrigin=True)
         self.connections = []
 
-    def connect(self, token=None, *, auth="header", protocols=(codec.JSON,), headers=None, device=None):
+    def connect(self, token=None, *, auth="header", protocols=(codec.JSON,), headers=None, device=None, offer_deflate=False):
         headers = dict(headers or {})
         url = "ws://127.0.0.1:8080/ws"
         if token and auth == "header":
@@ -157,6 +158,8 @@ class Harness:
         server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
         cf = WebSocketClientFactory(url, protocols=list(protocols) or None, headers=headers)
         cf.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, autoPingInterval=0)
+        if offer_deflate:
+            cf.setProtocolOptions(perMessageCompressionOffers=[PerMessageDeflateOffer()])
         cf.protocol = RecordingClient
         cf.events, cf.closed, cf.opened, cf.response = [], None, False, None
         client = cf.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))

@@ -670,3 +670,103 @@ async def test_close_without_fetch_and_twice(verifiers):
     verifier, _ = verifiers(JWT_SECRET=SECRET)
     assert await verifier.close() is None
     assert await verifier.close() is None
+
+
+# -- against a local JWKS server: the issue's list, counted at the server ----------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_unknown_kids_makes_one_request_per_cooldown_at_a_real_jwks_server(keys, http_server):
+    from twisted.internet import reactor
+
+    http_server.documents["/jwks.json"] = jwks(to_jwk(keys["ec-256"], "e"))
+    clock = task.Clock()
+    clock.advance(START)
+    verifier = TokenVerifier(make_config(OAUTH2_JWKS_URI=http_server.url + "/jwks.json"), reactor, clock=clock)
+    try:
+        for burst in range(3):
+            tokens = [unknown_kid_token(burst * 1000 + i) for i in range(1000)]
+            results = await defer.DeferredList([verifier.verify(t) for t in tokens], consumeErrors=True)
+            assert {str(f.value) for ok, f in results if not ok} == {"unknown signing key"}
+            assert all(not ok for ok, _ in results)
+            # the first burst fetches once; the second is within the cooldown; the third is past it
+            assert len(http_server.requests) == [1, 1, 2][burst]
+            clock.advance([30, 31, 0][burst])
+        good = sign(keys["ec-256"], "ES256", payload(now=clock.seconds()), kid="e")
+        assert (await verifier.verify(good)).profile_id == "alice"
+        assert http_server.requests == ["/jwks.json", "/jwks.json"]
+    finally:
+        await verifier.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_rotated_at_a_real_jwks_server_are_picked_up_without_restart(keys, http_server):
+    from twisted.internet import reactor
+
+    http_server.documents["/jwks.json"] = jwks(to_jwk(keys["rsa-a"], "2025"))
+    clock = task.Clock()
+    clock.advance(START)
+    verifier = TokenVerifier(make_config(OAUTH2_JWKS_URI=http_server.url + "/jwks.json"), reactor, clock=clock)
+    try:
+        old = sign(keys["rsa-a"], "RS256", payload(exp=int(START) + 10_000), kid="2025")
+        assert (await verifier.verify(old)).profile_id == "alice"
+        # The issuer publishes the next key beside the old one, then signs with it.
+        http_server.documents["/jwks.json"] = jwks(to_jwk(keys["rsa-a"], "2025"), to_jwk(keys["rsa-b"], "2026"))
+        clock.advance(61)
+        new = sign(keys["rsa-b"], "RS256", payload(exp=int(START) + 10_000), kid="2026")
+        assert (await verifier.verify(new)).profile_id == "alice"
+        assert (await verifier.verify(old)).profile_id == "alice"
+        # Then it retires the old key: gone at the next refetch.
+        http_server.documents["/jwks.json"] = jwks(to_jwk(keys["rsa-b"], "2026"))
+        clock.advance(auth.JWKS_MAX_AGE_SEC)
+        assert (await verifier.verify(new)).profile_id == "alice"
+        assert await refused(verifier.verify(old)) == "unknown signing key"
+        assert http_server.requests == ["/jwks.json"] * 3
+    finally:
+        await verifier.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_websocket_edge_refuses_every_bad_token_and_follows_no_jku(keys, http_server):
+    """The issue's list through a real handshake: each is HTTP 401, no upgrade, no request to the jku."""
+    from twisted.internet import reactor
+
+    from support.wsharness import Harness
+
+    pem = keys["rsa-a"].public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    http_server.documents["/jwks.json"] = jwks(to_jwk(keys["rsa-a"], "a"))
+    evil_jwks = http_server.url + "/evil.json"
+    http_server.documents["/evil.json"] = jwks(to_jwk(keys["attacker"], "evil"))
+    h = Harness(JWT_SECRET=SECRET, OAUTH2_ISSUER=ISSUER, OAUTH2_JWKS_URI=http_server.url + "/jwks.json")
+    verifier = TokenVerifier(h.config, reactor, clock=h.clock)
+    h.gateway.verifier = verifier
+    now = h.clock.seconds()
+    claims = dict(iss=ISSUER, iat=int(now), exp=int(now) + 300)
+    bad = {
+        "alg none": craft({"alg": "none", "typ": "JWT"}, payload(now, **claims), b""),
+        "alg NONE": craft({"alg": "NONE", "typ": "JWT"}, payload(now, **claims), b""),
+        "HS256 with the RSA public key": hs256_signed_with(pem, payload(now, **claims), kid="a"),
+        "missing exp": jwt.encode(payload(now, **{**claims, "exp": None}), SECRET, algorithm="HS256"),
+        "future nbf": jwt.encode(payload(now, nbf=int(now) + 600, **claims), SECRET, algorithm="HS256"),
+        "wrong iss": jwt.encode(payload(now, **{**claims, "iss": "https://evil.example"}), SECRET, algorithm="HS256"),
+        "wrong aud": jwt.encode(payload(now, aud="another-service", **claims), SECRET, algorithm="HS256"),
+        "kid ../../etc/passwd": sign(keys["attacker"], "RS256", payload(now, **claims), kid="../../etc/passwd"),
+        "jku to a local server": sign(keys["attacker"], "RS256", payload(now, **claims), kid="evil", jku=evil_jwks),
+    }
+    try:
+        good = sign(keys["rsa-a"], "RS256", payload(now, **claims), kid="a")
+        for name, token in [*bad.items(), ("good", good)]:
+            c = h.connect(token)
+            for _ in range(200):  # the JWKS is fetched on a thread: let it answer
+                if c.closed is not None or c.factory.opened:
+                    break
+                await task.deferLater(reactor, 0.01, h.flush)
+            if name == "good":
+                assert c.factory.opened and c.of("connected"), name
+            else:
+                assert not c.factory.opened and "401" in c.client.http_status_line, name
+        assert "/evil.json" not in http_server.requests
+        assert http_server.requests.count("/jwks.json") <= 2
+    finally:
+        h.stop()
+        await verifier.close()

@@ -405,3 +405,38 @@ def test_grpc_settings():
     with pytest.raises(config.ConfigError) as bad:
         config.load({**base, "CORE_BREAKER_FAILURES": "0", "CORE_BREAKER_COOLDOWN_SEC": "soon"})
     assert len(bad.value.problems) == 2
+
+
+def test_a_draining_gateway_turns_new_streams_away(harness, fake_edge):
+    harness.gateway.draining = True
+    assert Stream(fake_edge, "alice/phone").end[0] == CloseCode.GOING_AWAY
+
+
+def test_abort_ends_at_once_dropping_the_outbox():
+    async def scenario():
+        context = FakeContext(block_after=0)
+        stream = None
+
+        async def serve():
+            nonlocal stream
+            stream = edge._Stream(limit=1000)
+            return await stream.write_all(context)
+
+        writer = asyncio.ensure_future(serve())
+        await asyncio.sleep(0)
+        stream.push(b"stuck")
+        await asyncio.sleep(0)
+        stream.push(b"waiting")
+        stream.push(edge._End(CloseCode.GOING_AWAY, "draining"))
+        stream.push(edge._End(CloseCode.GOING_AWAY, "gateway stopped", now=True))
+        return await writer
+
+    end = asyncio.run(scenario())
+    assert (end.code, end.reason) == (CloseCode.GOING_AWAY, "gateway stopped")
+
+
+def test_device_abort_hands_an_immediate_end(fake_edge):
+    stream = Stream(fake_edge, "alice/phone")
+    stream.device.abort()
+    end = [i for i in stream.items if isinstance(i, edge._End)][-1]
+    assert end.now and end.code == CloseCode.GOING_AWAY

@@ -106,3 +106,15 @@ def test_text_format_is_redacted_too():
     text = out.getvalue()
     assert "[chatgateway.test#debug] secret REDACTED header Bearer REDACTED" in text
     assert SECRET not in text
+
+
+def test_twistd_logger_option_gives_json_from_the_first_line(monkeypatch):
+    from chatgateway.logconfig import observer
+
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    made = observer()
+    events = []
+    Logger(namespace="twisted.scripts", observer=events.append).info("starting with {s}", s=SECRET)
+    record = json.loads(made.formatEvent(events[0]))
+    assert record["message"] == "starting with REDACTED"

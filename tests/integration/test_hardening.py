@@ -1,0 +1,448 @@
+"""Hardening against real processes and sockets: slow consumers, hostile frames, limits, drain.
+
+Load generators run in processes of their own (tests/support/slowclients.py,
+publisher.py, devices.py) or as raw sockets. Every wait is bounded; nothing here
+asserts speed. Memory is the gateway process's own (/proc/<pid>/status).
+"""
+
+import base64
+import http.client
+import json
+import os
+import signal
+import socket
+import struct
+import time
+import zlib
+
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+
+from chatgateway import codec
+from chatgateway.api import chat_pb2 as pb
+from chatgateway.auth import mint_token
+from chatgateway.wsclient import GatewayClient
+from support.fakecore import FakeCore
+from support.loadgen import LineProcess
+from support.processes import Twistd, free_port
+
+SECRET = "hardening-test-secret-0123456789abcdef0123"
+MiB = 1024 * 1024
+
+
+def token(profile, device="d"):
+    return mint_token(SECRET, profile, device_id=device, audience="service_chat_gateway")
+
+
+def memory(pid, field="VmRSS"):
+    """Bytes of ``field`` (VmRSS: now; VmHWM: the peak so far) of a process."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def gateway_process(tmp_path, core, **settings):
+    port = free_port()
+    env = {
+        "JWT_SECRET": SECRET,
+        "OAUTH2_ISSUER": "",
+        "HTTP_PORT": str(port),
+        "HTTP_INTERFACE": "127.0.0.1",
+        "GRPC_PORT": str(free_port()),
+        "CHAT_SERVICE_URI": core.target,
+        "LOG_LEVEL": "info",
+        **{k: str(v) for k, v in settings.items()},
+    }
+    # One process: memory and signals are measured on the process the devices talk to.
+    return Twistd("chatgateway", ["--workers", "1"], env=env, port=port, log_dir=tmp_path)
+
+
+def member_of(room_id):
+    core = FakeCore()
+    core.answers["SearchRooms"] = lambda request, context: [pb.SearchRoomsResponse(data=[pb.Room(id=room_id)])]
+    return core
+
+
+def ws_upgrade(port, headers=(), path="/ws", rcvbuf=None, timeout=10):
+    """A raw socket that sent a WebSocket upgrade; returns (socket, status line, rest of the response)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", *headers]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return sock, head.split(b"\r\n")[0].decode(), rest
+
+
+def masked_frame(payload, opcode=0x1, rsv1=False):
+    first = 0x80 | opcode | (0x40 if rsv1 else 0)
+    n = len(payload)
+    if n < 126:
+        header = bytes([first, 0x80 | n])
+    elif n < 65536:
+        header = bytes([first, 0x80 | 126]) + struct.pack("!H", n)
+    else:
+        header = bytes([first, 0x80 | 127]) + struct.pack("!Q", n)
+    return header + b"\x00\x00\x00\x00" + payload  # a zero mask leaves the payload as is
+
+
+def read_close(sock, timeout=10):
+    """The close code the server sends (None if the connection ends without one)."""
+    sock.settimeout(timeout)
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not chunk:
+            break
+        data += chunk
+        while len(data) >= 2:
+            opcode, length, at = data[0] & 0x0F, data[1] & 0x7F, 2
+            if length == 126:
+                length, at = struct.unpack("!H", data[2:4])[0], 4
+            elif length == 127:
+                length, at = struct.unpack("!Q", data[2:10])[0], 10
+            if len(data) < at + length:
+                break
+            if opcode == 0x8:
+                return struct.unpack("!H", data[at : at + 2])[0] if length >= 2 else 1005
+            data = data[at + length :]
+    return None
+
+
+# ---------------------------------------------------------------- slow consumers
+
+SLOW = 200
+RATE = 2000  # messages per second, published on the room's channel
+SECONDS = 10
+MESSAGE_BYTES = 4096  # text of each message; its frame is a little larger
+SEND_BUFFER_BYTES = 64 * 1024
+# The gateway's own working set under this load beyond its idle RSS: events in flight,
+# the Redis subscriber's buffers, the fast member's transport, allocator slack. Measured
+# at 10-20 MiB on the development machine; the bound allows 32 MiB (README, Security).
+WORKING_SET = 32 * MiB
+
+
+def slow_consumer_bound(connections, send_buffer_bytes, largest_frame):
+    """The README's bound on what slow consumers may add to the gateway's RSS."""
+    return connections * (send_buffer_bytes + largest_frame) + WORKING_SET
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_consumers_are_closed_4429_within_the_memory_bound_and_do_not_delay_a_fast_member(tmp_path, redis_server):
+    room = "crowded"
+    core = member_of(room)
+    gateway = gateway_process(
+        tmp_path, core, CACHE_URI=redis_server.uri, GATEWAY_ID="gw-slow", SEND_BUFFER_BYTES=SEND_BUFFER_BYTES,
+        CLOSE_TIMEOUT_SEC=120,  # keep the 4429 close frame waiting until the slow devices read it
+        MAX_UNAUTHENTICATED_PER_ADDRESS=0,
+    )
+    gateway.start()
+    slow = publisher = fast = None
+    try:
+        fast = await GatewayClient.connect(f"ws://127.0.0.1:{gateway.port}/ws", token("fast"), subprotocol=codec.PROTO)
+        await fast.next_event("connected")
+        slow = LineProcess(
+            "tests/support/slowclients.py",
+            ["--port", gateway.port, "--secret", SECRET, "--count", SLOW, "--collect-timeout", 120],
+            log_path=tmp_path / "slowclients.log",
+        )
+        assert int(await threads.deferToThread(slow.expect, "READY", 120)) == SLOW
+        idle = memory(gateway.pid)
+
+        publisher = LineProcess(
+            "tests/support/publisher.py",
+            ["--redis", redis_server.uri, "--room", room, "--rate", RATE, "--seconds", SECONDS, "--size", MESSAGE_BYTES],
+            log_path=tmp_path / "publisher.log",
+        )
+        total = int(await threads.deferToThread(publisher.expect, "DONE", 120))
+        assert total == RATE * SECONDS
+        deadline = time.monotonic() + 120
+        while len(fast.pending("message")) < total and time.monotonic() < deadline:
+            await _pause(0.2)
+        peak = memory(gateway.pid, "VmHWM")
+
+        slow.send("COLLECT")
+        result = json.loads(await threads.deferToThread(slow.expect, "RESULT", 180))
+
+        received = [e.message.id for e in fast.pending("message")]
+        assert received == [f"m{i}" for i in range(total)]  # every message, once, in order
+        assert fast.close_code is None
+        assert result["codes"] == {"4429": SLOW}, result
+        largest_frame = MESSAGE_BYTES + 256
+        bound = slow_consumer_bound(SLOW, SEND_BUFFER_BYTES, largest_frame)
+        print(f"\nRSS idle {idle / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB, growth {(peak - idle) / MiB:.1f} MiB, "
+              f"bound {bound / MiB:.1f} MiB; slow devices read {result['frames']} frames before 4429")
+        assert peak - idle < bound
+        assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
+    finally:
+        for process in (slow, publisher):
+            if process is not None:
+                process.stop()
+        if fast is not None and fast.close_code is None:
+            await fast.close()
+        gateway.stop()
+        core.stop()
+
+
+async def _pause(seconds):
+    from twisted.internet import reactor, task
+
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+# ---------------------------------------------------------------- hostile frames
+
+
+@pytest.fixture
+def lone_gateway(tmp_path):
+    core = member_of("r")
+    gateway = gateway_process(
+        tmp_path, core, GATEWAY_ID="gw-alone", ALLOWED_ORIGINS="https://app.example.com",
+        MAX_UNAUTHENTICATED_PER_ADDRESS=4, AUTH_TIMEOUT_SEC=1, HANDSHAKE_TIMEOUT_SEC=1,
+    )
+    gateway.start()
+    yield gateway
+    gateway.stop()
+    core.stop()
+    assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
+
+
+def settle_rss(pid):
+    """RSS after the process has had a moment to act on what it was sent."""
+    time.sleep(0.5)  # the gateway works asynchronously; a fixed pause bounds this measurement
+    return memory(pid)
+
+
+def test_a_deflate_bomb_and_a_2_63_frame_header_are_refused_without_rss_growth(lone_gateway):
+    port = lone_gateway.port
+    pid = lone_gateway.pid
+    auth = [f"Authorization: Bearer {token('bomber')}"]
+    # warm up: one ordinary session, so the baseline includes what every connection costs
+    sock, status, _ = ws_upgrade(port, auth)
+    assert status.startswith("HTTP/1.1 101")
+    sock.close()
+    before = settle_rss(pid)
+
+    # 10 MiB of zeros, deflated (~10 KiB), offered with permessage-deflate: not negotiated,
+    # so the compressed frame (RSV1 set) is a protocol error and is never inflated.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = compressor.compress(b"\x00" * (10 * MiB)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    bomb = bomb[:-4]  # permessage-deflate drops the sync flush's 00 00 ff ff tail
+    assert len(bomb) < 20 * 1024
+    sock, status, rest = ws_upgrade(port, [*auth, "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"])
+    assert status.startswith("HTTP/1.1 101")
+    sock.sendall(masked_frame(bomb, rsv1=True))
+    assert read_close(sock) == 1002
+    sock.close()
+
+    # A header announcing 2^63 - 1 bytes (the largest a header can carry) and one announcing 2^63.
+    for length, code in ((2**63 - 1, 1009), (2**63, 1002)):
+        sock, status, _ = ws_upgrade(port, auth)
+        assert status.startswith("HTTP/1.1 101")
+        sock.sendall(bytes([0x82, 0x80 | 127]) + struct.pack("!Q", length) + b"\x00\x00\x00\x00" + b"\x00" * 65536)
+        assert read_close(sock) == code
+        sock.close()
+
+    after = settle_rss(pid)
+    print(f"\nRSS before {before / MiB:.1f} MiB, after {after / MiB:.1f} MiB")
+    assert after - before < 4 * MiB  # nothing near the 10 MiB the bomb would inflate to
+
+
+def test_cross_origin_handshake_refused_no_origin_accepted(lone_gateway):
+    auth = f"Authorization: Bearer {token('browser')}"
+    sock, status, _ = ws_upgrade(lone_gateway.port, [auth, "Origin: https://evil.example.net"])
+    assert status.startswith("HTTP/1.1 403")
+    sock.close()
+    sock, status, _ = ws_upgrade(lone_gateway.port, [auth, "Origin: https://app.example.com"])
+    assert status.startswith("HTTP/1.1 101")
+    sock.close()
+    sock, status, _ = ws_upgrade(lone_gateway.port, [f"Authorization: Bearer {token('native')}"])
+    assert status.startswith("HTTP/1.1 101")
+    sock.close()
+
+
+def test_unauthenticated_connections_above_the_per_address_cap_are_refused(lone_gateway):
+    port = lone_gateway.port
+    # Authenticated devices do not count toward the cap (MAX_UNAUTHENTICATED_PER_ADDRESS=4).
+    devices = []
+    for i in range(6):
+        sock, status, rest = ws_upgrade(port, [f"Authorization: Bearer {token(f'legit{i}')}"])
+        assert status.startswith("HTTP/1.1 101")
+        assert rest or sock.recv(4096)  # its `connected` frame: the session is authenticated
+        devices.append(sock)
+    held = []
+    for _ in range(2):  # upgraded, no token yet
+        sock, status, _ = ws_upgrade(port)
+        assert status.startswith("HTTP/1.1 101")
+        held.append(sock)
+    for _ in range(2):  # nothing sent at all
+        held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+    time.sleep(0.2)  # let the gateway accept them: the cap counts accepted connections
+    sock, status, _ = ws_upgrade(port)
+    assert status.startswith("HTTP/1.1 429"), status
+    sock.close()
+    # The silent ones are dropped after HANDSHAKE_TIMEOUT_SEC, the upgraded ones closed 4401
+    # after AUTH_TIMEOUT_SEC: then there is room again.
+    assert [read_close(s, timeout=10) for s in held[:2]] == [4401, 4401]
+    for s in held[2:]:
+        s.settimeout(10)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass  # dropped (aborted): as good as closed
+    again, status, _ = ws_upgrade(port)
+    assert status.startswith("HTTP/1.1 101")
+    for s in devices:  # the authenticated devices were never disturbed
+        s.settimeout(0.1)
+        with pytest.raises(socket.timeout):
+            s.recv(100)
+    for s in (again, *devices, *held):
+        s.close()
+
+
+def test_a_client_that_never_authenticates_is_closed_after_auth_timeout(lone_gateway):
+    sock, status, _ = ws_upgrade(lone_gateway.port)
+    assert status.startswith("HTTP/1.1 101")
+    started = time.monotonic()
+    assert read_close(sock, timeout=10) == 4401
+    assert time.monotonic() - started >= 0.9  # not before AUTH_TIMEOUT_SEC (1 s)
+    sock.close()
+
+
+# ---------------------------------------------------------------- drain
+
+DEVICES = 500
+IN_FLIGHT = 40
+DRAIN_TIMEOUT_SEC = 20
+CALL_SEC = 3.0  # how long the core takes to answer the calls in flight
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_drains_500_devices_with_calls_in_flight_and_exits_0(tmp_path, redis_server):
+    room = "lobby"
+    core = member_of(room)
+
+    def slow_send(request, context):
+        time.sleep(CALL_SEC)
+        event = pb.RoomEvent()
+        event.CopyFrom(request.event)
+        event.id = f"stored-{time.monotonic_ns()}"
+        return pb.SendEventResponse(event=event)
+
+    core.answers["SendEvent"] = slow_send
+    gateway = gateway_process(
+        tmp_path, core, CACHE_URI=redis_server.uri, GATEWAY_ID="gw-drain", DRAIN_TIMEOUT_SEC=DRAIN_TIMEOUT_SEC,
+        CORE_TIMEOUT_SEC=10, MAX_UNAUTHENTICATED_PER_ADDRESS=0, MAX_EVENTS_PER_SECOND=1000,
+    )
+    gateway.start()
+    r = redis_server.client()
+    devices = None
+    try:
+        devices = LineProcess(
+            "tests/support/devices.py",
+            ["--url", f"ws://127.0.0.1:{gateway.port}/ws", "--secret", SECRET, "--count", DEVICES],
+            log_path=tmp_path / "devices.log",
+        )
+        assert int(await threads.deferToThread(devices.expect, "READY", 120)) == DEVICES
+        assert await _until(lambda: len(r.keys("gateway:conn:*")) == DEVICES, 20)
+        probe = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)  # kept alive across the signal
+        probe.request("GET", "/readyz")
+        ready = probe.getresponse()
+        assert ready.status == 200, ready.read()
+        ready.read()
+
+        devices.send(f"SEND {IN_FLIGHT} {room}")
+        await threads.deferToThread(devices.expect, "SENT", 10)
+        assert await _until(lambda: sum(1 for c in core.calls if c[0] == "SendEvent") == IN_FLIGHT, 10)
+
+        gateway.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        # At once (while the calls are still in flight): /readyz answers 503 on a connection
+        # opened before, and the port refuses new connections.
+        for _ in range(50):
+            probe.request("GET", "/readyz")
+            answer = probe.getresponse()
+            body = json.loads(answer.read())
+            if answer.status == 503:
+                break
+            await _pause(0.05)  # the signal is handled by the gateway's reactor, asynchronously
+        assert answer.status == 503 and body["dependencies"]["listening"] == "draining", body
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", gateway.port), timeout=5).close()
+        probe.close()
+
+        code = await threads.deferToThread(gateway.process.wait, DRAIN_TIMEOUT_SEC)
+        took = time.monotonic() - signalled
+        assert code == 0, gateway.log_tail(40)
+        print(f"\ndrain of {DEVICES} devices with {IN_FLIGHT} calls in flight ({CALL_SEC}s each): exit 0 after {took:.1f}s")
+
+        assert await _until(lambda: json.loads(_report(devices))["open"] == 0, 20)
+        report = json.loads(_report(devices))
+        assert report["codes"] == {"1001": DEVICES}, report
+        assert report["hinted"] == DEVICES
+        assert report["answered_ok"] == report["answered_before_close"] == IN_FLIGHT, report
+        assert r.keys("gateway:*") == []  # connections, rooms, devices and the instance entry
+        assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
+    finally:
+        if devices is not None:
+            devices.stop()
+        gateway.kill()
+        core.stop()
+
+
+def _report(devices):
+    devices.send("REPORT")
+    return devices.expect("REPORT", 10)
+
+
+async def _until(predicate, timeout, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await threads.deferToThread(predicate):
+            return True
+        await _pause(interval)
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigint_drains_and_a_second_signal_exits_at_once(tmp_path):
+    core = member_of("r")
+    core.answers["SendEvent"] = lambda request, context: time.sleep(30) or pb.SendEventResponse()
+    gateway = gateway_process(tmp_path, core, GATEWAY_ID="gw-sigint", DRAIN_TIMEOUT_SEC=60, CORE_TIMEOUT_SEC=60)
+    gateway.start()
+    try:
+        idle = await GatewayClient.connect(f"ws://127.0.0.1:{gateway.port}/ws", token("idle"))
+        await idle.next_event("connected")
+        busy = await GatewayClient.connect(f"ws://127.0.0.1:{gateway.port}/ws", token("busy"))
+        await busy.next_event("connected")
+        busy.send(pb.StreamRequest(command=pb.ClientCommand(request_id="slow", room_event=pb.RoomEvent(room_id="r"))))
+        assert await _until(lambda: any(c[0] == "SendEvent" for c in core.calls), 10)
+
+        gateway.process.send_signal(signal.SIGINT)
+        code, reason = await idle.closed
+        assert code == 1001 and reason.startswith("gateway draining: reconnect in ")
+        assert gateway.running and busy.close_code is None  # its call is still in flight
+
+        gateway.process.send_signal(signal.SIGTERM)
+        code = await threads.deferToThread(gateway.process.wait, 10)
+        assert code == -signal.SIGTERM  # ended by the second signal, not by the drain
+    finally:
+        gateway.kill()
+        core.stop()
