@@ -446,3 +446,25 @@ async def test_sigint_drains_and_a_second_signal_exits_at_once(tmp_path):
     finally:
         gateway.kill()
         core.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drain_still_running_after_drain_timeout_exits_1(tmp_path):
+    core = member_of("r")
+    core.answers["SendEvent"] = lambda request, context: time.sleep(30) or pb.SendEventResponse()
+    gateway = gateway_process(tmp_path, core, GATEWAY_ID="gw-overdue", DRAIN_TIMEOUT_SEC=2, CORE_TIMEOUT_SEC=60)
+    gateway.start()
+    try:
+        busy = await GatewayClient.connect(f"ws://127.0.0.1:{gateway.port}/ws", token("busy"))
+        await busy.next_event("connected")
+        busy.send(pb.StreamRequest(command=pb.ClientCommand(request_id="slow", room_event=pb.RoomEvent(room_id="r"))))
+        assert await _until(lambda: any(c[0] == "SendEvent" for c in core.calls), 10)
+        gateway.process.send_signal(signal.SIGTERM)
+        # The device is dropped at the drain's deadline; the call to the core outlives it.
+        code, _ = await busy.closed
+        assert code != 1001
+        assert await threads.deferToThread(gateway.process.wait, 20) == 1
+        assert "the drain did not end within DRAIN_TIMEOUT_SEC" in gateway.log_text()
+    finally:
+        gateway.kill()
+        core.stop()
