@@ -162,7 +162,9 @@ class SubscriberProtocol(txredisapi.SubscriberProtocol):
     """Hands every pub/sub message to the connection's ``on_message``."""
 
     def messageReceived(self, pattern, channel, message):
-        self.factory.owner.on_message(channel, message)
+        owner = self.factory.owner
+        owner.last_message_at = owner.clock.seconds()
+        owner.on_message(channel, message)
 
 
 class RedisConnection:
@@ -198,6 +200,7 @@ class RedisConnection:
         self.timeout = timeout
         self.prepare = prepare
         self.on_message = on_message or (lambda channel, message: None)
+        self.last_message_at = float("-inf")  # when pub/sub last delivered a message
         self.stopping = False
         self.needs_resync = False
         self._factory = _Factory(self, address, protocol, charset, timeout)
@@ -337,6 +340,10 @@ class RedisConnection:
     def _check(self):
         """Health check: PING when connected; warn now and then while down."""
         if self._ready and self._protocol is not None:
+            if self.clock.seconds() - self.last_message_at < self._health_interval:
+                # Messages are arriving: the peer is alive. A PING would wait behind
+                # that backlog and could time out on a busy but healthy connection.
+                return
             d = self._protocol.ping()  # a timeout aborts the connection: reconnect follows
             d.addErrback(lambda f: self.log.warn("redis {name}: health check failed: {error}", name=self.name,
                                                  error=f.getErrorMessage()))
