@@ -50,7 +50,7 @@ from chatgateway import codec, forwarding, readiness, telemetry
 from chatgateway.auth import AuthError
 from chatgateway.core import METHODS, SERVICE, STATUS_DETAILS_KEY, CoreError
 from chatgateway.edge.websocket import MAX_PENDING_FRAMES
-from chatgateway.session import CloseCode, ISessionTransport
+from chatgateway.session import CloseCode, ISessionTransport, close_after_failed_open, replay
 
 # The WebSocket close code of DESIGN §5 -> the gRPC status a stream ends with.
 CLOSE_STATUS = {
@@ -318,19 +318,11 @@ class GrpcDevice:
             session.closed_by_transport()
             return
         pending, self._pending = self._pending, []
-        for request in pending:
-            request.ClearField("auth_token")  # consumed by authentication; its command remains
-            session.handle(request)
+        replay(session, pending)
 
     def _session_failed(self, failure):
         self._opening = False
-        if failure.check(CoreError) and failure.value.code == grpc.StatusCode.UNAUTHENTICATED:
-            self.close(CloseCode.UNAUTHENTICATED, f"core refused the token: {failure.value.message}")
-        elif failure.check(CoreError):
-            self.close(CloseCode.TRY_AGAIN_LATER, f"core unavailable: {failure.value.message}")
-        else:
-            self.log.failure("opening a gRPC session failed", failure)
-            self.close(CloseCode.TRY_AGAIN_LATER, "internal error")
+        close_after_failed_open(self, failure, self.log)
 
     def _bad_message(self, error):
         if self.session is None:

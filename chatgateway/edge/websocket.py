@@ -23,11 +23,10 @@ from zope.interface import implementer
 
 from chatgateway import codec, telemetry
 from chatgateway.auth import AuthError
-from chatgateway.core import CoreError
 from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard
 from chatgateway.edge.origins import OriginPolicy
 from chatgateway.outbox import Outbox, classify, unsent_bytes
-from chatgateway.session import CloseCode, ISessionTransport, error_detail
+from chatgateway.session import CloseCode, ISessionTransport, close_after_failed_open, error_detail, replay
 
 # Frames a device may send while its session is being opened; more is abuse.
 MAX_PENDING_FRAMES = 16
@@ -183,20 +182,11 @@ class DeviceProtocol(WebSocketServerProtocol):
         if isinstance(self.transport, Guard):
             self.transport.authenticated()
         pending, self._pending = self._pending, []
-        for request in pending:
-            # The auth frame itself was consumed; only its command remains.
-            request.ClearField("auth_token")
-            session.handle(request)
+        replay(session, pending)
 
     def _session_failed(self, failure):
         self._opening = False
-        if failure.check(CoreError) and failure.value.code == grpc.StatusCode.UNAUTHENTICATED:
-            self.close(CloseCode.UNAUTHENTICATED, f"core refused the token: {failure.value.message}")
-        elif failure.check(CoreError):
-            self.close(CloseCode.TRY_AGAIN_LATER, f"core unavailable: {failure.value.message}")
-        else:
-            self.log.failure("opening a session failed", failure)
-            self.close(CloseCode.TRY_AGAIN_LATER, "internal error")
+        close_after_failed_open(self, failure, self.log)
 
     # ------------------------------------------------------------ frames
 
