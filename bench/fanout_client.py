@@ -156,7 +156,7 @@ async def main(reactor, argv):
     parser.add_argument("--first", type=int, default=0, help="index of the first profile")
     parser.add_argument("--secret", help="gateway: mint JWTs for profiles PREFIX<i>")
     parser.add_argument("--prefix", default="fan")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=24)
     args = parser.parse_args(argv)
     counters = Counters()
     devices = []

@@ -96,7 +96,9 @@ class System:
     def start(self):
         env = {**os.environ, "JWT_SECRET": SECRET, "CACHE_URI": self.redis_uri, "LOG_LEVEL": "warning",
                "CHAT_SERVICE_URI": f"127.0.0.1:{self.core_port}", "MAX_EVENTS_PER_SECOND": "1000",
-               "HTTP_INTERFACE": "127.0.0.1", "SEND_BUFFER_BYTES": str(64 * 1024 * 1024)}
+               "HTTP_INTERFACE": "127.0.0.1", "SEND_BUFFER_BYTES": str(64 * 1024 * 1024),
+               # every load client connects from 127.0.0.1, and the idle runs hold up to 19,000
+               "MAX_UNAUTHENTICATED_PER_ADDRESS": "0", "MAX_CONNECTIONS": "25000"}
         if self.name == "reference":
             port = free_port()
             self._spawn(pinned(SERVER_CPU, [sys.executable, str(HERE / "reference_server.py"), "--port", str(port),
@@ -115,7 +117,8 @@ class System:
         return self
 
     def _spawn(self, argv, env, port):
-        process = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = open(HERE / "out" / f"{self.name}-{port}.log", "wb")
+        process = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         wait_port(port, process)
         self.processes.append(process)
         self.ports.append(port)
@@ -353,6 +356,7 @@ def main():
     ladders = {100: [50, 100, 200, 400, 800, 1600, 3200], 1000: [5, 10, 20, 40, 80, 160, 320],
                5000: [1, 2, 4, 8, 16, 32, 64]}
 
+    (HERE / "out").mkdir(parents=True, exist_ok=True)
     redis_server = RedisServer()
     redis_client = redis.Redis(port=redis_server.port)
     core_port = free_port()
@@ -387,14 +391,19 @@ def main():
             finally:
                 system.stop()
             results["systems"][name] = runs
+            save(results, args.out)  # a partial file survives an interrupted run
     finally:
         core.terminate()
         core.wait(20)
         redis_server.cleanup()
-    summarise(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    save(results, args.out)
     print(json.dumps(results["summary"], indent=2))
+
+
+def save(results, out):
+    summarise(results)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def summarise(results):
