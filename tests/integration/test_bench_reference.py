@@ -6,7 +6,7 @@ import sys
 import grpc
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet import defer, endpoints, reactor
 
 from chatgateway import codec
 from chatgateway.api import chat_pb2 as pb
@@ -14,7 +14,7 @@ from chatgateway.api import chat_pb2_grpc
 from chatgateway.auth import mint_token
 from chatgateway.wsclient import GatewayClient
 from support.processes import REPO_ROOT, Twistd, free_port
-from support.redis import RedisServer
+from support.chat import wait_until
 
 SECRET = "bench-reference-test-secret-0123456789abc"
 
@@ -39,13 +39,6 @@ def event(room, i):
     message = pb.RoomEvent(id=f"e{i}", room_id=room, sender_id="core", type=pb.RoomEvent.TEXT)
     message.payload.update({"text": f"message {i}"})
     return pb.ServerEvent(id=f"e{i}", message=message).SerializeToString()
-
-
-async def wait_for(predicate, timeout=15):
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        assert reactor.seconds() < deadline, "timed out"
-        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
@@ -75,7 +68,7 @@ async def test_reference_and_gateway_deliver_the_same_messages(redis_server, tmp
         for device in devices:
             await device.next_event("connected")
         bare = [await reference_client(reference_port, room) for _ in members]
-        await wait_for(lambda: redis_server.client().execute_command("PUBSUB", "NUMPAT") >= 1)
+        await wait_until(lambda: redis_server.client().execute_command("PUBSUB", "NUMPAT") >= 1, timeout=15)
 
         r = redis_server.client(decode_responses=False)
         published = [event(room, i) for i in range(10)]
@@ -85,7 +78,7 @@ async def test_reference_and_gateway_deliver_the_same_messages(redis_server, tmp
         for device in devices:
             got = [await device.next_event("message", lambda e: e.message.type == pb.RoomEvent.TEXT) for _ in published]
             assert [e.SerializeToString() for e in got] == published
-        await wait_for(lambda: all(len(b.factory.received) == len(published) for b in bare))
+        await wait_until(lambda: all(len(b.factory.received) == len(published) for b in bare), timeout=15)
         for b in bare:
             assert b.factory.received == published
         for device in devices:

@@ -8,12 +8,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import jwt
 import pytest
 
 from support.processes import REPO_ROOT, Twistd, free_port
+from support.chat import unique
 
 CLIENT = [sys.executable, "-m", "chatgateway.client"]
 TIMEOUT = 30  # seconds any one CLI run or expected line may take
@@ -57,10 +57,6 @@ def ok(result):
     assert result.returncode == 0, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
     assert "Traceback" not in result.stderr, result.stderr
     return result.stdout
-
-
-def unique(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 class Running:

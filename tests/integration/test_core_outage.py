@@ -12,7 +12,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import grpc
@@ -28,6 +27,7 @@ from support.fakecore import FakeCore
 from support.grpcclient import ConnectError, StreamDevice, connect_call, unary
 from support.processes import Twistd, free_port
 from support.redis import RedisServer
+from support.chat import unique
 
 SECRET = "outage-test-secret-0123456789abcdef01234567"
 CORE_TIMEOUT = 1.0
@@ -36,10 +36,6 @@ BREAKER_FAILURES = 3
 BREAKER_COOLDOWN = 1.0
 HEARTBEAT = 0.5
 CONNECTION_TIMEOUT = 3.0
-
-
-def unique(name):
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def token(profile, device=None):

@@ -3,7 +3,6 @@
 import json
 import random
 import urllib.request
-import uuid
 
 import jwt
 import pytest
@@ -12,10 +11,7 @@ import pytest_twisted
 from chatgateway import codec
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.wsclient import CallError, ClosedError, GatewayClient
-
-
-def unique(name):
-    return f"{name}-{uuid.uuid4().hex[:8]}"
+from support.chat import fence, pending_texts, unique
 
 
 async def connect(gw, profile, subprotocol=codec.JSON, device=None, **kwargs):
@@ -25,18 +21,8 @@ async def connect(gw, profile, subprotocol=codec.JSON, device=None, **kwargs):
     return client
 
 
-async def fence(client, room_id):
-    """Everything delivered to ``client`` before now has arrived: send to its own room and see it."""
-    sent = await client.send_message(room_id, "fence")
-    await client.next_event("message", lambda e: e.message.id == sent.id)
-
-
 def texts(client, room_id):
-    return [
-        e.message.payload["text"]
-        for e in client.pending("message")
-        if e.message.room_id == room_id and e.message.type == pb.RoomEvent.TEXT
-    ]
+    return [m.payload["text"] for m in pending_texts(client, room_id)]
 
 
 @pytest_twisted.ensureDeferred

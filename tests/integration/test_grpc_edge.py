@@ -9,7 +9,6 @@ import asyncio
 import json
 import time
 import urllib.request
-import uuid
 
 import grpc
 import pytest
@@ -25,10 +24,7 @@ from chatgateway.auth import mint_token
 from chatgateway.wsclient import CallError, GatewayClient
 from support.grpcclient import AioLoop, ConnectError, StreamDevice, connect_call, connect_method, stream_metadata, unary
 from support.processes import Twistd, free_port
-
-
-def unique(name):
-    return f"{name}-{uuid.uuid4().hex[:8]}"
+from support.chat import unique
 
 
 def text_event(room_id, text):

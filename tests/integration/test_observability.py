@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 
 import grpc
 import pytest
@@ -36,13 +35,10 @@ from chatgateway.wsclient import ClosedError, GatewayClient
 from integration.conftest import SECRET, DevGateway
 from support.grpcclient import StreamDevice, connect_call
 from support.processes import REPO_ROOT, Twistd, free_port
+from support.chat import unique
 
 DEVICE_TRACE = "0af7651916cd43dd8448eb211c80319c"
 DEVICE_SPAN = "b7ad6b7169203331"
-
-
-def unique(name):
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 class OtlpReceiver(resource.Resource):

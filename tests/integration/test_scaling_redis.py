@@ -1,7 +1,6 @@
 """Several real gateways on a real redis-server, with the reference core publishing to it."""
 
 import json
-import uuid
 
 import pytest
 import pytest_twisted
@@ -10,17 +9,14 @@ from twisted.internet import defer, reactor, task
 from chatgateway import codec
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.auth import mint_token
-from chatgateway.wsclient import ClosedError, GatewayClient
+from chatgateway.wsclient import GatewayClient
 from support.processes import Twistd, free_port
 from support.redis import RedisServer
+from support.chat import fence, pending_texts, unique, wait_until
 
 SECRET = "scaling-test-secret-0123456789abcdef0123"
 HEARTBEAT = 0.5
 TIMEOUT = 3  # so the metadata TTL (2 x TIMEOUT) is 6 s
-
-
-def unique(name):
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def token(profile, device=None):
@@ -85,34 +81,14 @@ def cluster():
         assert "Traceback (most recent call last)" not in g.log_text(), g.log_tail(60)
 
 
-async def wait_until(predicate, timeout=10, interval=0.05):
-    """Poll ``predicate`` (which may return a Deferred) until true; fail after ``timeout``."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        if await defer.maybeDeferred(predicate):
-            return
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await task.deferLater(reactor, interval, lambda: None)
-
-
 async def connect(cluster, i, profile, device=None, subprotocol=codec.JSON):
     client = await GatewayClient.connect(cluster.url(i), token(profile, device), subprotocol=subprotocol)
     client.connected = await client.next_event("connected")
     return client
 
 
-async def fence(client, room_id):
-    sent = await client.send_message(room_id, "fence")
-    await client.next_event("message", lambda e: e.message.id == sent.id)
-
-
 def message_ids(client, room_id):
-    return [
-        e.message.id
-        for e in client.pending("message")
-        if e.message.room_id == room_id and e.message.type == pb.RoomEvent.TEXT
-    ]
+    return [m.id for m in pending_texts(client, room_id)]
 
 
 @pytest_twisted.ensureDeferred
