@@ -42,6 +42,8 @@ setup(
         "bench": [
             "redis==8.1.0",  # the benchmarks publish and read Redis counters directly
             "matplotlib==3.11.2",  # bench/report.py draws the plots of bench/RESULTS.md
+            "py-spy==0.4.3",  # sampling profiles of a running gateway (bench/RESULTS.md, "Profiles")
+            "pyinstrument==5.1.3",  # call-tree profiles of in-process benches
         ],
     },
     entry_points={

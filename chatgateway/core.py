@@ -2,8 +2,20 @@
 
 grpcio stubs block, so every call runs on a bounded thread pool of this
 client's own, with a deadline (CORE_TIMEOUT_SEC, or the caller's own deadline
-when it is shorter). When every thread is busy and the queue is full, a call
-fails at once with RESOURCE_EXHAUSTED rather than queueing without bound.
+when it is shorter). Up to CORE_THREADS x (1 + QUEUE_PER_THREAD) calls are
+handed to the pool; the next ones wait here, oldest first, for a place - at
+most CORE_THREADS x WAITING_PER_THREAD of them - and their deadline counts
+from the call: one that runs out while waiting fails with DEADLINE_EXCEEDED
+(the core never asked, the breaker not told), one that gets a place goes to
+the core with what is left of it. Beyond that bound a call fails at once with
+RESOURCE_EXHAUSTED rather than queueing without bound.
+
+Why wait rather than refuse at once: in a connect storm the calls are the
+devices' memberships (SearchRooms). A device refused is closed with 1013 and
+comes back, paying its handshake and token check again, when all it needed
+was to wait a moment for a thread; the wait is bounded in count and by the
+deadline, so a core that really cannot keep up still gets the storm's
+excess answered within CORE_TIMEOUT_SEC.
 
 Every call carries the device's token as ``authorization``, ``x-gateway-id``,
 ``x-device-id`` when known, the caller's W3C ``traceparent``/``tracestate`` when
@@ -17,9 +29,11 @@ through. The core's status code, message and rich details
 (``grpc-status-details-bin``) come back unchanged in CoreError.
 """
 
+import collections
 import re
 
 import grpc
+import grpc.experimental
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -44,17 +58,23 @@ METHODS = {
     "SearchRoomSubscriptions": (pb.SearchRoomSubscriptionsRequest, pb.SearchRoomSubscriptionsResponse, False),
 }
 
-# How many calls may wait for a thread, per thread, before new calls are refused.
+# Calls handed to the pool to wait for a thread there, per thread.
 QUEUE_PER_THREAD = 4
+# Calls waiting here for a place in the pool, per thread, before new calls are refused.
+WAITING_PER_THREAD = 50
 
 # Answers that say the core is not there (they count towards opening the circuit).
 TRANSPORT_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
-# Reconnect quickly once the core is back (grpcio's default backoff grows to 120 s).
 CHANNEL_OPTIONS = [
+    # Reconnect quickly once the core is back (grpcio's default backoff grows to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # A streaming call (SearchRooms, on every connect) is driven by the pool thread that
+    # waits for it, not by a channel thread per call handing it each message: fewer
+    # threads contending for the GIL with the reactor.
+    (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
 ]
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -95,6 +115,18 @@ class CoreError(Exception):
         )
 
 
+class _Waiting:
+    """A call waiting for a place in the pool."""
+
+    __slots__ = ("d", "call", "expires", "timer")
+
+    def __init__(self, d, call, expires):
+        self.d = d
+        self.call = call  # (method, request, metadata)
+        self.expires = expires
+        self.timer = None
+
+
 def _core_error(rpc_error):
     code = rpc_error.code() or grpc.StatusCode.UNKNOWN
     details = None
@@ -117,12 +149,16 @@ class CoreClient:
         self._reactor = reactor
         self._timeout = timeout
         self._gateway_id = gateway_id
+        self._clock = clock if clock is not None else reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="core-client")
         self._limit = threads * (1 + QUEUE_PER_THREAD)
         self._in_flight = 0
+        self._max_waiting = threads * WAITING_PER_THREAD
+        self._waiting = collections.deque()  # of _Waiting, oldest first
+        self._starting = False
         self._channel = None
         self._callables = {}
-        self.breaker = breaker if breaker is not None else circuit.CircuitBreaker(clock or reactor)
+        self.breaker = breaker if breaker is not None else circuit.CircuitBreaker(self._clock)
         self._service_token = service_token  # ClientCredentials, or None
 
     def start(self):
@@ -145,6 +181,10 @@ class CoreClient:
         channel, self._channel = self._channel, None
         if self._service_token is not None:
             self._service_token.stop()
+        waiting, self._waiting = self._waiting, collections.deque()
+        for waiter in waiting:
+            waiter.timer.cancel()
+            waiter.d.errback(CoreError(grpc.StatusCode.UNAVAILABLE, "core client is stopped"))
 
         def shutdown():
             self._pool.stop()
@@ -157,6 +197,10 @@ class CoreClient:
     def in_flight(self):
         return self._in_flight
 
+    @property
+    def waiting(self):
+        return len(self._waiting)
+
     def call(self, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None):
         """Deferred firing with the response (a list of responses when streaming).
 
@@ -167,12 +211,24 @@ class CoreClient:
             return defer.fail(CoreError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}"))
         if self._channel is None:
             return defer.fail(CoreError(grpc.StatusCode.UNAVAILABLE, "core client is stopped"))
-        if self._in_flight >= self._limit:
+        full = self._in_flight >= self._limit or self._waiting
+        if full and len(self._waiting) >= self._max_waiting:
             return defer.fail(
                 CoreError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls to the core in flight")
             )
         if timeout is not None and timeout <= 0:
             return defer.fail(CoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call"))
+        metadata = [("authorization", f"Bearer {token}"), ("x-gateway-id", self._gateway_id)]
+        if device_id:
+            metadata.append(("x-device-id", device_id))
+        metadata.extend(trace_metadata(traceparent, tracestate))
+        deadline = self._timeout if timeout is None else min(self._timeout, timeout)
+        if full and self.breaker.state != circuit.OPEN:  # an open circuit refuses at once, waiting or not
+            return self._wait((method, request, metadata), self._clock.seconds() + deadline)
+        return self._start(method, request, metadata, deadline, shortened=deadline < self._timeout)
+
+    def _start(self, method, request, metadata, deadline, shortened):
+        """Hand the call to the pool; ``shortened``: its deadline is less than CORE_TIMEOUT_SEC."""
         if not self.breaker.allow():
             return defer.fail(
                 CoreError(
@@ -180,21 +236,41 @@ class CoreClient:
                     f"core unavailable (circuit open; retry in {self.breaker.retry_after():.1f}s)",
                 )
             )
-        metadata = [("authorization", f"Bearer {token}"), ("x-gateway-id", self._gateway_id)]
-        if device_id:
-            metadata.append(("x-device-id", device_id))
-        metadata.extend(trace_metadata(traceparent, tracestate))
-        deadline = self._timeout if timeout is None else min(self._timeout, timeout)
         self._in_flight += 1
-        d = defer.Deferred.fromCoroutine(self._call(method, request, metadata, deadline))
+        d = defer.Deferred.fromCoroutine(self._call(method, request, metadata, deadline, shortened))
+        return d.addBoth(self._done)
 
-        def done(result):
-            self._in_flight -= 1
-            return result
+    def _done(self, result):
+        self._in_flight -= 1
+        self._start_waiting()
+        return result
 
-        return d.addBoth(done)
+    def _start_waiting(self):
+        if self._starting:
+            return  # a call that ended at once, inside the loop below: the loop goes on
+        self._starting = True
+        try:
+            while self._waiting and self._in_flight < self._limit:
+                waiter = self._waiting.popleft()
+                waiter.timer.cancel()
+                # What is left of its deadline; a DEADLINE_EXCEEDED then says less about the core.
+                deadline = max(0.001, waiter.expires - self._clock.seconds())
+                self._start(*waiter.call, deadline, shortened=True).chainDeferred(waiter.d)
+        finally:
+            self._starting = False
 
-    async def _call(self, method, request, metadata, deadline):
+    def _wait(self, call, expires):
+        waiter = _Waiting(defer.Deferred(), call, expires)
+        waiter.timer = self._clock.callLater(max(0.0, expires - self._clock.seconds()), self._expired, waiter)
+        self._waiting.append(waiter)
+        return waiter.d
+
+    def _expired(self, waiter):
+        self._waiting.remove(waiter)
+        # Never sent: the breaker learns nothing (allow() was not asked).
+        waiter.d.errback(CoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting to call the core"))
+
+    async def _call(self, method, request, metadata, deadline, shortened):
         if self._service_token is not None:
             try:
                 service_token = await self._service_token.token()
@@ -218,8 +294,8 @@ class CoreClient:
         try:
             response = await deferToThreadPool(self._reactor, self._pool, blocking)
         except CoreError as e:
-            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED and deadline < self._timeout:
-                self.breaker.released()  # the caller's own, shorter deadline: nothing learned about the core
+            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED and shortened:
+                self.breaker.released()  # a deadline shorter than CORE_TIMEOUT_SEC: nothing learned about the core
             elif e.code in TRANSPORT_FAILURES:
                 self.breaker.failed()
             else:

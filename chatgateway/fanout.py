@@ -1,21 +1,42 @@
 """Delivery of bus messages to the local sessions they concern.
 
 Each event is parsed once and encoded at most once per subprotocol
-(EncodedEvent caches the frames). A fan-out larger than CHUNK recipients is
-spread over reactor turns so a huge room cannot stall other connections;
-events queue behind it in arrival order, so no recipient sees them reordered.
+(EncodedEvent caches the frames). At most CHUNK deliveries run before the
+fan-out yields to the reactor (so Twisted reads and flushes sockets between
+chunks): a fan-out larger than that, or one arriving after the budget is
+spent, waits in a queue, and the queue is worked off CHUNK deliveries per
+reactor turn in arrival order, so no recipient sees events reordered.
+
+The queue is bounded (DESIGN §8): when more than ``max_backlog`` deliveries
+are owed, the oldest queued room events are dropped whole (never the one
+being delivered), and their recipients are told once per
+LOSS_NOTICE_INTERVAL_SEC, by a DATA_LOSS error queued where the events were,
+that events were missed. Profile events (membership changes) are never
+dropped, and their membership effect is applied on receipt in any case.
 """
 
 import collections
+import uuid
 
+import grpc
 from google.protobuf.message import DecodeError
 from twisted.logger import Logger
 
-from chatgateway import telemetry
+from chatgateway import codec, telemetry
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.outbox import classify
+from chatgateway.outbox import TYPING, classify
+from chatgateway.session import error_detail
 
+# Deliveries made before yielding to the reactor.
 CHUNK = 500
+# Deliveries owed (recipients not yet served, over every queued event) beyond which
+# the oldest room events are dropped: about 2 s of work at ~40,000 deliveries/s.
+MAX_BACKLOG = 80_000
+# A device that lost events is told so at most once in this many seconds.
+LOSS_NOTICE_INTERVAL_SEC = 5.0
+# Drops are logged at most this often (the chatgateway.fanout.dropped metric counts each).
+DROP_WARNING_INTERVAL_SEC = 5.0
+LOSS_MESSAGE = "the gateway fell behind: events may have been missed"
 
 
 class EncodedEvent:
@@ -44,15 +65,41 @@ class EncodedEvent:
         return frame
 
 
+class _Queued:
+    """An event waiting for (some of) its recipients."""
+
+    __slots__ = ("encoded", "recipients", "served", "started", "droppable", "notice")
+
+    def __init__(self, encoded, recipients, started, droppable=False, notice=False):
+        self.encoded = encoded
+        self.recipients = recipients
+        self.served = 0  # recipients[:served] have it
+        self.started = started
+        self.droppable = droppable
+        self.notice = notice
+
+
 class Fanout:
     log = Logger()
 
-    def __init__(self, registry, on_membership, reactor):
+    def __init__(self, registry, on_membership, reactor, max_backlog=MAX_BACKLOG):
         self._registry = registry
         self._on_membership = on_membership
         self._reactor = reactor
-        self._queue = collections.deque()  # [EncodedEvent, [sessions], next index]
+        self.max_backlog = max_backlog
+        self._queue = collections.deque()  # of _Queued, oldest first
+        self._backlog = 0  # deliveries of events owed by the queue (DATA_LOSS notices aside)
+        self._spent = 0  # deliveries made since the pump last ran
         self._pumping = None
+        self._noticed = set()  # sessions told of a loss in the current notice window
+        self._notice_window = float("-inf")
+        self._warned_at = None
+        self._unreported = [0, 0, 0]  # events, deliveries dropped and devices told since the last warning
+
+    @property
+    def backlog(self):
+        """Deliveries owed by the queue."""
+        return self._backlog
 
     def receive(self, channel, payload):
         """Bus receiver: deliver one serialized ServerEvent."""
@@ -70,44 +117,147 @@ class Fanout:
                 sender = event.typing_event.profile_id
                 recipients = [s for s in recipients if s.profile_id != sender]
         elif kind == "profile":
+            # Applied now, whatever becomes of the delivery: it changes what this gateway routes.
             if event.HasField("subscription_event"):
                 self._on_membership(event.subscription_event)
             recipients = self._registry.profile_sessions(key)
         else:
             return
         if recipients:
-            self.deliver(EncodedEvent(event, payload), recipients, started)
+            self.deliver(EncodedEvent(event, payload), recipients, started, droppable=kind == "room")
 
-    def deliver(self, encoded, recipients, started=None):
-        if not self._queue and len(recipients) <= CHUNK:
+    def deliver(self, encoded, recipients, started=None, droppable=False):
+        """Deliver ``encoded`` to ``recipients`` now, or queue it behind earlier events.
+
+        A ``droppable`` event may be shed (with a DATA_LOSS notice) while the backlog is over the bound.
+        """
+        count = len(recipients)
+        if not self._queue and self._spent + count <= CHUNK:
+            self._spent += count
             for session in tuple(recipients):
                 session.deliver(encoded)
-            telemetry.fanned_out(encoded.event, len(recipients), started)
+            telemetry.fanned_out(encoded.event, count, started)
             return
-        self._queue.append([encoded, list(recipients), 0, started])
+        self._queue.append(_Queued(encoded, list(recipients), started, droppable))
+        self._backlog += count
+        if self._backlog > self.max_backlog:
+            self._shed()
         if self._pumping is None:
             self._pumping = self._reactor.callLater(0, self._pump)
 
     def _pump(self):
         self._pumping = None
+        self._spent = 0
         budget = CHUNK
-        while self._queue and budget > 0:
-            item = self._queue[0]
-            encoded, recipients, start, started = item
+        queue = self._queue
+        while queue and budget > 0:
+            item = queue[0]
+            encoded, recipients, start = item.encoded, item.recipients, item.served
             end = min(len(recipients), start + budget)
             for session in recipients[start:end]:
                 session.deliver(encoded)
             budget -= end - start
+            if not item.notice:
+                self._backlog -= end - start
             if end == len(recipients):
-                self._queue.popleft()
-                telemetry.fanned_out(encoded.event, len(recipients), started, chunked=True)
+                queue.popleft()
+                telemetry.fanned_out(encoded.event, len(recipients), item.started, chunked=len(recipients) > CHUNK)
             else:
-                item[2] = end
-        if self._queue:
+                item.served = end
+        if queue:
             self._pumping = self._reactor.callLater(0, self._pump)
+        elif self._noticed and self._reactor.seconds() - self._notice_window >= LOSS_NOTICE_INTERVAL_SEC:
+            self._noticed = set()  # the window is over: let closed sessions go
+
+    # ------------------------------------------------------------ overload
+
+    def _shed(self):
+        """Drop the oldest droppable events until the backlog is within the bound.
+
+        Never the event being delivered (its order must hold for those still
+        waiting), nor the newest (a single fan-out larger than the bound still
+        goes out). Their recipients get a DATA_LOSS notice in their place.
+        """
+        queue = self._queue
+        lost = []
+        events = deliveries = 0
+        gap = None  # where the first dropped event was: the notice goes there
+        at = 0
+        while self._backlog > self.max_backlog:
+            at = self._oldest_droppable(at)
+            if at is None:
+                break
+            item = queue[at]
+            del queue[at]
+            count = len(item.recipients)
+            self._backlog -= count
+            events += 1
+            deliveries += count
+            telemetry.fanout_dropped(item.encoded.event, count)
+            if item.encoded.policy[0] != TYPING:  # typing is ephemeral: nothing to catch up on
+                lost.extend(item.recipients)
+            if gap is None:
+                gap = at
+        if not events:
+            return
+        told = self._notify(lost, gap)
+        self._warn(events, deliveries, told)
+
+    def _oldest_droppable(self, start):
+        """Index of the oldest droppable queued event from ``start``, the newest excepted; or None."""
+        queue = self._queue
+        last = len(queue) - 1
+        for i in range(start, last):
+            item = queue[i]
+            if item.droppable and not item.served:
+                return i
+        return None
+
+    def _notify(self, lost, gap):
+        """Queue a DATA_LOSS notice at ``gap`` for the sessions in ``lost`` not told lately; how many."""
+        now = self._reactor.seconds()
+        if now - self._notice_window >= LOSS_NOTICE_INTERVAL_SEC:
+            self._notice_window = now
+            self._noticed = set()
+        noticed = self._noticed
+        fresh = []
+        for session in lost:
+            if session not in noticed:
+                noticed.add(session)
+                fresh.append(session)
+        if not fresh:
+            return 0
+        # Notices are not counted in the backlog: at most one per session per window, they
+        # are bounded by the number of local sessions, and replace the deliveries dropped.
+        queue = self._queue
+        before = queue[gap - 1] if gap > 0 else None
+        if before is not None and before.notice:
+            before.recipients.extend(fresh)  # the same gap, grown
+        else:
+            event = pb.ServerEvent(id=uuid.uuid4().hex, error=error_detail(grpc.StatusCode.DATA_LOSS, LOSS_MESSAGE))
+            queue.insert(gap, _Queued(EncodedEvent(codec.stamp(event, now)), fresh, None, notice=True))
+        return len(fresh)
+
+    def _warn(self, events, deliveries, told):
+        unreported = self._unreported
+        unreported[0] += events
+        unreported[1] += deliveries
+        unreported[2] += told
+        now = self._reactor.seconds()
+        if self._warned_at is not None and now - self._warned_at < DROP_WARNING_INTERVAL_SEC:
+            return
+        self.log.warn(
+            "fan-out overloaded (more than {limit} deliveries waiting): dropped {events} events "
+            "({deliveries} deliveries); {told} devices told events were missed",
+            limit=self.max_backlog, events=unreported[0], deliveries=unreported[1], told=unreported[2],
+        )
+        self._warned_at = now
+        self._unreported = [0, 0, 0]
 
     def stop(self):
         if self._pumping is not None and self._pumping.active():
             self._pumping.cancel()
         self._pumping = None
         self._queue.clear()
+        self._backlog = self._spent = 0
+        self._noticed = set()

@@ -19,7 +19,7 @@ from chatgateway import channels, codec, membership, telemetry
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.fanout import Fanout
 from chatgateway.registry import ConnectionRegistry
-from chatgateway.session import CloseCode, Session
+from chatgateway.session import CloseCode, Session, TokenExpiries
 
 # Rooms asked of the core per streamed page when a device connects.
 MEMBERSHIP_PAGE = 500
@@ -47,6 +47,7 @@ class Gateway(service.Service):
         self.bus = bus
         self.store = store
         self.registry = ConnectionRegistry(bus, store, config.max_connections_per_device, self._quietly)
+        self.token_expiries = TokenExpiries(self.clock)  # one timer for every session's token
         self.fanout = Fanout(self.registry, self.apply_membership, reactor)
         self.addresses = []  # where devices reach this instance (set by the service tree)
         self._control_channel = channels.control(config.gateway_id)
@@ -56,6 +57,9 @@ class Gateway(service.Service):
         self._started_at = None
         self.draining = False
         self._opening = 0  # sessions waiting for their rooms (not yet in the registry)
+        # A twisted Logger builds and filters every event, kept or not: a debug line per
+        # connect is only emitted when it can be written.
+        self._log_connects = config.log_level == "debug"
         self._gone_waiters = []  # Deferreds fired when no session is left (drain)
 
     # ------------------------------------------------------------ service
@@ -160,15 +164,16 @@ class Gateway(service.Service):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
         telemetry.session_opened(session)
         session.send(session.connected_event())
-        self._claim(session)
+        self._register(session)
         if self.draining:
             session.drain(self.reconnect_hint())
-        self.log.debug(
-            "device {profile_id}/{device_id} connected with {rooms} rooms",
-            profile_id=session.profile_id,
-            device_id=device_id,
-            rooms=len(rooms),
-        )
+        if self._log_connects:
+            self.log.debug(
+                "device {profile_id}/{device_id} connected with {rooms} rooms",
+                profile_id=session.profile_id,
+                device_id=device_id,
+                rooms=len(rooms),
+            )
         return session
 
     def session_closed(self, session):
@@ -181,17 +186,16 @@ class Gateway(service.Service):
         if self.draining:
             self._check_gone()
 
-    def _claim(self, session):
-        """Register the session in the device's list across gateways; evict what is beyond the limit."""
-        d = self.store.claim_device(
-            session.profile_id,
-            session.device_id,
-            self.config.gateway_id,
-            session.id,
-            self.config.max_connections_per_device,
-        )
-        d.addCallback(lambda evicted: [self.evict(gateway_id, session_id) for gateway_id, session_id in evicted])
-        self._quietly(d, "claiming a device")
+    def _register(self, session):
+        """Write the session's metadata and claim its place in the device's list across gateways,
+        in one store call; evict what is beyond the limit."""
+        d = self.store.open_connection(session.meta(), session.id, self.config.max_connections_per_device)
+        d.addCallback(self._evict_all)
+        self._quietly(d, "registering a connection")
+
+    def _evict_all(self, evicted):
+        for gateway_id, session_id in evicted:
+            self.evict(gateway_id, session_id)
 
     def evict(self, gateway_id, session_id, code=CloseCode.REPLACED, reason=REPLACED_REASON):
         """Close a session wherever it lives: here, or through its gateway's control channel."""
@@ -239,8 +243,7 @@ class Gateway(service.Service):
         sessions = list(self.registry.sessions)
         self.log.info("store reconnected; rewriting {count} connections", count=len(sessions))
         for session in sessions:
-            self._quietly(self.store.connected(session.meta()), "rewriting metadata")
-            self._claim(session)
+            self._register(session)
         self._announce()
 
     def _announce(self):

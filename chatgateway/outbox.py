@@ -74,6 +74,10 @@ def unsent_bytes(transport):
         return 0
 
 
+def _nothing_unsent():
+    return 0
+
+
 class _Entry:
     __slots__ = ("frame", "kind", "key")
 
@@ -91,7 +95,14 @@ class Outbox:
     when a frame that must be kept does not fit (the queue is already released).
     """
 
-    def __init__(self, write, limit, overflow, unsent=lambda: 0):
+    # One per connection, and most connections never wait: slots, and the waiting
+    # structures exist only while frames wait (an empty deque costs ~760 bytes).
+    __slots__ = (
+        "_write", "_overflow", "_unsent", "limit", "paused", "closed", "queued", "_typing_bytes", "dropped",
+        "_queue", "_typing", "_by_key", "_removed",
+    )
+
+    def __init__(self, write, limit, overflow, unsent=_nothing_unsent):
         self._write = write
         self._overflow = overflow
         self._unsent = unsent
@@ -101,9 +112,9 @@ class Outbox:
         self.queued = 0  # bytes waiting here, bookkeeping included
         self._typing_bytes = 0  # of which typing events
         self.dropped = 0  # typing events dropped, coalesced events replaced
-        self._queue = collections.deque()  # _Entry; frame None once removed
-        self._typing = collections.deque()  # the waiting typing entries, oldest first
-        self._by_key = {}  # key -> the waiting _Entry of that key
+        self._queue = None  # deque of _Entry (frame None once removed), while frames wait
+        self._typing = None  # deque of the waiting typing entries, oldest first
+        self._by_key = None  # key -> the waiting _Entry of that key
         self._removed = 0  # entries in _queue whose frame is None
 
     def bind(self, transport):
@@ -116,7 +127,7 @@ class Outbox:
         transport.registerProducer(self, True)
 
     def __len__(self):
-        return len(self._queue) - self._removed
+        return 0 if self._queue is None else len(self._queue) - self._removed
 
     @property
     def buffered(self):
@@ -134,7 +145,7 @@ class Outbox:
         self._wait(_Entry(frame, kind, key))
 
     def _wait(self, entry):
-        if entry.key is not None:
+        if entry.key is not None and self._by_key:
             older = self._by_key.get(entry.key)
             if older is not None:
                 self._remove(older)
@@ -153,11 +164,17 @@ class Outbox:
             while self._unsent() + self.queued + size > self.limit and self._typing:
                 self._remove(self._typing.popleft(), from_typing=False)
                 self.dropped += 1
+        if self._queue is None:
+            self._queue = collections.deque()
         self._queue.append(entry)
         self.queued += size
         if entry.key is not None:
+            if self._by_key is None:
+                self._by_key = {}
             self._by_key[entry.key] = entry
         if entry.kind == TYPING:
+            if self._typing is None:
+                self._typing = collections.deque()
             self._typing.append(entry)
             self._typing_bytes += size
 
@@ -198,16 +215,20 @@ class Outbox:
             if entry.kind == TYPING and self._typing and self._typing[0] is entry:
                 self._typing.popleft()
             self._write(frame)
+        if self._queue is not None and not self._queue:
+            self._release()
+
+    def _release(self):
+        """Nothing waits any more: drop the waiting structures until a frame waits again."""
+        self._queue = self._typing = self._by_key = None
+        self._removed = 0
+        self.queued = 0
+        self._typing_bytes = 0
 
     def close(self):
         """Send nothing more; release everything waiting."""
         self.closed = True
-        self._queue.clear()
-        self._typing.clear()
-        self._by_key.clear()
-        self._removed = 0
-        self.queued = 0
-        self._typing_bytes = 0
+        self._release()
 
     # ------------------------------------------------------------ IPushProducer
 

@@ -4,6 +4,8 @@
 class TokenBucket:
     """Holds up to ``burst`` tokens, refilled at ``rate`` per second."""
 
+    __slots__ = ("_rate", "_burst", "_clock", "_tokens", "_stamp")  # one per connection
+
     def __init__(self, rate, burst, clock):
         self._rate = float(rate)
         self._burst = float(burst)

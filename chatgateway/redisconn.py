@@ -18,6 +18,11 @@
   answering (``DEBUG SLEEP``, a dead peer) fails our calls within that bound,
   and txredisapi then aborts the connection so it is re-established.
   A PING every HEALTH_CHECK_INTERVAL_SEC finds a dead peer when we are idle.
+- The timeout judges Redis, not our own reactor (``ReplyDeadline``): when the
+  process is CPU-bound, Twisted runs expired timers before it reads sockets,
+  so a plain timer would call a reply sitting unread in our socket late and
+  drop a healthy connection. Only time during which Redis sent nothing while
+  we were listening counts.
 - While it is not ready, calls fail at once with ConnectionError instead of
   waiting in an unbounded queue (txredisapi's pool would park them until a
   connection comes back).
@@ -31,11 +36,14 @@ write and costs one round trip, as txredisapi's ``pipeline()`` would, but
 without checking the connection out of txredisapi's pool queue (where other
 calls wait unboundedly and may be reordered).
 
-txredisapi 1.6 schedules reconnection and reply timeouts on the global
-reactor; the endpoint, health checks and logging use the reactor passed in.
+txredisapi 1.6 schedules reconnection on the global reactor; reply timeouts,
+the endpoint, health checks and logging use the reactor passed in.
 """
 
 import dataclasses
+import fcntl
+import struct
+import termios
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
@@ -55,6 +63,11 @@ RECONNECT_MAX_DELAY_SEC = 5.0
 HEALTH_CHECK_INTERVAL_SEC = 5.0
 # While Redis is unreachable, a warning is logged this often.
 DOWN_WARNING_INTERVAL_SEC = 30.0
+# A reply timeout is judged in this many steps, so that a step the reactor ran late
+# (busy with other work, not reading sockets) can be left out of the count.
+REPLY_TIMEOUT_STEPS = 4
+# A step whose check runs at most this share of a step late counts as on time.
+ON_TIME_SHARE = 0.1
 
 ConnectionError = txredisapi.ConnectionError
 TimeoutError = txredisapi.TimeoutError
@@ -111,6 +124,133 @@ def parse_uri(uri):
     return address
 
 
+def unread_bytes(transport):
+    """Bytes Redis sent that wait unread in our socket (0 if unknown: no socket)."""
+    try:
+        fileno = transport.getHandle().fileno()
+        return struct.unpack("i", fcntl.ioctl(fileno, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (AttributeError, OSError, TypeError, ValueError):
+        return 0
+
+
+def unsent_bytes(transport):
+    """Bytes of our commands still in Twisted's write buffer (twisted.internet.abstract.FileDescriptor)."""
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except (AttributeError, TypeError):
+        return 0
+
+
+class ReplyDeadline:
+    """The reply timeout of one command, counting only Redis's silence while we listened.
+
+    Checked every ``timeout / REPLY_TIMEOUT_STEPS`` seconds. A step adds to the
+    silence only if Redis sent nothing during it (nothing read from the
+    connection, nothing waiting unread in the socket) and our command had left
+    (nothing of ours unsent); a step the reactor ran late adds only its on-time
+    part, since a busy reactor reads nothing. Redis sending anything starts the
+    count again: it is alive, our reply is behind what it sent. ``expire`` runs
+    once the silence reaches ``timeout``. Looks like the IDelayedCall
+    txredisapi cancels when the reply comes (``active``, ``cancel``).
+    """
+
+    def __init__(self, reactor, protocol, timeout, expire):
+        self._reactor = reactor
+        self._protocol = protocol
+        self._timeout = timeout
+        self._step = timeout / REPLY_TIMEOUT_STEPS
+        self._expire = expire
+        self.silence = 0.0
+        self._call = None
+        self._arm()
+
+    def _arm(self):
+        self._since = self._reactor.seconds()
+        self._call = self._reactor.callLater(self._step, self._check)
+
+    def active(self):
+        return self._call is not None and self._call.active()
+
+    def cancel(self):
+        if self.active():
+            self._call.cancel()
+        self._call = None
+
+    def _check(self):
+        self._call = None
+        late = self._reactor.seconds() - (self._since + self._step)
+        transport = self._protocol.transport
+        if self._protocol.heard_at >= self._since or unread_bytes(transport):
+            self.silence = 0.0
+        elif unsent_bytes(transport):
+            pass  # our command is still in our buffer: nothing to hold against Redis
+        elif late <= self._step * ON_TIME_SHARE:
+            self.silence += self._step
+        else:
+            self.silence += max(0.0, self._step - late)
+        if self.silence >= self._timeout * (1 - 1e-9):
+            self._expire()
+        else:
+            self._arm()
+
+
+class JudgedReplyTimeouts:
+    """Mixin for txredisapi protocols: reply timeouts are ReplyDeadlines on ``reactor``.
+
+    txredisapi arms ``self.callLater(replyTimeout, fire_timeout)`` for each command
+    (its only use of a delay above zero) and cancels it when the reply comes.
+    """
+
+    reactor = None  # set by the factory
+    heard_at = float("-inf")  # when bytes were last read from Redis
+
+    def dataReceived(self, data, unpause=False):
+        if data and not unpause:  # unpause: txredisapi handing itself back bytes it read before
+            self.heard_at = self.reactor.seconds()
+        return super().dataReceived(data, unpause)
+
+    def callLater(self, delay, f, *args, **kwargs):
+        if delay > 0:
+            return ReplyDeadline(self.reactor, self, delay, lambda: f(*args, **kwargs))
+        return self.reactor.callLater(delay, f, *args, **kwargs)
+
+
+class PromptReader:
+    """Mixin for txredisapi protocols: every complete reply of a read is handled in that read.
+
+    txredisapi hands the bytes that follow each bulk string to a callLater(0) and
+    pauses the transport until then: one bulk string per reactor turn, so a pub/sub
+    message takes three turns and, while the reactor is busy (a fan-out), the socket
+    is not read and Redis's output buffer for us grows (past
+    client-output-buffer-limit pubsub, Redis drops the subscriber). Here those bytes
+    are parsed at once, in a loop (not recursively: a read holds hundreds of bulks).
+
+    Reads are fed in pieces of READ_PIECE bytes: txredisapi copies what is left of
+    its buffer at every line and bulk, so a whole 64 KiB read would cost a copy of
+    tens of KiB per reply.
+    """
+
+    READ_PIECE = 4096
+    _rest = None
+
+    def setLineMode(self, extra=b""):
+        self.line_mode = 1
+        if extra:
+            self._rest = extra
+
+    def dataReceived(self, data, unpause=False):
+        piece = self.READ_PIECE
+        for start in range(0, max(len(data), 1), piece):
+            super().dataReceived(data[start : start + piece], unpause)
+            while self._rest is not None:
+                rest, self._rest = self._rest, None
+                super().dataReceived(rest)
+
+
+class RedisProtocol(JudgedReplyTimeouts, PromptReader, txredisapi.RedisProtocol):
+    """txredisapi's protocol, reading promptly, with judged reply timeouts."""
+
+
 class _Factory(txredisapi.RedisFactory):
     """txredisapi's factory, reporting connections to its RedisConnection."""
 
@@ -118,6 +258,8 @@ class _Factory(txredisapi.RedisFactory):
     maxDelay = RECONNECT_MAX_DELAY_SEC
 
     def __init__(self, owner, address, protocol, charset, timeout):
+        if not issubclass(protocol, JudgedReplyTimeouts):
+            raise TypeError(f"{protocol.__name__} must derive from JudgedReplyTimeouts (e.g. redisconn.RedisProtocol)")
         super().__init__(
             str(address),
             address.db or None,  # db 0 needs no SELECT round trip
@@ -131,6 +273,11 @@ class _Factory(txredisapi.RedisFactory):
         )
         self.protocol = protocol
         self.owner = owner
+
+    def buildProtocol(self, addr):
+        p = super().buildProtocol(addr)
+        p.reactor = self.owner.reactor
+        return p
 
     def addConnection(self, conn):
         super().addConnection(conn)
@@ -158,7 +305,7 @@ class _Factory(txredisapi.RedisFactory):
         self.owner.log.warn("redis {name}: {why}", name=self.owner.name, why=why)
 
 
-class SubscriberProtocol(txredisapi.SubscriberProtocol):
+class SubscriberProtocol(JudgedReplyTimeouts, PromptReader, txredisapi.SubscriberProtocol):
     """Hands every pub/sub message to the connection's ``on_message``."""
 
     def messageReceived(self, pattern, channel, message):
@@ -186,7 +333,7 @@ class RedisConnection:
         reactor,
         name,
         charset="utf-8",
-        protocol=txredisapi.RedisProtocol,
+        protocol=RedisProtocol,
         timeout=REDIS_TIMEOUT_SEC,
         clock=None,
         prepare=None,

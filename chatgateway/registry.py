@@ -3,7 +3,9 @@
 room -> sessions and profile -> sessions are O(1) lookups on the hot path.
 The registry subscribes the bus to a room's (or profile's) channel when its
 first local session arrives and unsubscribes when the last one leaves, and
-mirrors every change into the shared store.
+mirrors every change into the shared store - except a new session, which the
+gateway writes together with its device claim in one store call
+(``open_connection``).
 """
 
 from chatgateway import channels
@@ -47,7 +49,6 @@ class ConnectionRegistry:
         self._index(self._by_profile, session.profile_id, session, channels.profile)
         for room_id in session.rooms:
             self._index(self._by_room, room_id, session, channels.room)
-        self._write(self._store.connected(session.meta()))
         return evicted
 
     def remove(self, session):

@@ -32,7 +32,7 @@ from chatgateway.edge.http import build_http_factory
 from chatgateway.gateway import Gateway
 from chatgateway.logconfig import LogLevelService
 from chatgateway.store import make_store
-from chatgateway.workers import listen_shared
+from chatgateway.workers import BACKLOG, listen_shared
 
 
 class _Lifecycle(service.Service):
@@ -91,7 +91,8 @@ class _Listener(service.Service):
         if self._shared:
             self.listening = listen_shared(self._reactor, self._port, self.factory, self._interface)
         else:
-            self.listening = self._reactor.listenTCP(self._port, self.factory, interface=self._interface)
+            # The same accept backlog as shared ports: Twisted's default of 50 drops SYNs in a connect storm.
+            self.listening = self._reactor.listenTCP(self._port, self.factory, backlog=BACKLOG, interface=self._interface)
         address = self.listening.getHost()
         self.log.info("{name} listening on {host}:{port}", name=self.name, host=address.host, port=address.port)
         if self.on_listening is not None:

@@ -5,6 +5,8 @@ The WebSocket protocol (and later the gRPC stream) turns frames into
 interface below; everything a device may do is decided here.
 """
 
+import heapq
+import itertools
 import uuid
 
 import grpc
@@ -72,8 +74,99 @@ def close_after_failed_open(transport, failure, log):
         transport.close(CloseCode.TRY_AGAIN_LATER, "internal error")
 
 
+class TokenExpiries:
+    """Closes sessions whose token expired (4401): one timer, for the earliest, instead of one per session.
+
+    A heap of (expires_at, n, session). An entry goes stale when its session closes
+    or gets a fresher token; stale entries are skipped when due, and dropped all at
+    once when they are most of the heap (so closed sessions are not kept for long).
+    """
+
+    COMPACT_ABOVE = 64
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._heap = []
+        self._order = itertools.count()  # ties never compare sessions
+        self._live = 0  # sessions with an expiry here
+        self._stale = 0  # heap entries that no longer count (an upper bound)
+        self._timer = None
+        self._due = None  # the expiry the timer is set for
+
+    def __len__(self):
+        return self._live
+
+    def schedule(self, session, expires_at):
+        """Close ``session`` at ``expires_at`` (clock seconds), instead of at the expiry set before."""
+        if session._expires_at == expires_at:
+            return
+        if session._expires_at is None:
+            self._live += 1
+        else:
+            self._stale += 1
+        session._expires_at = expires_at
+        heapq.heappush(self._heap, (expires_at, next(self._order), session))
+        self._compact()
+        self._arm()
+
+    def forget(self, session):
+        """The session is gone."""
+        if session._expires_at is None:
+            return
+        session._expires_at = None
+        self._live -= 1
+        self._stale += 1
+        if not self._live:
+            self._heap.clear()
+            self._stale = 0
+            self._cancel()
+        else:
+            self._compact()
+
+    def _compact(self):
+        if self._stale > self.COMPACT_ABOVE and self._stale * 2 > len(self._heap):
+            self._heap = [entry for entry in self._heap if entry[2]._expires_at == entry[0]]
+            heapq.heapify(self._heap)
+            self._stale = 0
+            self._arm()
+
+    def _arm(self):
+        if not self._heap:
+            self._cancel()
+            return
+        due = self._heap[0][0]
+        if self._timer is not None and self._timer.active() and self._due == due:
+            return
+        self._cancel()
+        self._due = due
+        self._timer = self._clock.callLater(max(0.0, due - self._clock.seconds()), self._expire)
+
+    def _cancel(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._due = None
+
+    def _expire(self):
+        self._timer = None
+        # The timer's own target counts as now: clock arithmetic may land a hair before it.
+        now = max(self._clock.seconds(), self._due)
+        while self._heap and self._heap[0][0] <= now:  # closing may compact (replace) the heap
+            expires_at, _, session = heapq.heappop(self._heap)
+            if session._expires_at == expires_at:
+                session.close(CloseCode.UNAUTHENTICATED, "token expired")
+            else:
+                self._stale = max(0, self._stale - 1)
+        self._arm()
+
+
 class Session:
     log = Logger()
+
+    # One per connection: slots keep it small.
+    __slots__ = (
+        "gateway", "transport", "id", "profile_id", "device_id", "token", "member_rooms", "rooms", "closed",
+        "draining", "_in_flight", "connected_at", "last_active", "last_heartbeat", "_bucket", "_expires_at",
+    )
 
     def __init__(self, gateway, transport, claims, token, device_id, member_rooms):
         self.gateway = gateway
@@ -87,11 +180,10 @@ class Session:
         self.closed = False
         self.draining = None  # the close reason once the gateway drains
         self._in_flight = 0  # commands not yet answered
-        clock = gateway.clock
-        self.connected_at = self.last_active = self.last_heartbeat = clock.seconds()
-        self._bucket = TokenBucket(gateway.config.max_events_per_second, gateway.config.max_events_per_second, clock)
-        self._expiry = None
-        self._schedule_expiry(claims.expires_at)
+        self.connected_at = self.last_active = self.last_heartbeat = gateway.clock.seconds()
+        self._bucket = None  # the rate limit's TokenBucket, made by the first command (it starts full)
+        self._expires_at = None  # of the token, while TokenExpiries watches it
+        gateway.token_expiries.schedule(self, claims.expires_at)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -146,16 +238,8 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
-        self._expiry = None
+        self.gateway.token_expiries.forget(self)
         self.gateway.session_closed(self)
-
-    def _schedule_expiry(self, expires_at):
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
-        delay = max(0.0, expires_at - self.gateway.clock.seconds())
-        self._expiry = self.gateway.clock.callLater(delay, self.close, CloseCode.UNAUTHENTICATED, "token expired")
 
     # ------------------------------------------------------------ outbound
 
@@ -198,7 +282,8 @@ class Session:
                 self.close(CloseCode.UNAUTHENTICATED, "token is for another profile")
                 return
             self.token = token
-            self._schedule_expiry(claims.expires_at)
+            if not self.closed:
+                self.gateway.token_expiries.schedule(self, claims.expires_at)
 
         def bad(failure):
             failure.trap(AuthError)
@@ -211,6 +296,9 @@ class Session:
         if self.draining is not None:
             self.reply(request_id, error_detail(grpc.StatusCode.UNAVAILABLE, self.draining))
             return
+        if self._bucket is None:
+            rate = self.gateway.config.max_events_per_second
+            self._bucket = TokenBucket(rate, rate, self.gateway.clock)
         if not self._bucket.take():
             telemetry.rate_limited()
             self.reply(request_id, error_detail(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded"))

@@ -27,8 +27,8 @@ fan-out in FANOUT_SAMPLE_EVERY (and for every chunked one): see ``fanned_out``.
 Traces. One span per call to the core (kind CLIENT, named ``chat.v1.ChatService/<Method>``,
 parented by the caller's W3C trace context when it sent one), whose context goes to the
 core as ``traceparent``/``tracestate`` gRPC metadata; one span per connection (kind
-SERVER, ``chatgateway.connection``), parented by a ``traceparent`` header of the
-WebSocket handshake. Without a trace exporter no span is made and the caller's trace
+SERVER, ``chatgateway.connection``, recorded when the connection ends, back-dated to its
+start), parented by a ``traceparent`` header of the WebSocket handshake. Without a trace exporter no span is made and the caller's trace
 context is passed on unchanged.
 """
 
@@ -62,6 +62,7 @@ CONNECTION_CLOSES = "chatgateway.server.connection.closes"
 RECEIVED_MESSAGES = "chatgateway.server.received.messages"
 SENT_MESSAGES = "chatgateway.server.sent.messages"
 FANOUT_DURATION = "chatgateway.fanout.duration"
+FANOUT_DROPPED = "chatgateway.fanout.dropped"
 RATE_LIMITED = "chatgateway.server.commands.rate_limited"
 DEPENDENCY_ERRORS = "chatgateway.dependency.errors"
 RPC_CLIENT_CALL_DURATION = "rpc.client.call.duration"
@@ -138,6 +139,7 @@ _closes = collections.defaultdict(int)  # (transport, code) -> count; new keys a
 _rate_limited = [0]
 _dependency_errors = collections.defaultdict(int)  # (dependency, error type) -> count
 _fanouts = [0]
+_dropped = collections.defaultdict(int, _kinds("message"))  # payload kind -> deliveries shed by an overloaded fan-out
 
 
 def received(request):
@@ -172,6 +174,11 @@ def fanned_out(event, recipients, started, chunked=False):
         _instruments.fanout_duration.record(clock() - started)
 
 
+def fanout_dropped(event, recipients):
+    """An overloaded fan-out dropped ``event`` before delivering it to ``recipients`` devices."""
+    _dropped[event.WhichOneof("payload")] += recipients
+
+
 def transport_name(transport):
     """"websocket" or "grpc" for a session transport (or its class)."""
     cls = transport if isinstance(transport, type) else type(transport)
@@ -196,29 +203,25 @@ def dependency_error(dependency, error_type):
 # ---------------------------------------------------------------- connections
 
 
-_connections = {}  # session id -> (started, transport, span)
+# session id -> clock() when it opened; while tracing, (clock(), wall-clock ns, the handshake's
+# traceparent/tracestate or None, room count). The connection span is made when the
+# connection ends, back-dated to its start: an SDK span held open would cost ~2 KiB per
+# idle connection.
+_connections = {}
 
 
 def session_opened(session):
     """A device's session is registered (Gateway.open_session)."""
-    transport = transport_name(session.transport)
-    _active[transport] += 1
-    span = None
+    _active[transport_name(session.transport)] += 1
+    started = clock()
     if _current is not None and _current.tracing:
         headers = getattr(session.transport, "http_headers", None) or {}
-        parent = _propagator.extract(headers) if "traceparent" in headers else None
-        span = _current.tracer.start_span(
-            "chatgateway.connection",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={
-                TRANSPORT: transport,
-                "chatgateway.session_id": session.id,
-                "chatgateway.gateway_id": session.gateway.config.gateway_id,
-                "chatgateway.room_count": len(session.rooms),
-            },
-        )
-    _connections[session.id] = (clock(), transport, span)
+        carrier = None
+        if "traceparent" in headers:
+            carrier = {name: headers[name] for name in ("traceparent", "tracestate") if name in headers}
+        _connections[session.id] = (started, time.time_ns(), carrier, len(session.rooms))
+    else:
+        _connections[session.id] = started
 
 
 def session_closed(session):
@@ -226,10 +229,25 @@ def session_closed(session):
     entry = _connections.pop(session.id, None)
     if entry is None:
         return
-    started, transport, span = entry
+    transport = transport_name(session.transport)
     _active[transport] -= 1
+    traced = type(entry) is tuple
+    started = entry[0] if traced else entry
     _instruments.connection_duration.record(clock() - started, _attributes(TRANSPORT, transport))
-    if span is not None:
+    if traced and _current is not None and _current.tracing:
+        _, start_ns, carrier, room_count = entry
+        span = _current.tracer.start_span(
+            "chatgateway.connection",
+            context=_propagator.extract(carrier) if carrier else None,
+            kind=SpanKind.SERVER,
+            attributes={
+                TRANSPORT: transport,
+                "chatgateway.session_id": session.id,
+                "chatgateway.gateway_id": session.gateway.config.gateway_id,
+                "chatgateway.room_count": room_count,
+            },
+            start_time=start_ns,
+        )
         span.end()
 
 
@@ -466,6 +484,12 @@ class Telemetry:
             [_observe_pairs(_closes, TRANSPORT, CLOSE_CODE)],
             unit="{connection}",
             description="Connections the gateway closed, by transport and close code (4429 slow consumer, 1008 policy...).",
+        )
+        meter.create_observable_counter(
+            FANOUT_DROPPED,
+            [_observe(_dropped, MESSAGE_KIND)],
+            unit="{message}",
+            description="Deliveries dropped because the fan-out backlog was over its bound (chatgateway.fanout.MAX_BACKLOG).",
         )
         meter.create_observable_counter(
             RATE_LIMITED,

@@ -18,10 +18,15 @@ keeps nothing), and the gateway tells its devices so they can catch up.
 of queueing without bound; the caller logs it (the core's stored events stay
 available through GetHistory).
 
-Each SUBSCRIBE/UNSUBSCRIBE names one channel, so every command gets exactly
-one confirmation and txredisapi's replies stay matched to their commands
-(with several channels per command, the extra confirmations could be taken
-by a later PING).
+Subscribing and unsubscribing are batched: the channels asked for in one
+reactor turn leave together, at the start of the next, as one SUBSCRIBE (or
+UNSUBSCRIBE) naming them all, in the order asked (a connect storm subscribes
+thousands of profile channels; one command each cost the reactor more than
+Redis). Redis confirms each channel of such a command separately; the first
+confirmation answers txredisapi's command, and the others are taken off its
+reply queue by waiters added with the command, so they can never be mistaken
+for the answer of a later command (a health PING). Resubscribing after a
+reconnection sends SUBSCRIBE_BATCH channels per command.
 
 Redis: 6.2 or later (PUBLISH/SUBSCRIBE and PING in subscribed mode are much
 older). Channels are per server, not per database: the /db of EVENTS_URI
@@ -30,10 +35,26 @@ does not separate two deployments on one Redis.
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatgateway.bus import IEventBus
 from chatgateway.redisconn import REDIS_TIMEOUT_SEC, ConnectionError, RedisConnection, SubscriberProtocol, parse_uri
+
+# Channels named by one SUBSCRIBE when resubscribing (keeps each command and its replies small).
+SUBSCRIBE_BATCH = 1000
+
+
+def send_batch(protocol, command, channels):
+    """One SUBSCRIBE or UNSUBSCRIBE naming ``channels``; fires with the first confirmation.
+
+    The confirmations of the other channels are consumed by waiters queued right
+    behind the command's own (txredisapi matches replies to waiters in order).
+    """
+    d = protocol.subscribe(channels) if command == "SUBSCRIBE" else protocol.unsubscribe(channels)
+    for _ in range(len(channels) - 1):
+        protocol.replyQueue.get()
+    return d
 
 
 @implementer(IEventBus)
@@ -42,6 +63,9 @@ class RedisBus:
 
     def __init__(self, config, reactor, clock=None, timeout=REDIS_TIMEOUT_SEC):
         address = parse_uri(config.events_uri)
+        self._reactor = reactor
+        self._batch = []  # [command, [(channel, Deferred)]] runs, in the order asked
+        self._flush_call = None
         self._channels = set()
         self._receiver = None
         self._reconnect_callbacks = []
@@ -82,30 +106,55 @@ class RedisBus:
         if channel in self._channels:
             return defer.succeed(None)
         self._channels.add(channel)
-        protocol = self.subscriber.protocol
-        if protocol is None:
+        if self.subscriber.protocol is None:
             # Subscribed when the connection is (back) up; until then we miss messages.
             self.subscriber.needs_resync = True
             return defer.succeed(None)
-        return self._confirmed(defer.maybeDeferred(protocol.subscribe, channel))
+        return self._confirmed(self._queue("SUBSCRIBE", channel))
 
     def unsubscribe(self, channel):
         if channel not in self._channels:
             return defer.succeed(None)
         self._channels.discard(channel)
-        protocol = self.subscriber.protocol
-        if protocol is None:
+        if self.subscriber.protocol is None:
             return defer.succeed(None)
-        return self._confirmed(defer.maybeDeferred(protocol.unsubscribe, channel))
+        return self._confirmed(self._queue("UNSUBSCRIBE", channel))
 
     def publish(self, channel, payload):
         return self.publisher.execute("PUBLISH", channel, payload).addCallback(lambda _: None)
 
     def stop(self):
         self._receiver = None
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush()  # what was asked is sent (or fails with the connection), never left waiting
         return defer.gatherResults([self.subscriber.stop(), self.publisher.stop()], consumeErrors=True)
 
     # ------------------------------------------------------------ internals
+
+    def _queue(self, command, channel):
+        """A Deferred fired when ``channel``'s command of this turn's batch is confirmed."""
+        d = defer.Deferred()
+        if self._batch and self._batch[-1][0] == command:
+            self._batch[-1][1].append((channel, d))
+        else:
+            self._batch.append((command, [(channel, d)]))
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self):
+        self._flush_call = None
+        batch, self._batch = self._batch, []
+        for command, entries in batch:
+            protocol = self.subscriber.protocol
+            if protocol is None:
+                # Lost meanwhile: the next connection subscribes to every remembered channel.
+                self.subscriber.needs_resync = True
+                sent = defer.fail(ConnectionError(f"redis {self.subscriber.name} is not connected"))
+            else:
+                sent = defer.maybeDeferred(send_batch, protocol, command, [channel for channel, _ in entries])
+            sent.addBoth(_fire_all, [d for _, d in entries])
 
     def _confirmed(self, d):
         # A connection lost meanwhile is not an error: the channel is remembered
@@ -115,7 +164,11 @@ class RedisBus:
 
     def _resubscribe(self, protocol):
         """On each new subscriber connection: SUBSCRIBE every remembered channel."""
-        subscribed = [defer.maybeDeferred(protocol.subscribe, c) for c in sorted(self._channels)]
+        channels = sorted(self._channels)
+        subscribed = [
+            defer.maybeDeferred(send_batch, protocol, "SUBSCRIBE", channels[i : i + SUBSCRIBE_BATCH])
+            for i in range(0, len(channels), SUBSCRIBE_BATCH)
+        ]
         return defer.gatherResults(subscribed, consumeErrors=True)
 
     def _message(self, channel, payload):
@@ -137,3 +190,12 @@ class RedisBus:
                 callback()
             except Exception:
                 self.log.failure("bus on_reconnect callback failed")
+
+
+def _fire_all(result, waiters):
+    """Hand one command's outcome to the Deferred of each channel it named."""
+    for d in waiters:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(None)

@@ -13,12 +13,15 @@ CLOSE_TIMEOUT_SEC), AUTH_TIMEOUT_SEC for first-frame auth, MAX_CONNECTIONS per
 process (HTTP 503), and while the gateway drains, new handshakes get 503 too.
 """
 
+import pprint
+
+import autobahn.websocket.protocol
 import grpc
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from autobahn.util import encode_truncate
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from chatgateway import codec, telemetry
@@ -32,6 +35,36 @@ from chatgateway.session import CloseCode, ISessionTransport, close_after_failed
 MAX_PENDING_FRAMES = 16
 # WebSocket close reasons are limited to 123 bytes of UTF-8.
 MAX_REASON_BYTES = 123
+# What Autobahn keeps of the opening handshake for the connection's lifetime; it
+# reads them only while the handshake runs (the Authorization header alone is
+# ~300 bytes per connection).
+HANDSHAKE_ATTRIBUTES = (
+    "http_headers", "http_headers_cnt", "http_request_data", "http_response_data", "http_status_line",
+    "http_request_uri", "http_request_path", "http_request_params", "http_request_host",
+    "websocket_protocols", "websocket_extensions", "websocket_origin", "_wskey",
+)
+
+
+class _LazyPformat:
+    """pprint.pformat(value), computed only when a log line is written with it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __str__(self):
+        return pprint.pformat(self.value)
+
+    __repr__ = __str__
+
+
+# Autobahn pretty-prints its ~30 protocol options for a debug line on every new
+# connection, whether or not debug lines are kept: ~230 us, more than the rest of
+# its opening handshake. Formatted lazily, it costs nothing unless LOG_LEVEL=debug.
+autobahn.websocket.protocol.pformat = _LazyPformat
+# The module's one non-logging use must keep returning a str.
+autobahn.websocket.protocol.Timings.__str__ = lambda self: pprint.pformat(self._timings)
 
 
 def bearer_token(value):
@@ -57,18 +90,32 @@ def _first(params, name):
 
 @implementer(ISessionTransport)
 class DeviceProtocol(WebSocketServerProtocol):
-    log = Logger()
+    # Autobahn's own logger kind (txaio): its ~14 debug lines per handshake are no-ops
+    # below LOG_LEVEL=debug, where a twisted Logger would build and filter each event.
+    log = txaio.make_logger()
 
-    session = None
-    _claims = None
-    _token = None
-    _auth_error = None
-    _auth_timer = None
-    _opening = False
-    _gone = False
-    _outbox = None
-    _close_timer = None
-    _closing = None
+    # Our state in slots: Autobahn's own attributes alone nearly fill the instance
+    # dict's 128 entries once the handshake is forgotten (see _forget_handshake).
+    __slots__ = (
+        "session", "subprotocol", "_outbox", "_claims", "_token", "_auth_error", "_auth_timer", "_fallback_device",
+        "_pending", "_opening", "_gone", "_close_timer", "_closing",
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.session = None
+        self.subprotocol = None
+        self._outbox = None
+        self._claims = None
+        self._token = None
+        self._auth_error = None
+        self._auth_timer = None
+        self._fallback_device = ""
+        self._pending = None  # frames that arrived while the session was opening
+        self._opening = False
+        self._gone = False
+        self._close_timer = None
+        self._closing = None
 
     # ------------------------------------------------------------ connection
 
@@ -88,10 +135,13 @@ class DeviceProtocol(WebSocketServerProtocol):
             responseHeaders = [*(responseHeaders or []), ("Retry-After", str(RETRY_AFTER_SEC))]
         super().failHandshake(reason, code, responseHeaders)
 
+    @property
+    def gateway(self):
+        return self.factory.gateway
+
     # ------------------------------------------------------------ handshake
 
     def onConnect(self, request):
-        self.gateway = self.factory.gateway
         refusal = self.factory.refusal()
         if refusal is not None:
             raise ConnectionDeny(503, refusal)
@@ -101,7 +151,6 @@ class DeviceProtocol(WebSocketServerProtocol):
         subprotocol = choose_subprotocol(request.protocols)
         self.subprotocol = subprotocol or codec.JSON
         self._fallback_device = _first(request.params, "device_id") or request.headers.get("x-device-id") or ""
-        self._pending = []
         header_token = bearer_token(request.headers.get("authorization"))
         if header_token:
             return self._verify(header_token).addCallbacks(
@@ -136,7 +185,7 @@ class DeviceProtocol(WebSocketServerProtocol):
 
     def onOpen(self):
         self._outbox = Outbox(self._write_frame, self.gateway.config.send_buffer_bytes, self._slow_consumer,
-                              unsent=lambda: unsent_bytes(self.transport))
+                              unsent=self._unsent_bytes)
         self._outbox.bind(self.transport)
         if self._auth_error is not None:
             self.close(CloseCode.UNAUTHENTICATED, f"invalid token: {self._auth_error}")
@@ -155,7 +204,7 @@ class DeviceProtocol(WebSocketServerProtocol):
             self.close(CloseCode.UNAUTHENTICATED, "the first frame must carry auth_token")
             return
         self._opening = True
-        self._pending.append(request)
+        self._pending = [request]
 
         def bad(failure):
             failure.trap(AuthError)
@@ -181,8 +230,21 @@ class DeviceProtocol(WebSocketServerProtocol):
             return
         if isinstance(self.transport, Guard):
             self.transport.authenticated()
-        pending, self._pending = self._pending, []
+        pending = self._pending or ()
+        self._forget_handshake()
         replay(session, pending)
+
+    def _forget_handshake(self):
+        """Drop what only opening the session needed; the protocol lives as long as the connection."""
+        state = self.__dict__
+        for name in HANDSHAKE_ATTRIBUTES:
+            state.pop(name, None)
+        self._claims = self._token = self._pending = None
+        self._fallback_device = ""
+        # Autobahn sets ~90 attributes, so the instance dict grew to 256 entries during the
+        # handshake; dicts never shrink, but a copy of what is left fits in 128 (~1.7 KiB
+        # less), with room for the ~10 that Autobahn adds on the first frame.
+        self.__dict__ = dict(state)
 
     def _session_failed(self, failure):
         self._opening = False
@@ -201,6 +263,8 @@ class DeviceProtocol(WebSocketServerProtocol):
         if self.session is not None:
             self.session.handle(request)
         elif self._opening:
+            if self._pending is None:
+                self._pending = []
             if len(self._pending) >= MAX_PENDING_FRAMES:
                 self.close(CloseCode.POLICY, "too many frames before connected")
             else:
@@ -262,6 +326,9 @@ class DeviceProtocol(WebSocketServerProtocol):
             self.transport.write(frame)
         if self._closing is not None and not len(self._outbox):
             self._send_close(*self._closing)
+
+    def _unsent_bytes(self):
+        return unsent_bytes(self.transport)
 
     def _slow_consumer(self):
         self.log.info(

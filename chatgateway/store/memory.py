@@ -38,6 +38,10 @@ class MemoryStore:
     def start(self):
         return defer.succeed(None)
 
+    def open_connection(self, meta, session_id, limit):
+        self.connected(meta)
+        return self.claim_device(meta.profile_id, meta.device_id, meta.gateway_id, session_id, limit)
+
     def connected(self, meta):
         self._joined(meta, meta.room_ids)
         self._add(instance_conns_key(meta.gateway_id), meta.member)

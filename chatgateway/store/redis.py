@@ -54,7 +54,10 @@ is: per connection and heartbeat, 1/2 + (devices + distinct rooms) /
 Every operation is one pipeline or one script: connected, rooms_changed,
 refresh, instance_alive are pipelines; disconnected, claim_device and the
 reaper are Lua scripts, because they decide on what they read (who owns the
-device now) and must not race with another gateway.
+device now) and must not race with another gateway. open_connection, what a
+gateway calls for each new connection, is connected and claim_device in one
+script: one command (and one reply) per connect instead of eight, which is
+what a connect storm costs the gateway's reactor in Redis calls.
 
 Redis: 6.2 or later (tested with 7.0). The commands used (SET EX/NX, ZADD,
 SPOP with a count inside a script, EVALSHA) need 5.0 (script effects
@@ -123,23 +126,45 @@ redis.call('SREM', KEYS[2], ARGV[2])
 return 1
 """
 
+# Appends entry to a device's list (once); returns the entries beyond limit, oldest first, now removed.
+_CLAIM_FUNCTION = """
+local function claim(key, entry, limit, ttl)
+  if not redis.call('ZSCORE', key, entry) then
+    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    local score = 1
+    if newest[2] then score = tonumber(newest[2]) + 1 end
+    redis.call('ZADD', key, score, entry)
+  end
+  local excess = redis.call('ZCARD', key) - tonumber(limit)
+  local evicted = {}
+  if excess > 0 then
+    evicted = redis.call('ZRANGE', key, 0, excess - 1)
+    redis.call('ZREMRANGEBYRANK', key, 0, excess - 1)
+  end
+  redis.call('EXPIRE', key, ttl)
+  return evicted
+end
+"""
+
 # KEYS: device key. ARGV: entry, limit, ttl. Returns the entries evicted, oldest first.
-CLAIM = """
-local key = KEYS[1]
-if not redis.call('ZSCORE', key, ARGV[1]) then
-  local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  local score = 1
-  if newest[2] then score = tonumber(newest[2]) + 1 end
-  redis.call('ZADD', key, score, ARGV[1])
+CLAIM = _CLAIM_FUNCTION + "return claim(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\n"
+
+# A new connection in one step: what ``connected`` writes, then ``claim_device``.
+# KEYS: conn key, device key, this gateway's conns set, its rooms set, the room keys of ARGV[7..]
+# ARGV: metadata JSON, conn TTL, registry TTL, "profileID:deviceID", device entry, limit, room ids
+# Returns the device entries evicted, oldest first.
+OPEN = _CLAIM_FUNCTION + """
+local ttl, registry_ttl, member = ARGV[2], ARGV[3], ARGV[4]
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+for i = 5, #KEYS do
+  redis.call('SADD', KEYS[i], member)
+  redis.call('EXPIRE', KEYS[i], ttl)
+  redis.call('SADD', KEYS[4], ARGV[i + 2])
 end
-local excess = redis.call('ZCARD', key) - tonumber(ARGV[2])
-local evicted = {}
-if excess > 0 then
-  evicted = redis.call('ZRANGE', key, 0, excess - 1)
-  redis.call('ZREMRANGEBYRANK', key, 0, excess - 1)
-end
-redis.call('EXPIRE', key, ARGV[3])
-return evicted
+if #KEYS > 4 then redis.call('EXPIRE', KEYS[4], registry_ttl) end
+redis.call('SADD', KEYS[3], member)
+redis.call('EXPIRE', KEYS[3], registry_ttl)
+return claim(KEYS[2], ARGV[5], ARGV[6], ttl)
 """
 
 # KEYS: instance key, its conns set, its rooms set, the instances set. ARGV: gateway id, batch size.
@@ -233,6 +258,22 @@ class RedisStore:
         self._reconnect_callbacks.append(callback)
 
     # ------------------------------------------------------------ connections
+
+    def open_connection(self, meta, session_id, limit):
+        """``connected`` and ``claim_device`` in one script: one command per connect instead of eight."""
+        keys = [
+            conn_key(meta.profile_id, meta.device_id),
+            device_key(meta.profile_id, meta.device_id),
+            instance_conns_key(meta.gateway_id),
+            instance_rooms_key(meta.gateway_id),
+            *(room_key(room_id) for room_id in meta.room_ids),
+        ]
+        args = [
+            meta.to_json(), self.conn_ttl, self.registry_ttl, meta.member,
+            device_entry(meta.gateway_id, session_id), limit, *meta.room_ids,
+        ]
+        d = self.redis.eval(OPEN, keys, args)
+        return d.addCallback(lambda evicted: [parse_device_entry(e) for e in evicted or ()])
 
     def connected(self, meta):
         conns = instance_conns_key(meta.gateway_id)

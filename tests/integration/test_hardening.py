@@ -173,22 +173,30 @@ async def test_slow_consumers_are_closed_4429_within_the_memory_bound_and_do_not
         )
         total = int(await threads.deferToThread(publisher.expect, "DONE", 120))
         assert total == RATE * SECONDS
+        last = f"m{total - 1}"  # the newest event is never shed
         deadline = time.monotonic() + 120
-        while len(fast.pending("message")) < total and time.monotonic() < deadline:
+        while last not in {e.message.id for e in fast.pending("message")} and time.monotonic() < deadline:
             await _pause(0.2)
         peak = memory(gateway.pid, "VmHWM")
 
         slow.send("COLLECT")
         result = json.loads(await threads.deferToThread(slow.expect, "RESULT", 180))
 
-        received = [e.message.id for e in fast.pending("message")]
-        assert received == [f"m{i}" for i in range(total)]  # every message, once, in order
+        received = [int(e.message.id[1:]) for e in fast.pending("message")]
+        assert received == sorted(set(received)) and received[-1] == total - 1  # in order, once, to the last
+        # While the 200 slow devices' kernel buffers fill (~400k deliveries/s asked of one
+        # process), the fan-out's backlog passes its bound and the oldest events are shed
+        # (README, Overload): the fast device is told, once per 5 s, and stays connected.
+        shed = total - len(received)
+        notices = [e.error.status for e in fast.pending("error")]
+        assert (shed == 0 and notices == []) or (shed > 0 and notices and set(notices) == {"DATA_LOSS"}), notices
         assert fast.close_code is None
         assert result["codes"] == {"4429": SLOW}, result
         largest_frame = MESSAGE_BYTES + 256
         bound = slow_consumer_bound(SLOW, SEND_BUFFER_BYTES, largest_frame)
         print(f"\nRSS idle {idle / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB, growth {(peak - idle) / MiB:.1f} MiB, "
-              f"bound {bound / MiB:.1f} MiB; slow devices read {result['frames']} frames before 4429")
+              f"bound {bound / MiB:.1f} MiB; slow devices read {result['frames']} frames before 4429; "
+              f"the fast device received {len(received)} of {total} messages ({len(notices)} DATA_LOSS notices)")
         assert peak - idle < bound
         assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
     finally:

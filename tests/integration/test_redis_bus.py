@@ -2,7 +2,7 @@
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import defer, reactor, threads
 from zope.interface.verify import verifyObject
 
 from chatgateway import config as configuration
@@ -95,6 +95,43 @@ async def test_subscribe_is_idempotent_and_unsubscribe_stops_delivery(redis_serv
     await eventually(lambda: received.on("chat:room:fence"))
     assert received.on("chat:room:r1") == []
     assert bus.channels == {"chat:room:fence"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_channels_asked_in_one_turn_leave_as_one_command_and_replies_stay_matched(redis_server, buses):
+    bus, received = await buses()
+    r = redis_server.client()
+
+    def calls(command):
+        return r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+    channels = [f"chat:profile:p{i}" for i in range(50)]
+    subscribes = calls("subscribe")
+    await defer.gatherResults([bus.subscribe(c) for c in channels])  # one reactor turn
+    assert calls("subscribe") == subscribes + 1
+    assert {c: subscribers(r, c) for c in channels} == {c: 1 for c in channels}
+    # the 49 extra confirmations did not answer the next command
+    assert await bus.subscriber.protocol.ping() in ("PONG", b"PONG", ["pong", ""], [b"pong", b""])
+    unsubscribes = calls("unsubscribe")
+    leaving, staying = channels[:25], channels[25:]
+    await defer.gatherResults([bus.unsubscribe(c) for c in leaving] + [bus.subscribe("chat:room:late")])
+    assert calls("unsubscribe") == unsubscribes + 1
+    assert [subscribers(r, c) for c in leaving] == [0] * 25
+    for channel in (*staying, "chat:room:late"):
+        r.publish(channel, channel.encode())
+    await eventually(lambda: len(received.messages) == 26)
+    assert received.messages == [(c, c.encode()) for c in (*staying, "chat:room:late")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsubscribe_then_subscribe_in_one_turn_keeps_the_order(redis_server, buses):
+    bus, received = await buses()
+    r = redis_server.client()
+    await bus.subscribe("chat:room:r1")
+    await defer.gatherResults([bus.unsubscribe("chat:room:r1"), bus.subscribe("chat:room:r1")])
+    assert subscribers(r, "chat:room:r1") == 1
+    await defer.gatherResults([bus.subscribe("chat:room:r2"), bus.unsubscribe("chat:room:r2")])
+    assert subscribers(r, "chat:room:r2") == 0
 
 
 @pytest_twisted.ensureDeferred

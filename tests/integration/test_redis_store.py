@@ -1,5 +1,6 @@
 """RedisStore against a real redis-server: keys, values and TTLs read back with redis-py."""
 
+import dataclasses
 import json
 
 import pytest
@@ -163,6 +164,32 @@ async def test_connected_writes_the_spec_keys_with_their_ttls(redis_server, stor
     assert r.smembers("gateway:instance:gw-a:conns") == {"alice:phone"}
     assert r.smembers("gateway:instance:gw-a:rooms") == {"r1", "r2"}
     assert r.ttl("gateway:instance:gw-a:conns") > TTL and r.ttl("gateway:instance:gw-a:rooms") > TTL
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_connection_is_connected_and_claim_device_in_one_command(redis_server, stores):
+    separate, combined = await stores(), await stores()
+    r = redis_server.client()
+    await combined.open_connection(meta(profile="warm-up"), "s0", 1)  # Redis caches the script
+    r.flushdb()
+    await separate.connected(meta(rooms=["r1", "r2"]))
+    await separate.claim_device("alice", "phone", "gw-a", "s1", 1)
+    expected = dump(r)
+    r.flushdb()
+    before = write_calls(r)
+    assert await combined.open_connection(meta(rooms=["r1", "r2"]), "s1", 1) == []
+    calls = delta(before, write_calls(r))
+    assert calls["evalsha"] == 1 and "eval" not in calls  # one script; what it runs inside is counted too
+    assert dump(r) == expected
+    # the metadata JSON: the fields in their declared order, as dataclasses.asdict gives them
+    assert r.get("gateway:conn:alice:phone") == json.dumps(dataclasses.asdict(meta(rooms=["r1", "r2"])), separators=(",", ":"))
+    for key in ("gateway:conn:alice:phone", "gateway:room:r1", "gateway:room:r2", "gateway:device:alice:phone"):
+        assert TTL - 5 < r.ttl(key) <= TTL
+    assert r.ttl("gateway:instance:gw-a:conns") > TTL and r.ttl("gateway:instance:gw-a:rooms") > TTL
+    # a newer session of the device evicts the older one, as claim_device does
+    assert await combined.open_connection(meta(rooms=[], at=2000), "s2", 1) == [("gw-a", "s1")]
+    assert r.zrange("gateway:device:alice:phone", 0, -1) == [device_entry("gw-a", "s2")]
+    assert json.loads(r.get("gateway:conn:alice:phone"))["room_ids"] == []
 
 
 @pytest_twisted.ensureDeferred
@@ -397,6 +424,8 @@ async def test_memory_store_leaves_the_same_keys_and_values(redis_server, stores
         for session in ("s1", "s2", "s3"):
             evicted += await store.claim_device("alice", "phone", "gw-a", session, 2)
         await store.release_device("alice", "phone", "gw-a", "s3")
+        evicted += await store.open_connection(meta(profile="dave", rooms=["r2", "r5"]), "s4", 1)
+        evicted += await store.open_connection(meta(profile="dave", rooms=["r5"], at=1100), "s5", 1)
         await other_store.connected(meta(profile="bob", rooms=["r2", "r4"], gateway="gw-b"))
         await store.disconnected(meta(profile="bob", rooms=["r2"]))
         await store.disconnected(meta(profile="carol", rooms=["r9"]))
@@ -404,7 +433,7 @@ async def test_memory_store_leaves_the_same_keys_and_values(redis_server, stores
 
     evicted_redis = await scenario(redis_store, other)
     evicted_memory = await scenario(memory, memory)
-    assert evicted_redis == evicted_memory == [("gw-a", "s1")]
+    assert evicted_redis == evicted_memory == [("gw-a", "s1"), ("gw-a", "s4")]
     memory_state = {**memory.values, **memory.sets, **memory.devices}
     assert dump(redis_server.client()) == memory_state
     await redis_store.stop()

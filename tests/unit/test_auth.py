@@ -166,6 +166,38 @@ async def test_expired_token_is_refused_after_the_leeway(verifiers):
         verifier.verify_blocking(token)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_token_verified_before_skips_pyjwt_but_not_the_clock(verifiers, monkeypatch):
+    verifier, clock = verifiers(JWT_SECRET=SECRET)
+    token = mint_token(SECRET, "alice", device_id="phone", audience=AUDIENCE, ttl=60, now=clock.seconds())
+    decodes = []
+    real_decode = verifier._decoder.decode
+    monkeypatch.setattr(verifier._decoder, "decode", lambda *a, **kw: decodes.append(1) or real_decode(*a, **kw))
+    first = await verifier.verify(token)
+    assert await verifier.verify(token) == first == verifier.verify_blocking(token)
+    assert len(decodes) == 1
+    clock.advance(60 + 31)  # past exp and JWT_LEEWAY_SEC
+    assert await refused(verifier.verify(token)) == "token expired"
+    assert await refused(verifier.verify(token)) == "token expired"
+    assert len(decodes) == 2  # forgotten once refused: checked in full again
+    other = mint_token(SECRET + "-other", "alice", audience=AUDIENCE, now=clock.seconds())
+    assert await refused(verifier.verify(other)) == "invalid signature"
+    assert await refused(verifier.verify(other)) == "invalid signature"  # refusals are not remembered
+
+
+@pytest_twisted.ensureDeferred
+async def test_remembered_tokens_are_bounded_least_recently_used_first(verifiers, monkeypatch):
+    monkeypatch.setattr(auth, "VERIFIED_TOKENS", 3)
+    verifier, clock = verifiers(JWT_SECRET=SECRET)
+    tokens = [mint_token(SECRET, f"p{i}", audience=AUDIENCE, now=clock.seconds()) for i in range(5)]
+    for token in tokens[:3]:
+        await verifier.verify(token)
+    await verifier.verify(tokens[0])  # used again: now the most recent
+    for token in tokens[3:]:
+        await verifier.verify(token)
+    assert list(verifier._verified) == [tokens[0], tokens[3], tokens[4]]
+
+
 @pytest.mark.parametrize(
     "claims, reason",
     [
@@ -468,7 +500,7 @@ async def test_rotated_keys_are_picked_up_on_the_next_refetch(verifiers, keys):
     assert await refused(verifier.verify(new)) == "unknown signing key"  # cooldown
     clock.advance(51)
     assert (await verifier.verify(new)).profile_id == "alice"
-    assert await refused(verifier.verify(old)) == "unknown signing key"  # removed at the issuer
+    assert await refused(verifier.verify(old)) == "unknown signing key"  # removed at the issuer: verified before, refused now
     assert fetch.count == 2
 
 
@@ -481,6 +513,8 @@ async def test_keys_older_than_the_max_age_are_refetched(verifiers, keys):
         return sign(keys["rsa-a"], "RS256", payload(now=clock.seconds()), kid="a")
 
     assert (await verifier.verify(token())).profile_id == "alice"
+    remembered = token()
+    assert (await verifier.verify(remembered)).profile_id == "alice"
     clock.advance(auth.JWKS_MAX_AGE_SEC - 1)
     assert (await verifier.verify(token())).profile_id == "alice"
     assert fetch.count == 1
@@ -492,6 +526,7 @@ async def test_keys_older_than_the_max_age_are_refetched(verifiers, keys):
     clock.advance(60)
     assert await refused(verifier.verify(token())) == "unknown signing key"
     assert fetch.count == 3
+    assert await refused(verifier.verify(remembered)) == "unknown signing key"  # verified by "a" before
 
 
 @pytest_twisted.ensureDeferred

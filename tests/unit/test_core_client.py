@@ -8,6 +8,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from chatgateway import breaker as circuit
+from chatgateway import core as core_module
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.breaker import CircuitBreaker
 from chatgateway.core import CoreClient, CoreError, trace_metadata
@@ -138,6 +139,29 @@ async def test_server_streaming_gives_every_page(core, stop_after):
 
 
 @pytest_twisted.ensureDeferred
+async def test_server_streaming_failures_keep_status_details_and_deadlines(core, stop_after):
+    details = b"\x08\x07\x12\x03no!"
+
+    def refuse(request, context):
+        context.abort_with_status(_Status(grpc.StatusCode.PERMISSION_DENIED, "not yours", details))
+
+    core.answers["SearchRooms"] = refuse
+    client = client_for(core, timeout=5.0)
+    stop_after(client)
+    with pytest.raises(CoreError) as failed:
+        await client.call("SearchRooms", pb.SearchRoomsRequest(), "t")
+    assert (failed.value.code, failed.value.message) == (grpc.StatusCode.PERMISSION_DENIED, "not yours")
+    assert failed.value.status_details == details
+    core.slow = 1.0
+    core.answers["SearchRooms"] = lambda request, context: [pb.SearchRoomsResponse()]
+    started = time.monotonic()
+    with pytest.raises(CoreError) as late:
+        await client.call("SearchRooms", pb.SearchRoomsRequest(), "t", timeout=0.2)
+    assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 0.9
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_slow_core_gives_deadline_exceeded_at_the_deadline(core, stop_after):
     core.slow = 1.5
     core.answers["GetHistory"] = lambda request, context: pb.GetHistoryResponse()
@@ -168,20 +192,74 @@ async def test_a_callers_shorter_deadline_is_used_and_does_not_count(core, stop_
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_full_pool_refuses_at_once_with_resource_exhausted(core, stop_after):
-    core.slow = 0.5
+async def test_calls_beyond_the_pool_wait_their_turn_and_beyond_the_bound_are_refused_at_once(
+    core, stop_after, monkeypatch
+):
+    monkeypatch.setattr(core_module, "WAITING_PER_THREAD", 2)
+    core.slow = 0.1
     core.answers["GetHistory"] = lambda request, context: pb.GetHistoryResponse()
-    client = client_for(core, threads=1)  # one thread, four waiting: five in flight at most
+    client = client_for(core, timeout=5.0, threads=1)  # one thread, four queued in the pool: five in flight
     stop_after(client)
-    in_flight = [client.call("GetHistory", pb.GetHistoryRequest(room_id="r"), "t") for _ in range(5)]
+    accepted = [client.call("GetHistory", pb.GetHistoryRequest(room_id=str(i)), "t") for i in range(7)]
+    assert (client.in_flight, client.waiting) == (5, 2)
     refused = client.call("GetHistory", pb.GetHistoryRequest(room_id="r"), "t")
     assert refused.called
     with pytest.raises(CoreError) as full:
         await refused
     assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    await defer.gatherResults(in_flight)
-    assert client.in_flight == 0
+    await defer.gatherResults(accepted)
+    assert [request.room_id for _, request, _ in core.calls] == [str(i) for i in range(7)]  # oldest first
+    assert (client.in_flight, client.waiting) == (0, 0)
     assert client.breaker.consecutive_failures == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_waiting_past_its_deadline_fails_without_reaching_the_core(core, stop_after):
+    core.slow = 1.0
+    core.answers["GetHistory"] = lambda request, context: pb.GetHistoryResponse()
+    client = client_for(core, timeout=5.0, threads=1, failures=1)
+    stop_after(client)
+    in_flight = [client.call("GetHistory", pb.GetHistoryRequest(room_id="busy"), "t") for _ in range(5)]
+    started = time.monotonic()
+    with pytest.raises(CoreError) as late:
+        await client.call("GetHistory", pb.GetHistoryRequest(room_id="late"), "t", timeout=0.3)
+    assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.25 <= time.monotonic() - started < 0.9
+    assert client.waiting == 0
+    assert client.breaker.state == circuit.CLOSED  # nothing learned about the core
+    await defer.DeferredList(in_flight, consumeErrors=True)
+    assert "late" not in [request.room_id for _, request, _ in core.calls]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_open_circuit_refuses_at_once_even_when_calls_would_wait(core, stop_after):
+    core.slow = 0.3
+    core.answers["GetHistory"] = lambda request, context: pb.GetHistoryResponse()
+    client = client_for(core, threads=1, failures=1)
+    stop_after(client)
+    in_flight = [client.call("GetHistory", pb.GetHistoryRequest(room_id="r"), "t") for _ in range(5)]
+    client.breaker.failed()  # opened meanwhile (as another call's UNAVAILABLE would)
+    refused = client.call("GetHistory", pb.GetHistoryRequest(room_id="r"), "t")
+    assert refused.called and client.waiting == 0
+    with pytest.raises(CoreError) as failed:
+        await refused
+    assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+    await defer.DeferredList(in_flight, consumeErrors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_fails_the_calls_still_waiting(core):
+    core.slow = 0.3
+    core.answers["GetHistory"] = lambda request, context: pb.GetHistoryResponse()
+    client = client_for(core, threads=1)
+    in_flight = [client.call("GetHistory", pb.GetHistoryRequest(room_id="r"), "t") for _ in range(5)]
+    waiting = client.call("GetHistory", pb.GetHistoryRequest(room_id="r"), "t")
+    stopped = client.stop()
+    with pytest.raises(CoreError) as failed:
+        await waiting
+    assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+    await defer.DeferredList(in_flight, consumeErrors=True)
+    await stopped
 
 
 @pytest_twisted.ensureDeferred
