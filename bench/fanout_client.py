@@ -9,7 +9,11 @@ latency is sampled on every SAMPLE_EVERY-th frame of a connection from the
 publisher's send time, which the publisher writes as the ServerEvent id
 (field 1, the first bytes of the frame): reading it costs a slice.
 
-stdin/stdout, one line each:  -> READY <n> <seconds>;  <- RESET;  <- STATS -> STATS {json};  <- QUIT
+stdin/stdout, one line each:  -> READY <n> <seconds> {json};  <- RESET;  <- STATS -> STATS {json};  <- QUIT
+
+The READY json has the same handshake figures as bench/fanout_client.c (which the
+suite uses by default; this one stays as the fallback, `--client python`): per
+device, milliseconds from the TCP connect to the HTTP 101 and to `connected`.
 """
 
 import argparse
@@ -65,6 +69,9 @@ class Device(protocol.Protocol):
         self.upgraded = False
         self.frames = 0
         self.closed = False
+        self.started = time.monotonic()
+        self.upgraded_at = None
+        self.connected_at = None
 
     def connectionMade(self):
         self.transport.write(self.request)
@@ -82,8 +89,10 @@ class Device(protocol.Protocol):
                 self.transport.loseConnection()
                 return
             self.upgraded = True
+            self.upgraded_at = time.monotonic()
             buffer = buffer[end + 4:]
             if not self.expect_hello:
+                self.connected_at = self.upgraded_at
                 self.opened.callback(self)
         self.buffer = self._frames(buffer)
 
@@ -109,15 +118,18 @@ class Device(protocol.Protocol):
             start = i + head
             if opcode == 2:
                 if not self.opened.called:
+                    self.connected_at = time.monotonic()
                     self.opened.callback(self)  # the gateway's `connected`
                 else:
                     counters.messages += 1
                     self.frames += 1
                     if self.frames % SAMPLE_EVERY == 0 and buffer[start] == 0x0A and len(counters.latencies) < MAX_SAMPLES:
                         try:
-                            counters.latencies.append(time.time() - float(buffer[start + 2:start + 2 + buffer[start + 1]]))
+                            latency = time.time() - float(buffer[start + 2:start + 2 + buffer[start + 1]])
                         except ValueError:
-                            pass
+                            latency = None
+                        if latency is not None and latency < 3600:  # else not a publisher's event
+                            counters.latencies.append(latency)
             elif opcode == 9:  # ping: answer with a masked pong (zero mask) carrying the same payload
                 self.transport.write(bytes([0x8A, 0x80 | length]) + b"\0\0\0\0" + buffer[start:start + length])
             elif opcode == 8:
@@ -149,6 +161,14 @@ class Control(LineReceiver):
             self.done.callback(None)
 
 
+def _summary(seconds):
+    if not seconds:
+        return None
+    ms = sorted(s * 1000 for s in seconds)
+    return {"mean": round(sum(ms) / len(ms), 2), "p50": round(ms[len(ms) // 2], 2),
+            "p99": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2), "max": round(ms[-1], 2)}
+
+
 async def main(reactor, argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
@@ -157,6 +177,7 @@ async def main(reactor, argv):
     parser.add_argument("--secret", help="gateway: mint JWTs for profiles PREFIX<i>")
     parser.add_argument("--prefix", default="fan")
     parser.add_argument("--concurrency", type=int, default=24)
+    parser.add_argument("--source", help="local address to connect from (e.g. 127.0.0.2)")
     args = parser.parse_args(argv)
     counters = Counters()
     devices = []
@@ -165,7 +186,8 @@ async def main(reactor, argv):
     stdio.StandardIO(control)
     parts = urlsplit(args.url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, parts.hostname, parts.port, timeout=120)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, parts.hostname, parts.port, timeout=120,
+                                            bindAddress=(args.source, 0) if args.source else None)
 
     async def connect(index):
         headers = {}
@@ -186,7 +208,12 @@ async def main(reactor, argv):
 
     started = time.monotonic()
     await defer.gatherResults([defer.Deferred.fromCoroutine(worker()) for _ in range(args.concurrency)], consumeErrors=True)
-    control.sendLine(f"READY {len(devices)} {time.monotonic() - started:.3f}".encode())
+    figures = {"connected": len(devices), "failed": 0, "retries": 0, "concurrency": args.concurrency,
+               "seconds_to_101": round(max((d.upgraded_at for d in devices), default=started) - started, 3),
+               "seconds_to_connected": round(max((d.connected_at for d in devices), default=started) - started, 3),
+               "ms_to_101": _summary([d.upgraded_at - d.started for d in devices]),
+               "ms_to_connected": _summary([d.connected_at - d.started for d in devices])}
+    control.sendLine(f"READY {len(devices)} {figures['seconds_to_connected']:.3f} {json.dumps(figures)}".encode())
     await done
     for device in devices:
         device.transport.abortConnection()
