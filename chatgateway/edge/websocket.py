@@ -28,7 +28,7 @@ from chatgateway import codec, telemetry
 from chatgateway.auth import AuthError
 from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard
 from chatgateway.edge.origins import OriginPolicy
-from chatgateway.outbox import Outbox, classify, unsent_bytes
+from chatgateway.outbox import Outbox, classify, direct_socket, unsent_bytes, write_now
 from chatgateway.session import CloseCode, ISessionTransport, close_after_failed_open, error_detail, replay
 
 # Frames a device may send while its session is being opened; more is abuse.
@@ -98,7 +98,7 @@ class DeviceProtocol(WebSocketServerProtocol):
     # dict's 128 entries once the handshake is forgotten (see _forget_handshake).
     __slots__ = (
         "session", "subprotocol", "_outbox", "_claims", "_token", "_auth_error", "_auth_timer", "_fallback_device",
-        "_pending", "_opening", "_gone", "_close_timer", "_closing",
+        "_pending", "_opening", "_gone", "_close_timer", "_closing", "_socket",
     )
 
     def __init__(self):
@@ -116,6 +116,7 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._gone = False
         self._close_timer = None
         self._closing = None
+        self._socket = None  # the plain TCP connection frames are written to at once, if there is one
 
     # ------------------------------------------------------------ connection
 
@@ -187,6 +188,7 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._outbox = Outbox(self._write_frame, self.gateway.config.send_buffer_bytes, self._slow_consumer,
                               unsent=self._unsent_bytes)
         self._outbox.bind(self.transport)
+        self._socket = direct_socket(self.transport, Guard)
         if self._auth_error is not None:
             self.close(CloseCode.UNAUTHENTICATED, f"invalid token: {self._auth_error}")
         elif self._claims is not None:
@@ -323,7 +325,10 @@ class DeviceProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             # Straight to the transport: Autobahn's sendData formats a debug line per call
             # (~8 us, more than the rest of a delivery); frames need nothing else from it.
-            self.transport.write(frame)
+            if self._socket is not None:
+                write_now(self._socket, frame)
+            else:
+                self.transport.write(frame)
         if self._closing is not None and not len(self._outbox):
             self._send_close(*self._closing)
 
