@@ -193,6 +193,9 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
     verifier = TokenVerifier(config, reactor)
 
     _StoreService(store).setServiceParent(root)
+    # Stopped after the gateway's drain (started by the gateway): its connections end as a
+    # stop, not as a loss to reconnect from.
+    _Lifecycle("bus", bus, start=None).setServiceParent(root)
     _Lifecycle("verifier", verifier, start=None, stop="close").setServiceParent(root)
     target = config.chat_service_uri
     if dev:

@@ -408,6 +408,8 @@ async def test_sigterm_drains_500_devices_with_calls_in_flight_and_exits_0(tmp_p
         assert report["answered_ok"] == report["answered_before_close"] == IN_FLIGHT, report
         assert r.keys("gateway:*") == []  # connections, rooms, devices and the instance entry
         assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
+        # The bus is stopped after the drain, not lost (and reconnected) as the process ends.
+        assert "lost; reconnecting" not in gateway.log_text(), gateway.log_tail(60)
     finally:
         if devices is not None:
             devices.stop()
