@@ -25,7 +25,7 @@ from chatgateway.auth import mint_token
 from chatgateway.wsclient import GatewayClient
 from support.fakecore import FakeCore
 from support.loadgen import LineProcess
-from support.processes import Twistd, free_port
+from support.processes import one_gateway
 
 SECRET = "hardening-test-secret-0123456789abcdef0123"
 MiB = 1024 * 1024
@@ -45,19 +45,7 @@ def memory(pid, field="VmRSS"):
 
 
 def gateway_process(tmp_path, core, **settings):
-    port = free_port()
-    env = {
-        "JWT_SECRET": SECRET,
-        "OAUTH2_ISSUER": "",
-        "HTTP_PORT": str(port),
-        "HTTP_INTERFACE": "127.0.0.1",
-        "GRPC_PORT": str(free_port()),
-        "CHAT_SERVICE_URI": core.target,
-        "LOG_LEVEL": "info",
-        **{k: str(v) for k, v in settings.items()},
-    }
-    # One process: memory and signals are measured on the process the devices talk to.
-    return Twistd("chatgateway", ["--workers", "1"], env=env, port=port, log_dir=tmp_path)
+    return one_gateway(tmp_path, core, SECRET, **settings)
 
 
 def member_of(room_id):

@@ -19,7 +19,7 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.redisconn import RedisConnection, parse_uri
 from support.fakecore import FakeCore
 from support.loadgen import LineProcess
-from support.processes import Twistd, free_port
+from support.processes import one_gateway
 from support.redis import eventually
 
 SECRET = "overload-test-secret-0123456789abcdef01234"
@@ -62,23 +62,16 @@ def pubsub_clients(redis_client):
 def test_a_room_flooded_beyond_capacity_sheds_old_events_tells_devices_and_keeps_redis(tmp_path, redis_server):
     core = FakeCore()
     core.answers["SearchRooms"] = lambda request, context: [pb.SearchRoomsResponse(data=[pb.Room(id=ROOM)])]
-    port = free_port()
-    env = {
-        "JWT_SECRET": SECRET,
-        "OAUTH2_ISSUER": "",
-        "HTTP_PORT": str(port),
-        "HTTP_INTERFACE": "127.0.0.1",
-        "GRPC_PORT": str(free_port()),
-        "CHAT_SERVICE_URI": core.target,
-        "CACHE_URI": redis_server.uri,
-        "GATEWAY_ID": "gw-flooded",
-        "LOG_LEVEL": "info",
-        "MAX_UNAUTHENTICATED_PER_ADDRESS": "0",
+    gateway = one_gateway(
+        tmp_path, core, SECRET,
+        CACHE_URI=redis_server.uri,
+        GATEWAY_ID="gw-flooded",
+        MAX_UNAUTHENTICATED_PER_ADDRESS=0,
         # Room for whatever the load process is slow to read (it shares the CPUs): the
         # test is about the fan-out's backlog, not slow consumers.
-        "SEND_BUFFER_BYTES": str(64 * 1024 * 1024),
-    }
-    gateway = Twistd("chatgateway", ["--workers", "1"], env=env, port=port, log_dir=tmp_path)
+        SEND_BUFFER_BYTES=64 * 1024 * 1024,
+    )
+    port = gateway.port
     gateway.start()
     members = None
     http = f"http://127.0.0.1:{port}"

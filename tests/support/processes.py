@@ -126,3 +126,22 @@ class Twistd:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+
+def one_gateway(tmp_path, core, secret, **settings):
+    """A `twistd chatgateway --workers 1` (not started) on a free port, calling ``core``
+    (a support.fakecore.FakeCore), with HS256 ``secret``; ``settings`` add or override
+    environment variables. One process: memory and signals are measured on the process
+    the devices talk to."""
+    port = free_port()
+    env = {
+        "JWT_SECRET": secret,
+        "OAUTH2_ISSUER": "",
+        "HTTP_PORT": str(port),
+        "HTTP_INTERFACE": "127.0.0.1",
+        "GRPC_PORT": str(free_port()),
+        "CHAT_SERVICE_URI": core.target,
+        "LOG_LEVEL": "info",
+        **{k: str(v) for k, v in settings.items()},
+    }
+    return Twistd("chatgateway", ["--workers", "1"], env=env, port=port, log_dir=tmp_path)
