@@ -17,17 +17,19 @@ device, milliseconds from the TCP connect to the HTTP 101 and to `connected`.
 """
 
 import argparse
-import base64
 import json
-import os
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from twisted.internet import defer, endpoints, protocol, stdio, task
+from twisted.internet import defer, endpoints, stdio, task
 from twisted.protocols.basic import LineReceiver
 
 from chatgateway.auth import mint_token
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.rawwebsocket import RawWebSocket, upgrade_request  # noqa: E402
 
 SAMPLE_EVERY = 4
 MAX_SAMPLES = 400_000
@@ -51,91 +53,44 @@ class Counters:
                 "max_ms": round(lat[-1] * 1000, 2) if lat else None, "closed": closed}
 
 
-class Device(protocol.Protocol):
-    """One WebSocket client connection, handshake by hand, frames counted."""
+class Device(RawWebSocket):
+    """One WebSocket client connection (support.rawwebsocket), frames counted."""
 
     def __init__(self, path, host, headers, subprotocol, counters, opened, expect_hello):
-        self.request = (
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
-            + (f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else "")
-            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            + "\r\n"
-        ).encode()
+        super().__init__(upgrade_request(host, path, subprotocol, headers))
         self.counters = counters
         self.opened = opened
         self.expect_hello = expect_hello
-        self.buffer = b""
-        self.upgraded = False
         self.frames = 0
         self.closed = False
         self.started = time.monotonic()
         self.upgraded_at = None
         self.connected_at = None
 
-    def connectionMade(self):
-        self.transport.write(self.request)
+    def refused(self, status):
+        self.opened.errback(RuntimeError(status))
 
-    def dataReceived(self, data):
-        buffer = self.buffer + data
-        if not self.upgraded:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                self.buffer = buffer
-                return
-            status = buffer[:buffer.find(b"\r\n")]
-            if b" 101 " not in status:
-                self.opened.errback(RuntimeError(status.decode(errors="replace")))
-                self.transport.loseConnection()
-                return
-            self.upgraded = True
-            self.upgraded_at = time.monotonic()
-            buffer = buffer[end + 4:]
-            if not self.expect_hello:
-                self.connected_at = self.upgraded_at
-                self.opened.callback(self)
-        self.buffer = self._frames(buffer)
+    def upgraded(self):
+        self.upgraded_at = time.monotonic()
+        if not self.expect_hello:
+            self.connected_at = self.upgraded_at
+            self.opened.callback(self)
 
-    def _frames(self, buffer):
-        i, n = 0, len(buffer)
+    def binary(self, buffer, start, length):
+        if not self.opened.called:
+            self.connected_at = time.monotonic()
+            self.opened.callback(self)  # the gateway's `connected`
+            return
         counters = self.counters
-        while n - i >= 2:
-            opcode = buffer[i] & 0x0F
-            length = buffer[i + 1] & 0x7F
-            head = 2
-            if length == 126:
-                if n - i < 4:
-                    break
-                length = int.from_bytes(buffer[i + 2:i + 4], "big")
-                head = 4
-            elif length == 127:
-                if n - i < 10:
-                    break
-                length = int.from_bytes(buffer[i + 2:i + 10], "big")
-                head = 10
-            if n - i < head + length:
-                break
-            start = i + head
-            if opcode == 2:
-                if not self.opened.called:
-                    self.connected_at = time.monotonic()
-                    self.opened.callback(self)  # the gateway's `connected`
-                else:
-                    counters.messages += 1
-                    self.frames += 1
-                    if self.frames % SAMPLE_EVERY == 0 and buffer[start] == 0x0A and len(counters.latencies) < MAX_SAMPLES:
-                        try:
-                            latency = time.time() - float(buffer[start + 2:start + 2 + buffer[start + 1]])
-                        except ValueError:
-                            latency = None
-                        if latency is not None and latency < 3600:  # else not a publisher's event
-                            counters.latencies.append(latency)
-            elif opcode == 9:  # ping: answer with a masked pong (zero mask) carrying the same payload
-                self.transport.write(bytes([0x8A, 0x80 | length]) + b"\0\0\0\0" + buffer[start:start + length])
-            elif opcode == 8:
-                self.transport.loseConnection()
-            i = start + length
-        return buffer[i:]
+        counters.messages += 1
+        self.frames += 1
+        if self.frames % SAMPLE_EVERY == 0 and buffer[start] == 0x0A and len(counters.latencies) < MAX_SAMPLES:
+            try:
+                latency = time.time() - float(buffer[start + 2:start + 2 + buffer[start + 1]])
+            except ValueError:
+                latency = None
+            if latency is not None and latency < 3600:  # else not a publisher's event
+                counters.latencies.append(latency)
 
     def connectionLost(self, reason):
         self.closed = True

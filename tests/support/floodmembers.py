@@ -14,30 +14,23 @@ word) from DATA_LOSS errors. Talks to the driver over stdin/stdout, one line eac
 """
 
 import argparse
-import base64
 import json
-import os
 import sys
 
-from twisted.internet import defer, endpoints, protocol, stdio, task
+from twisted.internet import defer, endpoints, stdio, task
 from twisted.protocols.basic import LineReceiver
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.auth import mint_token
+from support.rawwebsocket import RawWebSocket, upgrade_request
 
 
-class Member(protocol.Protocol):
+class Member(RawWebSocket):
     """One device: counts messages, order violations and DATA_LOSS notices."""
 
     def __init__(self, host, token, opened):
-        self.request = (
-            f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Sec-WebSocket-Protocol: chat.v1.proto\r\nAuthorization: Bearer {token}\r\n\r\n"
-        ).encode()
+        super().__init__(upgrade_request(host, "/ws", "chat.v1.proto", {"Authorization": f"Bearer {token}"}))
         self.opened = opened
-        self.buffer = b""
-        self.upgraded = False
         self.messages = 0
         self.last = -1  # the highest numbered message so far
         self.out_of_order = 0
@@ -45,51 +38,14 @@ class Member(protocol.Protocol):
         self.marks = set()
         self.close_code = None
 
-    def connectionMade(self):
-        self.transport.write(self.request)
+    def refused(self, status):
+        self.opened.errback(RuntimeError(status))
 
-    def dataReceived(self, data):
-        buffer = self.buffer + data
-        if not self.upgraded:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                self.buffer = buffer
-                return
-            if b" 101 " not in buffer[: buffer.find(b"\r\n")]:
-                self.opened.errback(RuntimeError(buffer[: buffer.find(b"\r\n")].decode(errors="replace")))
-                self.transport.loseConnection()
-                return
-            self.upgraded = True
-            buffer = buffer[end + 4 :]
-        self.buffer = self._frames(buffer)
+    def binary(self, buffer, start, length):
+        self._event(pb.ServerEvent.FromString(buffer[start:start + length]))
 
-    def _frames(self, buffer):
-        i, n = 0, len(buffer)
-        while n - i >= 2:
-            opcode = buffer[i] & 0x0F
-            length = buffer[i + 1] & 0x7F
-            head = 2
-            if length == 126:
-                if n - i < 4:
-                    break
-                length, head = int.from_bytes(buffer[i + 2 : i + 4], "big"), 4
-            elif length == 127:
-                if n - i < 10:
-                    break
-                length, head = int.from_bytes(buffer[i + 2 : i + 10], "big"), 10
-            if n - i < head + length:
-                break
-            start = i + head
-            payload = buffer[start : start + length]
-            if opcode == 2:
-                self._event(pb.ServerEvent.FromString(payload))
-            elif opcode == 9:  # ping: a masked pong (zero mask) with the same payload
-                self.transport.write(bytes([0x8A, 0x80 | length]) + b"\0\0\0\0" + payload)
-            elif opcode == 8:
-                self.close_code = int.from_bytes(payload[:2], "big") if length >= 2 else 1005
-                self.transport.loseConnection()
-            i = start + length
-        return buffer[i:]
+    def closed_by_server(self, code):
+        self.close_code = code
 
     def _event(self, event):
         kind = event.WhichOneof("payload")

@@ -13,7 +13,8 @@ class LineProcess:
     """``python <script> <args>``; ``expect`` waits (bounded) for a line with a prefix."""
 
     def __init__(self, script, args, log_path=None):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}
+        # tests/ too: load generators share the support package (e.g. support.rawwebsocket).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])}
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             # -P: the script's own directory (tests/support, with its redis.py) is not put on sys.path

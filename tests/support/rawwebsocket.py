@@ -1,0 +1,91 @@
+"""A thin WebSocket client connection for load processes (tests and bench/).
+
+Thin so a load process is not the bottleneck: the opening handshake is written by
+hand, and received frames are walked by their headers (server frames are unmasked)
+and handed over as (opcode, buffer, start, length) without copying. Pings are
+answered with masked pongs (zero mask); a close frame closes the TCP connection.
+Subclasses implement ``upgraded()``, ``binary(buffer, start, length)``,
+``refused(status)`` and, when they care, ``closed_by_server(code)``.
+"""
+
+import base64
+import os
+
+from twisted.internet import protocol
+
+
+def upgrade_request(host, path, subprotocol=None, headers=None):
+    """The bytes of a WebSocket opening handshake."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        + (f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else "")
+        + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        + "\r\n"
+    ).encode()
+
+
+class RawWebSocket(protocol.Protocol):
+    def __init__(self, request):
+        self.request = request
+        self.buffer = b""
+        self.upgraded_yet = False
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        buffer = self.buffer + data
+        if not self.upgraded_yet:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self.buffer = buffer
+                return
+            status = buffer[:buffer.find(b"\r\n")]
+            if b" 101 " not in status:
+                self.refused(status.decode(errors="replace"))
+                self.transport.loseConnection()
+                return
+            self.upgraded_yet = True
+            buffer = buffer[end + 4:]
+            self.upgraded()
+        self.buffer = self._frames(buffer)
+
+    def _frames(self, buffer):
+        i, n = 0, len(buffer)
+        while n - i >= 2:
+            opcode = buffer[i] & 0x0F
+            length = buffer[i + 1] & 0x7F
+            head = 2
+            if length == 126:
+                if n - i < 4:
+                    break
+                length, head = int.from_bytes(buffer[i + 2:i + 4], "big"), 4
+            elif length == 127:
+                if n - i < 10:
+                    break
+                length, head = int.from_bytes(buffer[i + 2:i + 10], "big"), 10
+            if n - i < head + length:
+                break
+            start = i + head
+            if opcode == 2:
+                self.binary(buffer, start, length)
+            elif opcode == 9:  # ping: a masked pong (zero mask) with the same payload
+                self.transport.write(bytes([0x8A, 0x80 | length]) + b"\0\0\0\0" + buffer[start:start + length])
+            elif opcode == 8:
+                self.closed_by_server(int.from_bytes(buffer[start:start + 2], "big") if length >= 2 else 1005)
+                self.transport.loseConnection()
+            i = start + length
+        return buffer[i:]
+
+    def upgraded(self):
+        """The server answered 101."""
+
+    def binary(self, buffer, start, length):
+        """A binary frame: its payload is buffer[start:start + length]."""
+
+    def refused(self, status):
+        """The server answered the handshake with ``status`` (not 101)."""
+
+    def closed_by_server(self, code):
+        """A close frame with ``code`` (1005: none) arrived."""
