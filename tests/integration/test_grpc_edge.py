@@ -176,7 +176,8 @@ def test_stopping_the_gateway_ends_streams_with_unavailable(tmp_path):
     secret = "stopping-test-secret-0123456789abcdef0123"
     port, grpc_port = free_port(), free_port()
     process = Twistd(
-        "chatgateway", ["--dev", "--http-port", port, "--grpc-port", grpc_port], env={"JWT_SECRET": secret}, port=port, log_dir=tmp_path
+        "chatgateway", ["--dev", "--http-port", port, "--grpc-port", grpc_port], env={"JWT_SECRET": secret}, port=port, log_dir=tmp_path,
+        also_ports=[grpc_port],
     )
     process.start()
     target = f"127.0.0.1:{grpc_port}"

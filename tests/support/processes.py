@@ -46,11 +46,13 @@ class Twistd:
     called again after ``stop`` to restart with the same arguments.
     """
 
-    def __init__(self, plugin, args=(), env=None, port=None, host="127.0.0.1", log_dir=None):
+    def __init__(self, plugin, args=(), env=None, port=None, host="127.0.0.1", log_dir=None, also_ports=()):
         self.plugin = plugin
         self.args = [str(a) for a in args]
         self.env = dict(env or {})
         self.port = port
+        # Other ports to wait for (e.g. GRPC_PORT, bound after the HTTP port).
+        self.also_ports = tuple(also_ports)
         self.host = host
         self.log_path = Path(log_dir or tempfile.mkdtemp(prefix=f"twistd-{plugin}-")) / f"{plugin}.log"
         self.process = None
@@ -64,7 +66,7 @@ class Twistd:
         return self.process is not None and self.process.poll() is None
 
     def start(self, timeout=30):
-        """Start and wait until ``port`` accepts TCP connections; raise with the log tail if it dies."""
+        """Start and wait until ``port`` (and ``also_ports``) accept TCP connections; raise with the log tail if it dies."""
         if self.running:
             raise RuntimeError(f"twistd {self.plugin} already running (pid {self.pid})")
         command = [*TWISTD, "--nodaemon", "--pidfile=", self.plugin, *self.args]
@@ -74,7 +76,8 @@ class Twistd:
                 command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + timeout
-        while self.port is not None and not _accepts(self.host, self.port):
+        ports = [p for p in (self.port, *self.also_ports) if p is not None]
+        while not all(_accepts(self.host, p) for p in ports):
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"twistd {self.plugin} exited with {self.process.returncode} before listening:\n{self.log_tail()}"
@@ -82,7 +85,7 @@ class Twistd:
             if time.monotonic() > deadline:
                 self.kill()
                 raise TimeoutError(
-                    f"twistd {self.plugin} not listening on {self.port} after {timeout}s:\n{self.log_tail()}"
+                    f"twistd {self.plugin} not listening on {ports} after {timeout}s:\n{self.log_tail()}"
                 )
             time.sleep(0.05)  # readiness polling only
         return self
