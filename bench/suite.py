@@ -428,7 +428,7 @@ class Clients:
                 common = ["--url", system.url(n, room), "--count", str(size), "--first", str(start), "--prefix", prefix,
                           "--concurrency", str(concurrency), "--source", f"127.0.0.{2 + n}"]
                 if options.client_binary:
-                    argv = [str(options.client_binary), *common]
+                    argv = [str(options.client_binary), *common, "--tick-us", str(options.tick_us)]
                     if gateway:
                         argv += ["--tokens", str(options.tokens.file(prefix, start, size))]
                 else:
@@ -574,13 +574,32 @@ def meets_target(step):
     return step["p99_ms"] is not None and step["p99_ms"] <= P99_TARGET_MS and step["delivered_share"] >= 0.95
 
 
-def make_room(core_port, room, prefix, members):
-    channel = grpc.insecure_channel(f"127.0.0.1:{core_port}", options=[("grpc.max_send_message_length", 64 << 20)])
-    stub = chat_pb2_grpc.ChatServiceStub(channel)
-    owner = mint_token(SECRET, "bench-owner", audience="service_chat_gateway")
-    stub.CreateRoom(pb.CreateRoomRequest(id=room, name=room, member_ids=[f"{prefix}{i}" for i in range(members)]),
-                    metadata=[("authorization", f"Bearer {owner}")], timeout=120)
-    channel.close()
+def make_room(core_port, redis_client, room, prefix, members):
+    """Create the room through the core and wait until the core has published its creation.
+
+    The reference core publishes one SYSTEM event per member added (and each member's
+    SubscriptionEvent before it) after CreateRoom answers; devices connecting while
+    those are still coming would make the gateway fan them out to the room as it fills
+    (up to N x N deliveries), which the bare reference never sees.
+    """
+    watcher = redis_client.pubsub(ignore_subscribe_messages=True)
+    watcher.subscribe(f"chat:room:{room}")
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{core_port}", options=[("grpc.max_send_message_length", 64 << 20)])
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        owner = mint_token(SECRET, "bench-owner", audience="service_chat_gateway")
+        stub.CreateRoom(pb.CreateRoomRequest(id=room, name=room, member_ids=[f"{prefix}{i}" for i in range(members)]),
+                        metadata=[("authorization", f"Bearer {owner}")], timeout=120)
+        channel.close()
+        expected, seen = members + 1, 0  # room_created, then member_added for each member
+        deadline = time.monotonic() + 300
+        while seen < expected and time.monotonic() < deadline:
+            if watcher.get_message(timeout=1.0) is not None:
+                seen += 1
+        if seen < expected:
+            print(f"    warning: {seen} of {expected} room-creation events published within 300 s", flush=True)
+    finally:
+        watcher.close()
 
 
 def geometric_mid(lo, hi):
@@ -591,7 +610,7 @@ def fanout(system, redis_client, core_port, members, options):
     room = f"fan-{members}"
     prefix = f"f{members}-"
     if system.name != "reference":
-        make_room(core_port, room, prefix, members)
+        make_room(core_port, redis_client, room, prefix, members)
     started = time.monotonic()
     clients = Clients(system, room, members, prefix, options)
     try:
@@ -661,7 +680,7 @@ def idle(system, core_port, count, options):
     room = f"idle-{count}"
     prefix = f"i{count}-"
     if system.name != "reference":
-        make_room(core_port, room, prefix, count)
+        make_room(core_port, options.redis_client, room, prefix, count)
     pids = system.pids()
     before = sum(rss_kib(p) for p in pids)
     cpu0 = sum(cpu_seconds(p) for p in pids)
@@ -758,6 +777,7 @@ def main():
     parser.add_argument("--bisect", type=int, default=3, help="bisection steps for the p99 <= 50 ms rate")
     parser.add_argument("--client", choices=("c", "python"), default="c", help="load client (default: c)")
     parser.add_argument("--client-cpus", default=LOAD_CPU, help="taskset CPU list of the load clients")
+    parser.add_argument("--tick-us", type=int, default=1000, help="C client: pause between its epoll rounds (us)")
     parser.add_argument("--concurrency", type=int, default=48, help="handshakes in flight, over all client processes")
     parser.add_argument("--out", default=str(OUT / "suite.json"))
     options = parser.parse_args()
@@ -793,6 +813,7 @@ def main():
         core = spawn(pinned(LOAD_CPU, [*TWISTD, "--nodaemon", "--pidfile=", "chatcore", "--port", str(core_port)]),
                      env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(core_port, core)
+        options.redis_client = redis_client
         options.others = {"core": core.pid, "redis": redis_server.process.pid}
         for name in options.systems.split(","):
             run_system(name, options, redis_server, redis_client, core, core_port, results)

@@ -18,7 +18,7 @@
   answering (``DEBUG SLEEP``, a dead peer) fails our calls within that bound,
   and txredisapi then aborts the connection so it is re-established.
   A PING every HEALTH_CHECK_INTERVAL_SEC finds a dead peer when we are idle.
-- The timeout judges Redis, not our own reactor (``ReplyDeadline``): when the
+- The timeout judges Redis, not our own reactor (``ReplyWatch``): when the
   process is CPU-bound, Twisted runs expired timers before it reads sockets,
   so a plain timer would call a reply sitting unread in our socket late and
   drop a healthy connection. Only time during which Redis sent nothing while
@@ -40,6 +40,7 @@ txredisapi 1.6 schedules reconnection on the global reactor; reply timeouts,
 the endpoint, health checks and logging use the reactor passed in.
 """
 
+import collections
 import dataclasses
 import fcntl
 import struct
@@ -141,43 +142,76 @@ def unsent_bytes(transport):
         return 0
 
 
-class ReplyDeadline:
-    """The reply timeout of one command, counting only Redis's silence while we listened.
+class _Deadline:
+    """The IDelayedCall txredisapi holds for one command (``active``, ``cancel``);
+    the connection's ReplyWatch keeps the time."""
+
+    __slots__ = ("expire", "live")
+
+    def __init__(self, expire):
+        self.expire = expire
+        self.live = True
+
+    def active(self):
+        return self.live
+
+    def cancel(self):
+        self.live = False
+
+
+class ReplyWatch:
+    """The reply timeouts of one connection's commands, counting only Redis's silence
+    while we listened.
+
+    Redis answers in order and txredisapi's timeout aborts the whole connection, so
+    one clock per connection does for all its commands: it runs while a command
+    waits for its reply and expires the oldest once Redis has been silent for
+    ``timeout``. (A timer per command cost a heap insertion and a cancellation per
+    command: two thirds of the time of a heartbeat's pipelined refresh of 10,000
+    connections.)
 
     Checked every ``timeout / REPLY_TIMEOUT_STEPS`` seconds. A step adds to the
     silence only if Redis sent nothing during it (nothing read from the
-    connection, nothing waiting unread in the socket) and our command had left
+    connection, nothing waiting unread in the socket) and our commands had left
     (nothing of ours unsent); a step the reactor ran late adds only its on-time
     part, since a busy reactor reads nothing. Redis sending anything starts the
-    count again: it is alive, our reply is behind what it sent. ``expire`` runs
-    once the silence reaches ``timeout``. Looks like the IDelayedCall
-    txredisapi cancels when the reply comes (``active``, ``cancel``).
+    count again: it is alive, our reply is behind what it sent.
     """
 
-    def __init__(self, reactor, protocol, timeout, expire):
+    def __init__(self, reactor, protocol, timeout):
         self._reactor = reactor
         self._protocol = protocol
         self._timeout = timeout
         self._step = timeout / REPLY_TIMEOUT_STEPS
-        self._expire = expire
+        self._waiting = collections.deque()  # _Deadline, oldest first
         self.silence = 0.0
         self._call = None
-        self._arm()
+        self._since = 0.0
+
+    def deadline(self, expire):
+        """A deadline for a command sent now; ``expire`` runs if Redis is silent for the timeout."""
+        deadline = _Deadline(expire)
+        self._waiting.append(deadline)
+        if self._call is None:
+            self.silence = 0.0
+            self._arm()
+        return deadline
 
     def _arm(self):
         self._since = self._reactor.seconds()
         self._call = self._reactor.callLater(self._step, self._check)
 
-    def active(self):
-        return self._call is not None and self._call.active()
-
-    def cancel(self):
-        if self.active():
-            self._call.cancel()
-        self._call = None
+    def _oldest(self):
+        waiting = self._waiting
+        while waiting and not waiting[0].live:
+            waiting.popleft()
+        return waiting[0] if waiting else None
 
     def _check(self):
         self._call = None
+        oldest = self._oldest()
+        if oldest is None:
+            return  # every reply came: the next command starts the clock again
         late = self._reactor.seconds() - (self._since + self._step)
         transport = self._protocol.transport
         if self._protocol.heard_at >= self._since or unread_bytes(transport):
@@ -189,13 +223,20 @@ class ReplyDeadline:
         else:
             self.silence += max(0.0, self._step - late)
         if self.silence >= self._timeout * (1 - 1e-9):
-            self._expire()
+            oldest.live = False
+            oldest.expire()  # txredisapi fails every waiting command and aborts the connection
         else:
             self._arm()
 
+    def stop(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._waiting.clear()
+
 
 class JudgedReplyTimeouts:
-    """Mixin for txredisapi protocols: reply timeouts are ReplyDeadlines on ``reactor``.
+    """Mixin for txredisapi protocols: reply timeouts are kept by one ReplyWatch on ``reactor``.
 
     txredisapi arms ``self.callLater(replyTimeout, fire_timeout)`` for each command
     (its only use of a delay above zero) and cancels it when the reply comes.
@@ -203,6 +244,7 @@ class JudgedReplyTimeouts:
 
     reactor = None  # set by the factory
     heard_at = float("-inf")  # when bytes were last read from Redis
+    _reply_watch = None
 
     def dataReceived(self, data, unpause=False):
         if data and not unpause:  # unpause: txredisapi handing itself back bytes it read before
@@ -211,8 +253,15 @@ class JudgedReplyTimeouts:
 
     def callLater(self, delay, f, *args, **kwargs):
         if delay > 0:
-            return ReplyDeadline(self.reactor, self, delay, lambda: f(*args, **kwargs))
+            if self._reply_watch is None:
+                self._reply_watch = ReplyWatch(self.reactor, self, delay)
+            return self._reply_watch.deadline(lambda: f(*args, **kwargs))
         return self.reactor.callLater(delay, f, *args, **kwargs)
+
+    def connectionLost(self, reason):
+        if self._reply_watch is not None:
+            self._reply_watch.stop()
+        return super().connectionLost(reason)
 
 
 class PromptReader:

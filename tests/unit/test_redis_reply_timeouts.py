@@ -1,4 +1,4 @@
-"""Reply timeouts that judge Redis, not our reactor (chatgateway.redisconn.ReplyDeadline).
+"""Reply timeouts that judge Redis, not our reactor (chatgateway.redisconn.ReplyWatch).
 
 A real txredisapi protocol over a StringTransport on a task.Clock: ``clock.advance(x)``
 in one call is a reactor turn that lasted x seconds (timers due meanwhile run late).
@@ -67,13 +67,42 @@ def test_a_silent_redis_times_out_after_the_timeout_and_the_connection_is_aborte
     assert r.aborted
 
 
-def test_a_reply_in_time_cancels_the_deadline():
+def test_a_reply_in_time_ends_the_deadline():
     r = Redis()
     results = r.command("PING")
     r.on_time(STEP)
     r.protocol.dataReceived(b"+PONG\r\n")
     assert results == ["PONG"]
+    r.on_time(STEP)  # the watch stops at its next check: nothing is waiting
     assert r.clock.getDelayedCalls() == []
+    r.on_time(TIMEOUT * 2)
+    assert not r.aborted
+
+
+def test_one_timer_keeps_the_deadlines_of_a_whole_pipeline():
+    r = Redis()
+    results = [r.command("GET", f"k{i}") for i in range(1000)]
+    assert len(r.clock.getDelayedCalls()) == 1
+    r.protocol.dataReceived(b"$-1\r\n" * 999)
+    assert all(res == [None] for res in results[:999]) and results[999] == []
+    r.on_time(STEP)  # Redis spoke during this step: not silence
+    r.on_time(TIMEOUT - STEP)
+    assert results[999] == [] and not r.aborted
+    r.on_time(STEP)  # the last command's reply never came: its own timeout, counted from the last reply
+    assert failed_with_timeout(results[999])
+    assert r.aborted
+
+
+def test_a_command_sent_after_the_watch_stopped_gets_a_full_timeout():
+    r = Redis()
+    r.command("PING")
+    r.protocol.dataReceived(b"+PONG\r\n")
+    r.on_time(TIMEOUT * 3)  # idle: the watch stopped
+    results = r.command("PING")
+    r.on_time(TIMEOUT - STEP)
+    assert results == [] and not r.aborted
+    r.on_time(STEP)
+    assert failed_with_timeout(results)
 
 
 def test_a_long_reactor_turn_is_not_held_against_redis():
