@@ -25,6 +25,8 @@ from chatgateway.session import CloseCode, Session, TokenExpiries
 MEMBERSHIP_PAGE = 500
 # Look for dead gateways to clean up after every this many heartbeat ticks.
 REAP_EVERY_TICKS = 5
+# Sessions the heartbeat sweep visits per reactor turn.
+HEARTBEAT_SLICE = 2000
 REPLACED_REASON = "replaced by a newer connection of this device"
 # Of DRAIN_TIMEOUT_SEC, the share (at most DRAIN_RESERVE_MAX_SEC) kept for what follows the
 # devices' closes: dropping the stragglers, calls to the core, releasing metadata in the store.
@@ -266,23 +268,33 @@ class Gateway(service.Service):
         return d
 
     def _heartbeat_tick(self):
-        """Ping every device; close those silent for CONNECTION_TIMEOUT_SEC."""
+        """Ping every device; close those silent for CONNECTION_TIMEOUT_SEC; refresh their metadata."""
         now = self.clock.seconds()
-        deadline = now - self.config.connection_timeout_sec
-        alive = []
-        for session in list(self.registry.sessions):
+        sessions = list(self.registry.sessions)
+        self._sweep(sessions, 0, now, now - self.config.connection_timeout_sec, [])
+        self._announce()
+        self._ticks += 1
+        if self._ticks % REAP_EVERY_TICKS == 0:
+            self._reap()
+
+    def _sweep(self, sessions, start, now, deadline, alive):
+        """The heartbeat's walk over ``sessions``, HEARTBEAT_SLICE per reactor turn: 20,000
+        devices in one turn would hold back every other connection for a quarter second."""
+        end = min(len(sessions), start + HEARTBEAT_SLICE)
+        for i in range(start, end):
+            session = sessions[i]
+            if session.closed:
+                continue  # closed while the sweep was under way
             if session.last_active <= deadline:
                 session.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
                 continue
             session.transport.ping()
             session.last_heartbeat = now
             alive.append(session.meta())
-        if alive:
+        if end < len(sessions):
+            self.clock.callLater(0, self._sweep, sessions, end, now, deadline, alive)
+        elif alive:
             self._quietly(self.store.refresh(alive), "refreshing metadata")
-        self._announce()
-        self._ticks += 1
-        if self._ticks % REAP_EVERY_TICKS == 0:
-            self._reap()
 
     # ------------------------------------------------------------ shared operations
 

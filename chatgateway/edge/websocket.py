@@ -33,6 +33,8 @@ from chatgateway.session import CloseCode, ISessionTransport, close_after_failed
 
 # Frames a device may send while its session is being opened; more is abuse.
 MAX_PENDING_FRAMES = 16
+# A server's ping with no payload (FIN, opcode 9; unmasked, length 0).
+PING_FRAME = b"\x89\x00"
 # WebSocket close reasons are limited to 123 bytes of UTF-8.
 MAX_REASON_BYTES = 123
 # What Autobahn keeps of the opening handshake for the connection's lifetime; it
@@ -351,7 +353,10 @@ class DeviceProtocol(WebSocketServerProtocol):
 
     def ping(self):
         if self.state == self.STATE_OPEN:
-            self.sendPing()
+            if self._socket is not None:
+                write_now(self._socket, PING_FRAME)  # the heartbeat pings every device in one sweep
+            else:
+                self.sendPing()
 
     def close(self, code, reason):
         """Close after the frames still waiting for the device (for at most CLOSE_TIMEOUT_SEC)."""

@@ -52,7 +52,7 @@ is: per connection and heartbeat, 1/2 + (devices + distinct rooms) /
 (6 × connections) writes on average, about 0.7 with one device per profile.
 
 Every operation is one pipeline or one script: connected, rooms_changed,
-refresh, instance_alive are pipelines; disconnected, claim_device and the
+instance_alive are pipelines; refresh is a script per 500 keys (REWRITE, RENEW); disconnected, claim_device and the
 reaper are Lua scripts, because they decide on what they read (who owns the
 device now) and must not race with another gateway. open_connection, what a
 gateway calls for each new connection, is connected and claim_device in one
@@ -166,6 +166,25 @@ redis.call('SADD', KEYS[3], member)
 redis.call('EXPIRE', KEYS[3], registry_ttl)
 return claim(KEYS[2], ARGV[5], ARGV[6], ttl)
 """
+
+# A heartbeat's writes, a script per REFRESH_CHUNK keys: through txredisapi each command
+# costs the reactor ~30 us (a Deferred, a reply slot, its encoding), so a refresh of
+# 20,000 connections as single commands held the reactor for over a second.
+REFRESH_CHUNK = 500
+# KEYS: conn keys. ARGV: TTL, then each key's metadata JSON.
+REWRITE = """
+local ttl = ARGV[1]
+for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ttl) end
+"""
+# KEYS: room and device keys. ARGV: TTL.
+RENEW = """
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+"""
+
+
+def _chunks(items, size):
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
 
 # KEYS: instance key, its conns set, its rooms set, the instances set. ARGV: gateway id, batch size.
 # Rooms first (they need :conns), then connections, a batch per call.
@@ -301,17 +320,21 @@ class RedisStore:
         rewrite = self._rewrite_next or self._refreshes % 2 == 0
         renew = self._renew_next or self._refreshes % self.renew_every == 0
         self._refreshes += 1
-        commands = []
+        calls = []
         if rewrite:
-            commands += [("SET", conn_key(m.profile_id, m.device_id), m.to_json(), "EX", ttl) for m in metas]
+            for chunk in _chunks(metas, REFRESH_CHUNK):
+                keys = [conn_key(m.profile_id, m.device_id) for m in chunk]
+                calls.append((REWRITE, keys, [ttl, *(m.to_json() for m in chunk)]))
         if renew:
             devices = {device_key(m.profile_id, m.device_id) for m in metas}
             rooms = {room_key(room_id) for m in metas for room_id in m.room_ids}
-            commands += [("EXPIRE", key, ttl) for key in sorted(devices | rooms)]
-        if not commands:
+            calls += [(RENEW, keys, [ttl]) for keys in _chunks(sorted(devices | rooms), REFRESH_CHUNK)]
+        if not calls:
             return defer.succeed(None)
         self._rewrite_next = self._renew_next = False
-        d = self._write(commands)
+        d = defer.gatherResults([self.redis.eval(*call) for call in calls], consumeErrors=True)
+        d.addCallback(lambda _: None)
+        d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
         d.addErrback(self._refresh_failed, rewrite, renew)
         return d
 

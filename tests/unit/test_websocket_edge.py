@@ -428,3 +428,28 @@ def test_store_reconnect_rewrites_live_connections(h):
     assert json.loads(h.store.values["gateway:conn:alice:phone"])["room_ids"] == ["r1"]
     assert h.store.sets["gateway:room:r1"] == {"alice:phone"}
     assert "gateway:instance:gw-test" in h.store.values
+
+
+def test_the_heartbeat_sweeps_a_slice_per_reactor_turn_and_refreshes_once(h, monkeypatch):
+    from chatgateway import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "HEARTBEAT_SLICE", 2)
+    clients = [h.connect(f"user{i}") for i in range(5)]
+    sessions = list(h.gateway.registry.sessions)
+    refreshes, turns = [], []
+    real_refresh, real_sweep = h.gateway.store.refresh, h.gateway._sweep
+    monkeypatch.setattr(h.gateway.store, "refresh", lambda metas: refreshes.append(metas) or real_refresh(metas))
+
+    def sweep(sessions_, start, now, *rest):
+        turns.append((start, sum(s.last_heartbeat == now for s in sessions), len(refreshes)))
+        if start == 2:
+            sessions[4].closed_by_transport()  # gone before its slice: skipped
+        return real_sweep(sessions_, start, now, *rest)
+
+    monkeypatch.setattr(h.gateway, "_sweep", sweep)
+    h.clock.advance(10)
+    # three turns (the later ones by callLater(0)); two sessions pinged per turn; one refresh at the end
+    assert turns == [(0, 0, 0), (2, 2, 0), (4, 4, 0)]
+    assert len(refreshes) == 1
+    assert sorted(m.profile_id for m in refreshes[0]) == sorted(s.profile_id for s in sessions[:4])
+    assert all(c.closed is None for c in clients[:4])
