@@ -1,7 +1,7 @@
 """Client of the core chat service: the one module that speaks gRPC to the core.
 
-grpcio stubs block, so every call runs on a bounded thread pool of this
-client's own, with a deadline (CORE_TIMEOUT_SEC, or the caller's own deadline
+grpcio stubs block, so every call runs on a bounded set of threads of this
+client's own (chatgateway.blockingcalls), with a deadline (CORE_TIMEOUT_SEC, or the caller's own deadline
 when it is shorter). Up to CORE_THREADS x (1 + QUEUE_PER_THREAD) calls are
 handed to the pool; the next ones wait here, oldest first, for a place - at
 most CORE_THREADS x WAITING_PER_THREAD of them - and their deadline counts
@@ -37,9 +37,9 @@ import grpc.experimental
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from chatgateway import breaker as circuit
+from chatgateway.blockingcalls import BlockingCalls
 from chatgateway.api import chat_pb2 as pb
 
 SERVICE = "chat.v1.ChatService"
@@ -150,7 +150,7 @@ class CoreClient:
         self._timeout = timeout
         self._gateway_id = gateway_id
         self._clock = clock if clock is not None else reactor
-        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="core-client")
+        self._pool = BlockingCalls(reactor, threads, "core-client")
         self._limit = threads * (1 + QUEUE_PER_THREAD)
         self._in_flight = 0
         self._max_waiting = threads * WAITING_PER_THREAD
@@ -292,7 +292,7 @@ class CoreClient:
                 raise CoreError(grpc.StatusCode.UNAVAILABLE, f"core client: {e}") from None
 
         try:
-            response = await deferToThreadPool(self._reactor, self._pool, blocking)
+            response = await self._pool.call(blocking)
         except CoreError as e:
             if e.code == grpc.StatusCode.DEADLINE_EXCEEDED and shortened:
                 self.breaker.released()  # a deadline shorter than CORE_TIMEOUT_SEC: nothing learned about the core
