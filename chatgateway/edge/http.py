@@ -12,6 +12,7 @@ from chatgateway import readiness, telemetry
 from chatgateway.core import SERVICE
 from chatgateway.edge.connect import ConnectService
 from chatgateway.edge.limits import ConnectionLimits, Guard
+from chatgateway.edge.router import EdgeRouter
 from chatgateway.edge.websocket import DeviceFactory
 
 
@@ -100,8 +101,9 @@ class _Request(server.Request):
 def build_http_factory(gateway, checks, mint=None, clock=None):
     """The factory of HTTP_PORT: the Site behind the per-connection limits."""
     config = gateway.config
+    site = build_site(gateway, checks, mint)
     return ConnectionLimits(
-        build_site(gateway, checks, mint),
+        EdgeRouter(site, site.devices),
         clock if clock is not None else gateway.clock,
         config.max_unauthenticated_per_address,
         config.handshake_timeout_sec,
