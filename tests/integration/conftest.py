@@ -32,6 +32,7 @@ def dev_gateway():
         ["--dev", "--http-port", port, "--grpc-port", grpc_port],
         env={"JWT_SECRET": SECRET, "MAX_EVENTS_PER_SECOND": "1000", "LOG_LEVEL": "info"},
         port=port,
+        also_ports=[grpc_port],  # bound after HTTP_PORT; tests call it at once
     )
     process.start()
     yield DevGateway(process, port, grpc_port)

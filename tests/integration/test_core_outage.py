@@ -80,7 +80,10 @@ class Deployment:
 
 def start_gateway(env):
     http_port, grpc_port = free_port(), free_port()
-    process = Twistd("chatgateway", ["--workers", "1"], env={**env, "HTTP_PORT": str(http_port), "GRPC_PORT": str(grpc_port)}, port=http_port)
+    process = Twistd(
+        "chatgateway", ["--workers", "1"], env={**env, "HTTP_PORT": str(http_port), "GRPC_PORT": str(grpc_port)},
+        port=http_port, also_ports=[grpc_port],  # bound after HTTP_PORT; the tests call it at once
+    )
     process.start()
     return Deployment(process, http_port, grpc_port)
 

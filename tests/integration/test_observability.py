@@ -95,7 +95,9 @@ def start_gateway(log_format, extra_env=None):
         "LOG_FORMAT": log_format,
         **(extra_env or {}),
     }
-    process = Twistd("chatgateway", ["--dev", "--http-port", port, "--grpc-port", grpc_port], env=env, port=port)
+    process = Twistd(
+        "chatgateway", ["--dev", "--http-port", port, "--grpc-port", grpc_port], env=env, port=port, also_ports=[grpc_port]
+    )
     process.start()
     return DevGateway(process, port, grpc_port)
 
