@@ -20,7 +20,6 @@ process). The core's own cost is not in the figure.
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from suite import LOAD_CPU, SERVER_CPU, kill_tree, pinned, spawn, wait_port  # noqa: E402
 from support.processes import TWISTD, free_port  # noqa: E402
 
 SECRET = "bench-core-call-secret-0123456789abcdef0123"
@@ -104,17 +104,6 @@ def measure(target, mode, calls, concurrency):
     reactor.run()
 
 
-def wait_for(port, process, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"the reference core did not listen on {port}")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=5000)
@@ -127,26 +116,26 @@ def main():
         return
     port = free_port()
     env = {**os.environ, "JWT_SECRET": SECRET, "LOG_LEVEL": "warning"}
-    core = subprocess.Popen(["taskset", "-c", "1", *TWISTD, "--nodaemon", "--pidfile=", "chatcore", "--port", str(port)],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    core = spawn(pinned(LOAD_CPU, [*TWISTD, "--nodaemon", "--pidfile=", "chatcore", "--port", str(port)]),
+                 env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(port, core)
+        wait_port(port, core)
         results = {"client": [], "aio": []}
         for _ in range(options.rounds):
             for mode in results:
-                argv = ["taskset", "-c", "0", sys.executable, __file__, "--calls", str(options.calls),
+                argv = ["taskset", "-c", SERVER_CPU, sys.executable, __file__, "--calls", str(options.calls),
                         "--concurrency", str(options.concurrency), "--measure", f"127.0.0.1:{port}", mode]
-                line = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300).stdout.split()
+                done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                line = done.stdout.split()
                 if len(line) != 3:
-                    raise SystemExit(f"{mode}: no result (is the core up on port {port}?)")
+                    raise SystemExit(f"{mode}: no result; its stderr ends with:\n{done.stderr[-2000:]}")
                 results[mode].append((float(line[1]), float(line[2])))
                 print(f"{mode:6}: {line[1]:>6} calls/s, {line[2]:>4} us of CPU per call", flush=True)
         for mode, runs in results.items():
             cpus = sorted(c for _, c in runs)
             print(f"{mode:6}: CPU per call {cpus[0]:.0f}-{cpus[-1]:.0f} us over {len(runs)} rounds")
     finally:
-        core.terminate()
-        core.wait(30)
+        kill_tree(core)
 
 
 if __name__ == "__main__":
