@@ -50,14 +50,9 @@ class _FirstRequestLine(protocol.Protocol):
 
     def _hand_over(self, websocket, buffer):
         router, transport = self._router, self.transport
-        if websocket:
-            factory = router.devices
-            if isinstance(transport, Guard):
-                # The Site tells the Guard when a request's headers are in; from here
-                # Autobahn's open-handshake timeout (the same setting) covers the upgrade.
-                transport.request_received(websocket=True)
-        else:
-            factory = router.site
+        # The Guard's handshake timeout keeps running until the request's headers are in:
+        # the Site or the WebSocket protocol (onConnect) tells it.
+        factory = router.devices if websocket else router.site
         successor = factory.buildProtocol(self._address)
         if successor is None:
             transport.loseConnection()

@@ -145,6 +145,8 @@ class DeviceProtocol(WebSocketServerProtocol):
     # ------------------------------------------------------------ handshake
 
     def onConnect(self, request):
+        if isinstance(self.transport, Guard):
+            self.transport.request_received(websocket=True)  # the headers are in: the Guard's timer stops
         refusal = self.factory.refusal()
         if refusal is not None:
             raise ConnectionDeny(503, refusal)

@@ -86,3 +86,16 @@ def test_a_request_line_without_an_end_goes_to_the_site_which_drops_it(h):
     guard.dataReceived(b"a" * 20)
     assert isinstance(guard.wrappedProtocol, SiteChannel)
     assert transport.disconnecting  # twisted.web's line limit, as before the router
+
+
+def test_an_upgrade_whose_headers_never_come_is_dropped_after_the_handshake_timeout(h):
+    slow, slow_transport = connect(h)
+    done, done_transport = connect(h)
+    h.clock.advance(1.5)
+    slow.dataReceived(b"GET /ws HTTP/1.1\r\nHost: gw\r\n")  # handed to Autobahn; the rest never comes
+    done.dataReceived(b"GET /ws HTTP/1.1\r\n" + UPGRADE_HEADERS)
+    h.clock.advance(0.4)
+    assert not slow_transport.disconnecting
+    h.clock.advance(0.2)  # HANDSHAKE_TIMEOUT_SEC (2) from the connection, not from the request line
+    assert slow_transport.disconnecting
+    assert not done_transport.disconnecting
