@@ -59,6 +59,13 @@ def ok(result):
     return result.stdout
 
 
+def _as_in_a_terminal():
+    """SIGINT as a terminal's foreground job has it. A shell starts background jobs with
+    SIGINT ignored, and the child would inherit that: Python then installs no handler for
+    it, nor does Twisted, and stop()'s Ctrl-C would go unheard (seen with `make test &`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Running:
     """A long-running CLI subprocess whose output lines are read by threads into queues."""
 
@@ -71,6 +78,7 @@ class Running:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=_as_in_a_terminal,
         )
         self.lines = {"stdout": queue.Queue(), "stderr": queue.Queue()}
         self.seen = {"stdout": [], "stderr": []}
