@@ -31,10 +31,6 @@ class BlockingCalls:
         self._jobs = queue.SimpleQueue()
         self._threads = []
 
-    @property
-    def threads(self):
-        return self._count
-
     def start(self):
         for i in range(self._count):
             thread = threading.Thread(target=self._work, name=f"{self._name}-{i}", daemon=True)

@@ -1,8 +1,8 @@
 """Client of the core chat service: the one module that speaks gRPC to the core.
 
 grpcio stubs block, so every call runs on a bounded set of threads of this
-client's own (chatgateway.blockingcalls), with a deadline (CORE_TIMEOUT_SEC, or the caller's own deadline
-when it is shorter). Up to CORE_THREADS x (1 + QUEUE_PER_THREAD) calls are
+client's own (chatgateway.blockingcalls), with a deadline (CORE_TIMEOUT_SEC,
+or the caller's own deadline when it is shorter). Up to CORE_THREADS x (1 + QUEUE_PER_THREAD) calls are
 handed to the pool; the next ones wait here, oldest first, for a place - at
 most CORE_THREADS x WAITING_PER_THREAD of them - and their deadline counts
 from the call: one that runs out while waiting fails with DEADLINE_EXCEEDED
@@ -39,8 +39,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from chatgateway import breaker as circuit
-from chatgateway.blockingcalls import BlockingCalls
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.blockingcalls import BlockingCalls
 
 SERVICE = "chat.v1.ChatService"
 

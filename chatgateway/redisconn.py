@@ -159,6 +159,13 @@ class _Deadline:
         self.live = False
 
 
+def all_replies(sent):
+    """A Deferred of the replies of ``sent`` (Deferreds), in order; on a failure, that
+    failure itself (not gatherResults' FirstError wrapping it)."""
+    d = defer.gatherResults(sent, consumeErrors=True)
+    return d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+
+
 class ReplyWatch:
     """The reply timeouts of one connection's commands, counting only Redis's silence
     while we listened.
@@ -463,9 +470,7 @@ class RedisConnection:
             sent = [conn.execute_command(*command) for command in commands]
         except Exception:
             return defer.fail()
-        d = defer.gatherResults(sent, consumeErrors=True)
-        d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
-        return d.addErrback(self._failed)
+        return all_replies(sent).addErrback(self._failed)
 
     def eval(self, script, keys=(), args=()):
         """EVALSHA, falling back to EVAL when the script is not cached (txredisapi does both)."""

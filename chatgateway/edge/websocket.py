@@ -327,14 +327,17 @@ class DeviceProtocol(WebSocketServerProtocol):
 
     def _write_frame(self, frame):
         if self.state == self.STATE_OPEN:
-            # Straight to the transport: Autobahn's sendData formats a debug line per call
-            # (~8 us, more than the rest of a delivery); frames need nothing else from it.
-            if self._socket is not None:
-                write_now(self._socket, frame)
-            else:
-                self.transport.write(frame)
+            self._write_raw(frame)
         if self._closing is not None and not len(self._outbox):
             self._send_close(*self._closing)
+
+    def _write_raw(self, data):
+        # Straight to the transport: Autobahn's sendData formats a debug line per call
+        # (~8 us, more than the rest of a delivery); frames need nothing else from it.
+        if self._socket is not None:
+            write_now(self._socket, data)
+        else:
+            self.transport.write(data)
 
     def _unsent_bytes(self):
         return unsent_bytes(self.transport)
@@ -355,10 +358,7 @@ class DeviceProtocol(WebSocketServerProtocol):
 
     def ping(self):
         if self.state == self.STATE_OPEN:
-            if self._socket is not None:
-                write_now(self._socket, PING_FRAME)  # the heartbeat pings every device in one sweep
-            else:
-                self.sendPing()
+            self._write_raw(PING_FRAME)  # the heartbeat pings every device in one sweep
 
     def close(self, code, reason):
         """Close after the frames still waiting for the device (for at most CLOSE_TIMEOUT_SEC)."""

@@ -52,8 +52,8 @@ is: per connection and heartbeat, 1/2 + (devices + distinct rooms) /
 (6 × connections) writes on average, about 0.7 with one device per profile.
 
 Every operation is one pipeline or one script: connected, rooms_changed,
-instance_alive are pipelines; refresh is a script per 500 keys (REWRITE, RENEW); disconnected, claim_device and the
-reaper are Lua scripts, because they decide on what they read (who owns the
+instance_alive are pipelines; refresh is a script per 500 keys (REWRITE,
+RENEW); disconnected, claim_device and the reaper are Lua scripts, because they decide on what they read (who owns the
 device now) and must not race with another gateway. open_connection, what a
 gateway calls for each new connection, is connected and claim_device in one
 script: one command (and one reply) per connect instead of eight, which is
@@ -78,7 +78,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatgateway.redisconn import REDIS_TIMEOUT_SEC, RedisConnection, parse_uri
+from chatgateway.redisconn import REDIS_TIMEOUT_SEC, RedisConnection, all_replies, parse_uri
 from chatgateway.store import (
     INSTANCES_KEY,
     IConnectionStore,
@@ -332,9 +332,8 @@ class RedisStore:
         if not calls:
             return defer.succeed(None)
         self._rewrite_next = self._renew_next = False
-        d = defer.gatherResults([self.redis.eval(*call) for call in calls], consumeErrors=True)
+        d = all_replies([self.redis.eval(*call) for call in calls])
         d.addCallback(lambda _: None)
-        d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
         d.addErrback(self._refresh_failed, rewrite, renew)
         return d
 
