@@ -10,6 +10,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from autobahn.websocket.compress import PerMessageDeflateOffer
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
 from chatgateway import codec, config
@@ -20,6 +21,15 @@ from chatgateway.core import CoreError
 from chatgateway.edge.websocket import DeviceFactory
 from chatgateway.gateway import Gateway
 from chatgateway.store.memory import MemoryStore
+
+
+def accept(factory, host="10.0.0.1", port=40000):
+    """(protocol, StringTransport) of a TCP connection from host:port that ``factory`` accepted."""
+    address = IPv4Address("TCP", host, port)
+    proto = factory.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    proto.makeConnection(transport)
+    return proto, transport
 
 
 class FakeVerifier:

@@ -1,13 +1,11 @@
 """chatgateway.edge.limits on HTTP_PORT: per-address unauthenticated cap, handshake timeout."""
 
 import pytest
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 
 from chatgateway.edge.http import build_http_factory
 from chatgateway.edge.limits import Guard
 
-from support.wsharness import Harness
+from support.wsharness import Harness, accept
 
 UPGRADE = (
     b"GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -22,43 +20,35 @@ def h():
     harness.stop()
 
 
-def connect(factory, host="10.0.0.1", port=40000):
-    address = IPv4Address("TCP", host, port)
-    proto = factory.buildProtocol(address)
-    transport = StringTransport(peerAddress=address)
-    proto.makeConnection(transport)
-    return proto, transport
-
-
 def test_unauthenticated_connections_of_one_address_are_capped_with_429(h):
     factory = build_http_factory(h.gateway, {}, clock=h.clock)
-    held = [connect(factory) for _ in range(3)]
+    held = [accept(factory) for _ in range(3)]
     assert all(isinstance(p, Guard) for p, _ in held)
-    refused, transport = connect(factory)
+    refused, transport = accept(factory)
     assert not isinstance(refused, Guard)
     assert transport.value().startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
     assert b"Retry-After: 5\r\n" in transport.value()
     # another address is not affected
-    other, _ = connect(factory, host="10.0.0.2")
+    other, _ = accept(factory, host="10.0.0.2")
     assert isinstance(other, Guard)
     # a connection that goes away frees its place
     held[0][0].connectionLost(None)
-    assert isinstance(connect(factory)[0], Guard)
+    assert isinstance(accept(factory)[0], Guard)
 
 
 def test_a_plain_http_request_stops_counting_once_its_headers_are_in(h):
     factory = build_http_factory(h.gateway, {}, clock=h.clock)
     for _ in range(3):
-        proto, transport = connect(factory)
+        proto, transport = accept(factory)
         proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert b"200 OK" in transport.value()
     assert factory.pending == {}
-    assert isinstance(connect(factory)[0], Guard)
+    assert isinstance(accept(factory)[0], Guard)
 
 
 def test_a_websocket_counts_until_its_session_is_authenticated(h):
     factory = build_http_factory(h.gateway, {}, clock=h.clock)
-    proto, transport = connect(factory)
+    proto, transport = accept(factory)
     proto.dataReceived(UPGRADE)
     assert b"101 Switching Protocols" in transport.value()
     assert factory.pending["10.0.0.1"] == 1
@@ -71,8 +61,8 @@ def test_a_websocket_counts_until_its_session_is_authenticated(h):
 
 def test_a_connection_that_sends_no_request_is_dropped_after_the_handshake_timeout(h):
     factory = build_http_factory(h.gateway, {}, clock=h.clock)
-    silent, silent_transport = connect(factory)
-    talker, talker_transport = connect(factory)
+    silent, silent_transport = accept(factory)
+    talker, talker_transport = accept(factory)
     talker.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n")  # headers not complete yet
     h.clock.advance(1.9)
     assert not silent_transport.disconnecting
@@ -87,14 +77,14 @@ def test_no_cap_when_set_to_zero():
     h = Harness(MAX_UNAUTHENTICATED_PER_ADDRESS=0)
     try:
         factory = build_http_factory(h.gateway, {}, clock=h.clock)
-        assert all(isinstance(connect(factory)[0], Guard) for _ in range(200))
+        assert all(isinstance(accept(factory)[0], Guard) for _ in range(200))
     finally:
         h.stop()
 
 
 def test_an_idle_keep_alive_connection_is_dropped_after_the_handshake_timeout(h):
     factory = build_http_factory(h.gateway, {}, clock=h.clock)
-    proto, transport = connect(factory)
+    proto, transport = accept(factory)
     proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert b"200 OK" in transport.value()
     h.clock.advance(1.5)

@@ -2,15 +2,13 @@
 
 import pytest
 from autobahn.twisted.websocket import WebSocketServerProtocol
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.web.http import _GenericHTTPChannelProtocol as SiteChannel
 
 from chatgateway.edge.http import build_http_factory
 from chatgateway.edge.router import MAX_REQUEST_LINE, is_websocket_request
 from chatgateway.edge.websocket import DeviceProtocol
 
-from support.wsharness import Harness
+from support.wsharness import Harness, accept
 
 UPGRADE_HEADERS = (
     b"Host: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -26,12 +24,7 @@ def h():
 
 
 def connect(h):
-    factory = build_http_factory(h.gateway, {}, clock=h.clock)
-    address = IPv4Address("TCP", "10.0.0.1", 40000)
-    guard = factory.buildProtocol(address)
-    transport = StringTransport(peerAddress=address)
-    guard.makeConnection(transport)
-    return guard, transport
+    return accept(build_http_factory(h.gateway, {}, clock=h.clock))
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,12 @@ async def _pair(expected, wrap=False):
     return port, client, server, sink
 
 
+async def _unpair(port, client, server):
+    client.transport.loseConnection()
+    server.transport.loseConnection()
+    await port.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_every_byte_arrives_in_order_past_the_kernel_buffers():
     frames = [bytes([i % 251]) * size for i, size in enumerate([10, 3_000, 200_000, 7, 50_000, 1])]
@@ -61,9 +67,7 @@ async def test_every_byte_arrives_in_order_past_the_kernel_buffers():
         assert connection.dataBuffer or connection._tempDataLen  # 200 KB did not fit: the rest waits in Twisted
         assert await sink.done == expected
     finally:
-        client.transport.loseConnection()
-        server.transport.loseConnection()
-        await port.stopListening()
+        await _unpair(port, client, server)
 
 
 @pytest_twisted.ensureDeferred
@@ -74,9 +78,7 @@ async def test_a_small_write_on_an_idle_connection_leaves_nothing_buffered():
         assert not server.transport.dataBuffer and not server.transport._tempDataLen
         assert await sink.done == b"hello"
     finally:
-        client.transport.loseConnection()
-        server.transport.loseConnection()
-        await port.stopListening()
+        await _unpair(port, client, server)
 
 
 @pytest_twisted.ensureDeferred
@@ -87,9 +89,7 @@ async def test_the_connection_is_found_under_pass_through_wrappers_only():
         assert direct_socket(server.transport, ()) is None  # an unknown layer (TLS...) is never bypassed
         assert direct_socket(StringTransport(), ProtocolWrapper) is None
     finally:
-        client.transport.loseConnection()
-        server.transport.loseConnection()
-        await port.stopListening()
+        await _unpair(port, client, server)
 
 
 @pytest_twisted.ensureDeferred
