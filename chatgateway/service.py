@@ -1,6 +1,6 @@
 """The gateway's service tree: store, bus, (reference core), core client, gateway, listeners.
 
-Children start in the order added. They stop as a drain (README, Operations):
+Children start in the order added. They stop as a drain (docs/operations.md#stopping-the-drain):
 first, together and at once, the gateway and everything added after it (the
 listeners close, /readyz answers 503, every device is closed with 1001 once its
 commands in flight are answered); then the others one at a time in reverse

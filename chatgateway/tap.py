@@ -116,7 +116,7 @@ def makeService(options, reactor=None):
         sys.stdout.flush()
     root = make_gateway_service(
         config, reactor, dev=options["dev"], shared_ports=options.workers > 1 or options["worker-index"] is not None,
-        handle_signals=True,  # SIGTERM/SIGINT: drain, exit 0 (README, Operations)
+        handle_signals=True,  # SIGTERM/SIGINT: drain, exit 0 (docs/operations.md#stopping-the-drain)
     )
     if options.workers > 1:
         from chatgateway.workers import WorkerPool

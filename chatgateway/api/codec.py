@@ -1,4 +1,4 @@
-"""Frames <-> messages for the two WebSocket subprotocols (DESIGN §5).
+"""Frames <-> messages for the two WebSocket subprotocols (docs/protocol.md#subprotocols).
 
 chat.v1.json: text frames, canonical proto3 JSON (lowerCamelCase on output;
 either spelling accepted on input). chat.v1.proto: binary protobuf frames.

@@ -1,4 +1,7 @@
-"""Names of the bus channels (DESIGN §7). Payloads are serialized ServerEvents."""
+"""Names of the bus channels (docs/architecture.md#redis-keys-and-channels).
+
+Room and profile channels carry serialized ServerEvents; a control channel carries JSON.
+"""
 
 
 def room(room_id):
@@ -12,5 +15,5 @@ def profile(profile_id):
 
 
 def control(gateway_id):
-    """Control messages for one gateway instance."""
+    """Control messages for one gateway instance (JSON: evictions)."""
     return f"gateway:ctl:{gateway_id}"

@@ -1,4 +1,6 @@
-"""The event bus on Redis pub/sub, for many gateway instances (DESIGN §7).
+"""The event bus on Redis pub/sub, for many gateway instances.
+
+The channels: docs/architecture.md#redis-keys-and-channels.
 
 Two connections, both binary (``charset=None``: payloads are serialized
 protobuf and any byte string must arrive unchanged):

@@ -30,9 +30,9 @@ Decisions (the API leaves them open):
   more items follow. SearchRooms streams at least one page and, when ``limit``
   cuts it short, leaves a cursor to continue. History cursors are positions:
   either direction may continue from one.
-- Publishing (DESIGN §7), after the transaction commits and still under the
-  lock, so publish order is stored order: each stored event as a ServerEvent
-  on the room channel; each membership change as a SubscriptionEvent on the
+- Publishing (docs/architecture.md#redis-keys-and-channels), after the
+  transaction commits and still under the lock, so publish order is stored
+  order: each stored event as a ServerEvent on the room channel; each membership change as a SubscriptionEvent on the
   profile channel, ADDED before the room's SYSTEM event about it, REMOVED after.
   Joins, leaves, removals, role changes and room updates are SYSTEM events in
   the room, payload ``{"action": ..., ...}``. DeleteRoom publishes an

@@ -1,1 +1,1 @@
-"""The surfaces devices reach: WebSocket (websocket.py) and HTTP (http.py)."""
+"""The surfaces devices and applications reach: WebSocket, gRPC and HTTP (Connect, health, metrics)."""

@@ -1,4 +1,7 @@
-"""The gRPC edge on GRPC_PORT: chat.v1.ChatService over HTTP/2 (DESIGN §4, §5, §12).
+"""The gRPC edge on GRPC_PORT: chat.v1.ChatService over HTTP/2.
+
+The data path: docs/architecture.md#path-3-the-grpc-connect-stream; the protocol:
+docs/protocol.md#calling-the-api.
 
 ``Connect`` is a bidirectional stream with the WebSocket session's semantics:
 the same Session (chatgateway.sessions.session) decides everything, GrpcDevice is its
@@ -58,7 +61,7 @@ from chatgateway.core.client import METHODS, SERVICE, STATUS_DETAILS_KEY, CoreEr
 from chatgateway.edge.websocket import MAX_PENDING_FRAMES
 from chatgateway.sessions.session import CloseCode, ISessionTransport, close_after_failed_open, replay
 
-# The WebSocket close code of DESIGN §5 -> the gRPC status a stream ends with.
+# A WebSocket close code (docs/protocol.md#heartbeats-and-close-codes) -> the gRPC status a stream ends with.
 CLOSE_STATUS = {
     CloseCode.NORMAL: grpc.StatusCode.OK,
     CloseCode.GOING_AWAY: grpc.StatusCode.UNAVAILABLE,
@@ -98,7 +101,7 @@ def _metadata(context):
 
 
 class _End:
-    """The end of a stream: a close code of DESIGN §5 and its reason.
+    """The end of a stream: a WebSocket close code and its reason.
 
     ``now``: end at once, dropping what waits in the outbox (an abort).
     """

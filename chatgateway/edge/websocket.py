@@ -1,4 +1,4 @@
-"""The WebSocket edge: frames in and out of a Session (DESIGN §5).
+"""The WebSocket edge: frames in and out of a Session (docs/architecture.md#websocket-contract).
 
 Thin by design: authentication at the handshake or in the first frame, then
 every frame is decoded and handed to the Session; the protocol also serves
@@ -6,7 +6,7 @@ as the Session's transport. Outbound frames go through the connection's
 Outbox (chatgateway.sessions.outbox), the transport's streaming producer, which bounds
 them to SEND_BUFFER_BYTES and closes a slow consumer with 4429.
 
-Limits (README, Security): frames and messages up to MAX_MESSAGE_BYTES (1009),
+Limits (docs/security.md#limits): frames and messages up to MAX_MESSAGE_BYTES (1009),
 permessage-deflate declined (no decompression bombs; one encoding per event),
 Autobahn's open- and close-handshake timeouts (HANDSHAKE_TIMEOUT_SEC,
 CLOSE_TIMEOUT_SEC), AUTH_TIMEOUT_SEC for first-frame auth, MAX_CONNECTIONS per

@@ -7,12 +7,13 @@ chunks): a fan-out larger than that, or one arriving after the budget is
 spent, waits in a queue, and the queue is worked off CHUNK deliveries per
 reactor turn in arrival order, so no recipient sees events reordered.
 
-The queue is bounded (DESIGN §8): when more than ``max_backlog`` deliveries
-are owed, the oldest queued room events are dropped whole (never the one
-being delivered), and their recipients are told once per
-LOSS_NOTICE_INTERVAL_SEC, by a DATA_LOSS error queued where the events were,
-that events were missed. Profile events (membership changes) are never
-dropped, and their membership effect is applied on receipt in any case.
+The queue is bounded (docs/operations.md#overload): when more than
+``max_backlog`` deliveries are owed, the oldest queued room events are
+dropped whole (never the one being delivered), and their recipients are told
+once per LOSS_NOTICE_INTERVAL_SEC, by a DATA_LOSS error queued where the
+events were, that events were missed. Profile events (membership changes)
+are never dropped, and their membership effect is applied on receipt in any
+case.
 """
 
 import collections

@@ -1,7 +1,7 @@
 """The gateway's state and the operations its edges share.
 
 A Gateway owns the local connection registry, the fan-out, and the clients
-of the core, the bus and the store. Edges (WebSocket now, gRPC later)
+of the core, the bus and the store. Edges (WebSocket, the gRPC stream)
 authenticate a device, then call ``open_session``; every Session calls back
 into ``forward``, ``publish`` and ``memberships``.
 """

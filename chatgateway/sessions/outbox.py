@@ -1,4 +1,4 @@
-"""The bounded outbound buffer of one device connection (DESIGN §8, §11).
+"""The bounded outbound buffer of one device connection (docs/security.md#slow-consumers).
 
 A connection may hold at most SEND_BUFFER_BYTES of outbound data: what Twisted's
 transport has not yet handed to the kernel plus what waits in this Outbox,

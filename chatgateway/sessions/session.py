@@ -1,7 +1,7 @@
 """One authenticated device connection, whatever carries it.
 
-The WebSocket protocol (and later the gRPC stream) turns frames into
-``Session.handle(StreamRequest)`` and implements the small transport
+The WebSocket protocol and the gRPC stream turn frames into
+``Session.handle(StreamRequest)`` and implement the small transport
 interface below; everything a device may do is decided here.
 """
 
@@ -51,7 +51,7 @@ class ISessionTransport(Interface):
         """Send a heartbeat probe."""
 
     def close(code, reason):
-        """Close the connection with a close code of DESIGN §5."""
+        """Close the connection with a close code of docs/protocol.md#heartbeats-and-close-codes."""
 
     # Optional: ``abort()`` drops the connection at once (a drain past its deadline).
 

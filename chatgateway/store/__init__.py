@@ -1,4 +1,6 @@
-"""Connection metadata shared between gateway instances (DESIGN §7).
+"""Connection metadata shared between gateway instances.
+
+The contract: docs/architecture.md#redis-keys-and-channels.
 
 Two implementations of IConnectionStore: ``memory`` (one instance) and
 ``redis``. Keys and values follow the spec:

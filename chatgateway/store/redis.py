@@ -1,4 +1,6 @@
-"""Connection metadata in Redis, shared by every gateway instance (DESIGN §7).
+"""Connection metadata in Redis, shared by every gateway instance.
+
+The contract: docs/architecture.md#redis-keys-and-channels.
 
 Keys (the spec's three, then ours):
 
@@ -29,8 +31,8 @@ dead members for ever. The registry TTL, max(conn TTL, REGISTRY_MIN_TTL_SEC),
 only matters once nobody renews them, i.e. when no gateway is left to reap.
 
 Why the other TTLs: a connection's keys outlive it by at most 2 ×
-CONNECTION_TIMEOUT_SEC even if every gateway dies (presence follows leases,
-DESIGN §11). An instance key lapses within a few heartbeats of its gateway
+CONNECTION_TIMEOUT_SEC even if every gateway dies (docs/operations.md#faults).
+An instance key lapses within a few heartbeats of its gateway
 dying, so another gateway cleans up after it about as fast. Everything
 expires once nobody renews it: Redis never fills with leftovers.
 

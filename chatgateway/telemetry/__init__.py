@@ -186,7 +186,7 @@ def transport_name(transport):
 
 
 def connection_closing(transport, code):
-    """The gateway closes a device's connection with ``code`` (a close code of DESIGN §5)."""
+    """The gateway closes a device's connection with ``code`` (a close code of docs/protocol.md)."""
     _closes[(transport_name(transport), int(code))] += 1
 
 

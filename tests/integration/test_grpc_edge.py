@@ -324,7 +324,7 @@ async def test_the_ten_methods_through_each_surface(dev_gateway, surface):
 
 
 def test_connect_curl_style_calls(dev_gateway):
-    """What the README shows: plain JSON over HTTP, errors as Connect JSON with their HTTP status."""
+    """What docs/protocol.md#connect-with-curl shows: plain JSON over HTTP, errors as Connect JSON with their HTTP status."""
     token = dev_gateway.token(unique("curl"))
     request = urllib.request.Request(
         f"{dev_gateway.http}/chat.v1.ChatService/CreateRoom",

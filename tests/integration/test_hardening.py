@@ -123,12 +123,12 @@ MESSAGE_BYTES = 4096  # text of each message; its frame is a little larger
 SEND_BUFFER_BYTES = 64 * 1024
 # The gateway's own working set under this load beyond its idle RSS: events in flight,
 # the Redis subscriber's buffers, the fast member's transport, allocator slack. Measured
-# at 10-20 MiB on the development machine; the bound allows 32 MiB (README, Security).
+# at 10-20 MiB on the development machine; the bound allows 32 MiB (docs/security.md#slow-consumers).
 WORKING_SET = 32 * MiB
 
 
 def slow_consumer_bound(connections, send_buffer_bytes, largest_frame):
-    """The README's bound on what slow consumers may add to the gateway's RSS."""
+    """The bound on what slow consumers may add to the gateway's RSS (docs/security.md#slow-consumers)."""
     return connections * (send_buffer_bytes + largest_frame) + WORKING_SET
 
 
@@ -174,7 +174,7 @@ async def test_slow_consumers_are_closed_4429_within_the_memory_bound_and_do_not
         assert received == sorted(set(received)) and received[-1] == total - 1  # in order, once, to the last
         # While the 200 slow devices' kernel buffers fill (~400k deliveries/s asked of one
         # process), the fan-out's backlog passes its bound and the oldest events are shed
-        # (README, Overload): the fast device is told, once per 5 s, and stays connected.
+        # (docs/operations.md#overload): the fast device is told, once per 5 s, and stays connected.
         shed = total - len(received)
         notices = [e.error.status for e in fast.pending("error")]
         assert (shed == 0 and notices == []) or (shed > 0 and notices and set(notices) == {"DATA_LOSS"}), notices

@@ -1,6 +1,6 @@
 """A real redis-server for integration tests, on a free port, started and stopped by the test.
 
-Tests never talk to a Redis they did not start (DESIGN §10). redis-server
+Tests never talk to a Redis they did not start (docs/architecture.md#testing-rules). redis-server
 must be on PATH: without it the tests fail (CI installs it), they do not skip.
 """
 

@@ -108,3 +108,28 @@ def test_readme_links_every_docs_page():
     linked = {(REPO_ROOT / target.partition("#")[0]).resolve() for target in links(REPO_ROOT / "README.md")}
     assert [p.name for p in sorted(DOCS.glob("*.md")) if p.resolve() not in linked] == []
 
+
+def _code_files():
+    for name in CODE_DIRS:
+        for path in sorted((REPO_ROOT / name).rglob("*")):
+            parts = set(path.relative_to(REPO_ROOT).parts)
+            if path.is_file() and path.suffix in CODE_SUFFIXES and not parts & {"__pycache__", "out"}:
+                yield path
+    for name in CODE_FILES:
+        yield REPO_ROOT / name
+
+
+def test_code_refers_only_to_pages_and_headings_that_exist():
+    problems = []
+    for path in _code_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        where = path.relative_to(REPO_ROOT)
+        if RETIRED in text:
+            problems.append(f"{where}: refers to {RETIRED}N, a document not in the repository")
+        for match in INFORMAL.finditer(text):
+            problems.append(f"{where}: {match.group(0)!r}...: name the page and heading (docs/<page>.md#<anchor>)")
+        for page, anchor in MANUAL_REFERENCE.findall(text):
+            problem = unresolved(REPO_ROOT, page.lstrip("./") + anchor)
+            if problem:
+                problems.append(f"{where}: {problem}")
+    assert problems == []
