@@ -278,7 +278,8 @@ class Session:
         which = request.WhichOneof("payload")
         if which == "command":
             self._command(request.command)
-        # Acks are accepted; delivery is at-most-once until resumable catch-up exists.
+        # Acks are accepted; delivery is at-most-once until resumable catch-up exists
+        # (docs/architecture.md#positions-publish-contract-membership-cache).
 
     def _refresh_token(self, token):
         def fresh(claims):
