@@ -1,7 +1,4 @@
-"""The gRPC edge on GRPC_PORT: chat.v1.ChatService over HTTP/2.
-
-The data path: docs/architecture.md#path-3-the-grpc-connect-stream; the protocol:
-docs/protocol.md#calling-the-api.
+"""The gRPC edge on GRPC_PORT: chat.v1.ChatService over HTTP/2 (docs/protocol.md#calling-the-api).
 
 ``Connect`` is a bidirectional stream with the WebSocket session's semantics:
 the same Session (chatgateway.sessions.session) decides everything, GrpcDevice is its
