@@ -143,14 +143,18 @@ class CoreClient:
     log = Logger()
 
     def __init__(
-        self, target, reactor, timeout, threads, gateway_id, breaker=None, service_token=None, clock=None
+        self, target, reactor, timeout, threads, gateway_id, breaker=None, service_token=None, clock=None,
+        pool=None, channel=None,
     ):
         self._target = target
+        # Tests may give the threads (BlockingCalls' start/call/stop) and the channel (its
+        # unary_unary/unary_stream/close) to drive the client on a task.Clock.
+        self._given_channel = channel
         self._reactor = reactor
         self._timeout = timeout
         self._gateway_id = gateway_id
         self._clock = clock if clock is not None else reactor
-        self._pool = BlockingCalls(reactor, threads, "core-client")
+        self._pool = pool if pool is not None else BlockingCalls(reactor, threads, "core-client")
         self._limit = threads * (1 + QUEUE_PER_THREAD)
         self._in_flight = 0
         self._max_waiting = threads * WAITING_PER_THREAD
@@ -162,9 +166,12 @@ class CoreClient:
         self._service_token = service_token  # ClientCredentials, or None
 
     def start(self):
-        # The target may be known only at start (the in-process core's port).
-        target = self._target() if callable(self._target) else self._target
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if self._given_channel is not None:
+            self._channel = self._given_channel
+        else:
+            # The target may be known only at start (the in-process core's port).
+            target = self._target() if callable(self._target) else self._target
+            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         for name, (request_cls, response_cls, streaming) in METHODS.items():
             make = self._channel.unary_stream if streaming else self._channel.unary_unary
             self._callables[name] = make(
