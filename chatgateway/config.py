@@ -159,7 +159,7 @@ SETTINGS = [
     Setting("MAX_CONNECTIONS", _int(1), "10000", "WebSocket connections per process; beyond it /ws answers 503 and /readyz reports full."),
     Setting("MAX_UNAUTHENTICATED_PER_ADDRESS", _int(0), "64", "Connections of one client address not yet authenticated (0: no cap); beyond it 429."),
     Setting("ALLOWED_ORIGINS", _origins, "", "Comma-separated browser origins allowed (empty: any)."),
-    Setting("CORE_TIMEOUT_SEC", _number(0.01), "5", "Deadline of each call to the core."),
+    Setting("CORE_TIMEOUT_SEC", _number(0.01), "5", "Deadline of each call to the core, from when the device's request arrived."),
     Setting("CORE_THREADS", _int(1), "16", "Threads for blocking calls to the core (bounded pool)."),
     Setting("CORE_BREAKER_FAILURES", _int(1), "5", "Consecutive UNAVAILABLE/DEADLINE_EXCEEDED answers that open the circuit to the core."),
     Setting("CORE_BREAKER_COOLDOWN_SEC", _number(0.1), "10", "Time an open circuit fails calls at once before one probe goes through."),

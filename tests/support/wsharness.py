@@ -60,7 +60,7 @@ class FakeCore:
         self.calls = []
         self.sent = []
 
-    def call(self, method, request, token, device_id=""):
+    def call(self, method, request, token, device_id="", **options):
         self.calls.append((method, request, token))
         profile = token.split("/")[0].split("@")[0]
         if method == "SearchRooms":
