@@ -144,7 +144,7 @@ SETTINGS = [
     Setting("JWT_CLIENT_ID", _text, "", "The gateway's OAuth2 client id."),
     Setting("JWT_CLIENT_SECRET", _text, "", "The gateway's OAuth2 client secret."),
     Setting("JWT_SECRET", _text, "", "HS256 secret (development); enables HS256 tokens."),
-    Setting("JWT_LEEWAY_SEC", _number(0), "30", "Clock skew allowed on exp/nbf/iat."),
+    Setting("JWT_LEEWAY_SEC", _number(0), "30", "Clock skew allowed on exp/nbf/iat; a session is closed at its token's exp plus this."),
     Setting("JWKS_REFETCH_COOLDOWN_SEC", _number(0), "60", "An unknown kid refetches the JWKS at most once per this many seconds."),
     Setting("HTTP_PORT", _int(0), "80", "WebSocket (/ws), /healthz, /readyz."),
     Setting("HTTP_INTERFACE", _text, "", "Address the HTTP port binds (default: all)."),
