@@ -12,10 +12,10 @@ import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from chatgateway import breaker as circuit
+from chatgateway.core import breaker as circuit
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.breaker import CircuitBreaker
-from chatgateway.core import CoreClient
+from chatgateway.core.breaker import CircuitBreaker
+from chatgateway.core.client import CoreClient
 
 
 class DeadlineExceeded(grpc.RpcError):

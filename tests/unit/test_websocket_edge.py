@@ -6,9 +6,13 @@ import grpc
 import pytest
 from google.protobuf import any_pb2
 
-from chatgateway import channels, codec, config
+from chatgateway import config
+
+from chatgateway.bus import channels
+
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth import TokenVerifier, mint_token
+from chatgateway.auth.tokens import TokenVerifier, mint_token
 
 from support.wsharness import Harness
 
@@ -478,8 +482,7 @@ def test_store_reconnect_rewrites_live_connections(h):
 
 
 def test_the_heartbeat_sweeps_a_slice_per_reactor_turn_and_refreshes_once(h, monkeypatch):
-    from chatgateway import gateway as gateway_module
-
+    from chatgateway.sessions import gateway as gateway_module
     monkeypatch.setattr(gateway_module, "HEARTBEAT_SLICE", 2)
     clients = [h.connect(f"user{i}") for i in range(5)]
     sessions = list(h.gateway.registry.sessions)

@@ -1,7 +1,7 @@
 """Client of the core chat service: the one module that speaks gRPC to the core.
 
 grpcio stubs block, so every call runs on a bounded set of threads of this
-client's own (chatgateway.blockingcalls). Up to CORE_THREADS x (1 +
+client's own (chatgateway.core.blockingcalls). Up to CORE_THREADS x (1 +
 QUEUE_PER_THREAD) calls are handed to the threads; the next ones wait here,
 oldest first, for a place - at most CORE_THREADS x WAITING_PER_THREAD of them.
 Beyond that bound a call fails at once with RESOURCE_EXHAUSTED rather than
@@ -30,9 +30,9 @@ excess answered within CORE_TIMEOUT_SEC.
 Every call carries the device's token as ``authorization``, ``x-gateway-id``,
 ``x-device-id`` when known, the caller's W3C ``traceparent``/``tracestate`` when
 given, and the gateway's own client-credentials token as
-``x-service-authorization`` when configured (chatgateway.clientcredentials).
+``x-service-authorization`` when configured (chatgateway.auth.clientcredentials).
 
-A circuit breaker (chatgateway.breaker) watches the answers: after
+A circuit breaker (chatgateway.core.breaker) watches the answers: after
 CORE_BREAKER_FAILURES consecutive UNAVAILABLE/DEADLINE_EXCEEDED it fails calls
 at once with UNAVAILABLE for CORE_BREAKER_COOLDOWN_SEC, then lets one probe
 through; a DEADLINE_EXCEEDED counts only when the call had at least half of
@@ -53,9 +53,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatgateway import breaker as circuit
+from chatgateway.core import breaker as circuit
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.blockingcalls import BlockingCalls
+from chatgateway.core.blockingcalls import BlockingCalls
 
 SERVICE = "chat.v1.ChatService"
 
@@ -308,7 +308,7 @@ class CoreClient:
         """Deferred firing with the response (a list of responses when streaming).
 
         ``timeout`` (seconds) is what is left of the caller's own deadline, e.g. one
-        fixed when its request arrived (chatgateway.forwarding); the call's deadline is
+        fixed when its request arrived (chatgateway.sessions.forwarding); the call's deadline is
         that or CORE_TIMEOUT_SEC from now, whichever is sooner. Fails with CoreError
         carrying the core's status code.
         """
