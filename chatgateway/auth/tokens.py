@@ -73,7 +73,10 @@ class AuthError(Exception):
 class Claims:
     profile_id: str
     device_id: str | None
-    expires_at: float
+    expires_at: float  # the token's exp
+    # exp + JWT_LEEWAY_SEC: when the verifier starts refusing the token, and so when a
+    # session it opened (or refreshed) is closed with 4401 - one rule for both.
+    valid_until: float
     claims: dict
 
 
@@ -480,7 +483,9 @@ class TokenVerifier:
         device_id = payload.get("device_id")
         if device_id is not None and (not isinstance(device_id, str) or not device_id):
             raise AuthError("invalid device_id claim")
-        return Claims(profile_id=sub, device_id=device_id, expires_at=float(exp), claims=payload)
+        return Claims(
+            profile_id=sub, device_id=device_id, expires_at=float(exp), valid_until=float(exp) + self._leeway, claims=payload
+        )
 
     # -- JWKS: lookup, cooldown, one fetch in flight ------------------------------------------
 

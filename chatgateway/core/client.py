@@ -1,14 +1,24 @@
 """Client of the core chat service: the one module that speaks gRPC to the core.
 
 grpcio stubs block, so every call runs on a bounded set of threads of this
-client's own (chatgateway.core.blockingcalls), with a deadline (CORE_TIMEOUT_SEC,
-or the caller's own deadline when it is shorter). Up to CORE_THREADS x (1 + QUEUE_PER_THREAD) calls are
-handed to the pool; the next ones wait here, oldest first, for a place - at
-most CORE_THREADS x WAITING_PER_THREAD of them - and their deadline counts
-from the call: one that runs out while waiting fails with DEADLINE_EXCEEDED
-(the core never asked, the breaker not told), one that gets a place goes to
-the core with what is left of it. Beyond that bound a call fails at once with
-RESOURCE_EXHAUSTED rather than queueing without bound.
+client's own (chatgateway.core.blockingcalls). Up to CORE_THREADS x (1 +
+QUEUE_PER_THREAD) calls are handed to the threads; the next ones wait here,
+oldest first, for a place - at most CORE_THREADS x WAITING_PER_THREAD of them.
+Beyond that bound a call fails at once with RESOURCE_EXHAUSTED rather than
+queueing without bound.
+
+Deadlines. Every call has one absolute deadline, fixed when the device's
+request arrived: CORE_TIMEOUT_SEC from then, or the caller's own when it is
+sooner. Whatever the call is doing at its deadline, it is answered then:
+
+- waiting here, or handed to the threads but not yet taken by one: failed with
+  DEADLINE_EXCEEDED by one timer (_Deadlines) set for the earliest deadline of
+  them all, on the reactor; the core is never asked, the breaker not told;
+- taken by a thread: the thread gives grpc what is left of the deadline (and
+  skips a call whose deadline has passed), so grpc ends it then.
+
+A thread and the timer may reach a call at the same moment: a lock decides
+which (a call is either started or answered DEADLINE_EXCEEDED, never both).
 
 Why wait rather than refuse at once: in a connect storm the calls are the
 devices' memberships (SearchRooms). A device refused is closed with 1013 and
@@ -25,18 +35,23 @@ given, and the gateway's own client-credentials token as
 A circuit breaker (chatgateway.core.breaker) watches the answers: after
 CORE_BREAKER_FAILURES consecutive UNAVAILABLE/DEADLINE_EXCEEDED it fails calls
 at once with UNAVAILABLE for CORE_BREAKER_COOLDOWN_SEC, then lets one probe
-through. The core's status code, message and rich details
-(``grpc-status-details-bin``) come back unchanged in CoreError.
+through; a DEADLINE_EXCEEDED counts only when the call had at least half of
+CORE_TIMEOUT_SEC at the core (JUDGED_SHARE). The core's status code, message
+and rich details (``grpc-status-details-bin``) come back unchanged in CoreError.
 """
 
 import collections
+import heapq
+import itertools
 import re
+import threading
 
 import grpc
 import grpc.experimental
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatgateway.core import breaker as circuit
 from chatgateway.api import chat_pb2 as pb
@@ -62,6 +77,10 @@ METHODS = {
 QUEUE_PER_THREAD = 4
 # Calls waiting here for a place in the pool, per thread, before new calls are refused.
 WAITING_PER_THREAD = 50
+# A DEADLINE_EXCEEDED counts against the core (its breaker) only when the call had at
+# least this share of CORE_TIMEOUT_SEC there: one that spent its deadline waiting for a
+# thread, or that had a caller's short deadline, says nothing about the core.
+JUDGED_SHARE = 0.5
 
 # Answers that say the core is not there (they count towards opening the circuit).
 TRANSPORT_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -115,16 +134,87 @@ class CoreError(Exception):
         )
 
 
-class _Waiting:
-    """A call waiting for a place in the pool."""
+# Where a call is (_Call.state).
+_WAITING = "waiting"  # here, for a place in the pool
+_STARTING = "starting"  # has a place: getting the service token, or queued for a thread
+_RUNNING = "running"  # a thread called the core with what was left of the deadline
+_ENDED = "ended"  # answered, or past its deadline before a thread took it
+_NOT_STARTED = (_WAITING, _STARTING)
 
-    __slots__ = ("d", "call", "expires", "timer")
+# What a thread returns for a call it did not start (past its deadline, or already answered).
+_SKIPPED = object()
 
-    def __init__(self, d, call, expires):
-        self.d = d
-        self.call = call  # (method, request, metadata)
-        self.expires = expires
-        self.timer = None
+
+class _Call:
+    """One call to the core, from ``call`` to its answer."""
+
+    __slots__ = ("d", "method", "request", "metadata", "expires", "state", "timeout", "watched")
+
+    def __init__(self, method, request, metadata, expires):
+        self.d = defer.Deferred()
+        self.method = method
+        self.request = request
+        self.metadata = metadata
+        self.expires = expires  # clock seconds: the deadline
+        self.state = None
+        self.timeout = None  # what grpc was given, once a thread started it
+        self.watched = False  # in _Deadlines
+
+
+class _Deadlines:
+    """Fails calls not yet on a thread at their deadline: one timer, for the earliest.
+
+    A heap of (expires, n, call). A call stops counting when a thread takes it or it is
+    answered; its entry is then skipped when it comes up, and such entries are dropped
+    all at once when they outnumber the calls that can still be waiting (so a storm of
+    calls that did get a thread in time is not kept until its deadlines). A timer per
+    call would be a heap push and a cancel on the reactor for each of thousands.
+    """
+
+    COMPACT_ABOVE = 64
+
+    def __init__(self, clock, expire):
+        self._clock = clock
+        self._expire = expire  # (call) -> None, on the reactor
+        self._heap = []
+        self._order = itertools.count()  # ties never compare calls
+        self._timer = None
+        self._due = None  # the deadline the timer is set for
+
+    def __len__(self):
+        return len(self._heap)
+
+    def add(self, call, live):
+        """Watch ``call``; ``live`` bounds how many watched calls can still be waiting."""
+        if call.watched:
+            return
+        call.watched = True
+        heapq.heappush(self._heap, (call.expires, next(self._order), call))
+        if len(self._heap) > 2 * live + self.COMPACT_ABOVE:
+            self._heap = [entry for entry in self._heap if entry[2].state in _NOT_STARTED]
+            heapq.heapify(self._heap)
+        if self._due is None or call.expires < self._due:
+            self._arm()
+
+    def _arm(self):
+        while self._heap and self._heap[0][2].state not in _NOT_STARTED:
+            heapq.heappop(self._heap)[2].watched = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._due = None
+        if self._heap:
+            self._due = self._heap[0][0]
+            self._timer = self._clock.callLater(max(0.0, self._due - self._clock.seconds()), self._fire)
+
+    def _fire(self):
+        self._timer = None
+        # The timer's own target counts as now: clock arithmetic may land a hair before it.
+        now = max(self._clock.seconds(), self._due)
+        while self._heap and self._heap[0][0] <= now:
+            call = heapq.heappop(self._heap)[2]
+            call.watched = False
+            self._expire(call)
+        self._arm()
 
 
 def _core_error(rpc_error):
@@ -143,28 +233,39 @@ class CoreClient:
     log = Logger()
 
     def __init__(
-        self, target, reactor, timeout, threads, gateway_id, breaker=None, service_token=None, clock=None
+        self, target, reactor, timeout, threads, gateway_id, breaker=None, service_token=None, clock=None,
+        pool=None, channel=None,
     ):
         self._target = target
+        # Tests may give the threads (BlockingCalls' start/call/stop) and the channel (its
+        # unary_unary/unary_stream/close) to drive the client on a task.Clock.
+        self._given_channel = channel
         self._reactor = reactor
         self._timeout = timeout
         self._gateway_id = gateway_id
         self._clock = clock if clock is not None else reactor
-        self._pool = BlockingCalls(reactor, threads, "core-client")
+        self._pool = pool if pool is not None else BlockingCalls(reactor, threads, "core-client")
+        self._threads = threads
         self._limit = threads * (1 + QUEUE_PER_THREAD)
-        self._in_flight = 0
+        self._in_flight = 0  # calls with a place in the pool, until the pool hands them back
         self._max_waiting = threads * WAITING_PER_THREAD
-        self._waiting = collections.deque()  # of _Waiting, oldest first
+        self._queue = collections.deque()  # of _Call waiting for a place, oldest first (and ended ones)
+        self._waiting = 0  # calls in _queue still waiting
         self._starting = False
+        self._claim = threading.Lock()  # a call's move out of _STARTING: by a thread, or at its deadline
+        self._deadlines = _Deadlines(self._clock, self._expire)
         self._channel = None
         self._callables = {}
         self.breaker = breaker if breaker is not None else circuit.CircuitBreaker(self._clock)
         self._service_token = service_token  # ClientCredentials, or None
 
     def start(self):
-        # The target may be known only at start (the in-process core's port).
-        target = self._target() if callable(self._target) else self._target
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if self._given_channel is not None:
+            self._channel = self._given_channel
+        else:
+            # The target may be known only at start (the in-process core's port).
+            target = self._target() if callable(self._target) else self._target
+            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         for name, (request_cls, response_cls, streaming) in METHODS.items():
             make = self._channel.unary_stream if streaming else self._channel.unary_unary
             self._callables[name] = make(
@@ -181,10 +282,12 @@ class CoreClient:
         channel, self._channel = self._channel, None
         if self._service_token is not None:
             self._service_token.stop()
-        waiting, self._waiting = self._waiting, collections.deque()
-        for waiter in waiting:
-            waiter.timer.cancel()
-            waiter.d.errback(CoreError(grpc.StatusCode.UNAVAILABLE, "core client is stopped"))
+        queue, self._queue = self._queue, collections.deque()
+        self._waiting = 0
+        for call in queue:
+            if call.state is _WAITING:
+                call.state = _ENDED
+                self._answer(call, Failure(CoreError(grpc.StatusCode.UNAVAILABLE, "core client is stopped")))
 
         def shutdown():
             self._pool.stop()
@@ -199,113 +302,168 @@ class CoreClient:
 
     @property
     def waiting(self):
-        return len(self._waiting)
+        return self._waiting
 
     def call(self, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None):
         """Deferred firing with the response (a list of responses when streaming).
 
-        ``timeout`` (seconds) shortens the deadline below CORE_TIMEOUT_SEC, e.g. to
-        the caller's own deadline. Fails with CoreError carrying the core's status code.
+        ``timeout`` (seconds) is what is left of the caller's own deadline, e.g. one
+        fixed when its request arrived (chatgateway.sessions.forwarding); the call's deadline is
+        that or CORE_TIMEOUT_SEC from now, whichever is sooner. Fails with CoreError
+        carrying the core's status code.
         """
         if method not in METHODS:
             return defer.fail(CoreError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}"))
         if self._channel is None:
             return defer.fail(CoreError(grpc.StatusCode.UNAVAILABLE, "core client is stopped"))
         full = self._in_flight >= self._limit or self._waiting
-        if full and len(self._waiting) >= self._max_waiting:
+        if full and self._waiting >= self._max_waiting:
             return defer.fail(
                 CoreError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls to the core in flight")
             )
         if timeout is not None and timeout <= 0:
             return defer.fail(CoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call"))
+        expires = self._clock.seconds() + (self._timeout if timeout is None else min(self._timeout, timeout))
         metadata = [("authorization", f"Bearer {token}"), ("x-gateway-id", self._gateway_id)]
         if device_id:
             metadata.append(("x-device-id", device_id))
         metadata.extend(trace_metadata(traceparent, tracestate))
-        deadline = self._timeout if timeout is None else min(self._timeout, timeout)
+        call = _Call(method, request, metadata, expires)
         if full and self.breaker.state != circuit.OPEN:  # an open circuit refuses at once, waiting or not
-            return self._wait((method, request, metadata), self._clock.seconds() + deadline)
-        return self._start(method, request, metadata, deadline, shortened=deadline < self._timeout)
+            call.state = _WAITING
+            self._queue.append(call)
+            self._waiting += 1
+            self._watch(call)
+        else:
+            self._start(call)
+        return call.d
 
-    def _start(self, method, request, metadata, deadline, shortened):
-        """Hand the call to the pool; ``shortened``: its deadline is less than CORE_TIMEOUT_SEC."""
+    def _watch(self, call):
+        self._deadlines.add(call, self._waiting + self._in_flight)
+
+    def _start(self, call):
+        """Give the call a place in the pool (the breaker permitting)."""
         if not self.breaker.allow():
-            return defer.fail(
-                CoreError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"core unavailable (circuit open; retry in {self.breaker.retry_after():.1f}s)",
-                )
-            )
+            call.state = _ENDED
+            message = f"core unavailable (circuit open; retry in {self.breaker.retry_after():.1f}s)"
+            self._answer(call, Failure(CoreError(grpc.StatusCode.UNAVAILABLE, message)))
+            return
         self._in_flight += 1
-        d = defer.Deferred.fromCoroutine(self._call(method, request, metadata, deadline, shortened))
-        return d.addBoth(self._done)
+        call.state = _STARTING
+        if self._in_flight > self._threads:
+            self._watch(call)  # it queues behind busy threads
+        d = defer.Deferred.fromCoroutine(self._run(call))
+        d.addBoth(self._ran, call)
 
-    def _done(self, result):
+    async def _run(self, call):
+        """The pool's result for the call: a response, a Failure, or _SKIPPED."""
+        if self._service_token is not None:
+            pending = self._service_token.token()
+            if not pending.called:
+                self._watch(call)
+            try:
+                service_token = await pending
+            except Exception as e:
+                return Failure(CoreError(grpc.StatusCode.UNAVAILABLE, f"the gateway has no service token: {e}"))
+            if call.state is not _STARTING:
+                return _SKIPPED  # its deadline came while the token was fetched
+            call.metadata.append(("x-service-authorization", f"Bearer {service_token}"))
+        try:
+            return await self._pool.call(self._blocking, call)
+        except BaseException:
+            return Failure()
+
+    def _blocking(self, call):
+        """On a pool thread: the core's answer, with what is left of the deadline."""
+        with self._claim:
+            if call.state is not _STARTING:
+                return _SKIPPED
+            timeout = call.expires - self._clock.seconds()
+            if timeout <= 0:
+                return _SKIPPED
+            call.state = _RUNNING
+        call.timeout = timeout
+        stub = self._callables[call.method]
+        try:
+            if METHODS[call.method][2]:
+                return list(stub(call.request, timeout=timeout, metadata=call.metadata))
+            return stub(call.request, timeout=timeout, metadata=call.metadata)
+        except grpc.RpcError as e:
+            raise _core_error(e) from None
+        except ValueError as e:  # e.g. the channel was closed while the call waited for a thread
+            raise CoreError(grpc.StatusCode.UNAVAILABLE, f"core client: {e}") from None
+
+    def _ran(self, result, call):
+        """The pool handed the call back: answer it (unless answered at its deadline), free its place."""
         self._in_flight -= 1
+        if result is _SKIPPED:
+            self._expire(call)
+        elif call.state is _RUNNING:
+            call.state = _ENDED
+            self._judge(call, result)
+            self._answer(call, result)
+        elif call.state is _STARTING:  # no service token, or no pool: it never got to a thread
+            call.state = _ENDED
+            self.breaker.released()
+            self._answer(call, result)
         self._start_waiting()
-        return result
+
+    def _judge(self, call, result):
+        """Tell the breaker what the answer says about the core."""
+        if not isinstance(result, Failure):
+            self.breaker.succeeded()
+        elif not result.check(CoreError):
+            self.breaker.released()
+        elif result.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and call.timeout < JUDGED_SHARE * self._timeout:
+            self.breaker.released()  # too little time at the core to tell anything about it
+        elif result.value.code in TRANSPORT_FAILURES:
+            self.breaker.failed()
+        else:
+            self.breaker.succeeded()
+
+    def _expire(self, call):
+        """The call's deadline came before a thread took it: DEADLINE_EXCEEDED, the core never asked."""
+        if call.state is _WAITING:
+            call.state = _ENDED
+            self._waiting -= 1
+            # Ended calls stay in the queue until they reach its front; drop them when most are.
+            if len(self._queue) > 2 * self._waiting + _Deadlines.COMPACT_ABOVE:
+                self._queue = collections.deque(c for c in self._queue if c.state is _WAITING)
+        elif call.state is _STARTING:
+            with self._claim:
+                if call.state is not _STARTING:
+                    return  # a thread took it just now: grpc's deadline ends it
+                call.state = _ENDED
+            self.breaker.released()  # allow() was asked when it got its place
+        else:
+            return
+        call.state = _ENDED
+        self._answer(call, Failure(CoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting to call the core")))
+
+    def _answer(self, call, result):
+        if call.d.called:
+            return  # the caller gave up on it (cancelled)
+        if isinstance(result, Failure):
+            call.d.errback(result)
+        else:
+            call.d.callback(result)
 
     def _start_waiting(self):
         if self._starting:
             return  # a call that ended at once, inside the loop below: the loop goes on
         self._starting = True
         try:
-            while self._waiting and self._in_flight < self._limit:
-                waiter = self._waiting.popleft()
-                waiter.timer.cancel()
-                # What is left of its deadline; a DEADLINE_EXCEEDED then says less about the core.
-                deadline = max(0.001, waiter.expires - self._clock.seconds())
-                self._start(*waiter.call, deadline, shortened=True).chainDeferred(waiter.d)
+            while self._queue and self._in_flight < self._limit:
+                call = self._queue.popleft()
+                if call.state is not _WAITING:
+                    continue  # answered at its deadline
+                if call.expires <= self._clock.seconds():
+                    self._expire(call)  # its timer is a moment late
+                    continue
+                self._waiting -= 1
+                self._start(call)
         finally:
             self._starting = False
-
-    def _wait(self, call, expires):
-        waiter = _Waiting(defer.Deferred(), call, expires)
-        waiter.timer = self._clock.callLater(max(0.0, expires - self._clock.seconds()), self._expired, waiter)
-        self._waiting.append(waiter)
-        return waiter.d
-
-    def _expired(self, waiter):
-        self._waiting.remove(waiter)
-        # Never sent: the breaker learns nothing (allow() was not asked).
-        waiter.d.errback(CoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting to call the core"))
-
-    async def _call(self, method, request, metadata, deadline, shortened):
-        if self._service_token is not None:
-            try:
-                service_token = await self._service_token.token()
-            except Exception as e:
-                self.breaker.released()
-                raise CoreError(grpc.StatusCode.UNAVAILABLE, f"the gateway has no service token: {e}") from None
-            metadata.append(("x-service-authorization", f"Bearer {service_token}"))
-        streaming = METHODS[method][2]
-        stub = self._callables[method]
-
-        def blocking():
-            try:
-                if streaming:
-                    return list(stub(request, timeout=deadline, metadata=metadata))
-                return stub(request, timeout=deadline, metadata=metadata)
-            except grpc.RpcError as e:
-                raise _core_error(e) from None
-            except ValueError as e:  # e.g. the channel was closed while the call waited for a thread
-                raise CoreError(grpc.StatusCode.UNAVAILABLE, f"core client: {e}") from None
-
-        try:
-            response = await self._pool.call(blocking)
-        except CoreError as e:
-            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED and shortened:
-                self.breaker.released()  # a deadline shorter than CORE_TIMEOUT_SEC: nothing learned about the core
-            elif e.code in TRANSPORT_FAILURES:
-                self.breaker.failed()
-            else:
-                self.breaker.succeeded()
-            raise
-        except BaseException:
-            self.breaker.released()
-            raise
-        self.breaker.succeeded()
-        return response
 
     def ping(self, timeout=1.0):
         """Deferred firing True when the core's channel connects within timeout."""

@@ -570,7 +570,9 @@ class GrpcEdge(service.Service):
     async def _forward(self, method, request, context):
         metadata = _metadata(context)
         future = concurrent.futures.Future()
-        self.reactor.callFromThread(self._forward_on_reactor, future, method, request, metadata, context.time_remaining())
+        # The deadline counts from here, not from when the reactor gets to the call.
+        arrived, remaining = self.gateway.clock.seconds(), context.time_remaining()
+        self.reactor.callFromThread(self._forward_on_reactor, future, method, request, metadata, arrived, remaining)
         try:
             return await asyncio.wrap_future(future)
         except CoreError as e:
@@ -581,7 +583,7 @@ class GrpcEdge(service.Service):
         trailing = ((STATUS_DETAILS_KEY, error.status_details),) if error.status_details else ()
         await context.abort(error.code, error.message, trailing_metadata=trailing)
 
-    def _forward_on_reactor(self, future, method, request, metadata, remaining):
+    def _forward_on_reactor(self, future, method, request, metadata, arrived, remaining):
         if not future.set_running_or_notify_cancel():
             return  # the caller went away before the call started
         d = defer.Deferred.fromCoroutine(
@@ -594,6 +596,7 @@ class GrpcEdge(service.Service):
                 traceparent=metadata.get("traceparent"),
                 tracestate=metadata.get("tracestate"),
                 timeout=remaining,
+                arrived=arrived,
             )
         )
         d.addCallbacks(future.set_result, lambda failure: future.set_exception(failure.value))

@@ -34,11 +34,19 @@ def bearer_token(value):
     return None
 
 
-async def forward(gateway, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None):
+async def forward(
+    gateway, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None, arrived=None
+):
     """The core's response to ``method`` called with ``token``; CoreError on failure.
 
-    ``timeout`` is the caller's remaining deadline in seconds (None: CORE_TIMEOUT_SEC).
+    ``arrived`` is when the request arrived (gateway clock seconds; None: now) and
+    ``timeout`` the caller's own deadline in seconds from then (None: none). The call's
+    deadline is fixed at the arrival: the time the token's verification takes is spent
+    from it, and the core is given what is left.
     """
+    if arrived is None:
+        arrived = gateway.clock.seconds()
+    deadline = arrived + (gateway.config.core_timeout_sec if timeout is None else min(timeout, gateway.config.core_timeout_sec))
     if method not in METHODS:
         raise CoreError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
     if not token:
@@ -47,12 +55,10 @@ async def forward(gateway, method, request, token, device_id="", traceparent=Non
         claims = await gateway.verifier.verify(token)
     except AuthError as e:
         raise CoreError(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {e}") from None
-    options = {}
+    options = {"timeout": deadline - gateway.clock.seconds()}
     if traceparent:
         options["traceparent"] = traceparent
         if tracestate:
             options["tracestate"] = tracestate
-    if timeout is not None:
-        options["timeout"] = timeout
     caller = Caller(token=token, profile_id=claims.profile_id, device_id=claims.device_id or device_id or "", call_options=options)
     return await gateway.forward(caller, method, request)

@@ -81,6 +81,9 @@ def close_after_failed_open(transport, failure, log):
 class TokenExpiries:
     """Closes sessions whose token expired (4401): one timer, for the earliest, instead of one per session.
 
+    A token expires for its session when the verifier would start refusing it
+    (Claims.valid_until: exp + JWT_LEEWAY_SEC), so a token accepted is a session kept.
+
     A heap of (expires_at, n, session). An entry goes stale when its session closes
     or gets a fresher token; stale entries are skipped when due, and dropped all at
     once when they are most of the heap (so closed sessions are not kept for long).
@@ -187,7 +190,7 @@ class Session:
         self.connected_at = self.last_active = self.last_heartbeat = gateway.clock.seconds()
         self._bucket = None  # the rate limit's TokenBucket, made by the first command (it starts full)
         self._expires_at = None  # of the token, while TokenExpiries watches it
-        gateway.token_expiries.schedule(self, claims.expires_at)
+        gateway.token_expiries.schedule(self, claims.valid_until)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -288,7 +291,7 @@ class Session:
                 return
             self.token = token
             if not self.closed:
-                self.gateway.token_expiries.schedule(self, claims.expires_at)
+                self.gateway.token_expiries.schedule(self, claims.valid_until)
 
         def bad(failure):
             failure.trap(AuthError)

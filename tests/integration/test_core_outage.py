@@ -5,8 +5,10 @@ at the core, Redis as bus and store), or a gateway in front of a scripted core i
 this process.
 """
 
+import collections
 import http.server
 import json
+import socket
 import tempfile
 import threading
 import time
@@ -358,3 +360,108 @@ def test_calls_carry_identity_trace_context_and_the_gateways_own_token(scripted)
     seen = scripted.core.metadata("CreateRoom")
     assert seen["traceparent"] == TRACEPARENT and seen["x-service-authorization"] == "Bearer svc-1"
     assert len(scripted.token_endpoint.requests) == 1
+
+
+# ---------------------------------------------------------------- a core that accepts and never answers
+
+
+# An empty HTTP/2 SETTINGS frame, and the ACK of the client's (RFC 9113 §6.5).
+HTTP2_SETTINGS = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS_ACK = bytes([0, 0, 0, 4, 1, 0, 0, 0, 0])
+
+
+class SilentCore:
+    """CHAT_SERVICE_URI for a core that is there and never answers (its handlers stuck):
+    a TCP listener that accepts, completes the HTTP/2 greeting and then reads and
+    ignores everything. Without the greeting grpc gives up on the connection after its
+    connect timeout (250 ms with the gateway's channel options) and calls fail at once
+    with UNAVAILABLE: a different outage."""
+
+    def __init__(self):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.target = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.accepted.append(connection)
+            connection.sendall(HTTP2_SETTINGS + HTTP2_SETTINGS_ACK)
+            threading.Thread(target=self._ignore, args=(connection,), daemon=True).start()
+
+    @staticmethod
+    def _ignore(connection):
+        try:
+            while connection.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def stop(self):
+        self.listener.close()
+        for connection in self.accepted:
+            connection.close()
+
+
+STORM_THREADS, STORM_TIMEOUT, STORM_CALLS = 2, 2.0, 200
+STORM_BOUND = STORM_TIMEOUT + 0.5  # the issue's bound: CORE_TIMEOUT_SEC + 0.5 s of being made
+
+
+@pytest.fixture
+def silent():
+    core = SilentCore()
+    deployment = start_gateway(
+        gateway_env(core.target, CORE_THREADS=str(STORM_THREADS), CORE_TIMEOUT_SEC=str(STORM_TIMEOUT))
+    )
+    try:
+        yield deployment
+    finally:
+        try:
+            stop_cleanly(deployment.gateway)
+        finally:
+            core.stop()
+
+
+def test_no_call_outlives_its_deadline_when_the_core_never_answers(silent):
+    """CORE_THREADS=2: 2 calls on the threads, 8 queued for them, 100 waiting for a place and
+    90 refused; each is answered within CORE_TIMEOUT_SEC + 0.5 s of being sent, not one
+    CORE_TIMEOUT_SEC after the call queued before it."""
+    metadata = [("authorization", f"Bearer {token(unique('storm'))}")]
+    answers = {}  # call -> (seconds from its send to its answer, status code)
+    done = threading.Event()
+    with grpc.insecure_channel(silent.grpc) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        stub = channel.unary_unary(
+            "/chat.v1.ChatService/GetHistory",
+            request_serializer=pb.GetHistoryRequest.SerializeToString,
+            response_deserializer=pb.GetHistoryResponse.FromString,
+        )
+
+        def answered(i, sent):
+            def record(future):
+                answers[i] = (time.monotonic() - sent, future.code())
+                if len(answers) == STORM_CALLS:
+                    done.set()
+
+            return record
+
+        futures = []  # kept until answered
+        for i in range(STORM_CALLS):
+            sent = time.monotonic()
+            # the client's own deadline is far beyond the gateway's: the gateway's is measured
+            future = stub.future(pb.GetHistoryRequest(room_id=f"r{i}"), metadata=metadata, timeout=30)
+            future.add_done_callback(answered(i, sent))
+            futures.append(future)
+        assert done.wait(30), f"{STORM_CALLS - len(answers)} calls never answered"
+    codes = collections.Counter(code.name for _, code in answers.values())
+    slowest = max(elapsed for elapsed, _ in answers.values())
+    print(f"\n{STORM_CALLS} calls to a core that never answers: {dict(codes)}; slowest answered after {slowest:.2f}s")
+    late = sorted(round(elapsed, 2) for elapsed, _ in answers.values() if elapsed > STORM_BOUND)
+    assert late == [], f"{len(late)} calls answered after {STORM_BOUND}s: {late}"
+    assert set(codes) <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, codes

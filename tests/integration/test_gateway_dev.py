@@ -2,6 +2,7 @@
 
 import json
 import random
+import time
 import urllib.request
 
 import jwt
@@ -51,6 +52,23 @@ async def test_two_profiles_chat_both_ways_over_both_subprotocols_third_sees_not
     assert all(e.message.room_id != room.id for e in carol.pending("message"))
     for client in (alice, bob, carol):
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_within_the_leeway_gets_a_session_kept_until_exp_plus_leeway(dev_gateway):
+    """JWT_LEEWAY_SEC (30 s by default) is one rule: a token 27 s past its exp passes the
+    handshake, gets ``connected`` and stays connected until exp + 30 s, then 4401."""
+    from twisted.internet import reactor
+
+    exp = int(time.time()) - 27
+    token = dev_gateway.token(unique("late"), "phone", ttl=60, now=exp - 60)
+    client = await GatewayClient.connect(dev_gateway.url, token)
+    await client.next_event("connected")
+    code, reason = await client.closed.addTimeout(10, reactor)
+    closed_at = time.time()
+    assert (code, reason) == (4401, "token expired")
+    print(f"\ntoken 27 s past exp: connected, closed 4401 {closed_at - (exp + 30):+.2f}s from exp + JWT_LEEWAY_SEC")
+    assert exp + 30 - 0.1 <= closed_at <= exp + 30 + 1.0
 
 
 @pytest_twisted.ensureDeferred

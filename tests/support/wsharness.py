@@ -35,7 +35,8 @@ def accept(factory, host="10.0.0.1", port=40000):
 
 
 class FakeVerifier:
-    """Tokens are "PROFILE" or "PROFILE/DEVICE" or "PROFILE@EXPIRES"; "bad..." is refused."""
+    """Tokens are "PROFILE" or "PROFILE/DEVICE" or "PROFILE@EXPIRES"; "bad..." is refused.
+    No leeway: a session ends at EXPIRES."""
 
     def __init__(self, clock):
         self.clock = clock
@@ -48,7 +49,7 @@ class FakeVerifier:
             token, _, at = token.partition("@")
             expires = float(at)
         profile, _, device = token.partition("/")
-        return Claims(profile_id=profile, device_id=device or None, expires_at=expires, claims={"sub": profile})
+        return Claims(profile_id=profile, device_id=device or None, expires_at=expires, valid_until=expires, claims={"sub": profile})
 
     def verify(self, token):
         return defer.maybeDeferred(self.claims, token)
@@ -62,7 +63,7 @@ class FakeCore:
         self.calls = []
         self.sent = []
 
-    def call(self, method, request, token, device_id=""):
+    def call(self, method, request, token, device_id="", **options):
         self.calls.append((method, request, token))
         profile = token.split("/")[0].split("@")[0]
         if method == "SearchRooms":

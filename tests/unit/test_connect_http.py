@@ -7,7 +7,7 @@ import struct
 import grpc
 import pytest
 from google.protobuf import json_format
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
@@ -74,6 +74,13 @@ class Answer:
 
 
 def call(service, method, body=b"", content_type="application/json", token="alice", verb=b"POST", **headers):
+    request = send(service, method, body, content_type, token, verb, **headers)
+    assert request.finished, "no answer"
+    return Answer(request)
+
+
+def send(service, method, body=b"", content_type="application/json", token="alice", verb=b"POST", **headers):
+    """The request, rendered (answered, or not yet)."""
     request = DummyRequest([method.encode()])
     request.method = verb
     request.content = io.BytesIO(body if isinstance(body, bytes) else json.dumps(body).encode())
@@ -88,8 +95,7 @@ def call(service, method, body=b"", content_type="application/json", token="alic
     if result is not NOT_DONE_YET:
         request.write(result)
         request.finish()
-    assert request.finished, "no answer"
-    return Answer(request)
+    return request
 
 
 def envelope(message_bytes, flags=0):
@@ -205,6 +211,27 @@ def test_trace_context_deadline_and_device_reach_the_core(service, harness):
     method, device_id, options = harness.core.options[-1]
     assert method == "SendEvent" and device_id == "web-1"
     assert options == {"traceparent": trace, "tracestate": "k=v", "timeout": 1.5}
+
+
+class SlowVerifier:
+    """The harness's verifier, answering ``seconds`` later (a JWKS fetch, say)."""
+
+    def __init__(self, verifier, clock, seconds):
+        self.verifier, self.clock, self.seconds = verifier, clock, seconds
+
+    def verify(self, token):
+        return task.deferLater(self.clock, self.seconds, self.verifier.claims, token)
+
+
+@pytest.mark.parametrize("headers, left", [({}, 5.0 - 1.25), ({"connect_timeout_ms": "2000"}, 2.0 - 1.25)])
+def test_the_deadline_counts_from_the_requests_arrival(service, harness, headers, left):
+    harness.gateway.verifier = SlowVerifier(harness.gateway.verifier, harness.clock, 1.25)
+    request = send(service, "SendEvent", {"event": {"roomId": "r1"}}, **headers)
+    assert not request.finished
+    harness.clock.advance(1.25)
+    assert request.finished
+    method, _, options = harness.core.options[-1]
+    assert method == "SendEvent" and options["timeout"] == pytest.approx(left)
 
 
 def test_device_id_claim_wins_over_the_header(service, harness):

@@ -6,10 +6,13 @@ import grpc
 import pytest
 from google.protobuf import any_pb2
 
+from chatgateway import config
+
 from chatgateway.bus import channels
 
 from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.auth.tokens import TokenVerifier, mint_token
 
 from support.wsharness import Harness
 
@@ -248,6 +251,52 @@ def test_fresh_token_of_another_profile_closes_4401(h):
     c = h.connect("alice")
     c.send(pb.StreamRequest(auth_token="mallory"))
     assert c.closed[0] == 4401
+
+
+# ---------------------------------------------------------------- JWT_LEEWAY_SEC: one rule at the handshake and after
+
+
+@pytest.fixture
+def jwt_tokens(h):
+    """The harness with the real TokenVerifier (HS256, JWT_LEEWAY_SEC=30) on its clock;
+    makes tokens whose ``exp`` is ``exp`` seconds from now."""
+    settings = config.load({"JWT_SECRET": "leeway-test-secret-0123456789abcdef", "JWT_LEEWAY_SEC": "30"})
+    h.gateway.verifier = TokenVerifier(settings, clock=h.clock)
+
+    def make(exp):
+        issued = h.clock.seconds() - 3600
+        return mint_token(settings.jwt_secret, "alice", device_id="phone", audience="service_chat_gateway", ttl=3600 + exp, now=issued)
+
+    return make
+
+
+def test_a_token_accepted_within_the_leeway_keeps_its_session_until_exp_plus_leeway(h, jwt_tokens):
+    c = h.connect(jwt_tokens(-10))  # 10 s past exp: within JWT_LEEWAY_SEC
+    assert c.kinds() == ["connected"]
+    h.run_for(19)
+    assert c.closed is None  # open until exp + 30, 20 s from now
+    h.run_for(1)
+    assert c.closed == (4401, "token expired")
+
+
+def test_a_token_past_exp_plus_leeway_is_refused_at_the_handshake(h, jwt_tokens):
+    c = h.connect(jwt_tokens(-30))
+    assert not c.factory.opened and c.kinds() == []
+
+
+def test_a_refreshed_token_within_the_leeway_keeps_the_session_until_its_exp_plus_leeway(h, jwt_tokens):
+    c = h.connect(jwt_tokens(5))
+    c.send(pb.StreamRequest(auth_token=jwt_tokens(-10)))
+    h.run_for(19)
+    assert c.closed is None
+    h.run_for(1)
+    assert c.closed == (4401, "token expired")
+
+
+def test_a_refreshed_token_past_exp_plus_leeway_closes_4401_at_once(h, jwt_tokens):
+    c = h.connect(jwt_tokens(600))
+    c.send(pb.StreamRequest(auth_token=jwt_tokens(-31)))
+    assert c.closed == (4401, "invalid token: token expired")
 
 
 # ---------------------------------------------------------------- delivery and membership
