@@ -148,7 +148,7 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._cancel_close_timer()
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
-        if code == 503:
+        if code in (429, 503):
             responseHeaders = [*(responseHeaders or []), ("Retry-After", str(RETRY_AFTER_SEC))]
         super().failHandshake(reason, code, responseHeaders)
 
@@ -159,8 +159,9 @@ class DeviceProtocol(WebSocketServerProtocol):
     # ------------------------------------------------------------ handshake
 
     def onConnect(self, request):
-        if isinstance(self.transport, Guard):
-            self.transport.request_received(websocket=True)  # the headers are in: the Guard's timer stops
+        # Every upgrade reaches this, by the router or through the Site: the one place it is counted.
+        if isinstance(self.transport, Guard) and not self.transport.upgrade_received():
+            raise ConnectionDeny(429, "too many unauthenticated connections from this address")
         refusal = self.factory.refusal()
         if refusal is not None:
             raise ConnectionDeny(503, refusal)

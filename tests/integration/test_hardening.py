@@ -6,6 +6,7 @@ asserts speed. Memory is the gateway process's own (/proc/<pid>/status).
 """
 
 import base64
+import collections
 import http.client
 import json
 import os
@@ -382,6 +383,68 @@ def test_unauthenticated_connections_above_the_per_address_cap_are_refused(lone_
             s.recv(100)
     for s in (again, *devices, *held):
         s.close()
+
+
+def read_head(sock):
+    """What the server sent up to the end of a response's headers (or of the connection)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def upgrade_after_a_keep_alive_request(port, path):
+    """A raw socket that sent GET /healthz, read its answer, then sent a WebSocket upgrade to
+    ``path`` on the same connection; returns (socket, status line of the upgrade's answer),
+    or of the first answer when that is not a 200 (a connection refused at accept)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    answer = read_head(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n")[0].decode()
+    if not status.startswith("HTTP/1.1 200"):
+        return sock, status
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, answer + body
+        body += chunk
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    return sock, read_head(sock).split(b"\r\n")[0].decode()
+
+
+@pytest.mark.parametrize("path, keep_alive", [
+    ("/ws/x", False),  # served by the Site's WebSocketResource
+    ("/ws?x=1", False),  # handed to Autobahn by the router
+    ("/ws", False),
+    ("/ws", True),  # after a plain request on the same connection
+])
+def test_the_per_address_cap_counts_every_token_less_upgrade(tmp_path, path, keep_alive):
+    core = member_of("r")
+    gateway = gateway_process(tmp_path, core, GATEWAY_ID="gw-cap", MAX_UNAUTHENTICATED_PER_ADDRESS=32,
+                              AUTH_TIMEOUT_SEC=60)  # the upgraded ones stay unauthenticated for the whole test
+    gateway.start()
+    held, statuses = [], []
+    try:
+        for _ in range(40):
+            if keep_alive:
+                sock, status = upgrade_after_a_keep_alive_request(gateway.port, path)
+            else:
+                sock, status, _ = ws_upgrade(gateway.port, path=path)
+            held.append(sock)
+            statuses.append(status.split(" ")[1])
+        assert statuses == ["101"] * 32 + ["429"] * 8, collections.Counter(statuses)
+    finally:
+        for sock in held:
+            sock.close()
+        gateway.stop()
+        core.stop()
+    assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
 
 
 def test_a_client_that_never_authenticates_is_closed_after_auth_timeout(lone_gateway):
