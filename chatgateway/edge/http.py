@@ -93,10 +93,10 @@ class _Request(server.Request):
     def process(self):
         guard = getattr(self.channel, "transport", None)
         if isinstance(guard, Guard):
-            websocket = self.path == b"/ws"
-            guard.request_received(websocket=websocket)
-            if not websocket:
-                self.notifyFinish().addBoth(lambda _: guard.response_finished())
+            # An upgrade (on any path under /ws) counts again at Autobahn's onConnect, and its
+            # request never finishes: the handshake timer is not re-armed on it.
+            guard.request_received()
+            self.notifyFinish().addBoth(lambda _: guard.response_finished())
         super().process()
 
 

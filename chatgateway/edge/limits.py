@@ -13,7 +13,10 @@ that no single request can see:
   not yet authenticated - from TCP accept until the headers of a plain HTTP
   request arrive, or until a WebSocket session is authenticated. A connection
   beyond it is answered ``429 Too Many Requests`` and closed, before anything
-  is parsed. 0 turns the cap off.
+  is parsed. Every WebSocket upgrade that reaches Autobahn counts again until
+  its session is authenticated, however it got there (from the router, or
+  through the Site on any path under /ws, after keep-alive requests or not);
+  one that would pass the cap is refused with 429. 0 turns the cap off.
 
 The address is the TCP peer's: behind a proxy that does not preserve client
 addresses, every client shares the proxy's address (raise the cap, or use a
@@ -82,21 +85,38 @@ class Guard(ProtocolWrapper):
 
     def connectionMade(self):
         self.address = _host(self.transport.getPeer())
-        self.factory.pending[self.address] += 1
-        self.pending = True
+        self._count()
         self._arm()
         super().connectionMade()
+
+    def _count(self):
+        self.factory.pending[self.address] += 1
+        self.pending = True
 
     def _arm(self):
         self._cancel_timer()
         if self.factory.handshake_timeout:
             self._timer = self.factory.clock.callLater(self.factory.handshake_timeout, self._handshake_timeout)
 
-    def request_received(self, websocket):
-        """The headers of a request arrived (called by the Site's requests)."""
+    def request_received(self):
+        """The headers of a request arrived (called by the Site's requests): it no longer counts.
+
+        The Site cannot tell which requests its WebSocketResource will upgrade; the upgrade
+        itself counts again (upgrade_received), in the same call.
+        """
         self._cancel_timer()
-        if not websocket:
-            self.authenticated()
+        self.authenticated()
+
+    def upgrade_received(self):
+        """The headers of a WebSocket upgrade reached Autobahn (called by its onConnect): the
+        connection counts until its session is authenticated. False if it did not count any
+        more and its address is at the cap: the upgrade is to be refused with 429."""
+        self._cancel_timer()
+        if not self.pending:
+            if not self.factory.admits(self.address):
+                return False
+            self._count()
+        return True
 
     def response_finished(self):
         """A plain HTTP response was sent: the next request has HANDSHAKE_TIMEOUT_SEC to arrive."""
@@ -141,12 +161,17 @@ class ConnectionLimits(WrappingFactory):
         self.refused = 0
 
     def buildProtocol(self, addr):
-        host = _host(addr)
+        if not self.admits(_host(addr)):
+            return _Refused(http_refusal(429, "Too Many Requests"), self.clock)
+        return super().buildProtocol(addr)
+
+    def admits(self, host):
+        """Whether one more unauthenticated connection of ``host`` is within the cap."""
         if self.max_pending and self.pending[host] >= self.max_pending:
             self.refused += 1
             self.log.debug("refused {address}: too many unauthenticated connections", address=host)
-            return _Refused(http_refusal(429, "Too Many Requests"), self.clock)
-        return super().buildProtocol(addr)
+            return False
+        return True
 
     def release(self, address):
         self.pending[address] -= 1

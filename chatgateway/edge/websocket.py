@@ -19,6 +19,7 @@ import autobahn.websocket.protocol
 import grpc
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from autobahn.util import encode_truncate
 from twisted.internet import defer
@@ -87,6 +88,19 @@ def choose_subprotocol(offered):
     return None
 
 
+def close_frame_error(code, reason):
+    """Why a device's close frame is invalid (RFC 6455 section 7.4), as the (close code, reason)
+    to answer it with, or None. The rules are Autobahn's own."""
+    if code is not None and not (code in WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED or 3000 <= code <= 4999):
+        return WebSocketProtocol.CLOSE_STATUS_CODE_PROTOCOL_ERROR, f"invalid close code {code}"
+    if reason is not None:
+        try:
+            reason.decode("utf-8")
+        except UnicodeDecodeError:
+            return WebSocketProtocol.CLOSE_STATUS_CODE_INVALID_PAYLOAD, "invalid close reason (not UTF-8)"
+    return None
+
+
 def _first(params, name):
     values = params.get(name) or [None]
     return values[0]
@@ -136,7 +150,7 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._cancel_close_timer()
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
-        if code == 503:
+        if code in (429, 503):
             responseHeaders = [*(responseHeaders or []), ("Retry-After", str(RETRY_AFTER_SEC))]
         super().failHandshake(reason, code, responseHeaders)
 
@@ -147,8 +161,9 @@ class DeviceProtocol(WebSocketServerProtocol):
     # ------------------------------------------------------------ handshake
 
     def onConnect(self, request):
-        if isinstance(self.transport, Guard):
-            self.transport.request_received(websocket=True)  # the headers are in: the Guard's timer stops
+        # Every upgrade reaches this, by the router or through the Site: the one place it is counted.
+        if isinstance(self.transport, Guard) and not self.transport.upgrade_received():
+            raise ConnectionDeny(429, "too many unauthenticated connections from this address")
         refusal = self.factory.refusal()
         if refusal is not None:
             raise ConnectionDeny(503, refusal)
@@ -301,6 +316,24 @@ class DeviceProtocol(WebSocketServerProtocol):
     def onPong(self, payload):
         if self.session is not None:
             self.session.activity()
+
+    def onCloseFrame(self, code, reasonRaw):
+        # Autobahn answers an invalid close frame with 1002/1007 but then takes the device's
+        # frame for the reply to that close and aborts the TCP connection in the same turn:
+        # the answer is discarded unsent and the device sees a reset. The same happens to a
+        # close frame that arrives while ours is still unsent (one Autobahn refused from its
+        # header, e.g. a 1-byte payload, or one crossing ours).
+        if self.state == self.STATE_OPEN:
+            error = close_frame_error(code, reasonRaw)
+            if error is None:
+                return super().onCloseFrame(code, reasonRaw)  # answered 1000, then the TCP close
+            self._fail_connection(*error)
+        elif not (self.state == self.STATE_CLOSING and unsent_bytes(self.transport)):
+            return super().onCloseFrame(code, reasonRaw)
+        # The device has closed its side; ours closes once our close frame is out, or when
+        # Autobahn's close handshake timer (CLOSE_TIMEOUT_SEC) drops a device that never reads it.
+        self.transport.loseConnection()
+        return True
 
     def onClose(self, wasClean, code, reason):
         self._gone = True

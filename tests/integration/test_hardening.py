@@ -6,6 +6,7 @@ asserts speed. Memory is the gateway process's own (/proc/<pid>/status).
 """
 
 import base64
+import collections
 import http.client
 import json
 import os
@@ -261,6 +262,77 @@ def test_a_deflate_bomb_and_a_2_63_frame_header_are_refused_without_rss_growth(l
     assert after - before < 4 * MiB  # nothing near the 10 MiB the bomb would inflate to
 
 
+def frames_until_the_end(sock, timeout=10):
+    """The frames the server sends until the connection ends, as (opcode, payload), and how it
+    ended: "eof" (an orderly TCP close), "reset" or "timeout"."""
+    sock.settimeout(timeout)
+    data, frames = b"", []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return frames, "reset"
+        except socket.timeout:
+            break
+        if not chunk:
+            return frames, "eof"
+        data += chunk
+        while len(data) >= 2:
+            opcode, length, at = data[0] & 0x0F, data[1] & 0x7F, 2
+            if length == 126:
+                length, at = struct.unpack("!H", data[2:4])[0], 4
+            if len(data) < at + length:
+                break
+            frames.append((opcode, data[at : at + length]))
+            data = data[at + length :]
+    return frames, "timeout"
+
+
+def until(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)  # polling what another process writes
+    return True
+
+
+# Close codes a device may not send (RFC 6455 section 7.4): unused (0-999), reserved
+# (1004-1006, 1015), unassigned in 1000-2999 (1016, 2999), and past 4999 (5000).
+BAD_CLOSE_CODES = (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000)
+
+
+def test_an_invalid_close_frame_is_answered_1002_or_1007_then_an_orderly_tcp_close(tmp_path, redis_server):
+    core = member_of("r")
+    gateway = gateway_process(tmp_path, core, CACHE_URI=redis_server.uri, GATEWAY_ID="gw-close")
+    gateway.start()
+    r = redis_server.client()
+    cases = [(struct.pack("!H", code), 1002) for code in BAD_CLOSE_CODES]
+    cases.append((struct.pack("!H", 1000) + "caf\u00e9".encode("latin-1"), 1007))  # a reason that is not UTF-8
+    cases.append((b"\x03", 1002))  # one byte: half a close code
+    cases += [(struct.pack("!H", code) + b"bye", 1000) for code in (1000, 1001, 3000, 4999)]  # valid: answered 1000
+    try:
+        for i, (payload, expected) in enumerate(cases):
+            device = f"d{i}"
+            sock, status, _ = ws_upgrade(gateway.port, [f"Authorization: Bearer {token('alice', device)}"])
+            assert status.startswith("HTTP/1.1 101"), status
+            assert until(lambda: r.exists(f"gateway:conn:alice:{device}") and r.sismember("gateway:room:r", f"alice:{device}"))
+            sock.sendall(masked_frame(payload, opcode=0x8))
+            frames, ending = frames_until_the_end(sock)
+            closes = [struct.unpack("!H", p[:2])[0] for opcode, p in frames if opcode == 0x8]
+            assert (closes, ending) == ([expected], "eof"), (payload, frames, ending)
+            sock.close()
+            # the device is gone from the store, as after any close
+            assert until(lambda: not r.exists(f"gateway:conn:alice:{device}")), payload
+            assert until(lambda: not r.sismember("gateway:room:r", f"alice:{device}")), payload
+        assert gateway.running
+    finally:
+        gateway.stop()
+        core.stop()
+    assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
+
+
 def test_cross_origin_handshake_refused_no_origin_accepted(lone_gateway):
     auth = f"Authorization: Bearer {token('browser')}"
     sock, status, _ = ws_upgrade(lone_gateway.port, [auth, "Origin: https://evil.example.net"])
@@ -311,6 +383,68 @@ def test_unauthenticated_connections_above_the_per_address_cap_are_refused(lone_
             s.recv(100)
     for s in (again, *devices, *held):
         s.close()
+
+
+def read_head(sock):
+    """What the server sent up to the end of a response's headers (or of the connection)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def upgrade_after_a_keep_alive_request(port, path):
+    """A raw socket that sent GET /healthz, read its answer, then sent a WebSocket upgrade to
+    ``path`` on the same connection; returns (socket, status line of the upgrade's answer),
+    or of the first answer when that is not a 200 (a connection refused at accept)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    answer = read_head(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n")[0].decode()
+    if not status.startswith("HTTP/1.1 200"):
+        return sock, status
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, answer + body
+        body += chunk
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    return sock, read_head(sock).split(b"\r\n")[0].decode()
+
+
+@pytest.mark.parametrize("path, keep_alive", [
+    ("/ws/x", False),  # served by the Site's WebSocketResource
+    ("/ws?x=1", False),  # handed to Autobahn by the router
+    ("/ws", False),
+    ("/ws", True),  # after a plain request on the same connection
+])
+def test_the_per_address_cap_counts_every_token_less_upgrade(tmp_path, path, keep_alive):
+    core = member_of("r")
+    gateway = gateway_process(tmp_path, core, GATEWAY_ID="gw-cap", MAX_UNAUTHENTICATED_PER_ADDRESS=32,
+                              AUTH_TIMEOUT_SEC=60)  # the upgraded ones stay unauthenticated for the whole test
+    gateway.start()
+    held, statuses = [], []
+    try:
+        for _ in range(40):
+            if keep_alive:
+                sock, status = upgrade_after_a_keep_alive_request(gateway.port, path)
+            else:
+                sock, status, _ = ws_upgrade(gateway.port, path=path)
+            held.append(sock)
+            statuses.append(status.split(" ")[1])
+        assert statuses == ["101"] * 32 + ["429"] * 8, collections.Counter(statuses)
+    finally:
+        for sock in held:
+            sock.close()
+        gateway.stop()
+        core.stop()
+    assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
 
 
 def test_a_client_that_never_authenticates_is_closed_after_auth_timeout(lone_gateway):

@@ -59,6 +59,43 @@ def test_a_websocket_counts_until_its_session_is_authenticated(h):
     assert factory.pending == {}
 
 
+def upgrade(path):
+    return UPGRADE.replace(b"GET /ws ", b"GET " + path + b" ", 1)
+
+
+def test_an_upgrade_through_the_site_counts_too_until_its_session_is_authenticated(h):
+    factory = build_http_factory(h.gateway, {}, clock=h.clock)
+    held = []
+    for path in (b"/ws/x", b"/ws/", b"/ws"):
+        proto, transport = accept(factory)
+        if path == b"/ws":  # after a plain request on the same connection
+            proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert b"200 OK" in transport.value()
+        proto.dataReceived(upgrade(path))
+        assert b"101 Switching Protocols" in transport.value()
+        held.append(proto)
+    assert factory.pending["10.0.0.1"] == 3
+    refused, transport = accept(factory)
+    assert transport.value().startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+    device = held[0].wrappedProtocol
+    device._verify("alice")
+    device._open_session("phone")
+    assert factory.pending["10.0.0.1"] == 2
+
+
+def test_an_upgrade_after_plain_requests_is_refused_429_when_its_address_is_at_the_cap(h):
+    factory = build_http_factory(h.gateway, {}, clock=h.clock)
+    keep_alive, transport = accept(factory)
+    keep_alive.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    silent = [accept(factory) for _ in range(3)]  # the address is at its cap again
+    assert all(isinstance(p, Guard) for p, _ in silent)
+    keep_alive.dataReceived(upgrade(b"/ws"))
+    answer = transport.value().split(b'{"status": "alive"}\n', 1)[1]  # after the /healthz response
+    assert answer.startswith(b"HTTP/1.1 429 ") and b"Retry-After: 5\r\n" in answer
+    assert transport.disconnecting
+    assert factory.pending["10.0.0.1"] == 3
+
+
 def test_a_connection_that_sends_no_request_is_dropped_after_the_handshake_timeout(h):
     factory = build_http_factory(h.gateway, {}, clock=h.clock)
     silent, silent_transport = accept(factory)
