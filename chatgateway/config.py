@@ -21,6 +21,18 @@ class ConfigError(Exception):
         self.problems = list(problems)
 
 
+class InvalidConfiguration(SystemExit):
+    """Raised by a twistd plugin's options: the process exits 1, printing one line per problem.
+
+    Not a usage.UsageError, which twistd prints after its whole ``--help``: the
+    problems would be lost at the end of a page of options.
+    """
+
+    def __init__(self, problems, program="chatgateway"):
+        self.problems = list(problems)
+        super().__init__("\n".join(f"{program}: invalid configuration: {p}" for p in self.problems))
+
+
 def _at_least(convert, kind, minimum):
     """A parser of finite numbers of one kind, no smaller than minimum."""
 

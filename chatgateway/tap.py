@@ -36,7 +36,7 @@ class Options(usage.Options):
         try:
             self.config = configuration.load(environ, overrides)
         except configuration.ConfigError as e:
-            raise usage.UsageError("invalid configuration:\n  " + "\n  ".join(e.problems)) from None
+            raise configuration.InvalidConfiguration(e.problems) from None
         self.workers = self._workers()
         if self["worker-index"] is not None:
             self.config = self.config.replace(gateway_id=f"{self.config.gateway_id}-w{self['worker-index']}")
@@ -49,16 +49,18 @@ class Options(usage.Options):
         try:
             workers = int(self["workers"])
         except ValueError:
-            raise usage.UsageError(f"--workers {self['workers']!r}: must be a whole number") from None
+            raise configuration.InvalidConfiguration([f"--workers {self['workers']!r}: must be a whole number"]) from None
         if workers < 1:
-            raise usage.UsageError("--workers must be at least 1")
+            raise configuration.InvalidConfiguration(["--workers must be at least 1"])
         if workers > 1 and (self.config.embedded or self["dev"]):
-            raise usage.UsageError(
+            raise configuration.InvalidConfiguration([
                 f"--workers {workers} needs CACHE_URI=redis://...: the in-memory store and bus "
                 "cannot span processes (use --workers 1, or Redis)"
-            )
+            ])
         if workers > 1 and self.config.http_port == 0:
-            raise usage.UsageError("--workers needs a fixed HTTP_PORT: every worker must bind the same port")
+            raise configuration.InvalidConfiguration(
+                ["--workers needs a fixed HTTP_PORT: every worker must bind the same port"]
+            )
         return workers
 
     def worker_args(self):

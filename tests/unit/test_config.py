@@ -84,18 +84,20 @@ def test_client_credentials_go_together():
     assert "go together" in error.value.problems[0]
 
 
-def test_twistd_options_override_and_fail_with_usage_error(monkeypatch):
+def test_twistd_options_override_and_fail_with_one_line_per_problem(monkeypatch):
     monkeypatch.setenv("JWT_SECRET", "s" * 32)
     monkeypatch.setenv("HTTP_PORT", "9000")
     options = Options()
     options.parseOptions(["--http-port", "9200", "--max-events-per-second", "5"])
     assert options.config.http_port == 9200
     assert options.config.max_events_per_second == 5
-    from twisted.python import usage
-
-    with pytest.raises(usage.UsageError) as error:
-        Options().parseOptions(["--heartbeat-interval-sec", "500"])
-    assert "HEARTBEAT_INTERVAL_SEC=500" in str(error.value)
+    with pytest.raises(config.InvalidConfiguration) as error:
+        Options().parseOptions(["--heartbeat-interval-sec", "500", "--http-port", "x"])
+    assert str(error.value).splitlines() == [
+        "chatgateway: invalid configuration: HTTP_PORT='x': must be a whole number",
+        "chatgateway: invalid configuration: HEARTBEAT_INTERVAL_SEC=500 must be less than CONNECTION_TIMEOUT_SEC=300",
+    ]
+    assert error.value.code == str(error.value)  # SystemExit with a message: printed, exit status 1
 
 
 def test_dev_mode_fills_only_what_is_unset(monkeypatch):
@@ -112,14 +114,12 @@ def test_dev_mode_fills_only_what_is_unset(monkeypatch):
 
 
 def test_workers_default_and_refusals(monkeypatch):
-    from twisted.python import usage
-
     monkeypatch.setenv("JWT_SECRET", "s" * 32)
     monkeypatch.delenv("CACHE_URI", raising=False)
     options = Options()
     options.parseOptions([])
     assert options.workers == 1  # embedded: one process
-    with pytest.raises(usage.UsageError, match="needs CACHE_URI=redis"):
+    with pytest.raises(config.InvalidConfiguration, match="needs CACHE_URI=redis"):
         Options().parseOptions(["--workers", "2"])
     monkeypatch.setenv("CACHE_URI", "redis://127.0.0.1:6390/0")
     options = Options()
@@ -134,5 +134,5 @@ def test_workers_default_and_refusals(monkeypatch):
     worker = Options()
     worker.parseOptions(["--worker-index", "2", "--gateway-id", "gw"])
     assert worker.workers == 1 and worker.config.gateway_id == "gw-w2"
-    with pytest.raises(usage.UsageError, match="fixed HTTP_PORT"):
+    with pytest.raises(config.InvalidConfiguration, match="fixed HTTP_PORT"):
         Options().parseOptions(["--workers", "2", "--http-port", "0"])
