@@ -229,9 +229,9 @@ class Config:
     log_format: str
 
     @property
-    def embedded(self):
-        """True when store and bus are in this process (no Redis)."""
-        return self.cache_uri == "memory://" and self.events_uri == "memory://"
+    def in_memory(self):
+        """The names of the settings (CACHE_URI, EVENTS_URI) that keep their data in this process."""
+        return [name for name, uri in (("CACHE_URI", self.cache_uri), ("EVENTS_URI", self.events_uri)) if uri == "memory://"]
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

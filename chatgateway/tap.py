@@ -24,7 +24,7 @@ class Options(usage.Options):
         [s.name.lower().replace("_", "-"), None, None, f"{s.help} [env {s.name}, default {s.default or 'unset'}]"]
         for s in configuration.SETTINGS
     ] + [
-        ["workers", None, None, "Processes sharing the ports (SO_REUSEPORT); default: the number of cores with Redis, 1 embedded."],
+        ["workers", None, None, "Processes sharing the ports (SO_REUSEPORT); default: the number of cores when both CACHE_URI and EVENTS_URI are Redis, else 1."],
         ["worker-index", None, None, "Internal: this process is worker N of a --workers parent."],
     ]
 
@@ -45,17 +45,24 @@ class Options(usage.Options):
         if self["worker-index"] is not None:
             return 1  # a worker never spawns workers of its own
         if self["workers"] is None:
-            return 1 if self.config.embedded or self["dev"] else (os.cpu_count() or 1)
+            return 1 if self.config.in_memory or self["dev"] else (os.cpu_count() or 1)
         try:
             workers = int(self["workers"])
         except ValueError:
             raise configuration.InvalidConfiguration([f"--workers {self['workers']!r}: must be a whole number"]) from None
         if workers < 1:
             raise configuration.InvalidConfiguration(["--workers must be at least 1"])
-        if workers > 1 and (self.config.embedded or self["dev"]):
+        if workers > 1 and self["dev"]:
+            raise configuration.InvalidConfiguration(
+                [f"--workers {workers} cannot run with --dev: the reference core runs in the process (use --workers 1)"]
+            )
+        if workers > 1 and self.config.in_memory:
+            # Both: a store per worker breaks MAX_CONNECTIONS_PER_DEVICE, a bus per worker delivery.
+            names = self.config.in_memory
+            verb = "is" if len(names) == 1 else "are"
             raise configuration.InvalidConfiguration([
-                f"--workers {workers} needs CACHE_URI=redis://...: the in-memory store and bus "
-                "cannot span processes (use --workers 1, or Redis)"
+                f"--workers {workers} needs the store and the bus on Redis: {' and '.join(names)} {verb} memory://, "
+                "which cannot span processes (use --workers 1)"
             ])
         if workers > 1 and self.config.http_port == 0:
             raise configuration.InvalidConfiguration(

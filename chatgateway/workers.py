@@ -5,8 +5,8 @@ N - 1 more twistd processes of the same command, each accepting on the same
 HTTP (and gRPC) port through SO_REUSEPORT, so the kernel spreads new
 connections over them. Each worker is a complete gateway with its own
 GATEWAY_ID (``<id>-w<i>``); they coordinate through the configured store
-and bus, which is why N > 1 needs Redis: the in-memory bus cannot span
-processes (the options refuse it with a clear error).
+and bus, which is why N > 1 needs both on Redis: an in-memory store or bus
+cannot span processes (the options refuse it with a clear error).
 
 A worker stops when its parent does: it watches its stdin, a pipe from the
 parent, and stops its reactor when that closes (even after a SIGKILL of the

@@ -18,14 +18,14 @@ def test_spec_defaults():
     assert c.oauth2_jwt_verify_audience == "service_chat_gateway"
     assert (c.http_port, c.grpc_port) == (80, 50051)
     assert c.cache_uri == c.events_uri == "memory://"
-    assert c.embedded
+    assert c.in_memory == ["CACHE_URI", "EVENTS_URI"]
     assert c.gateway_id.startswith("gateway-")
 
 
 def test_events_uri_defaults_to_cache_uri():
     c = config.load({**BASE, "CACHE_URI": "redis://10.0.0.5:6379/2"})
     assert c.events_uri == "redis://10.0.0.5:6379/2"
-    assert not c.embedded
+    assert c.in_memory == []
 
 
 def test_overrides_win_over_environment():
@@ -119,7 +119,7 @@ def test_workers_default_and_refusals(monkeypatch):
     options = Options()
     options.parseOptions([])
     assert options.workers == 1  # embedded: one process
-    with pytest.raises(config.InvalidConfiguration, match="needs CACHE_URI=redis"):
+    with pytest.raises(config.InvalidConfiguration, match="needs the store and the bus on Redis"):
         Options().parseOptions(["--workers", "2"])
     monkeypatch.setenv("CACHE_URI", "redis://127.0.0.1:6390/0")
     options = Options()
@@ -136,3 +136,38 @@ def test_workers_default_and_refusals(monkeypatch):
     assert worker.workers == 1 and worker.config.gateway_id == "gw-w2"
     with pytest.raises(config.InvalidConfiguration, match="fixed HTTP_PORT"):
         Options().parseOptions(["--workers", "2", "--http-port", "0"])
+
+
+@pytest.mark.parametrize(
+    "cache, events, in_memory",
+    [
+        ("memory://", "redis://127.0.0.1:6390/0", "CACHE_URI is memory://"),
+        ("redis://127.0.0.1:6390/0", "memory://", "EVENTS_URI is memory://"),
+        ("memory://", "", "CACHE_URI and EVENTS_URI are memory://"),
+    ],
+)
+def test_workers_need_both_the_store_and_the_bus_on_redis(monkeypatch, cache, events, in_memory):
+    # One in-memory half is enough to break N > 1: each worker would have a store (or a bus)
+    # of its own, and MAX_CONNECTIONS_PER_DEVICE (or delivery) would no longer hold.
+    monkeypatch.setenv("JWT_SECRET", "s" * 32)
+    monkeypatch.setenv("CACHE_URI", cache)
+    monkeypatch.setenv("EVENTS_URI", events)
+    options = Options()
+    options.parseOptions(["--http-port", "9300"])
+    assert options.workers == 1  # the default: one process unless both are Redis
+    with pytest.raises(config.InvalidConfiguration) as error:
+        Options().parseOptions(["--workers", "2", "--http-port", "9300"])
+    assert str(error.value).splitlines() == [
+        f"chatgateway: invalid configuration: --workers 2 needs the store and the bus on Redis: {in_memory}, "
+        "which cannot span processes (use --workers 1)"
+    ]
+
+
+def test_workers_refused_with_dev(monkeypatch):
+    monkeypatch.setenv("JWT_SECRET", "s" * 32)
+    monkeypatch.setenv("CACHE_URI", "redis://127.0.0.1:6390/0")
+    options = Options()
+    options.parseOptions(["--dev"])
+    assert options.workers == 1
+    with pytest.raises(config.InvalidConfiguration, match="--workers 2 cannot run with --dev: the reference core"):
+        Options().parseOptions(["--dev", "--workers", "2"])
