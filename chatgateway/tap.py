@@ -123,16 +123,24 @@ def makeService(options, reactor=None):
     if options["dev"]:
         sys.stdout.write(dev_banner(config) + "\n")
         sys.stdout.flush()
-    root = make_gateway_service(
-        config, reactor, dev=options["dev"], shared_ports=options.workers > 1 or options["worker-index"] is not None,
-        handle_signals=True,  # SIGTERM/SIGINT: drain, exit 0 (README, Operations)
-    )
+    # The parent of workers, or a worker: it knows the workers' state, which readiness reports.
+    workers = None
     if options.workers > 1:
-        from chatgateway.workers import WorkerPool
+        from chatgateway.workers import WorkerPool, stop_and_exit
 
-        WorkerPool(reactor, options.workers, options.worker_args(), dict(os.environ), config.drain_timeout_sec + 5).setServiceParent(root)
-    if options["worker-index"] is not None:
+        workers = WorkerPool(
+            reactor, options.workers, options.worker_args(), dict(os.environ), config.drain_timeout_sec + 5,
+            give_up=lambda message: stop_and_exit(reactor, 1),
+        )
+    elif options["worker-index"] is not None:
         from chatgateway.workers import ParentWatch
 
-        ParentWatch(reactor).setServiceParent(root)
+        workers = ParentWatch(reactor)
+    root = make_gateway_service(
+        config, reactor, dev=options["dev"], shared_ports=workers is not None,
+        handle_signals=True,  # SIGTERM/SIGINT: drain, exit 0 (README, Operations)
+        workers_check=workers.readiness if workers is not None else None,
+    )
+    if workers is not None:
+        workers.setServiceParent(root)  # after the listeners: they are bound when it starts
     return root

@@ -34,3 +34,30 @@ def test_readme_shows_the_invalid_configuration_line_the_gateway_prints(monkeypa
         Options().parseOptions(["--http-port", "x"])
     section = (REPO_ROOT / "README.md").read_text().split("## Running it", 1)[1].split("\n## ", 1)[0]
     assert f"```\n{error.value}\n```" in section
+
+
+def running_it():
+    return (REPO_ROOT / "README.md").read_text().split("## Running it", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_gives_each_worker_the_id_the_options_give_it(monkeypatch):
+    from chatgateway.tap import Options
+
+    monkeypatch.setenv("JWT_SECRET", "s" * 32)
+    monkeypatch.setenv("CACHE_URI", "redis://127.0.0.1:6390/0")
+    parent, worker = Options(), Options()
+    parent.parseOptions(["--workers", "2", "--http-port", "9300", "--gateway-id", "gw"])
+    worker.parseOptions([*parent.worker_args(), "--worker-index", "1"])
+    assert (parent.config.gateway_id, worker.config.gateway_id) == ("gw", "gw-w1")
+    text = " ".join(running_it().split())
+    assert "the parent (worker 0) keeps `GATEWAY_ID`, worker i (1 to N-1) is `<GATEWAY_ID>-w<i>`" in text
+
+
+def test_readme_states_the_workers_start_rule_the_pool_applies():
+    from chatgateway import workers
+
+    text = " ".join(running_it().split())
+    window, deaths = f"{workers.STARTUP_WINDOW_SEC:g} s", workers.STARTUP_DEATHS
+    assert f"A worker that dies within {window} of its start {deaths} times in a row will not start" in text
+    assert f"restarts a worker that dies, {workers.RESTART_DELAY_SEC:g} s later" in text
+    assert f"worker w1 died {deaths} times within {window} of starting (last exit: status 1)" in text
