@@ -1,5 +1,7 @@
-"""The README's configuration table names exactly the settings the gateway knows."""
+"""The README says what the code does: the configuration table, the invalid-configuration
+line, the workers' ids and start rule, the fields of the connected frame."""
 
+import json
 import re
 
 from chatgateway.config import SETTINGS
@@ -61,3 +63,23 @@ def test_readme_states_the_workers_start_rule_the_pool_applies():
     assert f"A worker that dies within {window} of its start {deaths} times in a row will not start" in text
     assert f"restarts a worker that dies, {workers.RESTART_DELAY_SEC:g} s later" in text
     assert f"worker w1 died {deaths} times within {window} of starting (last exit: status 1)" in text
+
+
+def test_readme_connected_example_has_the_fields_the_gateway_sends_and_no_resume_token():
+    from google.protobuf import json_format
+
+    from support.wsharness import Harness
+
+    harness = Harness()
+    try:
+        harness.core.rooms["alice"] = ["r1"]
+        (event,) = harness.connect("alice/phone").of("connected")
+    finally:
+        harness.stop()
+    sent = json_format.MessageToDict(event)["connected"]  # the JSON subprotocol's field names
+    protocol = (REPO_ROOT / "README.md").read_text().split("## The WebSocket protocol", 1)[1].split("\n## ", 1)[0]
+    example = json.loads(re.search(r'^\{"id": .*"connected": .*\}$', protocol, flags=re.M).group(0))["connected"]
+    assert set(example) == set(sent)
+    # Resuming a session does not exist: neither the frame nor its example may suggest it does.
+    assert "resumeToken" not in sent
+    assert "`resumeToken` is reserved" in " ".join(protocol.split())
