@@ -21,6 +21,18 @@ class ConfigError(Exception):
         self.problems = list(problems)
 
 
+class InvalidConfiguration(SystemExit):
+    """Raised by a twistd plugin's options: the process exits 1, printing one line per problem.
+
+    Not a usage.UsageError, which twistd prints after its whole ``--help``: the
+    problems would be lost at the end of a page of options.
+    """
+
+    def __init__(self, problems, program="chatgateway"):
+        self.problems = list(problems)
+        super().__init__("\n".join(f"{program}: invalid configuration: {p}" for p in self.problems))
+
+
 def _at_least(convert, kind, minimum):
     """A parser of finite numbers of one kind, no smaller than minimum."""
 
@@ -217,9 +229,9 @@ class Config:
     log_format: str
 
     @property
-    def embedded(self):
-        """True when store and bus are in this process (no Redis)."""
-        return self.cache_uri == "memory://" and self.events_uri == "memory://"
+    def in_memory(self):
+        """The names of the settings (CACHE_URI, EVENTS_URI) that keep their data in this process."""
+        return [name for name, uri in (("CACHE_URI", self.cache_uri), ("EVENTS_URI", self.events_uri)) if uri == "memory://"]
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -179,10 +179,11 @@ def _kind(uri):
     return "memory" if uri == "memory://" else "redis"
 
 
-def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_signals=False):
+def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_signals=False, workers_check=None):
     """The MultiService of one gateway process. With dev, the reference core runs in it.
 
     handle_signals (twistd): SIGTERM/SIGINT drain and exit 0 (see the module docstring).
+    workers_check (--workers N > 1): the "workers" dependency of readiness (chatgateway.workers).
     """
     root = _Root()
     LogLevelService(config.log_level, config.log_format, (config.jwt_secret, config.jwt_client_secret)).setServiceParent(root)
@@ -234,6 +235,8 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
         f"bus:{_kind(config.events_uri)}": lambda: bus.ready,
         "core": core.readiness,
     }
+    if workers_check is not None:
+        checks["workers"] = workers_check
     http.on_listening = lambda address: gateway.addresses.append(f"http://{address.host}:{address.port}")
     mint = None
     if dev:

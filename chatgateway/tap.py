@@ -24,7 +24,7 @@ class Options(usage.Options):
         [s.name.lower().replace("_", "-"), None, None, f"{s.help} [env {s.name}, default {s.default or 'unset'}]"]
         for s in configuration.SETTINGS
     ] + [
-        ["workers", None, None, "Processes sharing the ports (SO_REUSEPORT); default: the number of cores with Redis, 1 embedded."],
+        ["workers", None, None, "Processes sharing the ports (SO_REUSEPORT); default: the number of cores when both CACHE_URI and EVENTS_URI are Redis, else 1."],
         ["worker-index", None, None, "Internal: this process is worker N of a --workers parent."],
     ]
 
@@ -36,7 +36,7 @@ class Options(usage.Options):
         try:
             self.config = configuration.load(environ, overrides)
         except configuration.ConfigError as e:
-            raise usage.UsageError("invalid configuration:\n  " + "\n  ".join(e.problems)) from None
+            raise configuration.InvalidConfiguration(e.problems) from None
         self.workers = self._workers()
         if self["worker-index"] is not None:
             self.config = self.config.replace(gateway_id=f"{self.config.gateway_id}-w{self['worker-index']}")
@@ -45,20 +45,29 @@ class Options(usage.Options):
         if self["worker-index"] is not None:
             return 1  # a worker never spawns workers of its own
         if self["workers"] is None:
-            return 1 if self.config.embedded or self["dev"] else (os.cpu_count() or 1)
+            return 1 if self.config.in_memory or self["dev"] else (os.cpu_count() or 1)
         try:
             workers = int(self["workers"])
         except ValueError:
-            raise usage.UsageError(f"--workers {self['workers']!r}: must be a whole number") from None
+            raise configuration.InvalidConfiguration([f"--workers {self['workers']!r}: must be a whole number"]) from None
         if workers < 1:
-            raise usage.UsageError("--workers must be at least 1")
-        if workers > 1 and (self.config.embedded or self["dev"]):
-            raise usage.UsageError(
-                f"--workers {workers} needs CACHE_URI=redis://...: the in-memory store and bus "
-                "cannot span processes (use --workers 1, or Redis)"
+            raise configuration.InvalidConfiguration(["--workers must be at least 1"])
+        if workers > 1 and self["dev"]:
+            raise configuration.InvalidConfiguration(
+                [f"--workers {workers} cannot run with --dev: the reference core runs in the process (use --workers 1)"]
             )
+        if workers > 1 and self.config.in_memory:
+            # Both: a store per worker breaks MAX_CONNECTIONS_PER_DEVICE, a bus per worker delivery.
+            names = self.config.in_memory
+            verb = "is" if len(names) == 1 else "are"
+            raise configuration.InvalidConfiguration([
+                f"--workers {workers} needs the store and the bus on Redis: {' and '.join(names)} {verb} memory://, "
+                "which cannot span processes (use --workers 1)"
+            ])
         if workers > 1 and self.config.http_port == 0:
-            raise usage.UsageError("--workers needs a fixed HTTP_PORT: every worker must bind the same port")
+            raise configuration.InvalidConfiguration(
+                ["--workers needs a fixed HTTP_PORT: every worker must bind the same port"]
+            )
         return workers
 
     def worker_args(self):
@@ -114,16 +123,24 @@ def makeService(options, reactor=None):
     if options["dev"]:
         sys.stdout.write(dev_banner(config) + "\n")
         sys.stdout.flush()
-    root = make_gateway_service(
-        config, reactor, dev=options["dev"], shared_ports=options.workers > 1 or options["worker-index"] is not None,
-        handle_signals=True,  # SIGTERM/SIGINT: drain, exit 0 (docs/operations.md#stopping-the-drain)
-    )
+    # The parent of workers, or a worker: it knows the workers' state, which readiness reports.
+    workers = None
     if options.workers > 1:
-        from chatgateway.workers import WorkerPool
+        from chatgateway.workers import WorkerPool, stop_and_exit
 
-        WorkerPool(reactor, options.workers, options.worker_args(), dict(os.environ), config.drain_timeout_sec + 5).setServiceParent(root)
-    if options["worker-index"] is not None:
+        workers = WorkerPool(
+            reactor, options.workers, options.worker_args(), dict(os.environ), config.drain_timeout_sec + 5,
+            give_up=lambda message: stop_and_exit(reactor, 1),
+        )
+    elif options["worker-index"] is not None:
         from chatgateway.workers import ParentWatch
 
-        ParentWatch(reactor).setServiceParent(root)
+        workers = ParentWatch(reactor)
+    root = make_gateway_service(
+        config, reactor, dev=options["dev"], shared_ports=workers is not None,
+        handle_signals=True,  # SIGTERM/SIGINT: drain, exit 0 (docs/operations.md#stopping-the-drain)
+        workers_check=workers.readiness if workers is not None else None,
+    )
+    if workers is not None:
+        workers.setServiceParent(root)  # after the listeners: they are bound when it starts
     return root

@@ -37,7 +37,7 @@ class Options(usage.Options):
         try:
             self["config"] = configuration.load(self.environ, overrides)
         except configuration.ConfigError as e:
-            raise usage.UsageError("\n".join(e.problems)) from None
+            raise configuration.InvalidConfiguration(e.problems, program="chatcore") from None
 
 
 class BusService(service.Service):

@@ -215,7 +215,7 @@ class Session:
                 device_id=self.device_id,
                 heartbeat_interval_sec=max(1, round(self.gateway.config.heartbeat_interval_sec)),
                 room_ids=sorted(self.rooms),
-                resume_token=self.id,
+                # resume_token stays empty: resuming a session is not implemented (README).
             ),
         )
 

@@ -269,3 +269,38 @@ def test_invalid_configuration_exits_before_listening(tmp_path):
     assert "CACHE_URI='mongodb://x': unknown scheme" in log
     assert "no way to verify tokens" in log
     assert "listening on" not in log
+
+
+def run_twistd(tmp_path, *arguments, **settings):
+    """A twistd run to its end, in an environment of only ``settings`` among the gateway's."""
+    import os
+    import subprocess
+
+    from chatgateway.config import SETTINGS
+    from support.processes import TWISTD
+
+    env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS}}
+    return subprocess.run(
+        [*TWISTD, "--nodaemon", "--pidfile=", *map(str, arguments)],
+        cwd=tmp_path, env={**env, **settings}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "plugin, arguments, settings, problems",
+    [
+        ("chatgateway", ["--http-port", "x", "--grpc-port", "y"], {},
+         ["HTTP_PORT='x': must be a whole number", "GRPC_PORT='y': must be a whole number"]),
+        ("chatcore", ["--port", "x"], {}, ["CORE_PORT='x': must be a whole number"]),
+        # Each worker would have a store of its own: MAX_CONNECTIONS_PER_DEVICE would not hold.
+        ("chatgateway", ["--workers", "2", "--http-port", "8090"],
+         {"CACHE_URI": "memory://", "EVENTS_URI": "redis://127.0.0.1:1/0"},
+         ["--workers 2 needs the store and the bus on Redis: CACHE_URI is memory://, "
+          "which cannot span processes (use --workers 1)"]),
+    ],
+)
+def test_invalid_configuration_prints_only_its_problems_one_line_each(tmp_path, plugin, arguments, settings, problems):
+    result = run_twistd(tmp_path, plugin, *arguments, JWT_SECRET="s" * 32, **settings)
+    assert result.returncode == 1
+    # twistd prints its whole --help in front of a usage error; a configuration error is not one.
+    assert (result.stdout + result.stderr).splitlines() == [f"{plugin}: invalid configuration: {p}" for p in problems]

@@ -403,25 +403,11 @@ def test_unreachable_redis_at_start_then_ready_when_it_appears(tmp_path):
         gateway.stop()
 
 
-def children_of(pid):
-    """Process ids whose parent is pid (from /proc)."""
-    import os
-
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
 def test_workers_end_with_their_parent_even_after_sigkill(redis_server, tmp_path):
     import os
     import time
+
+    from support.processes import children_of
 
     port = free_port()
     parent = Twistd(

@@ -17,6 +17,9 @@ TWISTD = (
     "-c",
     "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; sys.exit(run())",
 )
+# The installed twistd script, as an operator runs it: unlike ``python -c`` (TWISTD), it does
+# not put the working directory on sys.path.
+TWISTD_SCRIPT = (str(Path(sys.executable).with_name("twistd")),)
 
 
 # The exit code of a twistd that shut down cleanly on SIGTERM (twistd's own handling, e.g.
@@ -31,6 +34,20 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+def children_of(pid):
+    """Process ids whose parent is pid (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
 def _accepts(host, port):
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -40,14 +57,18 @@ def _accepts(host, port):
 
 
 class Twistd:
-    """``twistd --nodaemon --pidfile= <plugin> <args>`` in the repository root.
+    """``twistd --nodaemon --pidfile= <plugin> <args>`` in the repository root (or ``cwd``).
 
     Output (stdout and stderr of every run) goes to ``log_path``. ``start`` may be
-    called again after ``stop`` to restart with the same arguments.
+    called again after ``stop`` to restart with the same arguments. ``twistd`` is
+    TWISTD unless given (e.g. TWISTD_SCRIPT).
     """
 
-    def __init__(self, plugin, args=(), env=None, port=None, host="127.0.0.1", log_dir=None, also_ports=()):
+    def __init__(self, plugin, args=(), env=None, port=None, host="127.0.0.1", log_dir=None, also_ports=(),
+                 cwd=REPO_ROOT, twistd=TWISTD):
         self.plugin = plugin
+        self.cwd = cwd
+        self.twistd = tuple(twistd)
         self.args = [str(a) for a in args]
         self.env = dict(env or {})
         self.port = port
@@ -69,11 +90,11 @@ class Twistd:
         """Start and wait until ``port`` (and ``also_ports``) accept TCP connections; raise with the log tail if it dies."""
         if self.running:
             raise RuntimeError(f"twistd {self.plugin} already running (pid {self.pid})")
-        command = [*TWISTD, "--nodaemon", "--pidfile=", self.plugin, *self.args]
+        command = [*self.twistd, "--nodaemon", "--pidfile=", self.plugin, *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + timeout
         ports = [p for p in (self.port, *self.also_ports) if p is not None]

@@ -18,14 +18,14 @@ def test_spec_defaults():
     assert c.oauth2_jwt_verify_audience == "service_chat_gateway"
     assert (c.http_port, c.grpc_port) == (80, 50051)
     assert c.cache_uri == c.events_uri == "memory://"
-    assert c.embedded
+    assert c.in_memory == ["CACHE_URI", "EVENTS_URI"]
     assert c.gateway_id.startswith("gateway-")
 
 
 def test_events_uri_defaults_to_cache_uri():
     c = config.load({**BASE, "CACHE_URI": "redis://10.0.0.5:6379/2"})
     assert c.events_uri == "redis://10.0.0.5:6379/2"
-    assert not c.embedded
+    assert c.in_memory == []
 
 
 def test_overrides_win_over_environment():
@@ -84,18 +84,20 @@ def test_client_credentials_go_together():
     assert "go together" in error.value.problems[0]
 
 
-def test_twistd_options_override_and_fail_with_usage_error(monkeypatch):
+def test_twistd_options_override_and_fail_with_one_line_per_problem(monkeypatch):
     monkeypatch.setenv("JWT_SECRET", "s" * 32)
     monkeypatch.setenv("HTTP_PORT", "9000")
     options = Options()
     options.parseOptions(["--http-port", "9200", "--max-events-per-second", "5"])
     assert options.config.http_port == 9200
     assert options.config.max_events_per_second == 5
-    from twisted.python import usage
-
-    with pytest.raises(usage.UsageError) as error:
-        Options().parseOptions(["--heartbeat-interval-sec", "500"])
-    assert "HEARTBEAT_INTERVAL_SEC=500" in str(error.value)
+    with pytest.raises(config.InvalidConfiguration) as error:
+        Options().parseOptions(["--heartbeat-interval-sec", "500", "--http-port", "x"])
+    assert str(error.value).splitlines() == [
+        "chatgateway: invalid configuration: HTTP_PORT='x': must be a whole number",
+        "chatgateway: invalid configuration: HEARTBEAT_INTERVAL_SEC=500 must be less than CONNECTION_TIMEOUT_SEC=300",
+    ]
+    assert error.value.code == str(error.value)  # SystemExit with a message: printed, exit status 1
 
 
 def test_dev_mode_fills_only_what_is_unset(monkeypatch):
@@ -112,14 +114,12 @@ def test_dev_mode_fills_only_what_is_unset(monkeypatch):
 
 
 def test_workers_default_and_refusals(monkeypatch):
-    from twisted.python import usage
-
     monkeypatch.setenv("JWT_SECRET", "s" * 32)
     monkeypatch.delenv("CACHE_URI", raising=False)
     options = Options()
     options.parseOptions([])
     assert options.workers == 1  # embedded: one process
-    with pytest.raises(usage.UsageError, match="needs CACHE_URI=redis"):
+    with pytest.raises(config.InvalidConfiguration, match="needs the store and the bus on Redis"):
         Options().parseOptions(["--workers", "2"])
     monkeypatch.setenv("CACHE_URI", "redis://127.0.0.1:6390/0")
     options = Options()
@@ -134,5 +134,40 @@ def test_workers_default_and_refusals(monkeypatch):
     worker = Options()
     worker.parseOptions(["--worker-index", "2", "--gateway-id", "gw"])
     assert worker.workers == 1 and worker.config.gateway_id == "gw-w2"
-    with pytest.raises(usage.UsageError, match="fixed HTTP_PORT"):
+    with pytest.raises(config.InvalidConfiguration, match="fixed HTTP_PORT"):
         Options().parseOptions(["--workers", "2", "--http-port", "0"])
+
+
+@pytest.mark.parametrize(
+    "cache, events, in_memory",
+    [
+        ("memory://", "redis://127.0.0.1:6390/0", "CACHE_URI is memory://"),
+        ("redis://127.0.0.1:6390/0", "memory://", "EVENTS_URI is memory://"),
+        ("memory://", "", "CACHE_URI and EVENTS_URI are memory://"),
+    ],
+)
+def test_workers_need_both_the_store_and_the_bus_on_redis(monkeypatch, cache, events, in_memory):
+    # One in-memory half is enough to break N > 1: each worker would have a store (or a bus)
+    # of its own, and MAX_CONNECTIONS_PER_DEVICE (or delivery) would no longer hold.
+    monkeypatch.setenv("JWT_SECRET", "s" * 32)
+    monkeypatch.setenv("CACHE_URI", cache)
+    monkeypatch.setenv("EVENTS_URI", events)
+    options = Options()
+    options.parseOptions(["--http-port", "9300"])
+    assert options.workers == 1  # the default: one process unless both are Redis
+    with pytest.raises(config.InvalidConfiguration) as error:
+        Options().parseOptions(["--workers", "2", "--http-port", "9300"])
+    assert str(error.value).splitlines() == [
+        f"chatgateway: invalid configuration: --workers 2 needs the store and the bus on Redis: {in_memory}, "
+        "which cannot span processes (use --workers 1)"
+    ]
+
+
+def test_workers_refused_with_dev(monkeypatch):
+    monkeypatch.setenv("JWT_SECRET", "s" * 32)
+    monkeypatch.setenv("CACHE_URI", "redis://127.0.0.1:6390/0")
+    options = Options()
+    options.parseOptions(["--dev"])
+    assert options.workers == 1
+    with pytest.raises(config.InvalidConfiguration, match="--workers 2 cannot run with --dev: the reference core"):
+        Options().parseOptions(["--dev", "--workers", "2"])
