@@ -21,7 +21,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatgateway import telemetry
-from chatgateway.auth.tokens import TokenVerifier, mint_token
+from chatgateway.auth.devtokens import mint_token
+from chatgateway.auth.tokens import TokenVerifier
 from chatgateway.bus import make_bus
 from chatgateway.bus.memory import MemoryHub
 from chatgateway.core.breaker import CircuitBreaker
