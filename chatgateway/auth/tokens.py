@@ -30,7 +30,9 @@ import jwt
 from jwt.algorithms import HMACAlgorithm
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from chatgateway.auth import ITokenVerifier
 from chatgateway.auth.jwks import JWKS_ALGORITHMS, JwksKeys, SigningKey, fetch_url
 from chatgateway.auth.tokencache import VerifiedTokens
 
@@ -108,6 +110,7 @@ def _number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@implementer(ITokenVerifier)
 class TokenVerifier:
     """Verifies bearer tokens into Claims; see the module docstring for the rules."""
 

@@ -7,7 +7,6 @@ import struct
 import grpc
 import pytest
 from google.protobuf import json_format
-from twisted.internet import defer
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
@@ -15,25 +14,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.core.client import CoreError
 from chatgateway.edge.connect import ERROR_HTTP_STATUS, ConnectService, connect_code
-from support.wsharness import FakeCore, Harness
-
-
-class RecordingCore(FakeCore):
-    """The harness's fake core, also keeping the call options (traceparent, timeout)."""
-
-    def __init__(self):
-        super().__init__()
-        self.options = []
-        self.fail_search = None
-
-    def call(self, method, request, token, device_id="", **options):
-        self.options.append((method, device_id, options))
-        if method == "SearchRooms" and self.fail_search is not None:
-            return defer.fail(self.fail_search)
-        if method == "SearchRooms" and request.page_size == 1:
-            rooms = [pb.Room(id=r) for r in self.rooms.get(token.split("/")[0], [])]
-            return defer.succeed([pb.SearchRoomsResponse(data=[r], next_cursor=r.id) for r in rooms])
-        return super().call(method, request, token, device_id)
+from support.wsharness import Harness, RecordingCore
 
 
 @pytest.fixture
