@@ -5,10 +5,9 @@ two small children, one of whose stop can be made to fail, in a .tac file; it se
 itself SIGTERM once running.
 """
 
+import os
 import subprocess
 import textwrap
-
-import pytest
 
 from support.processes import REPO_ROOT, TWISTD
 
@@ -51,22 +50,17 @@ TAC = textwrap.dedent(
 )
 
 
-def run_tac(tmp_path, env):
+def run_tac(tmp_path, **env):
+    """twistd running TAC; its completed process (output captured)."""
     tac = tmp_path / "tree.tac"
     tac.write_text(TAC)
     command = [*TWISTD, "--nodaemon", "--pidfile=", "--python", str(tac)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture
-def env(monkeypatch):
-    import os
-
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def test_a_service_that_fails_to_stop_makes_twistd_exit_1_after_the_drain(tmp_path, env):
-    result = run_tac(tmp_path, {**env, "STORE_STOP_ERROR": "store refused"})
+def test_a_service_that_fails_to_stop_makes_twistd_exit_1_after_the_drain(tmp_path):
+    result = run_tac(tmp_path, STORE_STOP_ERROR="store refused")
     log = result.stdout + result.stderr
     assert result.returncode == 1, log
     assert log.index("gateway stopped") < log.index("store stopped")  # the drain went on to the end
@@ -74,8 +68,8 @@ def test_a_service_that_fails_to_stop_makes_twistd_exit_1_after_the_drain(tmp_pa
     assert "services failed to stop (store: RuntimeError: store refused): exiting 1" in log
 
 
-def test_a_clean_drain_exits_0(tmp_path, env):
-    result = run_tac(tmp_path, env)
+def test_a_clean_drain_exits_0(tmp_path):
+    result = run_tac(tmp_path)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
     assert "store stopped" in log and "failed" not in log
