@@ -45,6 +45,16 @@ def _contains(haystack, needle):
     return needle.casefold() in (haystack or "").casefold()
 
 
+def _message(row, message_class):
+    """The message stored in ``row`` (a row of one ``data`` column), or None for no row."""
+    return None if row is None else message_class.FromString(row[0])
+
+
+def _page(rows, size, message_class):
+    """([(position, message)], more) of rows (position, data) read with LIMIT size + 1."""
+    return [(position, message_class.FromString(data)) for position, data in rows[:size]], len(rows) > size
+
+
 class ChatStorage:
     """Rows of rooms, subscriptions and events. Callers hold ``locked()`` around every use."""
 
@@ -79,8 +89,7 @@ class ChatStorage:
     # ------------------------------------------------------------ rooms
 
     def find_room(self, room_id):
-        row = self._db.execute("SELECT data FROM rooms WHERE id = ?", (room_id,)).fetchone()
-        return None if row is None else pb.Room.FromString(row[0])
+        return _message(self._db.execute("SELECT data FROM rooms WHERE id = ?", (room_id,)).fetchone(), pb.Room)
 
     def insert_room(self, room):
         self._db.execute(
@@ -110,7 +119,7 @@ class ChatStorage:
             " ORDER BY r.seq LIMIT ?",
             (profile_id, after, query, query, query, size + 1),
         ).fetchall()
-        return [(seq, pb.Room.FromString(data)) for seq, data in rows[:size]], len(rows) > size
+        return _page(rows, size, pb.Room)
 
     # ------------------------------------------------------------ subscriptions
 
@@ -118,7 +127,7 @@ class ChatStorage:
         row = self._db.execute(
             "SELECT data FROM subscriptions WHERE room_id = ? AND profile_id = ?", (room_id, profile_id)
         ).fetchone()
-        return None if row is None else pb.RoomSubscription.FromString(row[0])
+        return _message(row, pb.RoomSubscription)
 
     def subscriptions(self, room_id):
         rows = self._db.execute("SELECT data FROM subscriptions WHERE room_id = ? ORDER BY profile_id", (room_id,))
@@ -147,7 +156,7 @@ class ChatStorage:
             " ORDER BY profile_id LIMIT ?",
             (room_id, after, query, query, size + 1),
         ).fetchall()
-        return [(profile_id, pb.RoomSubscription.FromString(data)) for profile_id, data in rows[:size]], len(rows) > size
+        return _page(rows, size, pb.RoomSubscription)
 
     # ------------------------------------------------------------ events
 
@@ -155,7 +164,7 @@ class ChatStorage:
         row = self._db.execute(
             "SELECT data FROM events WHERE id = ? AND room_id = ?", (event_id, room_id)
         ).fetchone()
-        return None if row is None else pb.RoomEvent.FromString(row[0])
+        return _message(row, pb.RoomEvent)
 
     def insert_event(self, event):
         self._db.execute(
@@ -172,4 +181,4 @@ class ChatStorage:
             f" ORDER BY seq {order} LIMIT ?",
             (room_id, position, size + 1),
         ).fetchall()
-        return [(seq, pb.RoomEvent.FromString(data)) for seq, data in rows[:size]], len(rows) > size
+        return _page(rows, size, pb.RoomEvent)
