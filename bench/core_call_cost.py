@@ -46,7 +46,7 @@ def measure(target, mode, calls, concurrency):
     from twisted.internet import defer, reactor
 
     from chatgateway.api import chat_pb2 as pb
-    from chatgateway.auth.tokens import mint_token
+    from chatgateway.auth.devtokens import mint_token
     from chatgateway.core.client import CoreClient
 
     tokens = [mint_token(SECRET, f"p{i}", audience="service_chat_gateway") for i in range(PROFILES)]

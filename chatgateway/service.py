@@ -7,21 +7,29 @@ commands in flight are answered); then the others one at a time in reverse
 order, so the core client waits for the calls still in flight and the store,
 last, removes this instance's entries.
 
+Every child is stopped even when another's stop fails (each failure is logged as it
+happens); the root's stopService then fails with StopFailed, naming them all.
+
 Under twistd, SIGTERM and SIGINT start that drain and the process exits 0 when it
 is done (twistd itself would end with -SIGTERM); a second signal exits at once,
-and a drain still running DRAIN_TIMEOUT_SEC + 1 s after the signal exits 1.
+and a drain still running DRAIN_TIMEOUT_SEC + 1 s after the signal exits 1. twistd
+exits 0 whatever the outcome of the stop it waited for, so a drain in which a
+service failed to stop ends the process with 1, once the reactor has shut down.
 """
 
 import os
 import signal
+import sys
 import threading
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatgateway import telemetry
-from chatgateway.auth.tokens import TokenVerifier, mint_token
+from chatgateway.auth.devtokens import mint_token
+from chatgateway.auth.tokens import TokenVerifier
 from chatgateway.bus import make_bus
 from chatgateway.bus.memory import MemoryHub
 from chatgateway.core.breaker import CircuitBreaker
@@ -104,11 +112,23 @@ class _Listener(service.Service):
         return defer.maybeDeferred(listening.stopListening) if listening else defer.succeed(None)
 
 
+class StopFailed(Exception):
+    """Services whose stopService failed; ``failures`` lists (name, Failure) in stop order."""
+
+    def __init__(self, failures):
+        super().__init__("; ".join(f"{name}: {f.type.__name__}: {f.getErrorMessage()}" for name, f in failures))
+        self.failures = failures
+
+
 class _Root(service.MultiService):
-    """The service tree's root; stops in two phases (see the module docstring)."""
+    """The service tree's root; stops in two phases (see the module docstring).
+
+    ``stop_error``: the StopFailed its last stop failed with, if it did.
+    """
 
     log = Logger()
     gateway = None
+    stop_error = None
 
     def stopService(self):
         service.Service.stopService(self)
@@ -117,27 +137,44 @@ class _Root(service.MultiService):
     async def _stop(self):
         children = list(self)
         split = children.index(self.gateway) if self.gateway in children else len(children)
-        together = [defer.maybeDeferred(child.stopService) for child in reversed(children[split:])]
-        for ok, result in await defer.DeferredList(together, consumeErrors=True):
-            if not ok:
-                self.log.failure("stopping a service failed", result)
+        together = [defer.Deferred.fromCoroutine(self._stop_child(child)) for child in reversed(children[split:])]
+        failures = [failure for failure in await defer.gatherResults(together) if failure is not None]
         for child in reversed(children[:split]):
-            try:
-                await defer.maybeDeferred(child.stopService)
-            except Exception:
-                self.log.failure("stopping {name} failed", name=child.name)
+            failure = await self._stop_child(child)
+            if failure is not None:
+                failures.append(failure)
+        if failures:
+            self.stop_error = StopFailed(failures)
+            raise self.stop_error
+
+    async def _stop_child(self, child):
+        """(name, Failure) when ``child`` failed to stop (logged here), else None."""
+        try:
+            await defer.maybeDeferred(child.stopService)
+        except Exception:
+            failure = Failure()
+            self.log.failure("stopping {name} failed", failure, name=child.name)
+            return child.name, failure
+        return None
 
 
 class _Signals(service.Service):
-    """SIGTERM/SIGINT under twistd: drain, then exit 0; a second signal exits at once."""
+    """SIGTERM/SIGINT under twistd: drain, then exit 0; a second signal exits at once.
+
+    A shutdown (signalled or not) in which ``tree`` failed to stop exits 1 instead,
+    through ``exit`` (os._exit: twistd would exit 0 after it).
+    """
 
     log = Logger()
     name = "signals"
     OVERDUE_MARGIN_SEC = 1.0
+    STOP_FAILED_EXIT_CODE = 1
 
-    def __init__(self, reactor, drain_timeout):
+    def __init__(self, reactor, drain_timeout, tree, exit=os._exit):
         self._reactor = reactor
         self._drain_timeout = drain_timeout
+        self._tree = tree
+        self._exit = exit
         self._received = None
         self._watchdog = None
 
@@ -145,6 +182,8 @@ class _Signals(service.Service):
         super().startService()
         # After the reactor's own handlers, which would make twistd end with -SIGTERM.
         self._reactor.callWhenRunning(self._install)
+        # "after": once every "before shutdown" stop, the tree's drain among them, has ended.
+        self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_if_stop_failed)
 
     def _install(self):
         for number in (signal.SIGTERM, signal.SIGINT):
@@ -172,7 +211,18 @@ class _Signals(service.Service):
 
     def _overdue(self):
         os.write(2, b"chatgateway: the drain did not end within DRAIN_TIMEOUT_SEC: exiting\n")
-        os._exit(1)
+        self._exit(1)
+
+    def _exit_if_stop_failed(self):
+        error = self._tree.stop_error
+        if error is None:
+            return
+        self.log.critical(
+            "services failed to stop ({error}): exiting {code}", error=error, code=self.STOP_FAILED_EXIT_CODE
+        )
+        sys.stdout.flush()  # os._exit leaves Python's buffers unwritten
+        sys.stderr.flush()
+        self._exit(self.STOP_FAILED_EXIT_CODE)
 
 
 def _kind(uri):
@@ -182,7 +232,8 @@ def _kind(uri):
 def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_signals=False, workers_check=None):
     """The MultiService of one gateway process. With dev, the reference core runs in it.
 
-    handle_signals (twistd): SIGTERM/SIGINT drain and exit 0 (see the module docstring).
+    handle_signals (twistd): SIGTERM/SIGINT drain and exit 0, or 1 when a service
+    failed to stop (see the module docstring).
     workers_check (--workers N > 1): the "workers" dependency of readiness (chatgateway.workers).
     """
     root = _Root()
@@ -256,7 +307,7 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
     grpc_edge = GrpcEdge(gateway, reactor, config.grpc_port, config.grpc_interface, checks)
     grpc_edge.setServiceParent(root)  # stops first: its streams end with UNAVAILABLE (1001)
     if handle_signals:
-        _Signals(reactor, config.drain_timeout_sec).setServiceParent(root)
+        _Signals(reactor, config.drain_timeout_sec, root).setServiceParent(root)
     root.gateway = gateway
     root.http = http
     root.grpc = grpc_edge

@@ -1,1 +1,21 @@
-"""Who a device is: JWT verification, development tokens, the gateway's own OAuth2 token."""
+"""Who a device is: JWT verification, development tokens, the gateway's own OAuth2 token.
+
+ITokenVerifier is what the edges, the sessions and the reference core call. Its
+implementations: chatgateway.auth.tokens.TokenVerifier and the tests' fakes.
+"""
+
+from zope.interface import Interface
+
+
+class ITokenVerifier(Interface):
+    def verify(token):
+        """A Deferred of the token's chatgateway.auth.tokens.Claims.
+
+        Fails with chatgateway.auth.tokens.AuthError only; never blocks the reactor.
+        """
+
+    def verify_blocking(token):
+        """The token's Claims, or raises AuthError. For threads other than the reactor's."""
+
+    def close():
+        """Release what the verifier holds (e.g. a key-fetching thread). Returns a Deferred."""

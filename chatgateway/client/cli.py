@@ -182,7 +182,7 @@ async def dev_token(reactor, args, profile, device):
         if not secret:
             raise Failed("--secret needs the HS256 secret in the JWT_SECRET environment variable", EXIT_NO_CONNECTION)
         try:
-            from chatgateway.auth.tokens import mint_token
+            from chatgateway.auth.devtokens import mint_token
         except ImportError as e:
             raise Failed(f"cannot mint tokens: {e}", EXIT_NO_CONNECTION) from None
         return mint_token(secret, profile, device_id=device, issuer=args.issuer, audience=args.audience)

@@ -1,1 +1,28 @@
-"""Calls to the core chat service: the gRPC client, its threads and its circuit breaker."""
+"""Calls to the core chat service: the gRPC client, its threads and its circuit breaker.
+
+ICoreClient is what the gateway and the service tree call. Its implementations:
+chatgateway.core.client.CoreClient (gRPC), chatgateway.telemetry.InstrumentedCore
+(a CoreClient whose calls are measured) and the tests' fakes.
+"""
+
+from zope.interface import Interface
+
+
+class ICoreClient(Interface):
+    def start():
+        """Open the channel to the core (its address may be known only now)."""
+
+    def stop():
+        """Wait for the calls in flight (each bounded by its deadline), then close. Returns a Deferred."""
+
+    def call(method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None):
+        """Call ChatService ``method`` with a device's ``token``.
+
+        Returns a Deferred firing with the response (a list of responses for a streaming
+        method), or failing with chatgateway.core.client.CoreError. ``traceparent`` and
+        ``tracestate`` carry the caller's trace context; ``timeout`` (seconds) shortens
+        the deadline, e.g. to the caller's own.
+        """
+
+    def readiness():
+        """A Deferred of the core's state for /readyz: "up", "down", or the open circuit."""

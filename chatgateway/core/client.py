@@ -52,7 +52,9 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from chatgateway.core import ICoreClient
 from chatgateway.core import breaker as circuit
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.core.blockingcalls import BlockingCalls
@@ -227,6 +229,7 @@ def _core_error(rpc_error):
     return CoreError(code, rpc_error.details() or code.name, status_details=details)
 
 
+@implementer(ICoreClient)
 class CoreClient:
     """Calls the core's ChatService methods with a device's token."""
 

@@ -1,4 +1,7 @@
-"""Rooms, memberships and events of the reference core, stored in SQLite.
+"""Rooms, memberships and events of the reference core: what each call may do and changes.
+
+Storage is chatgateway.devcore.storage (SQLite), publication
+chatgateway.devcore.publishing, the rules shared by calls chatgateway.devcore.rules.
 
 Decisions (the API leaves them open):
 
@@ -40,155 +43,56 @@ Decisions (the API leaves them open):
   A failing publish is logged; the stored change stands.
 """
 
-import base64
-import binascii
 import contextlib
-import json
-import re
-import sqlite3
-import threading
 import time
 import uuid
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
-from twisted.logger import Logger
 
-from chatgateway.bus import channels
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.devcore.publishing import Outbox
+from chatgateway.devcore.rules import (
+    MEMBER,
+    OWNER,
+    ROOM_ID,
+    CoreError,
+    decode_cursor,
+    encode_cursor,
+    normalize_roles,
+    page_limit,
+    rank,
+    require_caller,
+)
+from chatgateway.devcore.storage import ChatStorage
 
-OWNER, ADMIN, MEMBER = "owner", "admin", "member"
-ROLES = (OWNER, ADMIN, MEMBER)
-DEFAULT_PAGE = 50
-MAX_PAGE = 500
-
-_ROOM_ID = re.compile(r"[A-Za-z0-9._~@:+-]{1,128}")
 _Code = grpc.StatusCode
 _Change = pb.SubscriptionEvent.Change
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rooms (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    name TEXT NOT NULL,
-    description TEXT NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS subscriptions (
-    room_id TEXT NOT NULL,
-    profile_id TEXT NOT NULL,
-    is_owner INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (room_id, profile_id)
-);
-CREATE INDEX IF NOT EXISTS subscriptions_by_profile ON subscriptions (profile_id, room_id);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    room_id TEXT NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_room ON events (room_id, seq);
-"""
-
-
-class CoreError(Exception):
-    """A refused call, with the gRPC status it is answered with."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _contains(haystack, needle):
-    """Case-insensitive substring, Unicode-aware (SQLite's lower() is ASCII only)."""
-    return needle.casefold() in (haystack or "").casefold()
-
-
-def _require_caller(caller):
-    if not caller:
-        raise CoreError(_Code.UNAUTHENTICATED, "no caller")
-
-
-def _normalize_roles(roles):
-    unknown = sorted(set(roles) - set(ROLES))
-    if unknown:
-        raise CoreError(_Code.INVALID_ARGUMENT, f"unknown roles {unknown}: use owner, admin, member")
-    return [role for role in ROLES if role in roles]
-
-
-def _rank(roles):
-    """3 owner, 2 admin, 1 member: what the roles allow."""
-    if OWNER in roles:
-        return 3
-    if ADMIN in roles:
-        return 2
-    return 1
-
-
-def _page_size(value, name):
-    if value < 0:
-        raise CoreError(_Code.INVALID_ARGUMENT, f"{name} must not be negative")
-    return min(value or DEFAULT_PAGE, MAX_PAGE)
-
-
-def _encode_cursor(**fields):
-    return base64.urlsafe_b64encode(json.dumps(fields, sort_keys=True).encode()).decode()
-
-
-def _decode_cursor(cursor, kind, scope, position_type):
-    """The position a cursor of ``kind`` within ``scope`` names; INVALID_ARGUMENT otherwise."""
-    try:
-        fields = json.loads(base64.urlsafe_b64decode(cursor.encode("ascii")))
-        valid = (
-            isinstance(fields, dict)
-            and fields.get("k") == kind
-            and fields.get("s") == scope
-            and type(fields.get("p")) is position_type
-        )
-    except (ValueError, UnicodeError, binascii.Error):
-        valid = False
-    if not valid:
-        raise CoreError(_Code.INVALID_ARGUMENT, "bad cursor")
-    return fields["p"]
 
 
 class ChatModel:
     """The domain logic of the core. Methods take the caller's profile id first."""
 
-    log = Logger()
-
     def __init__(self, db_path=":memory:", clock=time.time, publish=None):
         self._clock = clock
         self._publish = publish
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(db_path, check_same_thread=False)
-        self._db.create_function("contains", 2, _contains, deterministic=True)
-        if db_path != ":memory:":
-            self._db.execute("PRAGMA journal_mode=WAL")
-        with self._db:
-            self._db.executescript(_SCHEMA)
-        self._closed = False
+        self._storage = ChatStorage(db_path)
 
     def close(self):
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._db.close()
+        self._storage.close()
 
     # ------------------------------------------------------------ rooms
 
     def create_room(self, caller, request):
         if not request.name.strip():
             raise CoreError(_Code.INVALID_ARGUMENT, "name is required")
-        if request.id and not _ROOM_ID.fullmatch(request.id):
+        if request.id and not ROOM_ID.fullmatch(request.id):
             raise CoreError(_Code.INVALID_ARGUMENT, "id must be 1-128 characters of A-Z a-z 0-9 . _ ~ @ : + -")
         if any(not member for member in request.member_ids):
             raise CoreError(_Code.INVALID_ARGUMENT, "member_ids must not be empty strings")
         with self._transaction(caller) as outbox:
             if request.id:
-                existing = self._find_room(request.id)
+                existing = self._storage.find_room(request.id)
                 if existing is not None:
                     if existing.created_by != caller:
                         raise CoreError(_Code.ALREADY_EXISTS, f"room {request.id} exists")
@@ -205,10 +109,7 @@ class ChatModel:
             )
             if request.HasField("metadata"):
                 room.metadata.CopyFrom(request.metadata)
-            self._db.execute(
-                "INSERT INTO rooms (id, name, description, data) VALUES (?, ?, ?, ?)",
-                (room.id, room.name, room.description, room.SerializeToString()),
-            )
+            self._storage.insert_room(room)
             self._subscribe(outbox, room.id, caller, [OWNER], now)
             self._system(outbox, room.id, caller, "room_created", name=room.name)
             for member in dict.fromkeys(request.member_ids):
@@ -219,11 +120,11 @@ class ChatModel:
 
     def search_rooms(self, caller, request):
         """An iterator of SearchRoomsResponse pages; each page is read under the lock."""
-        page_size = _page_size(request.page_size, "page_size")
+        page_size = page_limit(request.page_size, "page_size")
         if request.limit < 0:
             raise CoreError(_Code.INVALID_ARGUMENT, "limit must not be negative")
-        _require_caller(caller)
-        after = _decode_cursor(request.cursor, "rooms", caller, int) if request.cursor else 0
+        require_caller(caller)
+        after = decode_cursor(request.cursor, "rooms", caller, int) if request.cursor else 0
         return self._room_pages(caller, request.query, page_size, request.limit, after)
 
     def _room_pages(self, caller, query, page_size, limit, after):
@@ -231,18 +132,11 @@ class ChatModel:
         while True:
             size = page_size if remaining is None else min(page_size, remaining)
             with self._reading(caller):
-                rows = self._db.execute(
-                    "SELECT r.seq, r.data FROM rooms r"
-                    " JOIN subscriptions s ON s.room_id = r.id AND s.profile_id = ?"
-                    " WHERE r.seq > ? AND (? = '' OR contains(r.name, ?) OR contains(r.description, ?))"
-                    " ORDER BY r.seq LIMIT ?",
-                    (caller, after, query, query, query, size + 1),
-                ).fetchall()
-            page = pb.SearchRoomsResponse(data=[pb.Room.FromString(data) for _, data in rows[:size]])
-            more = len(rows) > size
+                rooms, more = self._storage.rooms_page(caller, query, after, size)
+            page = pb.SearchRoomsResponse(data=[room for _, room in rooms])
             if more:
-                after = rows[size - 1][0]
-                page.next_cursor = _encode_cursor(k="rooms", s=caller, p=after)
+                after = rooms[-1][0]
+                page.next_cursor = encode_cursor(k="rooms", s=caller, p=after)
             if remaining is not None:
                 remaining -= len(page.data)
             yield page
@@ -254,7 +148,7 @@ class ChatModel:
             raise CoreError(_Code.INVALID_ARGUMENT, "name must not be empty")
         with self._transaction(caller) as outbox:
             room, mine = self._membership_of(caller, request.room_id)
-            if _rank(mine.roles) < 2:
+            if rank(mine.roles) < 2:
                 raise CoreError(_Code.PERMISSION_DENIED, "only an owner or admin updates the room")
             changed = []
             for field in ("name", "description", "is_private", "metadata"):
@@ -266,10 +160,7 @@ class ChatModel:
                         setattr(room, field, getattr(request, field))
             if changed:
                 room.updated_at.CopyFrom(self._now())
-                self._db.execute(
-                    "UPDATE rooms SET name = ?, description = ?, data = ? WHERE id = ?",
-                    (room.name, room.description, room.SerializeToString(), room.id),
-                )
+                self._storage.save_room(room)
                 self._system(outbox, room.id, caller, "room_updated", fields=changed)
             return pb.UpdateRoomResponse(room=room)
 
@@ -278,10 +169,8 @@ class ChatModel:
             room, mine = self._membership_of(caller, request.room_id)
             if OWNER not in mine.roles:
                 raise CoreError(_Code.PERMISSION_DENIED, "only an owner deletes the room")
-            members = [sub.profile_id for sub in self._subscriptions(room.id)]
-            for table in ("events", "subscriptions"):
-                self._db.execute(f"DELETE FROM {table} WHERE room_id = ?", (room.id,))
-            self._db.execute("DELETE FROM rooms WHERE id = ?", (room.id,))
+            members = [sub.profile_id for sub in self._storage.subscriptions(room.id)]
+            self._storage.delete_room(room.id)
             self._system(outbox, room.id, caller, "room_deleted", store=False)
             for member in members:
                 self._notify(outbox, room.id, member, _Change.REMOVED, [])
@@ -294,19 +183,19 @@ class ChatModel:
         for member in request.members:
             if not member.profile_id:
                 raise CoreError(_Code.INVALID_ARGUMENT, "every member needs a profile_id")
-            wanted.setdefault(member.profile_id, _normalize_roles(member.roles) or [MEMBER])
+            wanted.setdefault(member.profile_id, normalize_roles(member.roles) or [MEMBER])
         if not wanted:
             raise CoreError(_Code.INVALID_ARGUMENT, "members is required")
         with self._transaction(caller) as outbox:
             room, mine = self._membership_of(caller, request.room_id)
-            if _rank(mine.roles) < 2:
+            if rank(mine.roles) < 2:
                 raise CoreError(_Code.PERMISSION_DENIED, "only an owner or admin adds members")
             if OWNER not in mine.roles and any(OWNER in roles for roles in wanted.values()):
                 raise CoreError(_Code.PERMISSION_DENIED, "only an owner grants owner")
             now = self._now()
             result = []
             for profile_id, roles in wanted.items():
-                sub = self._find_subscription(room.id, profile_id)
+                sub = self._storage.find_subscription(room.id, profile_id)
                 if sub is None:
                     sub = self._subscribe(outbox, room.id, profile_id, roles, now)
                     self._system(outbox, room.id, caller, "member_added", profile_id=profile_id, roles=roles)
@@ -318,24 +207,22 @@ class ChatModel:
             room, mine = self._membership_of(caller, request.room_id)
             leaving = []
             for profile_id in dict.fromkeys(request.profile_ids):
-                sub = self._find_subscription(room.id, profile_id)
+                sub = self._storage.find_subscription(room.id, profile_id)
                 if sub is None:
                     continue
                 if profile_id != caller:
-                    if _rank(mine.roles) < 2:
+                    if rank(mine.roles) < 2:
                         raise CoreError(_Code.PERMISSION_DENIED, "only an owner or admin removes others")
                     if OWNER in sub.roles and OWNER not in mine.roles:
                         raise CoreError(_Code.PERMISSION_DENIED, "only an owner removes an owner")
                 leaving.append(sub)
             removed_owners = sum(OWNER in sub.roles for sub in leaving)
-            if removed_owners and removed_owners >= self._owner_count(room.id):
+            if removed_owners and removed_owners >= self._storage.owner_count(room.id):
                 raise CoreError(
                     _Code.FAILED_PRECONDITION, "the last owner cannot leave: make another owner or delete the room"
                 )
             for sub in leaving:
-                self._db.execute(
-                    "DELETE FROM subscriptions WHERE room_id = ? AND profile_id = ?", (room.id, sub.profile_id)
-                )
+                self._storage.delete_subscription(room.id, sub.profile_id)
                 action = "member_left" if sub.profile_id == caller else "member_removed"
                 self._system(outbox, room.id, caller, action, profile_id=sub.profile_id)
                 self._notify(outbox, room.id, sub.profile_id, _Change.REMOVED, [])
@@ -344,12 +231,12 @@ class ChatModel:
     def update_subscription_role(self, caller, request):
         if not request.roles:
             raise CoreError(_Code.INVALID_ARGUMENT, "roles is required")
-        roles = _normalize_roles(request.roles)
+        roles = normalize_roles(request.roles)
         with self._transaction(caller) as outbox:
             room, mine = self._membership_of(caller, request.room_id)
-            if _rank(mine.roles) < 2:
+            if rank(mine.roles) < 2:
                 raise CoreError(_Code.PERMISSION_DENIED, "only an owner or admin changes roles")
-            sub = self._find_subscription(room.id, request.profile_id)
+            sub = self._storage.find_subscription(room.id, request.profile_id)
             if sub is None:
                 raise CoreError(_Code.NOT_FOUND, f"{request.profile_id} is not a member of room {room.id}")
             touches_owner = OWNER in roles or OWNER in sub.roles
@@ -357,30 +244,23 @@ class ChatModel:
                 raise CoreError(_Code.PERMISSION_DENIED, "only an owner grants or revokes owner")
             if list(sub.roles) == roles:
                 return pb.UpdateSubscriptionRoleResponse(subscription=sub)
-            if OWNER in sub.roles and OWNER not in roles and self._owner_count(room.id) == 1:
+            if OWNER in sub.roles and OWNER not in roles and self._storage.owner_count(room.id) == 1:
                 raise CoreError(_Code.FAILED_PRECONDITION, "the last owner cannot be demoted")
             sub.roles[:] = roles
-            self._save_subscription(sub)
+            self._storage.save_subscription(sub)
             self._system(outbox, room.id, caller, "role_changed", profile_id=sub.profile_id, roles=roles)
             self._notify(outbox, room.id, sub.profile_id, _Change.ROLE_CHANGED, roles)
             return pb.UpdateSubscriptionRoleResponse(subscription=sub)
 
     def search_room_subscriptions(self, caller, request):
-        page_size = _page_size(request.page_size, "page_size")
+        page_size = page_limit(request.page_size, "page_size")
         with self._reading(caller):
             room, _ = self._membership_of(caller, request.room_id)
-            after = _decode_cursor(request.cursor, "subscriptions", room.id, str) if request.cursor else ""
-            rows = self._db.execute(
-                "SELECT profile_id, data FROM subscriptions"
-                " WHERE room_id = ? AND profile_id > ? AND (? = '' OR contains(profile_id, ?))"
-                " ORDER BY profile_id LIMIT ?",
-                (room.id, after, request.query, request.query, page_size + 1),
-            ).fetchall()
-        response = pb.SearchRoomSubscriptionsResponse(
-            data=[pb.RoomSubscription.FromString(data) for _, data in rows[:page_size]]
-        )
-        if len(rows) > page_size:
-            response.next_cursor = _encode_cursor(k="subscriptions", s=room.id, p=rows[page_size - 1][0])
+            after = decode_cursor(request.cursor, "subscriptions", room.id, str) if request.cursor else ""
+            subs, more = self._storage.subscriptions_page(room.id, request.query, after, page_size)
+        response = pb.SearchRoomSubscriptionsResponse(data=[sub for _, sub in subs])
+        if more:
+            response.next_cursor = encode_cursor(k="subscriptions", s=room.id, p=subs[-1][0])
         return response
 
     # ------------------------------------------------------------ events
@@ -410,113 +290,68 @@ class ChatModel:
             return pb.SendEventResponse(event=event)
 
     def get_history(self, caller, request):
-        limit = _page_size(request.limit, "limit")
+        limit = page_limit(request.limit, "limit")
         forward = request.direction == pb.GetHistoryRequest.FORWARD
         with self._reading(caller):
             room, _ = self._membership_of(caller, request.room_id)
             if request.cursor:
-                position = _decode_cursor(request.cursor, "history", room.id, int)
+                position = decode_cursor(request.cursor, "history", room.id, int)
             else:
                 position = 0 if forward else 2**63 - 1
-            comparison, order = (">", "ASC") if forward else ("<", "DESC")
-            rows = self._db.execute(
-                f"SELECT seq, data FROM events WHERE room_id = ? AND seq {comparison} ?"
-                f" ORDER BY seq {order} LIMIT ?",
-                (room.id, position, limit + 1),
-            ).fetchall()
-        response = pb.GetHistoryResponse(events=[pb.RoomEvent.FromString(data) for _, data in rows[:limit]])
-        if len(rows) > limit:
-            response.next_cursor = _encode_cursor(k="history", s=room.id, p=rows[limit - 1][0])
+            events, more = self._storage.history_page(room.id, position, forward, limit)
+        response = pb.GetHistoryResponse(events=[event for _, event in events])
+        if more:
+            response.next_cursor = encode_cursor(k="history", s=room.id, p=events[-1][0])
         return response
 
     # ------------------------------------------------------------ helpers
 
     @contextlib.contextmanager
     def _reading(self, caller):
-        _require_caller(caller)
-        with self._lock:
-            if self._closed:
-                raise CoreError(_Code.UNAVAILABLE, "the core is shutting down")
+        require_caller(caller)
+        with self._storage.locked():
             yield
 
     @contextlib.contextmanager
     def _transaction(self, caller):
         """Commit or roll back; publish the outbox only after a commit, still under the lock."""
         with self._reading(caller):
-            outbox = []
-            with self._db:
+            outbox = Outbox(self._publish)
+            with self._storage.atomically():
                 yield outbox
-            for channel, payload in outbox:
-                self._send(channel, payload)
-
-    def _send(self, channel, payload):
-        if self._publish is None:
-            return
-        try:
-            self._publish(channel, payload)
-        except Exception:
-            self.log.failure("publishing on {channel} failed", channel=channel)
+            outbox.send()
 
     def _now(self):
         stamp = timestamp_pb2.Timestamp()
         stamp.FromNanoseconds(round(self._clock() * 1e9))
         return stamp
 
-    def _find_room(self, room_id):
-        row = self._db.execute("SELECT data FROM rooms WHERE id = ?", (room_id,)).fetchone()
-        return None if row is None else pb.Room.FromString(row[0])
-
-    def _find_subscription(self, room_id, profile_id):
-        row = self._db.execute(
-            "SELECT data FROM subscriptions WHERE room_id = ? AND profile_id = ?", (room_id, profile_id)
-        ).fetchone()
-        return None if row is None else pb.RoomSubscription.FromString(row[0])
-
-    def _subscriptions(self, room_id):
-        rows = self._db.execute("SELECT data FROM subscriptions WHERE room_id = ? ORDER BY profile_id", (room_id,))
-        return [pb.RoomSubscription.FromString(data) for (data,) in rows]
-
-    def _owner_count(self, room_id):
-        return self._db.execute(
-            "SELECT count(*) FROM subscriptions WHERE room_id = ? AND is_owner", (room_id,)
-        ).fetchone()[0]
-
     def _membership_of(self, caller, room_id):
         """(room, caller's subscription); NOT_FOUND or PERMISSION_DENIED."""
         if not room_id:
             raise CoreError(_Code.INVALID_ARGUMENT, "room_id is required")
-        room = self._find_room(room_id)
+        room = self._storage.find_room(room_id)
         if room is None:
             raise CoreError(_Code.NOT_FOUND, f"room {room_id} not found")
-        sub = self._find_subscription(room_id, caller)
+        sub = self._storage.find_subscription(room_id, caller)
         if sub is None:
             raise CoreError(_Code.PERMISSION_DENIED, f"not a member of room {room_id}")
         return room, sub
 
     def _find_event(self, room_id, event_id):
-        row = self._db.execute(
-            "SELECT data FROM events WHERE id = ? AND room_id = ?", (event_id, room_id)
-        ).fetchone()
-        if row is None:
+        event = self._storage.find_event(room_id, event_id)
+        if event is None:
             raise CoreError(_Code.NOT_FOUND, f"event {event_id} not found in room {room_id}")
-        return pb.RoomEvent.FromString(row[0])
-
-    def _save_subscription(self, sub):
-        self._db.execute(
-            "INSERT OR REPLACE INTO subscriptions (room_id, profile_id, is_owner, data) VALUES (?, ?, ?, ?)",
-            (sub.room_id, sub.profile_id, OWNER in sub.roles, sub.SerializeToString()),
-        )
+        return event
 
     def _subscribe(self, outbox, room_id, profile_id, roles, now):
         sub = pb.RoomSubscription(room_id=room_id, profile_id=profile_id, roles=roles, joined_at=now)
-        self._save_subscription(sub)
+        self._storage.save_subscription(sub)
         self._notify(outbox, room_id, profile_id, _Change.ADDED, roles)
         return sub
 
     def _notify(self, outbox, room_id, profile_id, change, roles):
-        change_event = pb.SubscriptionEvent(room_id=room_id, profile_id=profile_id, change=change, roles=roles)
-        envelope = pb.ServerEvent(id=uuid.uuid4().hex, timestamp=self._now(), subscription_event=change_event)
-        outbox.append((channels.profile(profile_id), envelope.SerializeToString()))
+        outbox.subscription_changed(room_id, profile_id, change, roles, self._now())
 
     def _system(self, outbox, room_id, actor, action, store=True, **fields):
         payload = struct_pb2.Struct()
@@ -530,9 +365,5 @@ class ChatModel:
         event.sender_id = sender_id
         event.sent_at.CopyFrom(self._now())
         if store:
-            self._db.execute(
-                "INSERT INTO events (id, room_id, data) VALUES (?, ?, ?)",
-                (event.id, event.room_id, event.SerializeToString()),
-            )
-        envelope = pb.ServerEvent(id=event.id, timestamp=event.sent_at, message=event)
-        outbox.append((channels.room(event.room_id), envelope.SerializeToString()))
+            self._storage.insert_event(event)
+        outbox.room_event(event)

@@ -11,7 +11,7 @@ import grpc
 from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2_grpc
-from chatgateway.devcore.model import CoreError
+from chatgateway.devcore.rules import CoreError
 
 
 def _is_auth_error(error):

@@ -1,11 +1,5 @@
 """Connections to Redis (txredisapi) for the store and the bus.
 
-``parse_uri`` turns CACHE_URI / EVENTS_URI into a RedisAddress:
-
-    redis://[[user]:password@]host[:port][/db]      (port 6379, db 0 by default)
-    unix:///path/to/redis.sock[?db=N][&password=P]
-    rediss://...                                    refused: TLS is not supported yet
-
 ``RedisConnection`` is one connection that the process never waits for:
 
 - It connects in the background; Redis being down at start does not stop the
@@ -18,11 +12,8 @@
   answering (``DEBUG SLEEP``, a dead peer) fails our calls within that bound,
   and txredisapi then aborts the connection so it is re-established.
   A PING every HEALTH_CHECK_INTERVAL_SEC finds a dead peer when we are idle.
-- The timeout judges Redis, not our own reactor (``ReplyWatch``): when the
-  process is CPU-bound, Twisted runs expired timers before it reads sockets,
-  so a plain timer would call a reply sitting unread in our socket late and
-  drop a healthy connection. Only time during which Redis sent nothing while
-  we were listening counts.
+- The timeout judges Redis, not our own reactor (chatgateway.redisconn.replywatch):
+  only time during which Redis sent nothing while we were listening counts.
 - While it is not ready, calls fail at once with ConnectionError instead of
   waiting in an unbounded queue (txredisapi's pool would park them until a
   connection comes back).
@@ -40,19 +31,13 @@ txredisapi 1.6 schedules reconnection on the global reactor; reply timeouts,
 the endpoint, health checks and logging use the reactor passed in.
 """
 
-import collections
-import dataclasses
-import fcntl
-import struct
-import termios
-from urllib.parse import parse_qs, unquote, urlsplit
-
 import txredisapi
 from twisted.internet import defer, task
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.logger import Logger
 
 from chatgateway import telemetry
+from chatgateway.redisconn.protocols import RedisProtocol
+from chatgateway.redisconn.replywatch import JudgedReplyTimeouts
 
 # A Redis that has not answered a command within this many seconds is treated as down.
 REDIS_TIMEOUT_SEC = 2.0
@@ -64,99 +49,9 @@ RECONNECT_MAX_DELAY_SEC = 5.0
 HEALTH_CHECK_INTERVAL_SEC = 5.0
 # While Redis is unreachable, a warning is logged this often.
 DOWN_WARNING_INTERVAL_SEC = 30.0
-# A reply timeout is judged in this many steps, so that a step the reactor ran late
-# (busy with other work, not reading sockets) can be left out of the count.
-REPLY_TIMEOUT_STEPS = 4
-# A step whose check runs at most this share of a step late counts as on time.
-ON_TIME_SHARE = 0.1
 
 ConnectionError = txredisapi.ConnectionError
 TimeoutError = txredisapi.TimeoutError
-
-
-@dataclasses.dataclass(frozen=True)
-class RedisAddress:
-    host: str = None
-    port: int = None
-    path: str = None  # unix socket
-    db: int = 0
-    username: str = None
-    password: str = dataclasses.field(default=None, repr=False)
-
-    def __str__(self):
-        """For logs: never shows the password."""
-        where = f"unix://{self.path}" if self.path else f"redis://{self.host}:{self.port}"
-        return f"{where}/{self.db}"
-
-    def endpoint(self, reactor, timeout):
-        if self.path:
-            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
-        return HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
-
-
-def parse_uri(uri):
-    """The RedisAddress of a redis:// or unix:// URI; ValueError (one clear line) otherwise."""
-    parts = urlsplit(uri.strip())
-    query = parse_qs(parts.query)
-    if parts.scheme == "rediss":
-        raise ValueError(f"{uri!r}: rediss:// (TLS to Redis) is not supported yet; use redis:// or unix://")
-    if parts.scheme not in ("redis", "unix"):
-        raise ValueError(f"{uri!r}: not a Redis URI; use redis://host:port/db or unix:///path?db=N")
-    password = unquote(parts.password) if parts.password else None
-    password = query.get("password", [password])[0]
-    username = unquote(parts.username) if parts.username else None
-    try:
-        if parts.scheme == "unix":
-            if not parts.path:
-                raise ValueError("unix:// must name a socket path, e.g. unix:///run/redis.sock?db=0")
-            db = int(query.get("db", ["0"])[0])
-            address = RedisAddress(path=parts.path, db=db, username=username, password=password)
-        else:
-            if not parts.hostname:
-                raise ValueError("must name a host, e.g. redis://127.0.0.1:6379/0")
-            db_text = parts.path.strip("/") or query.get("db", ["0"])[0]
-            address = RedisAddress(
-                host=parts.hostname, port=parts.port or 6379, db=int(db_text), username=username, password=password
-            )
-    except ValueError as e:
-        raise ValueError(f"{uri!r}: {e}") from None
-    if address.db < 0:
-        raise ValueError(f"{uri!r}: the database number must be 0 or more")
-    return address
-
-
-def unread_bytes(transport):
-    """Bytes Redis sent that wait unread in our socket (0 if unknown: no socket)."""
-    try:
-        fileno = transport.getHandle().fileno()
-        return struct.unpack("i", fcntl.ioctl(fileno, termios.FIONREAD, b"\0\0\0\0"))[0]
-    except (AttributeError, OSError, TypeError, ValueError):
-        return 0
-
-
-def unsent_bytes(transport):
-    """Bytes of our commands still in Twisted's write buffer (twisted.internet.abstract.FileDescriptor)."""
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except (AttributeError, TypeError):
-        return 0
-
-
-class _Deadline:
-    """The IDelayedCall txredisapi holds for one command (``active``, ``cancel``);
-    the connection's ReplyWatch keeps the time."""
-
-    __slots__ = ("expire", "live")
-
-    def __init__(self, expire):
-        self.expire = expire
-        self.live = True
-
-    def active(self):
-        return self.live
-
-    def cancel(self):
-        self.live = False
 
 
 def all_replies(sent):
@@ -164,147 +59,6 @@ def all_replies(sent):
     failure itself (not gatherResults' FirstError wrapping it)."""
     d = defer.gatherResults(sent, consumeErrors=True)
     return d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
-
-
-class ReplyWatch:
-    """The reply timeouts of one connection's commands, counting only Redis's silence
-    while we listened.
-
-    Redis answers in order and txredisapi's timeout aborts the whole connection, so
-    one clock per connection does for all its commands: it runs while a command
-    waits for its reply and expires the oldest once Redis has been silent for
-    ``timeout``. (A timer per command cost a heap insertion and a cancellation per
-    command: two thirds of the time of a heartbeat's pipelined refresh of 10,000
-    connections.)
-
-    Checked every ``timeout / REPLY_TIMEOUT_STEPS`` seconds. A step adds to the
-    silence only if Redis sent nothing during it (nothing read from the
-    connection, nothing waiting unread in the socket) and our commands had left
-    (nothing of ours unsent); a step the reactor ran late adds only its on-time
-    part, since a busy reactor reads nothing. Redis sending anything starts the
-    count again: it is alive, our reply is behind what it sent.
-    """
-
-    def __init__(self, reactor, protocol, timeout):
-        self._reactor = reactor
-        self._protocol = protocol
-        self._timeout = timeout
-        self._step = timeout / REPLY_TIMEOUT_STEPS
-        self._waiting = collections.deque()  # _Deadline, oldest first
-        self.silence = 0.0
-        self._call = None
-        self._since = 0.0
-
-    def deadline(self, expire):
-        """A deadline for a command sent now; ``expire`` runs if Redis is silent for the timeout."""
-        deadline = _Deadline(expire)
-        self._waiting.append(deadline)
-        if self._call is None:
-            self.silence = 0.0
-            self._arm()
-        return deadline
-
-    def _arm(self):
-        self._since = self._reactor.seconds()
-        self._call = self._reactor.callLater(self._step, self._check)
-
-    def _oldest(self):
-        waiting = self._waiting
-        while waiting and not waiting[0].live:
-            waiting.popleft()
-        return waiting[0] if waiting else None
-
-    def _check(self):
-        self._call = None
-        oldest = self._oldest()
-        if oldest is None:
-            return  # every reply came: the next command starts the clock again
-        late = self._reactor.seconds() - (self._since + self._step)
-        transport = self._protocol.transport
-        if self._protocol.heard_at >= self._since or unread_bytes(transport):
-            self.silence = 0.0
-        elif unsent_bytes(transport):
-            pass  # our command is still in our buffer: nothing to hold against Redis
-        elif late <= self._step * ON_TIME_SHARE:
-            self.silence += self._step
-        else:
-            self.silence += max(0.0, self._step - late)
-        if self.silence >= self._timeout * (1 - 1e-9):
-            oldest.live = False
-            oldest.expire()  # txredisapi fails every waiting command and aborts the connection
-        else:
-            self._arm()
-
-    def stop(self):
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        self._waiting.clear()
-
-
-class JudgedReplyTimeouts:
-    """Mixin for txredisapi protocols: reply timeouts are kept by one ReplyWatch on ``reactor``.
-
-    txredisapi arms ``self.callLater(replyTimeout, fire_timeout)`` for each command
-    (its only use of a delay above zero) and cancels it when the reply comes.
-    """
-
-    reactor = None  # set by the factory
-    heard_at = float("-inf")  # when bytes were last read from Redis
-    _reply_watch = None
-
-    def dataReceived(self, data, unpause=False):
-        if data and not unpause:  # unpause: txredisapi handing itself back bytes it read before
-            self.heard_at = self.reactor.seconds()
-        return super().dataReceived(data, unpause)
-
-    def callLater(self, delay, f, *args, **kwargs):
-        if delay > 0:
-            if self._reply_watch is None:
-                self._reply_watch = ReplyWatch(self.reactor, self, delay)
-            return self._reply_watch.deadline(lambda: f(*args, **kwargs))
-        return self.reactor.callLater(delay, f, *args, **kwargs)
-
-    def connectionLost(self, reason):
-        if self._reply_watch is not None:
-            self._reply_watch.stop()
-        return super().connectionLost(reason)
-
-
-class PromptReader:
-    """Mixin for txredisapi protocols: every complete reply of a read is handled in that read.
-
-    txredisapi hands the bytes that follow each bulk string to a callLater(0) and
-    pauses the transport until then: one bulk string per reactor turn, so a pub/sub
-    message takes three turns and, while the reactor is busy (a fan-out), the socket
-    is not read and Redis's output buffer for us grows (past
-    client-output-buffer-limit pubsub, Redis drops the subscriber). Here those bytes
-    are parsed at once, in a loop (not recursively: a read holds hundreds of bulks).
-
-    Reads are fed in pieces of READ_PIECE bytes: txredisapi copies what is left of
-    its buffer at every line and bulk, so a whole 64 KiB read would cost a copy of
-    tens of KiB per reply.
-    """
-
-    READ_PIECE = 4096
-    _rest = None
-
-    def setLineMode(self, extra=b""):
-        self.line_mode = 1
-        if extra:
-            self._rest = extra
-
-    def dataReceived(self, data, unpause=False):
-        piece = self.READ_PIECE
-        for start in range(0, max(len(data), 1), piece):
-            super().dataReceived(data[start : start + piece], unpause)
-            while self._rest is not None:
-                rest, self._rest = self._rest, None
-                super().dataReceived(rest)
-
-
-class RedisProtocol(JudgedReplyTimeouts, PromptReader, txredisapi.RedisProtocol):
-    """txredisapi's protocol, reading promptly, with judged reply timeouts."""
 
 
 class _Factory(txredisapi.RedisFactory):
@@ -315,7 +69,7 @@ class _Factory(txredisapi.RedisFactory):
 
     def __init__(self, owner, address, protocol, charset, timeout):
         if not issubclass(protocol, JudgedReplyTimeouts):
-            raise TypeError(f"{protocol.__name__} must derive from JudgedReplyTimeouts (e.g. redisconn.RedisProtocol)")
+            raise TypeError(f"{protocol.__name__} must derive from JudgedReplyTimeouts (e.g. redisconn.protocols.RedisProtocol)")
         super().__init__(
             str(address),
             address.db or None,  # db 0 needs no SELECT round trip
@@ -360,14 +114,6 @@ class _Factory(txredisapi.RedisFactory):
         # Lazy connections have nobody waiting on self.deferred; log instead.
         self.owner.log.warn("redis {name}: {why}", name=self.owner.name, why=why)
 
-
-class SubscriberProtocol(JudgedReplyTimeouts, PromptReader, txredisapi.SubscriberProtocol):
-    """Hands every pub/sub message to the connection's ``on_message``."""
-
-    def messageReceived(self, pattern, channel, message):
-        owner = self.factory.owner
-        owner.last_message_at = owner.clock.seconds()
-        owner.on_message(channel, message)
 
 
 class RedisConnection:

@@ -80,7 +80,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, RedisConnection, all_replies, parse_uri
+from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, RedisConnection, all_replies
+from chatgateway.redisconn.uri import parse_uri
 from chatgateway.store import (
     INSTANCES_KEY,
     IConnectionStore,

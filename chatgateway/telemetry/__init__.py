@@ -46,8 +46,10 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource
+from zope.interface import implementer
 
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.core import ICoreClient
 
 # The latency clock: monotonic, independent of the reactor's (possibly fake) clock.
 clock = time.perf_counter
@@ -254,6 +256,7 @@ def session_closed(session):
 # ---------------------------------------------------------------- calls to the core
 
 
+@implementer(ICoreClient)
 class InstrumentedCore:
     """A CoreClient whose every call is a span and an rpc.client.call.duration measurement.
 

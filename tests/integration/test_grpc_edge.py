@@ -20,7 +20,7 @@ from twisted.internet import threads
 
 from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth.tokens import mint_token
+from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import CallError, GatewayClient
 from support.grpcclient import AioLoop, ConnectError, StreamDevice, connect_call, connect_method, stream_metadata, unary
 from support.processes import Twistd, free_port

@@ -22,7 +22,7 @@ from twisted.internet import threads
 
 from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth.tokens import mint_token
+from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import GatewayClient
 from support.fakecore import FakeCore
 from support.loadgen import LineProcess

@@ -30,7 +30,7 @@ from twisted.web import resource, server
 
 from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth.tokens import mint_token
+from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import ClosedError, GatewayClient
 from integration.conftest import SECRET, DevGateway
 from support.grpcclient import StreamDevice, connect_call

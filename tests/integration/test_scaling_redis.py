@@ -8,7 +8,7 @@ from twisted.internet import defer, reactor, task
 
 from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth.tokens import mint_token
+from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import GatewayClient
 from support.processes import Twistd, free_port
 from support.redis import RedisServer

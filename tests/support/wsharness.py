@@ -12,13 +12,16 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
+from zope.interface import implementer
 
 from chatgateway import config
 
 from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.auth import ITokenVerifier
 from chatgateway.auth.tokens import AuthError, Claims
 from chatgateway.bus.memory import MemoryBus, MemoryHub
+from chatgateway.core import ICoreClient
 from chatgateway.core.client import CoreError
 from chatgateway.edge.websocket import DeviceFactory
 from chatgateway.sessions.gateway import Gateway
@@ -34,6 +37,7 @@ def accept(factory, host="10.0.0.1", port=40000):
     return proto, transport
 
 
+@implementer(ITokenVerifier)
 class FakeVerifier:
     """Tokens are "PROFILE" or "PROFILE/DEVICE" or "PROFILE@EXPIRES"; "bad..." is refused.
     No leeway: a session ends at EXPIRES."""
@@ -54,16 +58,49 @@ class FakeVerifier:
     def verify(self, token):
         return defer.maybeDeferred(self.claims, token)
 
+    def verify_blocking(self, token):
+        return self.claims(token)
 
+    def close(self):
+        return defer.succeed(None)
+
+
+@implementer(ITokenVerifier)
+class SlowVerifier:
+    """A FakeVerifier answering ``seconds`` later (a JWKS fetch, say)."""
+
+    def __init__(self, verifier, clock, seconds):
+        self.verifier, self.clock, self.seconds = verifier, clock, seconds
+
+    def verify(self, token):
+        return task.deferLater(self.clock, self.seconds, self.verifier.claims, token)
+
+    def verify_blocking(self, token):
+        return self.verifier.claims(token)
+
+    def close(self):
+        return defer.succeed(None)
+
+
+@implementer(ICoreClient)
 class FakeCore:
-    """Memberships and canned answers; records every call."""
+    """Memberships and canned answers; records every call (the trace context and timeout are ignored)."""
 
     def __init__(self):
         self.rooms = {}  # profile -> [room ids]
         self.calls = []
         self.sent = []
 
-    def call(self, method, request, token, device_id="", **options):
+    def start(self):
+        """Nothing to connect to."""
+
+    def stop(self):
+        return defer.succeed(None)
+
+    def readiness(self):
+        return defer.succeed("up")
+
+    def call(self, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None):
         self.calls.append((method, request, token))
         profile = token.split("/")[0].split("@")[0]
         if method == "SearchRooms":
@@ -86,6 +123,26 @@ class FakeCore:
         if method == "GetHistory":
             return defer.fail(CoreError(grpc.StatusCode.NOT_FOUND, f"room {request.room_id} not found"))
         return defer.fail(CoreError(grpc.StatusCode.UNIMPLEMENTED, method))
+
+
+class RecordingCore(FakeCore):
+    """The harness's fake core, also keeping the call options (traceparent, timeout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.options = []
+        self.fail_search = None
+
+    def call(self, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None):
+        given = {"traceparent": traceparent, "tracestate": tracestate, "timeout": timeout}
+        options = {name: value for name, value in given.items() if value is not None}
+        self.options.append((method, device_id, options))
+        if method == "SearchRooms" and self.fail_search is not None:
+            return defer.fail(self.fail_search)
+        if method == "SearchRooms" and request.page_size == 1:
+            rooms = [pb.Room(id=r) for r in self.rooms.get(token.split("/")[0], [])]
+            return defer.succeed([pb.SearchRoomsResponse(data=[r], next_cursor=r.id) for r in rooms])
+        return super().call(method, request, token, device_id)
 
 
 class RecordingClient(WebSocketClientProtocol):

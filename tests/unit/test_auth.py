@@ -1,4 +1,4 @@
-"""chatgateway.auth.tokens: token rules, key confusion, JWKS caching and refetch limits."""
+"""chatgateway.auth (tokens, jwks, tokencache, devtokens): token rules, key confusion, JWKS caching and refetch limits."""
 
 import base64
 import builtins
@@ -19,8 +19,10 @@ from twisted.web import resource, server
 
 from chatgateway import config
 
-from chatgateway.auth import tokens as auth
-from chatgateway.auth.tokens import AuthError, Claims, TokenVerifier, mint_token
+from chatgateway.auth import jwks as jwks_module
+from chatgateway.auth import tokencache
+from chatgateway.auth.devtokens import mint_token
+from chatgateway.auth.tokens import AuthError, Claims, TokenVerifier
 
 SECRET = "a-development-secret-of-more-than-32-bytes"
 AUDIENCE = "service_chat_gateway"
@@ -189,7 +191,7 @@ async def test_a_token_verified_before_skips_pyjwt_but_not_the_clock(verifiers, 
 
 @pytest_twisted.ensureDeferred
 async def test_remembered_tokens_are_bounded_least_recently_used_first(verifiers, monkeypatch):
-    monkeypatch.setattr(auth, "VERIFIED_TOKENS", 3)
+    monkeypatch.setattr(tokencache, "VERIFIED_TOKENS", 3)
     verifier, clock = verifiers(JWT_SECRET=SECRET)
     tokens = [mint_token(SECRET, f"p{i}", audience=AUDIENCE, now=clock.seconds()) for i in range(5)]
     for token in tokens[:3]:
@@ -517,7 +519,7 @@ async def test_keys_older_than_the_max_age_are_refetched(verifiers, keys):
     assert (await verifier.verify(token())).profile_id == "alice"
     remembered = token()
     assert (await verifier.verify(remembered)).profile_id == "alice"
-    clock.advance(auth.JWKS_MAX_AGE_SEC - 1)
+    clock.advance(jwks_module.JWKS_MAX_AGE_SEC - 1)
     assert (await verifier.verify(token())).profile_id == "alice"
     assert fetch.count == 1
     clock.advance(1)
@@ -577,7 +579,7 @@ async def test_path_like_kid_is_only_a_lookup_key(verifiers, keys, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", forbidden)
     monkeypatch.setattr(urllib.request, "urlopen", forbidden)
-    monkeypatch.setattr(auth._OPENER, "open", forbidden)
+    monkeypatch.setattr(jwks_module._OPENER, "open", forbidden)
     for kid in ("../../etc/passwd", "/etc/passwd", "file:///etc/passwd", "http://127.0.0.1:1/keys"):
         token = sign(keys["rsa-a"], "RS256", payload(), kid=kid)
         assert await refused(verifier.verify(token)) == "unknown signing key"
@@ -683,7 +685,7 @@ def test_fetch_url_refuses_other_schemes(monkeypatch):
     monkeypatch.setattr(builtins, "open", lambda *a, **k: pytest.fail("opened a file"))
     for url in ("file:///etc/passwd", "ftp://example.com/keys", "../../etc/passwd"):
         with pytest.raises(ValueError):
-            auth.fetch_url(url, 1)
+            jwks_module.fetch_url(url, 1)
 
 
 # -- mint_token ------------------------------------------------------------------------------
@@ -755,7 +757,7 @@ async def test_keys_rotated_at_a_real_jwks_server_are_picked_up_without_restart(
         assert (await verifier.verify(old)).profile_id == "alice"
         # Then it retires the old key: gone at the next refetch.
         http_server.documents["/jwks.json"] = jwks(to_jwk(keys["rsa-b"], "2026"))
-        clock.advance(auth.JWKS_MAX_AGE_SEC)
+        clock.advance(jwks_module.JWKS_MAX_AGE_SEC)
         assert (await verifier.verify(new)).profile_id == "alice"
         assert await refused(verifier.verify(old)) == "unknown signing key"
         assert http_server.requests == ["/jwks.json"] * 3

@@ -15,25 +15,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.core.client import CoreError
 from chatgateway.edge.connect import ERROR_HTTP_STATUS, ConnectService, connect_code
-from support.wsharness import FakeCore, Harness
-
-
-class RecordingCore(FakeCore):
-    """The harness's fake core, also keeping the call options (traceparent, timeout)."""
-
-    def __init__(self):
-        super().__init__()
-        self.options = []
-        self.fail_search = None
-
-    def call(self, method, request, token, device_id="", **options):
-        self.options.append((method, device_id, options))
-        if method == "SearchRooms" and self.fail_search is not None:
-            return defer.fail(self.fail_search)
-        if method == "SearchRooms" and request.page_size == 1:
-            rooms = [pb.Room(id=r) for r in self.rooms.get(token.split("/")[0], [])]
-            return defer.succeed([pb.SearchRoomsResponse(data=[r], next_cursor=r.id) for r in rooms])
-        return super().call(method, request, token, device_id)
+from support.wsharness import Harness, RecordingCore, SlowVerifier
 
 
 @pytest.fixture
@@ -211,16 +193,6 @@ def test_trace_context_deadline_and_device_reach_the_core(service, harness):
     method, device_id, options = harness.core.options[-1]
     assert method == "SendEvent" and device_id == "web-1"
     assert options == {"traceparent": trace, "tracestate": "k=v", "timeout": 1.5}
-
-
-class SlowVerifier:
-    """The harness's verifier, answering ``seconds`` later (a JWKS fetch, say)."""
-
-    def __init__(self, verifier, clock, seconds):
-        self.verifier, self.clock, self.seconds = verifier, clock, seconds
-
-    def verify(self, token):
-        return task.deferLater(self.clock, self.seconds, self.verifier.claims, token)
 
 
 @pytest.mark.parametrize("headers, left", [({}, 5.0 - 1.25), ({"connect_timeout_ms": "2000"}, 2.0 - 1.25)])

@@ -10,7 +10,8 @@ from google.protobuf import json_format
 
 from chatgateway.bus import channels
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.devcore.model import ChatModel, CoreError
+from chatgateway.devcore.model import ChatModel
+from chatgateway.devcore.rules import CoreError
 
 Code = grpc.StatusCode
 Change = pb.SubscriptionEvent.Change

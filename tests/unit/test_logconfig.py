@@ -9,7 +9,7 @@ import txaio
 from twisted.logger import FileLogObserver, Logger, LogPublisher, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
-from chatgateway.auth.tokens import mint_token
+from chatgateway.auth.devtokens import mint_token
 from chatgateway.telemetry.logs import LogLevelService, Redactor, StdlibBridge, json_line
 
 SECRET = "hs256-secret-for-the-log-tests-0123456789"

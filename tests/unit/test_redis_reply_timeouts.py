@@ -1,4 +1,4 @@
-"""Reply timeouts that judge Redis, not our reactor (chatgateway.redisconn.connection.ReplyWatch).
+"""Reply timeouts that judge Redis, not our reactor (chatgateway.redisconn.replywatch.ReplyWatch).
 
 A real txredisapi protocol over a StringTransport on a task.Clock: ``clock.advance(x)``
 in one call is a reactor turn that lasted x seconds (timers due meanwhile run late).
@@ -10,11 +10,13 @@ import pytest
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
-from chatgateway.redisconn import connection as redisconn
-from chatgateway.redisconn.connection import RedisProtocol, SubscriberProtocol, TimeoutError
+from chatgateway.redisconn import replywatch
+from chatgateway.redisconn.connection import RedisConnection, TimeoutError
+from chatgateway.redisconn.protocols import RedisProtocol, SubscriberProtocol
+from chatgateway.redisconn.uri import parse_uri
 
 TIMEOUT = 2.0
-STEP = TIMEOUT / redisconn.REPLY_TIMEOUT_STEPS
+STEP = TIMEOUT / replywatch.REPLY_TIMEOUT_STEPS
 
 
 class SocketTransport(StringTransport):
@@ -131,7 +133,7 @@ def test_a_reply_waiting_unread_in_the_socket_keeps_the_connection():
         r = Redis(SocketTransport(ours))
         results = r.command("PING")
         theirs.sendall(b"+PONG\r\n")  # Redis answered; our reactor has not read it yet
-        assert redisconn.unread_bytes(r.transport) == 7
+        assert replywatch.unread_bytes(r.transport) == 7
         r.on_time(3 * TIMEOUT)
         assert results == [] and not r.aborted
         r.protocol.dataReceived(ours.recv(100))
@@ -156,7 +158,7 @@ def test_an_empty_socket_counts_as_silence():
 def test_a_command_still_in_our_write_buffer_is_not_held_against_redis():
     r = Redis()
     r.transport.dataBuffer, r.transport.offset, r.transport._tempDataLen = b"*1\r\n$4\r\nPING\r\n", 0, 0
-    assert redisconn.unsent_bytes(r.transport) == 14
+    assert replywatch.unsent_bytes(r.transport) == 14
     results = r.command("PING")
     r.on_time(3 * TIMEOUT)
     assert results == []
@@ -213,9 +215,9 @@ def test_every_complete_reply_of_a_read_is_handled_in_that_read():
 def test_the_connection_takes_only_protocols_with_judged_timeouts():
     import txredisapi
 
-    address = redisconn.parse_uri("redis://127.0.0.1:1/0")
+    address = parse_uri("redis://127.0.0.1:1/0")
     with pytest.raises(TypeError, match="JudgedReplyTimeouts"):
-        redisconn.RedisConnection(address, task.Clock(), "test", protocol=txredisapi.RedisProtocol)
-    connection = redisconn.RedisConnection(address, task.Clock(), "test")
+        RedisConnection(address, task.Clock(), "test", protocol=txredisapi.RedisProtocol)
+    connection = RedisConnection(address, task.Clock(), "test")
     protocol = connection._factory.buildProtocol(None)
     assert isinstance(protocol, RedisProtocol) and protocol.reactor is connection.reactor

@@ -12,7 +12,8 @@ from chatgateway.bus import channels
 
 from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth.tokens import TokenVerifier, mint_token
+from chatgateway.auth.devtokens import mint_token
+from chatgateway.auth.tokens import TokenVerifier
 
 from support.wsharness import Harness
 

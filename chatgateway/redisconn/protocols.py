@@ -1,0 +1,50 @@
+"""The txredisapi protocols of our connections: reading promptly, with judged reply timeouts."""
+
+import txredisapi
+
+from chatgateway.redisconn.replywatch import JudgedReplyTimeouts
+
+
+class PromptReader:
+    """Mixin for txredisapi protocols: every complete reply of a read is handled in that read.
+
+    txredisapi hands the bytes that follow each bulk string to a callLater(0) and
+    pauses the transport until then: one bulk string per reactor turn, so a pub/sub
+    message takes three turns and, while the reactor is busy (a fan-out), the socket
+    is not read and Redis's output buffer for us grows (past
+    client-output-buffer-limit pubsub, Redis drops the subscriber). Here those bytes
+    are parsed at once, in a loop (not recursively: a read holds hundreds of bulks).
+
+    Reads are fed in pieces of READ_PIECE bytes: txredisapi copies what is left of
+    its buffer at every line and bulk, so a whole 64 KiB read would cost a copy of
+    tens of KiB per reply.
+    """
+
+    READ_PIECE = 4096
+    _rest = None
+
+    def setLineMode(self, extra=b""):
+        self.line_mode = 1
+        if extra:
+            self._rest = extra
+
+    def dataReceived(self, data, unpause=False):
+        piece = self.READ_PIECE
+        for start in range(0, max(len(data), 1), piece):
+            super().dataReceived(data[start : start + piece], unpause)
+            while self._rest is not None:
+                rest, self._rest = self._rest, None
+                super().dataReceived(rest)
+
+
+class RedisProtocol(JudgedReplyTimeouts, PromptReader, txredisapi.RedisProtocol):
+    """txredisapi's protocol, reading promptly, with judged reply timeouts."""
+
+
+class SubscriberProtocol(JudgedReplyTimeouts, PromptReader, txredisapi.SubscriberProtocol):
+    """Hands every pub/sub message to the connection's ``on_message``."""
+
+    def messageReceived(self, pattern, channel, message):
+        owner = self.factory.owner
+        owner.last_message_at = owner.clock.seconds()
+        owner.on_message(channel, message)
