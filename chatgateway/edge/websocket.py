@@ -286,15 +286,16 @@ class DeviceProtocol(WebSocketServerProtocol):
         if self._resume_timer is not None:
             return  # over budget: what arrived waits for the resume
         # A frame begun is finished; a new one begins only while the budget lasts.
-        while (self.current_frame is not None or budget.frames >= 1) and self.processData():
-            if self.state == self.STATE_CLOSED:
+        process, closed = self.processData, self.STATE_CLOSED
+        while (self.current_frame is not None or budget.frames >= 1) and process():
+            if self.state == closed:
                 return
-        if budget.over and self.state != self.STATE_CLOSED:
+        if budget.over and self.state != closed:
             self._pause_reading()
 
     def onFrameBegin(self):
         self._budget.frames -= 1  # every frame: data, control and those that will not parse
-        super().onFrameBegin()
+        WebSocketServerProtocol.onFrameBegin(self)
 
     def _pause_reading(self):
         budget = self._budget
