@@ -48,7 +48,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "chatgateway-client = chatgateway.client:main",
+            "chatgateway-client = chatgateway.client.cli:main",
         ],
     },
 )

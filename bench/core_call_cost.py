@@ -6,8 +6,8 @@ Every new device costs the gateway one SearchRooms call (its memberships). This
 measures what such a call costs the calling process in CPU, all threads
 included, two ways, in alternating rounds:
 
-- ``client``: chatgateway.core.CoreClient as the gateway uses it (sync grpcio
-  stubs on its own threads, chatgateway.blockingcalls; answers on the reactor);
+- ``client``: chatgateway.core.client.CoreClient as the gateway uses it (sync grpcio
+  stubs on its own threads, chatgateway.core.blockingcalls; answers on the reactor);
 - ``aio``: grpc.aio on an asyncio loop in a thread of its own, each call handed
   to it with ``run_coroutine_threadsafe`` and answered with ``callFromThread``
   (how the gateway would use grpc.aio from the reactor).
@@ -46,8 +46,8 @@ def measure(target, mode, calls, concurrency):
     from twisted.internet import defer, reactor
 
     from chatgateway.api import chat_pb2 as pb
-    from chatgateway.auth import mint_token
-    from chatgateway.core import CoreClient
+    from chatgateway.auth.tokens import mint_token
+    from chatgateway.core.client import CoreClient
 
     tokens = [mint_token(SECRET, f"p{i}", audience="service_chat_gateway") for i in range(PROFILES)]
     request = pb.SearchRoomsRequest(page_size=500)

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer, endpoints, stdio, task
 from twisted.protocols.basic import LineReceiver
 
-from chatgateway.auth import mint_token
+from chatgateway.auth.tokens import mint_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.rawwebsocket import RawWebSocket, upgrade_request  # noqa: E402

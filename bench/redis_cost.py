@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from chatgateway.api import chat_pb2 as pb  # noqa: E402
 from chatgateway.api import chat_pb2_grpc  # noqa: E402
-from chatgateway.auth import mint_token  # noqa: E402
+from chatgateway.auth.tokens import mint_token  # noqa: E402
 from support.processes import Twistd, free_port  # noqa: E402
 from support.redis import RedisServer  # noqa: E402
 

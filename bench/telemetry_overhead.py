@@ -42,11 +42,15 @@ from twisted.internet import task  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
-from chatgateway import channels, codec, config, telemetry  # noqa: E402
+from chatgateway import config, telemetry  # noqa: E402
+
+from chatgateway.bus import channels
+
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb  # noqa: E402
 from chatgateway.bus.memory import MemoryBus, MemoryHub  # noqa: E402
 from chatgateway.edge.websocket import DeviceFactory  # noqa: E402
-from chatgateway.gateway import Gateway  # noqa: E402
+from chatgateway.sessions.gateway import Gateway  # noqa: E402
 from chatgateway.store.memory import MemoryStore  # noqa: E402
 from support.wsharness import FakeCore, FakeVerifier  # noqa: E402
 

@@ -86,7 +86,7 @@ def _store_uri(text):
         raise ValueError(
             f"unknown scheme {urlsplit(text).scheme!r}: use memory://, redis://host:port/db or unix:///path"
         )
-    from chatgateway.redisconn import parse_uri
+    from chatgateway.redisconn.connection import parse_uri
 
     try:
         parse_uri(text)

@@ -21,16 +21,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatgateway import telemetry
-from chatgateway.auth import TokenVerifier, mint_token
+from chatgateway.auth.tokens import TokenVerifier, mint_token
 from chatgateway.bus import make_bus
 from chatgateway.bus.memory import MemoryHub
-from chatgateway.breaker import CircuitBreaker
-from chatgateway.clientcredentials import ClientCredentials
-from chatgateway.core import CoreClient
+from chatgateway.core.breaker import CircuitBreaker
+from chatgateway.auth.clientcredentials import ClientCredentials
+from chatgateway.core.client import CoreClient
 from chatgateway.edge.grpc import GrpcEdge
 from chatgateway.edge.http import build_http_factory
-from chatgateway.gateway import Gateway
-from chatgateway.logconfig import LogLevelService
+from chatgateway.sessions.gateway import Gateway
+from chatgateway.telemetry.logs import LogLevelService
 from chatgateway.store import make_store
 from chatgateway.workers import BACKLOG, listen_shared
 

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatgateway.bus import IEventBus
-from chatgateway.redisconn import REDIS_TIMEOUT_SEC, ConnectionError, RedisConnection, SubscriberProtocol, parse_uri
+from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, ConnectionError, RedisConnection, SubscriberProtocol, parse_uri
 
 # Channels named by one SUBSCRIBE when resubscribing (keeps each command and its replies small).
 SUBSCRIBE_BATCH = 1000

@@ -54,7 +54,7 @@ import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 from twisted.logger import Logger
 
-from chatgateway import channels
+from chatgateway.bus import channels
 from chatgateway.api import chat_pb2 as pb
 
 OWNER, ADMIN, MEMBER = "owner", "admin", "member"

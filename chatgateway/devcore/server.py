@@ -1,7 +1,7 @@
 """gRPC face of the reference core: authenticate each call, hand it to the model.
 
 ``verify(token)`` returns claims with ``.profile_id`` or raises (normally
-``chatgateway.auth.AuthError``); any failure to verify is UNAUTHENTICATED, so a
+``chatgateway.auth.tokens.AuthError``); any failure to verify is UNAUTHENTICATED, so a
 broken verifier fails closed. Errors that are not AuthError are also logged.
 """
 
@@ -16,8 +16,8 @@ from chatgateway.devcore.model import CoreError
 
 def _is_auth_error(error):
     try:
-        from chatgateway.auth import AuthError
-    except ImportError:  # verifiers other than chatgateway.auth's raise their own errors
+        from chatgateway.auth.tokens import AuthError
+    except ImportError:  # verifiers other than chatgateway.auth.tokens's raise their own errors
         return False
     return isinstance(error, AuthError)
 

@@ -16,7 +16,7 @@ from chatgateway.devcore.server import ChatCoreServicer, make_grpc_server
 class CoreService(service.Service):
     """Serves the ten forwarded ChatService methods on ``interface:port``.
 
-    ``verifier`` has ``verify_blocking(token)`` (default: chatgateway.auth's
+    ``verifier`` has ``verify_blocking(token)`` (default: chatgateway.auth.tokens's
     TokenVerifier for ``config``). ``port`` is the bound port once started.
     """
 
@@ -35,7 +35,7 @@ class CoreService(service.Service):
 
     def startService(self):
         if self.verifier is None:
-            from chatgateway.auth import TokenVerifier
+            from chatgateway.auth.tokens import TokenVerifier
 
             self.verifier = TokenVerifier(self.config, self.reactor)
         self.model = ChatModel(

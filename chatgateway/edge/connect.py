@@ -21,7 +21,7 @@
   any); preflight ``OPTIONS`` requests are answered for allowed origins.
 
 Runs on the reactor thread like the rest of twisted.web; calls go through
-chatgateway.forwarding, the path the gRPC unary RPCs take.
+chatgateway.sessions.forwarding, the path the gRPC unary RPCs take.
 """
 
 import json
@@ -34,8 +34,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from chatgateway import forwarding
-from chatgateway.core import METHODS, SERVICE, CoreError
+from chatgateway.sessions import forwarding
+from chatgateway.core.client import METHODS, SERVICE, CoreError
 from chatgateway.edge.origins import OriginPolicy
 
 # gRPC status -> (Connect code, HTTP status), from the protocol's table.

@@ -1,7 +1,7 @@
 """The gRPC edge on GRPC_PORT: chat.v1.ChatService over HTTP/2 (DESIGN §4, §5, §12).
 
 ``Connect`` is a bidirectional stream with the WebSocket session's semantics:
-the same Session (chatgateway.session) decides everything, GrpcDevice is its
+the same Session (chatgateway.sessions.session) decides everything, GrpcDevice is its
 transport, as DeviceProtocol is for WebSocket. The ten forwarded methods are
 plain unary (SearchRooms: server-streaming) RPCs proxied to the core through
 the gateway's CoreClient. grpc.health.v1 and server reflection are served too.
@@ -49,12 +49,18 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatgateway import codec, forwarding, readiness, telemetry
-from chatgateway.auth import AuthError
-from chatgateway.core import METHODS, SERVICE, STATUS_DETAILS_KEY, CoreError
+from chatgateway import telemetry
+
+from chatgateway.api import codec
+
+from chatgateway.sessions import forwarding
+
+from chatgateway.telemetry import readiness
+from chatgateway.auth.tokens import AuthError
+from chatgateway.core.client import METHODS, SERVICE, STATUS_DETAILS_KEY, CoreError
 from chatgateway.edge.websocket import MAX_PENDING_FRAMES
-from chatgateway.ratelimit import InboundBudget
-from chatgateway.session import CloseCode, ISessionTransport, close_after_failed_open, replay
+from chatgateway.sessions.ratelimit import InboundBudget
+from chatgateway.sessions.session import CloseCode, ISessionTransport, close_after_failed_open, replay
 
 # The WebSocket close code of DESIGN §5 -> the gRPC status a stream ends with.
 CLOSE_STATUS = {

@@ -8,8 +8,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
-from chatgateway import readiness, telemetry
-from chatgateway.core import SERVICE
+from chatgateway import telemetry
+
+from chatgateway.telemetry import readiness
+from chatgateway.core.client import SERVICE
 from chatgateway.edge.connect import ConnectService
 from chatgateway.edge.limits import ConnectionLimits, Guard
 from chatgateway.edge.router import EdgeRouter

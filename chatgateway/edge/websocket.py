@@ -3,7 +3,7 @@
 Thin by design: authentication at the handshake or in the first frame, then
 every frame is decoded and handed to the Session; the protocol also serves
 as the Session's transport. Outbound frames go through the connection's
-Outbox (chatgateway.outbox), the transport's streaming producer, which bounds
+Outbox (chatgateway.sessions.outbox), the transport's streaming producer, which bounds
 them to SEND_BUFFER_BYTES and closes a slow consumer with 4429.
 
 Limits (README, Security): frames and messages up to MAX_MESSAGE_BYTES (1009),
@@ -27,13 +27,15 @@ from autobahn.util import encode_truncate
 from twisted.internet import defer
 from zope.interface import implementer
 
-from chatgateway import codec, telemetry
-from chatgateway.auth import AuthError
+from chatgateway import telemetry
+
+from chatgateway.api import codec
+from chatgateway.auth.tokens import AuthError
 from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard
 from chatgateway.edge.origins import OriginPolicy
-from chatgateway.outbox import Outbox, classify, direct_socket, unsent_bytes, write_now
-from chatgateway.ratelimit import InboundBudget
-from chatgateway.session import CloseCode, ISessionTransport, close_after_failed_open, error_detail, replay
+from chatgateway.sessions.outbox import Outbox, classify, direct_socket, unsent_bytes, write_now
+from chatgateway.sessions.ratelimit import InboundBudget
+from chatgateway.sessions.session import CloseCode, ISessionTransport, close_after_failed_open, error_detail, replay
 
 # Frames a device may send while its session is being opened; more is abuse.
 MAX_PENDING_FRAMES = 16

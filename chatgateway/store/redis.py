@@ -78,7 +78,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatgateway.redisconn import REDIS_TIMEOUT_SEC, RedisConnection, all_replies, parse_uri
+from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, RedisConnection, all_replies, parse_uri
 from chatgateway.store import (
     INSTANCES_KEY,
     IConnectionStore,

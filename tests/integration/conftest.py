@@ -2,7 +2,7 @@
 
 import pytest
 
-from chatgateway.auth import mint_token
+from chatgateway.auth.tokens import mint_token
 from support.processes import Twistd, free_port
 
 SECRET = "integration-test-secret-0123456789abcdef"

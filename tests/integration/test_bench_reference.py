@@ -8,11 +8,11 @@ import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, endpoints, reactor
 
-from chatgateway import codec
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import chat_pb2_grpc
-from chatgateway.auth import mint_token
-from chatgateway.wsclient import GatewayClient
+from chatgateway.auth.tokens import mint_token
+from chatgateway.client.wsclient import GatewayClient
 from support.processes import REPO_ROOT, Twistd, free_port
 from support.chat import wait_until
 

@@ -15,7 +15,7 @@ import pytest
 from support.processes import REPO_ROOT, Twistd, free_port
 from support.chat import unique
 
-CLIENT = [sys.executable, "-m", "chatgateway.client"]
+CLIENT = [sys.executable, "-m", "chatgateway.client.cli"]
 TIMEOUT = 30  # seconds any one CLI run or expected line may take
 LINE = re.compile(r"^\d\d:\d\d:\d\d (?P<sender>\S+): (?P<text>.*)$")
 

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twisted.internet import threads
 
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth import mint_token
-from chatgateway.wsclient import GatewayClient
+from chatgateway.auth.tokens import mint_token
+from chatgateway.client.wsclient import GatewayClient
 from support.fakecore import FakeCore
 from support.grpcclient import ConnectError, StreamDevice, connect_call, unary
 from support.processes import Twistd, free_port

@@ -8,7 +8,9 @@ import pytest
 import pytest_twisted
 from support.processes import CLEAN_STOP, Twistd, free_port
 
-from chatgateway import channels, config
+from chatgateway import config
+
+from chatgateway.bus import channels
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import chat_pb2_grpc
 from chatgateway.bus.memory import MemoryBus
@@ -31,7 +33,7 @@ class Claims:
 
 
 def verify(token):
-    """HS256 verification, as chatgateway.auth does it for JWT_SECRET, without depending on it."""
+    """HS256 verification, as chatgateway.auth.tokens does it for JWT_SECRET, without depending on it."""
     try:
         payload = jwt.decode(
             token, SECRET, algorithms=["HS256"], audience=AUDIENCE, options={"require": ["exp", "sub"]}
@@ -235,7 +237,7 @@ async def test_core_service_publishes_on_the_bus_in_stored_order():
     listener.start(receive)
     for channel in (channels.profile("alice"), channels.profile("bob"), channels.room("r1")):
         await listener.subscribe(channel)
-    core = CoreService(settings, bus, reactor, 0)  # chatgateway.auth's verifier, from settings
+    core = CoreService(settings, bus, reactor, 0)  # chatgateway.auth.tokens's verifier, from settings
     core.startService()
     try:
         assert core.port > 0

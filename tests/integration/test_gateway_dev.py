@@ -8,9 +8,9 @@ import jwt
 import pytest
 import pytest_twisted
 
-from chatgateway import codec
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.wsclient import CallError, ClosedError, GatewayClient
+from chatgateway.client.wsclient import CallError, ClosedError, GatewayClient
 from support.chat import fence, pending_texts, unique
 
 

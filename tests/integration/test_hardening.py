@@ -19,10 +19,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from chatgateway import codec
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth import mint_token
-from chatgateway.wsclient import GatewayClient
+from chatgateway.auth.tokens import mint_token
+from chatgateway.client.wsclient import GatewayClient
 from support.fakecore import FakeCore
 from support.loadgen import LineProcess
 from support.processes import one_gateway

@@ -10,7 +10,7 @@ import socket
 import time
 
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth import mint_token
+from chatgateway.auth.tokens import mint_token
 from support.fakecore import FakeCore
 from support.processes import one_gateway
 from support.rawwebsocket import upgrade_request

@@ -28,10 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import threads
 from twisted.web import resource, server
 
-from chatgateway import codec
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth import mint_token
-from chatgateway.wsclient import ClosedError, GatewayClient
+from chatgateway.auth.tokens import mint_token
+from chatgateway.client.wsclient import ClosedError, GatewayClient
 from integration.conftest import SECRET, DevGateway
 from support.grpcclient import StreamDevice, connect_call
 from support.processes import REPO_ROOT, Twistd, free_port

@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.redisconn import RedisConnection, parse_uri
+from chatgateway.redisconn.connection import RedisConnection, parse_uri
 from support.fakecore import FakeCore
 from support.loadgen import LineProcess
 from support.processes import one_gateway

@@ -9,7 +9,7 @@ from chatgateway import config as configuration
 from chatgateway.bus import IEventBus
 from chatgateway.bus.memory import MemoryBus
 from chatgateway.bus.redis import RedisBus
-from chatgateway.redisconn import ConnectionError
+from chatgateway.redisconn.connection import ConnectionError
 from support.processes import free_port
 from support.redis import RedisServer, eventually
 

@@ -9,7 +9,7 @@ from twisted.internet import defer, reactor, task, threads
 from zope.interface.verify import verifyObject
 
 from chatgateway import config as configuration
-from chatgateway.redisconn import ConnectionError, RedisAddress, TimeoutError, parse_uri
+from chatgateway.redisconn.connection import ConnectionError, RedisAddress, TimeoutError, parse_uri
 from chatgateway.store import ConnectionMeta, IConnectionStore, device_entry
 from chatgateway.store.memory import MemoryStore
 from chatgateway.store.redis import RedisStore

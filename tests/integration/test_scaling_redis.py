@@ -6,10 +6,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from chatgateway import codec
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth import mint_token
-from chatgateway.wsclient import GatewayClient
+from chatgateway.auth.tokens import mint_token
+from chatgateway.client.wsclient import GatewayClient
 from support.processes import Twistd, free_port
 from support.redis import RedisServer
 from support.chat import fence, pending_texts, unique, wait_until

@@ -22,7 +22,7 @@ from twisted.internet import defer, endpoints, stdio, task
 from twisted.protocols.basic import LineReceiver
 from urllib.parse import urlsplit
 
-from chatgateway.auth import mint_token
+from chatgateway.auth.tokens import mint_token
 
 HINT = "gateway draining: reconnect in "
 

@@ -12,7 +12,7 @@ from concurrent import futures
 
 import grpc
 
-from chatgateway.core import METHODS, SERVICE
+from chatgateway.core.client import METHODS, SERVICE
 
 
 class FakeCore:

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from chatgateway.auth import mint_token
+from chatgateway.auth.tokens import mint_token
 
 
 def masked(payload, opcode=0x1):

@@ -21,7 +21,7 @@ from twisted.internet import defer, endpoints, stdio, task
 from twisted.protocols.basic import LineReceiver
 
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth import mint_token
+from chatgateway.auth.tokens import mint_token
 from support.rawwebsocket import RawWebSocket, upgrade_request
 
 

@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from twisted.internet import threads
 
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.core import METHODS, SERVICE
+from chatgateway.core.client import METHODS, SERVICE
 
 _STOP = object()
 

@@ -22,7 +22,7 @@ import struct
 import sys
 import time
 
-from chatgateway.auth import mint_token
+from chatgateway.auth.tokens import mint_token
 
 
 def handshake(host, port, token, rcvbuf, timeout):

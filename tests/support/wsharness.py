@@ -13,13 +13,15 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
-from chatgateway import codec, config
+from chatgateway import config
+
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth import AuthError, Claims
+from chatgateway.auth.tokens import AuthError, Claims
 from chatgateway.bus.memory import MemoryBus, MemoryHub
-from chatgateway.core import CoreError
+from chatgateway.core.client import CoreError
 from chatgateway.edge.websocket import DeviceFactory
-from chatgateway.gateway import Gateway
+from chatgateway.sessions.gateway import Gateway
 from chatgateway.store.memory import MemoryStore
 
 

@@ -1,4 +1,4 @@
-"""chatgateway.auth: token rules, key confusion, JWKS caching and refetch limits."""
+"""chatgateway.auth.tokens: token rules, key confusion, JWKS caching and refetch limits."""
 
 import base64
 import builtins
@@ -17,8 +17,10 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from twisted.internet import defer, task, threads
 from twisted.web import resource, server
 
-from chatgateway import auth, config
-from chatgateway.auth import AuthError, Claims, TokenVerifier, mint_token
+from chatgateway import config
+
+from chatgateway.auth import tokens as auth
+from chatgateway.auth.tokens import AuthError, Claims, TokenVerifier, mint_token
 
 SECRET = "a-development-secret-of-more-than-32-bytes"
 AUDIENCE = "service_chat_gateway"

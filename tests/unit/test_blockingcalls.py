@@ -1,4 +1,4 @@
-"""chatgateway.blockingcalls: blocking callables on a fixed set of threads, answered on the reactor."""
+"""chatgateway.core.blockingcalls: blocking callables on a fixed set of threads, answered on the reactor."""
 
 import threading
 
@@ -6,7 +6,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
 
-from chatgateway.blockingcalls import BlockingCalls
+from chatgateway.core.blockingcalls import BlockingCalls
 
 
 @pytest.fixture

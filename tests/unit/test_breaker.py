@@ -5,10 +5,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import task
 
-from chatgateway import breaker as circuit
+from chatgateway.core import breaker as circuit
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.breaker import CircuitBreaker
-from chatgateway.core import CoreClient, CoreError
+from chatgateway.core.breaker import CircuitBreaker
+from chatgateway.core.client import CoreClient, CoreError
 from support.processes import free_port
 
 

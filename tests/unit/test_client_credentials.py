@@ -9,7 +9,7 @@ import urllib.parse
 import pytest
 from twisted.internet import task
 
-from chatgateway.clientcredentials import ClientCredentials, TokenError, parse_token_response, request_token
+from chatgateway.auth.clientcredentials import ClientCredentials, TokenError, parse_token_response, request_token
 
 
 class InlinePool:

@@ -13,7 +13,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.core import CoreError
+from chatgateway.core.client import CoreError
 from chatgateway.edge.connect import ERROR_HTTP_STATUS, ConnectService, connect_code
 from support.wsharness import FakeCore, Harness
 

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from chatgateway import channels
+from chatgateway.bus import channels
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.devcore.model import ChatModel, CoreError
 

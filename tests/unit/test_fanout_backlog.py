@@ -11,9 +11,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import Logger
 
-from chatgateway import channels, fanout, telemetry
+from chatgateway import telemetry
+
+from chatgateway.bus import channels
+
+from chatgateway.sessions import fanout
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.fanout import CHUNK, Fanout
+from chatgateway.sessions.fanout import CHUNK, Fanout
 from support.wsharness import Harness
 
 LOSS = "DATA_LOSS"

@@ -15,9 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher
 
-from chatgateway import channels, codec
+from chatgateway.bus import channels
+
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.core import METHODS
+from chatgateway.core.client import METHODS
 
 from support.wsharness import Harness
 

@@ -10,11 +10,13 @@ import pytest
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
-from chatgateway import channels, codec
+from chatgateway.bus import channels
+
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.edge import grpc as edge
-from chatgateway.ratelimit import InboundBudget
-from chatgateway.session import CloseCode, ISessionTransport
+from chatgateway.sessions.ratelimit import InboundBudget
+from chatgateway.sessions.session import CloseCode, ISessionTransport
 from support.wsharness import Harness
 
 
@@ -250,7 +252,7 @@ def test_a_stopping_edge_turns_new_streams_away(fake_edge):
 
 
 def test_a_core_that_cannot_list_rooms_ends_the_stream_try_again_later(harness, fake_edge):
-    from chatgateway.core import CoreError
+    from chatgateway.core.client import CoreError
 
     harness.core.call = lambda *a, **k: defer.fail(CoreError(grpc.StatusCode.UNAVAILABLE, "core down"))
     stream = Stream(fake_edge, "alice/phone")

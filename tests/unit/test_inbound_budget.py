@@ -1,6 +1,6 @@
 """What a device may send (issue #13): every frame and byte counts, on a task.Clock.
 
-The budget itself (chatgateway.ratelimit.InboundBudget), then the WebSocket edge on a
+The budget itself (chatgateway.sessions.ratelimit.InboundBudget), then the WebSocket edge on a
 StringTransport: over budget it stops reading (pauseProducing) and parses nothing more
 until its timer resumes it, and a device that keeps exceeding it is closed with 1008.
 """
@@ -13,7 +13,7 @@ import pytest
 from twisted.internet import task
 
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.ratelimit import STREAK_GAP_SEC, InboundBudget
+from chatgateway.sessions.ratelimit import STREAK_GAP_SEC, InboundBudget
 
 from support.wsharness import Harness, accept
 

@@ -9,8 +9,8 @@ import txaio
 from twisted.logger import FileLogObserver, Logger, LogPublisher, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
-from chatgateway.auth import mint_token
-from chatgateway.logconfig import LogLevelService, Redactor, StdlibBridge, json_line
+from chatgateway.auth.tokens import mint_token
+from chatgateway.telemetry.logs import LogLevelService, Redactor, StdlibBridge, json_line
 
 SECRET = "hs256-secret-for-the-log-tests-0123456789"
 
@@ -109,7 +109,7 @@ def test_text_format_is_redacted_too():
 
 
 def test_twistd_logger_option_gives_json_from_the_first_line(monkeypatch):
-    from chatgateway.logconfig import observer
+    from chatgateway.telemetry.logs import observer
 
     monkeypatch.setenv("LOG_FORMAT", "json")
     monkeypatch.setenv("JWT_SECRET", SECRET)

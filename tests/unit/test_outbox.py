@@ -1,4 +1,4 @@
-"""chatgateway.outbox: the per-connection send bound and the per-kind policy."""
+"""chatgateway.sessions.outbox: the per-connection send bound and the per-kind policy."""
 
 import pytest
 import pytest_twisted
@@ -6,7 +6,7 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.testing import StringTransport
 
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.outbox import COALESCED, ENTRY_OVERHEAD, KEPT, TYPING, Outbox, classify, unsent_bytes
+from chatgateway.sessions.outbox import COALESCED, ENTRY_OVERHEAD, KEPT, TYPING, Outbox, classify, unsent_bytes
 
 
 class Sink:

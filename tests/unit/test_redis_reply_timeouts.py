@@ -1,4 +1,4 @@
-"""Reply timeouts that judge Redis, not our reactor (chatgateway.redisconn.ReplyWatch).
+"""Reply timeouts that judge Redis, not our reactor (chatgateway.redisconn.connection.ReplyWatch).
 
 A real txredisapi protocol over a StringTransport on a task.Clock: ``clock.advance(x)``
 in one call is a reactor turn that lasted x seconds (timers due meanwhile run late).
@@ -10,8 +10,8 @@ import pytest
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
-from chatgateway import redisconn
-from chatgateway.redisconn import RedisProtocol, SubscriberProtocol, TimeoutError
+from chatgateway.redisconn import connection as redisconn
+from chatgateway.redisconn.connection import RedisProtocol, SubscriberProtocol, TimeoutError
 
 TIMEOUT = 2.0
 STEP = TIMEOUT / redisconn.REPLY_TIMEOUT_STEPS

@@ -12,10 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.web.test.requesthelper import DummyRequest
 
-from chatgateway import breaker as circuit
-from chatgateway import channels, telemetry
+from chatgateway.core import breaker as circuit
+from chatgateway import telemetry
+from chatgateway.bus import channels
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.core import CoreClient
+from chatgateway.core.client import CoreClient
 from chatgateway.edge.connect import ConnectService
 from support.fakecore import FakeCore as GrpcFakeCore
 from support.wsharness import Harness
@@ -100,7 +101,7 @@ def test_counts_of_a_websocket_session_show_in_the_prometheus_text():
 def test_fanout_is_counted_every_time_and_timed_one_in_n_and_when_chunked(monkeypatch):
     t = telemetry.configure("gw-test", environ={})
     monkeypatch.setattr(telemetry, "FANOUT_SAMPLE_EVERY", 4)
-    monkeypatch.setattr("chatgateway.fanout.CHUNK", 2)
+    monkeypatch.setattr("chatgateway.sessions.fanout.CHUNK", 2)
     h = Harness()
     h.core.rooms = {f"p{i}": ["big"] for i in range(5)}
     for i in range(5):

@@ -1,8 +1,8 @@
-"""chatgateway.session.TokenExpiries: every session's token expiry on one timer."""
+"""chatgateway.sessions.session.TokenExpiries: every session's token expiry on one timer."""
 
 from twisted.internet import task
 
-from chatgateway.session import CloseCode, TokenExpiries
+from chatgateway.sessions.session import CloseCode, TokenExpiries
 
 
 class FakeSession:

@@ -6,7 +6,9 @@ import grpc
 import pytest
 from google.protobuf import any_pb2
 
-from chatgateway import channels, codec
+from chatgateway.bus import channels
+
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
 
 from support.wsharness import Harness
@@ -431,8 +433,7 @@ def test_store_reconnect_rewrites_live_connections(h):
 
 
 def test_the_heartbeat_sweeps_a_slice_per_reactor_turn_and_refreshes_once(h, monkeypatch):
-    from chatgateway import gateway as gateway_module
-
+    from chatgateway.sessions import gateway as gateway_module
     monkeypatch.setattr(gateway_module, "HEARTBEAT_SLICE", 2)
     clients = [h.connect(f"user{i}") for i in range(5)]
     sessions = list(h.gateway.registry.sessions)

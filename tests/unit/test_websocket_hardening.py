@@ -5,9 +5,11 @@ import struct
 import pytest
 from twisted.internet import defer
 
-from chatgateway import channels, codec
+from chatgateway.bus import channels
+
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.outbox import ENTRY_OVERHEAD
+from chatgateway.sessions.outbox import ENTRY_OVERHEAD
 
 from support.wsharness import Harness
 

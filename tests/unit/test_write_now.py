@@ -1,4 +1,4 @@
-"""Frames handed to the kernel at once on a plain TCP connection (chatgateway.outbox.write_now).
+"""Frames handed to the kernel at once on a plain TCP connection (chatgateway.sessions.outbox.write_now).
 
 Real sockets on the real reactor: what the peer reads must be every byte, in order,
 whether the kernel takes a write whole, in part, or not at all.
@@ -11,7 +11,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.internet.testing import StringTransport
 
-from chatgateway.outbox import direct_socket, write_now
+from chatgateway.sessions.outbox import direct_socket, write_now
 
 
 class Sink(protocol.Protocol):

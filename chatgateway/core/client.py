@@ -1,7 +1,7 @@
 """Client of the core chat service: the one module that speaks gRPC to the core.
 
 grpcio stubs block, so every call runs on a bounded set of threads of this
-client's own (chatgateway.blockingcalls), with a deadline (CORE_TIMEOUT_SEC,
+client's own (chatgateway.core.blockingcalls), with a deadline (CORE_TIMEOUT_SEC,
 or the caller's own deadline when it is shorter). Up to CORE_THREADS x (1 + QUEUE_PER_THREAD) calls are
 handed to the pool; the next ones wait here, oldest first, for a place - at
 most CORE_THREADS x WAITING_PER_THREAD of them - and their deadline counts
@@ -20,9 +20,9 @@ excess answered within CORE_TIMEOUT_SEC.
 Every call carries the device's token as ``authorization``, ``x-gateway-id``,
 ``x-device-id`` when known, the caller's W3C ``traceparent``/``tracestate`` when
 given, and the gateway's own client-credentials token as
-``x-service-authorization`` when configured (chatgateway.clientcredentials).
+``x-service-authorization`` when configured (chatgateway.auth.clientcredentials).
 
-A circuit breaker (chatgateway.breaker) watches the answers: after
+A circuit breaker (chatgateway.core.breaker) watches the answers: after
 CORE_BREAKER_FAILURES consecutive UNAVAILABLE/DEADLINE_EXCEEDED it fails calls
 at once with UNAVAILABLE for CORE_BREAKER_COOLDOWN_SEC, then lets one probe
 through. The core's status code, message and rich details
@@ -38,9 +38,9 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from chatgateway import breaker as circuit
+from chatgateway.core import breaker as circuit
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.blockingcalls import BlockingCalls
+from chatgateway.core.blockingcalls import BlockingCalls
 
 SERVICE = "chat.v1.ChatService"
 

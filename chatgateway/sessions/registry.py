@@ -8,9 +8,7 @@ gateway writes together with its device claim in one store call
 (``open_connection``).
 """
 
-from chatgateway import channels
-
-
+from chatgateway.bus import channels
 class ConnectionRegistry:
     def __init__(self, bus, store, max_per_device, background):
         self._bus = bus

@@ -15,11 +15,17 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from chatgateway import channels, codec, membership, telemetry
+from chatgateway import telemetry
+
+from chatgateway.bus import channels
+
+from chatgateway.api import codec
+
+from chatgateway.sessions import membership
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.fanout import Fanout
-from chatgateway.registry import ConnectionRegistry
-from chatgateway.session import CloseCode, Session, TokenExpiries
+from chatgateway.sessions.fanout import Fanout
+from chatgateway.sessions.registry import ConnectionRegistry
+from chatgateway.sessions.session import CloseCode, Session, TokenExpiries
 
 # Rooms asked of the core per streamed page when a device connects.
 MEMBERSHIP_PAGE = 500
@@ -300,7 +306,7 @@ class Gateway(service.Service):
 
     async def forward(self, session, method, request):
         """Call the core with the device's token; re-scope on membership changes."""
-        # call_options: a Caller of chatgateway.forwarding may carry traceparent/timeout; Sessions do not.
+        # call_options: a Caller of chatgateway.sessions.forwarding may carry traceparent/timeout; Sessions do not.
         options = getattr(session, "call_options", None) or {}
         response = await self.core.call(method, request, session.token, session.device_id, **options)
         for change in membership.changes(method, request, response, session.profile_id):

@@ -5,7 +5,7 @@ service when the tree starts: the file observer twistd made (stdout, or
 --logfile) gets our line format, then every observer in place is wrapped in a
 level filter, and txaio (Autobahn's logging) gets the same level. twistd's own
 first two lines (its version and the reactor) are written before that, in its
-text format; ``twistd --logger chatgateway.logconfig.observer`` makes even those
+text format; ``twistd --logger chatgateway.telemetry.logs.observer`` makes even those
 follow LOG_FORMAT.
 
 Whatever the format, every line goes through ``redact`` on its way out: JWTs,
@@ -16,7 +16,7 @@ under it.
 
 LOG_FORMAT=json writes one JSON object per line::
 
-    {"time": "2026-11-27T08:00:00.123456Z", "level": "info", "namespace": "chatgateway.gateway.Gateway",
+    {"time": "2026-11-27T08:00:00.123456Z", "level": "info", "namespace": "chatgateway.sessions.gateway.Gateway",
      "message": "device alice/phone connected with 3 rooms", "profile_id": "alice", "device_id": "phone", "rooms": 3}
 
 ``message`` is the formatted event; the event's own fields follow (values JSON
@@ -158,7 +158,7 @@ def formatter(fmt="text", secrets=(), base=None):
 
 
 def observer():
-    """For ``twistd --logger chatgateway.logconfig.observer``: stdout in LOG_FORMAT from the first line."""
+    """For ``twistd --logger chatgateway.telemetry.logs.observer``: stdout in LOG_FORMAT from the first line."""
     environ = os.environ
     fmt = "json" if environ.get("LOG_FORMAT", "").strip().lower() == "json" else "text"
     secrets = (environ.get("JWT_SECRET", ""), environ.get("JWT_CLIENT_SECRET", ""))
@@ -207,7 +207,7 @@ class LogLevelService(service.Service):
             if isinstance(observer, FileLogObserver):
                 base = observer.formatEvent
                 if getattr(base, "redacting", False):
-                    base = None  # already ours (--logger chatgateway.logconfig.observer)
+                    base = None  # already ours (--logger chatgateway.telemetry.logs.observer)
                 observer.formatEvent = formatter(self.fmt, self.secrets, base)
             wrapped = FilteringLogObserver(observer, [predicate])
             self._publisher.removeObserver(observer)

@@ -83,7 +83,7 @@ RPC_STATUS = "rpc.response.status_code"
 # Session transports by class name (edge.websocket.DeviceProtocol, edge.grpc.GrpcDevice).
 TRANSPORTS = {"DeviceProtocol": "websocket", "GrpcDevice": "grpc"}
 BREAKER_STATES = ("closed", "open", "half-open")
-# Answers of the core that say it is not there (as chatgateway.core counts them).
+# Answers of the core that say it is not there (as chatgateway.core.client counts them).
 CORE_TRANSPORT_FAILURES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 # Seconds; fan-out runs from microseconds (one device) to a second (a huge room, chunked).
@@ -489,7 +489,7 @@ class Telemetry:
             FANOUT_DROPPED,
             [_observe(_dropped, MESSAGE_KIND)],
             unit="{message}",
-            description="Deliveries dropped because the fan-out backlog was over its bound (chatgateway.fanout.MAX_BACKLOG).",
+            description="Deliveries dropped because the fan-out backlog was over its bound (chatgateway.sessions.fanout.MAX_BACKLOG).",
         )
         meter.create_observable_counter(
             RATE_LIMITED,

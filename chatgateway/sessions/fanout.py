@@ -22,10 +22,12 @@ import grpc
 from google.protobuf.message import DecodeError
 from twisted.logger import Logger
 
-from chatgateway import codec, telemetry
+from chatgateway import telemetry
+
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.outbox import TYPING, classify
-from chatgateway.session import error_detail
+from chatgateway.sessions.outbox import TYPING, classify
+from chatgateway.sessions.session import error_detail
 
 # Deliveries made before yielding to the reactor.
 CHUNK = 500
@@ -52,7 +54,7 @@ class EncodedEvent:
 
     @property
     def policy(self):
-        """(kind, key) of chatgateway.outbox: how the event waits for a slow recipient."""
+        """(kind, key) of chatgateway.sessions.outbox: how the event waits for a slow recipient."""
         if self._policy is None:
             self._policy = classify(self.event)
         return self._policy

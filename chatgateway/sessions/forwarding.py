@@ -12,8 +12,8 @@ import dataclasses
 
 import grpc
 
-from chatgateway.auth import AuthError
-from chatgateway.core import METHODS, CoreError
+from chatgateway.auth.tokens import AuthError
+from chatgateway.core.client import METHODS, CoreError
 
 
 @dataclasses.dataclass(frozen=True)

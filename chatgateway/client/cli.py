@@ -25,7 +25,7 @@ from google.protobuf import json_format
 from twisted.internet import defer, error, task
 
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.wsclient import CallError, ClosedError, GatewayClient
+from chatgateway.client.wsclient import CallError, ClosedError, GatewayClient
 
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 DEFAULT_DEVICE = "cli"
@@ -182,7 +182,7 @@ async def dev_token(reactor, args, profile, device):
         if not secret:
             raise Failed("--secret needs the HS256 secret in the JWT_SECRET environment variable", EXIT_NO_CONNECTION)
         try:
-            from chatgateway.auth import mint_token
+            from chatgateway.auth.tokens import mint_token
         except ImportError as e:
             raise Failed(f"cannot mint tokens: {e}", EXIT_NO_CONNECTION) from None
         return mint_token(secret, profile, device_id=device, issuer=args.issuer, audience=args.audience)

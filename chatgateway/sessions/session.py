@@ -14,11 +14,15 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Interface
 
-from chatgateway import channels, codec, telemetry
+from chatgateway import telemetry
+
+from chatgateway.bus import channels
+
+from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth import AuthError
-from chatgateway.core import METHODS, CoreError
-from chatgateway.ratelimit import TokenBucket
+from chatgateway.auth.tokens import AuthError
+from chatgateway.core.client import METHODS, CoreError
+from chatgateway.sessions.ratelimit import TokenBucket
 from chatgateway.store import ConnectionMeta
 
 TYPE_PREFIX = "type.googleapis.com/"

@@ -1,0 +1,1 @@
+"""Who a device is: JWT verification, development tokens, the gateway's own OAuth2 token."""

@@ -1,0 +1,1 @@
+"""Calls to the core chat service: the gRPC client, its threads and its circuit breaker."""
