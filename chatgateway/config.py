@@ -58,6 +58,15 @@ def _number(minimum):
     return _at_least(float, "a number", minimum)
 
 
+def _or_derived(parse):
+    """``parse``, or None for an empty value (load() derives it from another setting)."""
+
+    def parse_or_none(text):
+        return parse(text) if text.strip() else None
+
+    return parse_or_none
+
+
 def _bool(text):
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -147,6 +156,10 @@ SETTINGS = [
     Setting("CONNECTION_TIMEOUT_SEC", _number(1), "300", "No frame from a device for this long closes it with 4408."),
     Setting("HEARTBEAT_INTERVAL_SEC", _number(0.1), "30", "Interval of WebSocket pings (and metadata refresh)."),
     Setting("MAX_EVENTS_PER_SECOND", _number(0.1), "100", "Commands per second per connection (token bucket, burst of the same size)."),
+    Setting("MAX_FRAMES_PER_SECOND", _or_derived(_number(1)), "", "Frames per second a device may send, of every kind (default: MAX_EVENTS_PER_SECOND + 100); beyond it the device is not read until its budget refills."),
+    Setting("MAX_BYTES_PER_SECOND", _int(65536), "1048576", "Bytes per second a device may send; beyond it the device is not read until its budget refills."),
+    Setting("OVER_BUDGET_CLOSE_SEC", _number(1), "10", "A device over its frame or byte budget again and again for this long is closed with 1008."),
+    Setting("MAX_TOKEN_REFRESHES_PER_MINUTE", _int(1), "10", "auth_token refreshes per minute per connection (burst of the same size); more are refused."),
     Setting("CACHE_URI", _store_uri, "memory://", "Connection metadata store: memory:// (one instance) or redis://host:port/db."),
     Setting("EVENTS_URI", _store_uri, "", "Event bus; defaults to CACHE_URI."),
     Setting("OAUTH2_ISSUER", _text, "", "Expected iss claim; its OpenID discovery gives the JWKS unless OAUTH2_JWKS_URI is set."),
@@ -193,6 +206,10 @@ class Config:
     connection_timeout_sec: float
     heartbeat_interval_sec: float
     max_events_per_second: float
+    max_frames_per_second: float
+    max_bytes_per_second: int
+    over_budget_close_sec: float
+    max_token_refreshes_per_minute: int
     cache_uri: str
     events_uri: str
     oauth2_issuer: str
@@ -268,6 +285,9 @@ def load(environ=None, overrides=None):
 
     if not raw["EVENTS_URI"].strip():
         values["events_uri"] = values["cache_uri"]
+    if values["max_frames_per_second"] is None:
+        # Every command is a frame; the rest is room for acks, pings and token refreshes.
+        values["max_frames_per_second"] = values["max_events_per_second"] + 100
     if not values["grpc_interface"]:
         values["grpc_interface"] = values["http_interface"]
     if not values["gateway_id"]:
@@ -284,6 +304,9 @@ def _cross_checks(given):
             f"HEARTBEAT_INTERVAL_SEC={values['heartbeat_interval_sec']:g} must be less than "
             f"CONNECTION_TIMEOUT_SEC={values['connection_timeout_sec']:g}"
         )
+    max_bytes, max_message = values["max_bytes_per_second"], values["max_message_bytes"]
+    if max_bytes is not None and max_message is not None and max_bytes < max_message:
+        yield f"MAX_BYTES_PER_SECOND={max_bytes} must be at least MAX_MESSAGE_BYTES={max_message}"
     for name in ("HTTP_PORT", "GRPC_PORT", "CORE_PORT"):
         if values[name.lower()] is not None and values[name.lower()] > 65535:
             yield f"{name}={values[name.lower()]}: must be a port number (0-65535)"

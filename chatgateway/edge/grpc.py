@@ -13,7 +13,10 @@ Sessions live on the reactor thread:
 - device → gateway: a stream's reader coroutine parses each StreamRequest on
   the loop and hands it to the reactor with ``reactor.callFromThread`` (FIFO,
   so in order); with MAX_UNHANDLED messages not yet handled there, it stops
-  reading, and HTTP/2 flow control holds the device back.
+  reading, and HTTP/2 flow control holds the device back. It stops reading as
+  well while the device is over its inbound budget (MAX_FRAMES_PER_SECOND
+  messages, MAX_BYTES_PER_SECOND), as the WebSocket edge does; a device over it
+  for OVER_BUDGET_CLOSE_SEC is ended as 1008 (RESOURCE_EXHAUSTED).
 - gateway → device: GrpcDevice (reactor) serializes each event once - a fan-out
   event once for all gRPC recipients - and puts the bytes in the edge's
   hand-off; one ``loop.call_soon_threadsafe`` per batch moves every queued item
@@ -56,6 +59,7 @@ from chatgateway.telemetry import readiness
 from chatgateway.auth.tokens import AuthError
 from chatgateway.core.client import METHODS, SERVICE, STATUS_DETAILS_KEY, CoreError
 from chatgateway.edge.websocket import MAX_PENDING_FRAMES
+from chatgateway.sessions.ratelimit import InboundBudget
 from chatgateway.sessions.session import CloseCode, ISessionTransport, close_after_failed_open, replay
 
 # A WebSocket close code (docs/protocol.md#heartbeats-and-close-codes) -> the gRPC status a stream ends with.
@@ -273,6 +277,12 @@ class GrpcDevice:
         else:
             self._authenticate_message(item)
 
+    def over_budget(self, reason):
+        """The reader found the device over its inbound budget for OVER_BUDGET_CLOSE_SEC."""
+        if not self._closing and not self._gone:
+            self.log.info("closing a gRPC stream: {reason}", reason=reason)
+            self.close(CloseCode.POLICY, reason)
+
     def half_closed(self):
         """The device ended its side of the stream: the connection closes normally."""
         self.close(CloseCode.NORMAL, "the device closed its stream")
@@ -373,6 +383,7 @@ class GrpcEdge(service.Service):
     """The grpc.aio server on GRPC_PORT, in a thread with its own asyncio loop."""
 
     log = Logger()
+    sleep = staticmethod(asyncio.sleep)  # how a reader waits for its budget (tests: their clock)
 
     def __init__(self, gateway, reactor, port, interface="", checks=None):
         self.setName("grpc")
@@ -522,7 +533,12 @@ class GrpcEdge(service.Service):
         stream = _Stream(self.config.send_buffer_bytes)
         device = GrpcDevice(self, stream, metadata.get("x-device-id", ""))
         self.reactor.callFromThread(device.start, forwarding.bearer_token(metadata.get("authorization")))
-        reader = asyncio.ensure_future(self._read(request_iterator, device, stream))
+        config = self.config
+        # The reactor's clock: its seconds() is safe to read from this thread.
+        budget = InboundBudget(
+            config.max_frames_per_second, config.max_bytes_per_second, self.gateway.clock, config.over_budget_close_sec
+        )
+        reader = asyncio.ensure_future(self._read(request_iterator, device, stream, budget))
         try:
             end = await stream.write_all(context)
         finally:
@@ -534,15 +550,23 @@ class GrpcEdge(service.Service):
             context.set_code(code)
             context.set_details(end.reason)
 
-    async def _read(self, request_iterator, device, stream):
+    async def _read(self, request_iterator, device, stream, budget):
         try:
             async for raw in request_iterator:
+                budget.frames -= 1
+                budget.spend_bytes(len(raw))
                 try:
                     item = codec.decode_request(raw, True, codec.PROTO)
                 except codec.FrameError as e:
                     item = e
                 self.reactor.callFromThread(device.received, item)
                 await stream.received()
+                if budget.over:
+                    delay = budget.pause()
+                    if budget.persistent:
+                        self.reactor.callFromThread(device.over_budget, budget.reason())
+                    await self.sleep(delay)  # not read meanwhile: HTTP/2 flow control holds the device back
+                    budget.resume()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the RPC broke (grpc ends it with its own status)

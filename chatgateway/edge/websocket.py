@@ -7,6 +7,9 @@ Outbox (chatgateway.sessions.outbox), the transport's streaming producer, which 
 them to SEND_BUFFER_BYTES and closes a slow consumer with 4429.
 
 Limits (docs/security.md#limits): frames and messages up to MAX_MESSAGE_BYTES (1009),
+an inbound budget (MAX_FRAMES_PER_SECOND, MAX_BYTES_PER_SECOND: a device over
+it is not read until it refills, and one that stays over it for
+OVER_BUDGET_CLOSE_SEC is closed with 1008),
 permessage-deflate declined (no decompression bombs; one encoding per event),
 Autobahn's open- and close-handshake timeouts (HANDSHAKE_TIMEOUT_SEC,
 CLOSE_TIMEOUT_SEC), AUTH_TIMEOUT_SEC for first-frame auth, MAX_CONNECTIONS per
@@ -32,6 +35,7 @@ from chatgateway.auth.tokens import AuthError
 from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard
 from chatgateway.edge.origins import OriginPolicy
 from chatgateway.sessions.outbox import Outbox, classify, direct_socket, unsent_bytes, write_now
+from chatgateway.sessions.ratelimit import InboundBudget
 from chatgateway.sessions.session import CloseCode, ISessionTransport, close_after_failed_open, error_detail, replay
 
 # Frames a device may send while its session is being opened; more is abuse.
@@ -116,7 +120,7 @@ class DeviceProtocol(WebSocketServerProtocol):
     # dict's 128 entries once the handshake is forgotten (see _forget_handshake).
     __slots__ = (
         "session", "subprotocol", "_outbox", "_claims", "_token", "_auth_error", "_auth_timer", "_fallback_device",
-        "_pending", "_opening", "_gone", "_close_timer", "_closing", "_socket",
+        "_pending", "_opening", "_gone", "_close_timer", "_closing", "_socket", "_budget", "_resume_timer",
     )
 
     def __init__(self):
@@ -135,6 +139,8 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._close_timer = None
         self._closing = None
         self._socket = None  # the plain TCP connection frames are written to at once, if there is one
+        self._budget = None  # InboundBudget of what the device sends, from the upgrade on
+        self._resume_timer = None  # while the device is over its budget and not read
 
     # ------------------------------------------------------------ connection
 
@@ -148,6 +154,9 @@ class DeviceProtocol(WebSocketServerProtocol):
         if self._outbox is not None:
             self._outbox.close()  # whatever still waited is released with the connection
         self._cancel_close_timer()
+        if self._resume_timer is not None and self._resume_timer.active():
+            self._resume_timer.cancel()
+        self._resume_timer = None
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         if code in (429, 503):
@@ -206,6 +215,10 @@ class DeviceProtocol(WebSocketServerProtocol):
     # ------------------------------------------------------------ open / auth
 
     def onOpen(self):
+        config = self.gateway.config
+        self._budget = InboundBudget(
+            config.max_frames_per_second, config.max_bytes_per_second, self.gateway.clock, config.over_budget_close_sec
+        )
         self._outbox = Outbox(self._write_frame, self.gateway.config.send_buffer_bytes, self._slow_consumer,
                               unsent=self._unsent_bytes)
         self._outbox.bind(self.transport)
@@ -272,6 +285,55 @@ class DeviceProtocol(WebSocketServerProtocol):
     def _session_failed(self, failure):
         self._opening = False
         close_after_failed_open(self, failure, self.log)
+
+    # ------------------------------------------------------------ the inbound budget
+
+    def dataReceived(self, data):
+        if self._budget is not None:
+            self._budget.spend_bytes(len(data))
+        super().dataReceived(data)
+
+    def consumeData(self):
+        """Autobahn's frame loop, within the budget: frames beyond it wait, unparsed, and the
+        device is not read (the kernel's TCP window holds it back) until the budget refills."""
+        budget = self._budget
+        if budget is None or (self.state != self.STATE_OPEN and self.state != self.STATE_CLOSING):
+            super().consumeData()
+            return
+        if self._resume_timer is not None:
+            return  # over budget: what arrived waits for the resume
+        # A frame begun is finished; a new one begins only while the budget lasts.
+        process, closed = self.processData, self.STATE_CLOSED
+        while (self.current_frame is not None or budget.frames >= 1) and process():
+            if self.state == closed:
+                return
+        if budget.over and self.state != closed:
+            self._pause_reading()
+
+    def onFrameBegin(self):
+        self._budget.frames -= 1  # every frame: data, control and those that will not parse
+        WebSocketServerProtocol.onFrameBegin(self)
+
+    def _pause_reading(self):
+        budget = self._budget
+        delay = budget.pause()
+        if budget.persistent and self.state == self.STATE_OPEN and self._closing is None:
+            self.log.info(
+                "closing {peer}: over its {kind} budget for {seconds} s", peer=self.peer, kind=budget.exceeded,
+                seconds=budget.close_after,
+            )
+            self.close(CloseCode.POLICY, budget.reason())
+        self.transport.pauseProducing()
+        self._resume_timer = self.gateway.clock.callLater(delay, self._resume_reading)
+
+    def _resume_reading(self):
+        self._resume_timer = None
+        if self.state == self.STATE_CLOSED:
+            return
+        self._budget.resume()
+        self.consumeData()  # what waited, within the budget; it may pause again
+        if self._resume_timer is None and self.state != self.STATE_CLOSED:
+            self.transport.resumeProducing()
 
     # ------------------------------------------------------------ frames
 

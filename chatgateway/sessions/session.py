@@ -172,7 +172,8 @@ class Session:
     # One per connection: slots keep it small.
     __slots__ = (
         "gateway", "transport", "id", "profile_id", "device_id", "token", "member_rooms", "rooms", "closed",
-        "draining", "_in_flight", "connected_at", "last_active", "last_heartbeat", "_bucket", "_expires_at",
+        "draining", "_in_flight", "connected_at", "last_active", "last_heartbeat", "_bucket", "_refreshes",
+        "_expires_at",
     )
 
     def __init__(self, gateway, transport, claims, token, device_id, member_rooms):
@@ -189,6 +190,7 @@ class Session:
         self._in_flight = 0  # commands not yet answered
         self.connected_at = self.last_active = self.last_heartbeat = gateway.clock.seconds()
         self._bucket = None  # the rate limit's TokenBucket, made by the first command (it starts full)
+        self._refreshes = None  # MAX_TOKEN_REFRESHES_PER_MINUTE's TokenBucket, made by the first refresh
         self._expires_at = None  # of the token, while TokenExpiries watches it
         gateway.token_expiries.schedule(self, claims.valid_until)
 
@@ -285,6 +287,14 @@ class Session:
         # (docs/architecture.md#positions-publish-contract-membership-cache).
 
     def _refresh_token(self, token):
+        if self._refreshes is None:
+            per_minute = self.gateway.config.max_token_refreshes_per_minute
+            self._refreshes = TokenBucket(per_minute / 60.0, per_minute, self.gateway.clock)
+        if not self._refreshes.take():
+            # Not verified: a JWT verification costs more than the rest of a frame.
+            self.send_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "token refresh refused: over MAX_TOKEN_REFRESHES_PER_MINUTE")
+            return
+
         def fresh(claims):
             if claims.profile_id != self.profile_id:
                 self.close(CloseCode.UNAUTHENTICATED, "token is for another profile")

@@ -600,3 +600,112 @@ async def test_a_drain_still_running_after_drain_timeout_exits_1(tmp_path):
     finally:
         gateway.kill()
         core.stop()
+
+
+# ---------------------------------------------------------------- a flooding device
+
+FLOOD_SECONDS = 3.0  # round trips measured while the flood runs
+OVER_BUDGET_CLOSE_SEC = 6  # longer than the measurement: the flooder is closed after it
+
+
+class Prober:
+    """A device on a raw socket that measures command round trips (a `subscribe` the gateway
+    answers itself: no core call)."""
+
+    def __init__(self, port, room):
+        self.sock, status, self.buffer = ws_upgrade(
+            port, [f"Authorization: Bearer {token('prober')}", f"Sec-WebSocket-Protocol: {codec.JSON}"]
+        )
+        assert status.startswith("HTTP/1.1 101"), status
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.room = room
+        self.sent = 0
+        assert "connected" in self._next_text()
+
+    def _next_text(self):
+        while True:
+            while len(self.buffer) >= 2:
+                opcode, length, at = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F, 2
+                if length == 126:
+                    length, at = struct.unpack("!H", self.buffer[2:4])[0], 4
+                if len(self.buffer) >= at + length:
+                    payload, self.buffer = self.buffer[at:at + length], self.buffer[at + length:]
+                    if opcode == 0x8:
+                        raise AssertionError(f"the prober was closed: {payload!r}")
+                    if opcode == 0x1:
+                        return json.loads(payload)
+                    continue
+                break
+            chunk = self.sock.recv(65536)
+            assert chunk, "the prober's connection ended"
+            self.buffer += chunk
+
+    def round_trip(self):
+        """Seconds from sending a command to its result."""
+        self.sent += 1
+        request_id = str(self.sent)
+        frame = masked_frame(json.dumps({"command": {"requestId": request_id, "subscribe": {"roomIds": [self.room]}}}).encode())
+        started = time.perf_counter()
+        self.sock.sendall(frame)
+        while True:
+            event = self._next_text()
+            result = event.get("commandResult")
+            if result is not None and result.get("requestId") == request_id:
+                took = time.perf_counter() - started
+                assert "error" not in result, result
+                return took
+
+    def sample(self, count=None, seconds=None, pause=0.02):
+        """Round trips, ``pause`` apart (within MAX_EVENTS_PER_SECOND), for ``count`` or ``seconds``."""
+        samples = []
+        deadline = time.monotonic() + seconds if seconds else None
+        while (count is None or len(samples) < count) and (deadline is None or time.monotonic() < deadline):
+            samples.append(self.round_trip())
+            time.sleep(pause)  # the probe's own pace
+        return samples
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def test_a_flooding_device_costs_only_its_budget_and_is_closed_1008(tmp_path):
+    core = member_of("r")
+    gateway = gateway_process(tmp_path, core, GATEWAY_ID="gw-flood", OVER_BUDGET_CLOSE_SEC=OVER_BUDGET_CLOSE_SEC)
+    gateway.start()
+    flooder = None
+    prober = Prober(gateway.port, "r")
+    try:
+        prober.sample(count=20)  # warm up
+        idle = prober.sample(count=100)
+        flooder = LineProcess(
+            "tests/support/flooder.py", ["--port", gateway.port, "--secret", SECRET],
+            log_path=tmp_path / "flooder.log",
+        )
+        flooder.expect("READY", 30)
+        flooding_since = time.monotonic()
+        time.sleep(0.5)  # the flood is under way
+        flooded = prober.sample(seconds=FLOOD_SECONDS)
+        bound = max(3 * median(idle), 0.015)
+        print(f"\ncommand round trip: idle median {median(idle) * 1000:.2f} ms; while another device floods: "
+              f"median {median(flooded) * 1000:.2f} ms, p90 {sorted(flooded)[len(flooded) * 9 // 10] * 1000:.2f} ms "
+              f"over {len(flooded)} samples; bound {bound * 1000:.2f} ms")
+        assert median(flooded) <= bound
+
+        # The flooder keeps exceeding its budget: closed with 1008 once it has for OVER_BUDGET_CLOSE_SEC.
+        closed = flooder.expect("CLOSED", 30)
+        took = time.monotonic() - flooding_since
+        wrote = int(flooder.expect("WROTE", 10))
+        print(f"the flooder was closed after {took:.1f} s ({closed}); the kernel took {wrote / MiB:.1f} MiB of it")
+        code, _, reason = closed.partition(" ")
+        assert code == "1008" and reason.startswith("frame rate exceeded"), closed
+        assert took >= OVER_BUDGET_CLOSE_SEC - 0.5
+        assert median(prober.sample(count=20)) <= bound  # the prober was never disturbed
+        assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
+    finally:
+        if flooder is not None:
+            flooder.stop()
+        prober.sock.close()
+        gateway.stop()
+        core.stop()

@@ -28,6 +28,21 @@ def test_events_uri_defaults_to_cache_uri():
     assert c.in_memory == []
 
 
+def test_inbound_budget_settings():
+    c = config.load(BASE)
+    assert (c.max_frames_per_second, c.max_bytes_per_second) == (200, 1048576)
+    assert (c.over_budget_close_sec, c.max_token_refreshes_per_minute) == (10, 10)
+    # Every command is a frame: the frame budget follows MAX_EVENTS_PER_SECOND unless set.
+    assert config.load({**BASE, "MAX_EVENTS_PER_SECOND": "1000"}).max_frames_per_second == 1100
+    assert config.load({**BASE, "MAX_FRAMES_PER_SECOND": "50"}).max_frames_per_second == 50
+    with pytest.raises(config.ConfigError) as error:
+        config.load({**BASE, "MAX_BYTES_PER_SECOND": "1000", "MAX_FRAMES_PER_SECOND": "0.5"})
+    assert len(error.value.problems) == 2
+    with pytest.raises(config.ConfigError) as error:
+        config.load({**BASE, "MAX_BYTES_PER_SECOND": "65536", "MAX_MESSAGE_BYTES": "100000"})
+    assert error.value.problems == ["MAX_BYTES_PER_SECOND=65536 must be at least MAX_MESSAGE_BYTES=100000"]
+
+
 def test_overrides_win_over_environment():
     c = config.load({**BASE, "HTTP_PORT": "9000"}, {"http-port": "9100", "log_level": "DEBUG"})
     assert c.http_port == 9100

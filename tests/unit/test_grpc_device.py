@@ -7,7 +7,7 @@ import threading
 
 import grpc
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
 from chatgateway.bus import channels
@@ -15,6 +15,7 @@ from chatgateway.bus import channels
 from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.edge import grpc as edge
+from chatgateway.sessions.ratelimit import InboundBudget
 from chatgateway.sessions.session import CloseCode, ISessionTransport
 from support.wsharness import Harness
 
@@ -192,6 +193,15 @@ def test_the_rate_limit_applies(fake_edge):
     for i in range(6):
         results = alice.command(request_id=str(i), typing=pb.TypingCommand(room_id="r1", typing=True))
     assert results[-1].command_result.error.status == "RESOURCE_EXHAUSTED"
+
+
+def test_a_stream_over_budget_for_too_long_ends_1008_once(fake_edge):
+    alice = Stream(fake_edge, "alice/phone")
+    reason = "frame rate exceeded: over MAX_FRAMES_PER_SECOND for 10 s"
+    alice.device.over_budget(reason)
+    alice.device.over_budget(reason)  # the reader says so at every pause until the stream ends
+    assert alice.end == (CloseCode.POLICY, reason)
+    assert edge.CLOSE_STATUS[CloseCode.POLICY] == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_heartbeat_timeout_needs_messages_from_the_device(harness, fake_edge):
@@ -376,7 +386,8 @@ def test_a_flooding_device_is_held_back_until_the_reactor_catches_up():
             for _ in range(200):
                 yield pb.StreamRequest().SerializeToString()
 
-        reader = asyncio.ensure_future(edge.GrpcEdge._read(Edge(), flood(), Device(), stream))
+        budget = InboundBudget(1000, 1 << 20, task.Clock(), 10)  # not what holds it back here
+        reader = asyncio.ensure_future(edge.GrpcEdge._read(Edge(), flood(), Device(), stream, budget))
         for _ in range(10):
             await asyncio.sleep(0)
         first = len(handed)
@@ -394,6 +405,53 @@ def test_a_flooding_device_is_held_back_until_the_reactor_catches_up():
     assert first == edge.MAX_UNHANDLED
     assert second == edge.MAX_UNHANDLED + 10
     assert len(handed) == 200 + 1  # every message, then the half-close
+
+
+def test_a_stream_over_its_budget_is_not_read_until_it_refills_and_ends_1008_if_it_persists():
+    clock = task.Clock()
+    handed = []  # (clock time, what the reactor was asked to do)
+    stream = None
+
+    class Reactor:
+        def callFromThread(self, f, *args):
+            handed.append((clock.seconds(), f.__name__, args))
+            if f.__name__ == "received":
+                stream.push(edge.HANDLED)  # the reactor handles each at once
+
+    class Edge:
+        reactor = Reactor()
+
+        @staticmethod
+        async def sleep(seconds):
+            clock.advance(seconds)
+
+    class Device:
+        def received(self, item):
+            pass
+
+        def over_budget(self, reason):
+            pass
+
+        def half_closed(self):
+            pass
+
+    async def scenario():
+        nonlocal stream
+        stream = edge._Stream(limit=1000)
+
+        async def flood():
+            while clock.seconds() < 3:  # as fast as it can, for 3 s of the budget's clock
+                yield pb.StreamRequest(ack=pb.Ack(event_id="e")).SerializeToString()
+
+        await edge.GrpcEdge._read(Edge(), flood(), Device(), stream, InboundBudget(20, 1 << 20, clock, 2))
+
+    asyncio.run(scenario())
+    received = [at for at, name, _ in handed if name == "received"]
+    assert received[:20] == [0] * 20  # the burst
+    assert 20 + 2 * 29 <= len(received) <= 20 + 2 * 30  # then 2 per tenth of a second: 20 per second
+    ends = [(at, args) for at, name, args in handed if name == "over_budget"]
+    assert ends and 2 <= ends[0][0] <= 2.1
+    assert ends[0][1] == ("frame rate exceeded: over MAX_FRAMES_PER_SECOND for 2 s",)
 
 
 def test_grpc_settings():
