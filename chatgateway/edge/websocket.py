@@ -388,7 +388,14 @@ class DeviceProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             error = close_frame_error(code, reasonRaw)
             if error is None:
-                return super().onCloseFrame(code, reasonRaw)  # answered 1000, then the TCP close
+                handled = super().onCloseFrame(code, reasonRaw)  # answered 1000, then the TCP close
+                # That close waits for our answer to be read; Autobahn's close timer runs only for
+                # closes we start, so a device that never reads would hold the connection forever.
+                self._cancel_close_timer()
+                self._close_timer = self.gateway.clock.callLater(
+                    self.gateway.config.close_timeout_sec, self.transport.abortConnection
+                )
+                return handled
             self._fail_connection(*error)
         elif not (self.state == self.STATE_CLOSING and unsent_bytes(self.transport)):
             return super().onCloseFrame(code, reasonRaw)

@@ -11,6 +11,7 @@ from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.sessions.outbox import ENTRY_OVERHEAD
 
+from support.rawdevice import Device, masked
 from support.wsharness import Harness
 
 
@@ -280,3 +281,20 @@ def test_drain_drops_devices_still_connected_at_its_deadline(h):
     h.advance(5)
     assert d.called
     assert len(h.gateway.registry) == 0
+
+
+# ---------------------------------------------------------------- the close handshake
+
+
+def test_a_device_that_closes_and_never_reads_the_answer_is_dropped_after_close_timeout(h):
+    # A device sends a valid close frame, then reads nothing: our answer (1000) never leaves
+    # the transport's buffer, so the TCP close waits for it. CLOSE_TIMEOUT_SEC bounds that wait.
+    h.core.rooms["alice"] = ["r1"]
+    device = Device(h)
+    device.send(masked(struct.pack("!H", 1000) + b"bye", opcode=0x8))
+    assert device.close == (1000, "")  # answered
+    assert device.transport.disconnecting and not device.transport.disconnected  # waiting for the buffer
+    device.advance(h.config.close_timeout_sec - 0.1)
+    assert not device.transport.disconnected
+    device.advance(0.2)
+    assert device.transport.disconnected  # abortConnection()
