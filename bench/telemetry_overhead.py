@@ -9,8 +9,9 @@ encode once per subprotocol, one WebSocket frame per device).
 
 Two modes, in the same process, on the same sessions:
 
-- off: every telemetry hook the hot path calls is replaced by a no-op (the code as
-  it would be without telemetry, less a function call);
+- off: every telemetry hook the hot path calls (a method of the gateway's
+  GatewayCounts) is replaced by a no-op (the code as it would be without telemetry,
+  less a function call);
 - on:  telemetry configured as twistd configures it (Prometheus reader; with
   --spans, an in-memory span exporter too), and /metrics scraped once per round.
 
@@ -42,7 +43,7 @@ from twisted.internet import task  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
-from chatgateway import config, telemetry  # noqa: E402
+from chatgateway import config  # noqa: E402
 
 from chatgateway.bus import channels
 
@@ -52,6 +53,8 @@ from chatgateway.bus.memory import MemoryBus, MemoryHub  # noqa: E402
 from chatgateway.edge.websocket import DeviceFactory  # noqa: E402
 from chatgateway.sessions.gateway import Gateway  # noqa: E402
 from chatgateway.store.memory import MemoryStore  # noqa: E402
+from chatgateway.telemetry.counts import FANOUT_SAMPLE_EVERY, GatewayCounts  # noqa: E402
+from chatgateway.telemetry.providers import Telemetry  # noqa: E402
 from support.wsharness import FakeCore, FakeVerifier  # noqa: E402
 
 HOOKS = ("received", "sent", "fanned_out", "session_opened", "session_closed", "connection_closing")
@@ -76,7 +79,7 @@ class Discard(StringTransport):
 
 
 class Setup:
-    def __init__(self, devices, room_size):
+    def __init__(self, devices, room_size, counts):
         env = {"JWT_SECRET": "bench", "GATEWAY_ID": "gw-bench", "MAX_EVENTS_PER_SECOND": "1000000"}
         self.config = config.load(env)
         self.clock = task.Clock()
@@ -84,7 +87,8 @@ class Setup:
         self.core = FakeCore()
         self.hub = MemoryHub()
         self.gateway = Gateway(
-            self.config, self.clock, FakeVerifier(self.clock), self.core, MemoryBus(self.hub), MemoryStore(), clock=self.clock
+            self.config, self.clock, FakeVerifier(self.clock), self.core, MemoryBus(self.hub), MemoryStore(), clock=self.clock,
+            counts=counts,
         )
         self.gateway.startService()
         self.factory = DeviceFactory(self.gateway)
@@ -134,25 +138,26 @@ class Setup:
 
 
 class Modes:
-    """Switches the process between telemetry off (hooks are no-ops) and on (configured)."""
+    """Switches the gateway between telemetry off (hooks are no-ops) and on (configured)."""
 
     def __init__(self, spans):
-        self.real = {name: getattr(telemetry, name) for name in HOOKS}
         self.exporter = None
         kwargs = {}
         if spans:
             from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
             self.exporter = kwargs["span_exporter"] = InMemorySpanExporter()
-        self.telemetry = telemetry.configure("gw-bench", environ={}, **kwargs)
+        self.telemetry = Telemetry("gw-bench", environ={}, **kwargs)
+        self.counts = GatewayCounts(self.telemetry.instruments)
+        self.telemetry.observe(self.counts)
 
     def off(self):
         for name in HOOKS:
-            setattr(telemetry, name, _noop)
+            setattr(self.counts, name, _noop)  # shadows the method for every caller
 
     def on(self):
-        for name, hook in self.real.items():
-            setattr(telemetry, name, hook)
+        for name in HOOKS:
+            self.counts.__dict__.pop(name, None)
 
     def scrape(self):
         from prometheus_client import generate_latest
@@ -164,19 +169,19 @@ def _noop(*args, **kwargs):
     return None
 
 
-def hook_cost(room_size):
+def hook_cost(counts, room_size):
     """Microseconds the hot path's telemetry hooks take per fan-out (telemetry configured)."""
     event = pb.ServerEvent(message=pb.RoomEvent(room_id="r"))
-    started = telemetry.clock()
+    started = counts.clock()
     number = 100_000
-    runs = timeit.repeat(lambda: telemetry.fanned_out(event, room_size, started), number=number, repeat=5)
+    runs = timeit.repeat(lambda: counts.fanned_out(event, room_size, started), number=number, repeat=5)
     empty = timeit.repeat(lambda: _noop(event, room_size, started), number=number, repeat=5)
     return max(0.0, (min(runs) - min(empty)) / number * 1e6)
 
 
 def measure(room_size, devices, events, rounds, spans):
     modes = Modes(spans)
-    setup = Setup(devices, room_size)
+    setup = Setup(devices, room_size, modes.counts)
     deliveries = events * room_size
     setup.round(events)  # warm-up: JSON frames cached per event, code paths hot
     times = {"off": [], "on": []}
@@ -197,8 +202,8 @@ def measure(room_size, devices, events, rounds, spans):
         ratios.append(triple["off"] / triple["on"])  # throughput on / throughput off
         calibration.append(triple["off"] / triple["off2"])
     modes.on()
-    hook_us = hook_cost(room_size)
-    telemetry.reset()
+    hook_us = hook_cost(modes.counts, room_size)
+    modes.telemetry.shutdown()
     event_us_off = statistics.median(times["off"]) / events * 1e6
     return {
         "room_size": room_size,
@@ -247,7 +252,7 @@ def main(argv=None):
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "fanout_sample_every": telemetry.FANOUT_SAMPLE_EVERY,
+        "fanout_sample_every": FANOUT_SAMPLE_EVERY,
         "results": results,
     }
     out = Path(args.out)

@@ -27,7 +27,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatgateway import telemetry
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.auth.tokens import TokenVerifier
 from chatgateway.bus import make_bus
@@ -38,7 +37,10 @@ from chatgateway.core.client import CoreClient
 from chatgateway.edge.grpc import GrpcEdge
 from chatgateway.edge.http import build_http_factory
 from chatgateway.sessions.gateway import Gateway
+from chatgateway.telemetry.corecalls import InstrumentedCore
+from chatgateway.telemetry.counts import GatewayCounts
 from chatgateway.telemetry.logs import LogLevelService
+from chatgateway.telemetry.providers import Telemetry, TelemetryService
 from chatgateway.store import make_store
 from chatgateway.workers import BACKLOG, listen_shared
 
@@ -238,10 +240,13 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
     """
     root = _Root()
     LogLevelService(config.log_level, config.log_format, (config.jwt_secret, config.jwt_client_secret)).setServiceParent(root)
-    telemetry.TelemetryService(config, reactor).setServiceParent(root)  # stops last; flushes after the drain
+    telemetry = Telemetry(config.gateway_id)  # the SDK's providers and exporters, per the OTEL_* environment
+    counts = GatewayCounts(telemetry.instruments)  # the one everything below counts into
+    telemetry.observe(counts)
+    TelemetryService(telemetry, reactor).setServiceParent(root)  # stops last; flushes after the drain
     hub = MemoryHub()
-    store = make_store(config, reactor)
-    bus = make_bus(config, reactor, hub)
+    store = make_store(config, reactor, counts)
+    bus = make_bus(config, reactor, hub, counts)
     verifier = TokenVerifier(config, reactor)
 
     _StoreService(store).setServiceParent(root)
@@ -253,7 +258,7 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
     if dev:
         from chatgateway.devcore.service import CoreService
 
-        core_service = CoreService(config, make_bus(config, reactor, hub), reactor, port=0, verifier=verifier)
+        core_service = CoreService(config, make_bus(config, reactor, hub, counts), reactor, port=0, verifier=verifier)
         core_service.setServiceParent(root)
         target = lambda: f"127.0.0.1:{core_service.port}"  # noqa: E731 - known once started
     breaker = CircuitBreaker(reactor, config.core_breaker_failures, config.core_breaker_cooldown_sec)
@@ -267,9 +272,10 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
         target, reactor, config.core_timeout_sec, config.core_threads, config.gateway_id,
         breaker=breaker, service_token=service_token,
     )
-    core = telemetry.instrument_core(core)  # a span and rpc.client.call.duration per call
+    telemetry.observe_core(core)  # its breaker state and calls in flight
+    core = InstrumentedCore(core, counts)  # a span and rpc.client.call.duration per call
     _Lifecycle("core-client", core).setServiceParent(root)
-    gateway = Gateway(config, reactor, verifier, core, bus, store)
+    gateway = Gateway(config, reactor, verifier, core, bus, store, counts=counts)
     gateway.setName("gateway")
     gateway.setServiceParent(root)
     http = _Listener("http", reactor, config.http_port, config.http_interface, shared=shared_ports)
@@ -300,7 +306,7 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
                 audience=config.oauth2_jwt_verify_audience,
                 ttl=24 * 3600,
             )
-    http.factory = build_http_factory(gateway, checks, mint, clock=reactor)
+    http.factory = build_http_factory(gateway, checks, mint, clock=reactor, telemetry=telemetry)
     devices = http.factory.wrappedFactory.devices
     checks["capacity"] = lambda: "full" if devices.full else "up"  # MAX_CONNECTIONS
     http.setServiceParent(root)

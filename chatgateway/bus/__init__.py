@@ -30,12 +30,15 @@ class IEventBus(Interface):
         """Call ``callback()`` when delivery resumes after messages may have been missed."""
 
 
-def make_bus(config, reactor, hub=None):
-    """The bus named by config.events_uri; ``hub`` shares one in-memory bus in a process."""
+def make_bus(config, reactor, hub=None, counts=None):
+    """The bus named by config.events_uri; ``hub`` shares one in-memory bus in a process.
+
+    ``counts``: the GatewayCounts a Redis bus counts its failed commands into.
+    """
     if config.events_uri == "memory://":
         from chatgateway.bus.memory import MemoryBus
 
         return MemoryBus(hub)
     from chatgateway.bus.redis import RedisBus
 
-    return RedisBus(config, reactor)
+    return RedisBus(config, reactor, counts=counts)

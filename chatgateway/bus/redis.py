@@ -65,7 +65,7 @@ def send_batch(protocol, command, channels):
 class RedisBus:
     log = Logger()
 
-    def __init__(self, config, reactor, clock=None, timeout=REDIS_TIMEOUT_SEC):
+    def __init__(self, config, reactor, clock=None, timeout=REDIS_TIMEOUT_SEC, counts=None):
         address = parse_uri(config.events_uri)
         self._reactor = reactor
         self._batch = []  # [command, [(channel, Deferred)]] runs, in the order asked
@@ -83,9 +83,12 @@ class RedisBus:
             clock=clock,
             prepare=self._resubscribe,
             on_message=self._message,
+            counts=counts,
         )
         self.subscriber.on_ready(self._back)
-        self.publisher = RedisConnection(address, reactor, "bus-publisher", charset=None, timeout=timeout, clock=clock)
+        self.publisher = RedisConnection(
+            address, reactor, "bus-publisher", charset=None, timeout=timeout, clock=clock, counts=counts
+        )
 
     @property
     def ready(self):

@@ -1,7 +1,7 @@
 """Calls to the core chat service: the gRPC client, its threads and its circuit breaker.
 
 ICoreClient is what the gateway and the service tree call. Its implementations:
-chatgateway.core.client.CoreClient (gRPC), chatgateway.telemetry.InstrumentedCore
+chatgateway.core.client.CoreClient (gRPC), chatgateway.telemetry.corecalls.InstrumentedCore
 (a CoreClient whose calls are measured) and the tests' fakes.
 """
 

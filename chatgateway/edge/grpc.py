@@ -49,8 +49,6 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatgateway import telemetry
-
 from chatgateway.api import codec
 
 from chatgateway.sessions import forwarding
@@ -125,12 +123,13 @@ HANDLED = _Handled()
 class _Stream:
     """The loop side of one Connect stream: the outbox and its writer. Loop thread only."""
 
-    __slots__ = ("outbox", "queued", "limit", "wake", "end", "abort", "task", "unhandled", "credit")
+    __slots__ = ("outbox", "queued", "limit", "counts", "wake", "end", "abort", "task", "unhandled", "credit")
 
-    def __init__(self, limit):
+    def __init__(self, limit, counts):
         self.outbox = collections.deque()
         self.queued = 0  # bytes in the outbox
         self.limit = limit
+        self.counts = counts  # the gateway's GatewayCounts
         self.wake = asyncio.Event()
         self.end = None  # _End once the gateway closed the stream (after the outbox drains)
         self.abort = None  # _End that ends it at once (slow consumer)
@@ -160,7 +159,7 @@ class _Stream:
             self.end = item
         elif self.outbox and self.queued + len(item) > self.limit:
             self._abort(_End(CloseCode.SLOW_CONSUMER, "slow consumer: more than SEND_BUFFER_BYTES waiting"))
-            telemetry.connection_closing(GrpcDevice, CloseCode.SLOW_CONSUMER)  # loop thread: only it counts 4429s of gRPC
+            self.counts.connection_closing(GrpcDevice, CloseCode.SLOW_CONSUMER)  # loop thread: only it counts 4429s of gRPC
             return
         else:
             self.outbox.append(item)
@@ -225,6 +224,7 @@ class GrpcDevice:
     """The reactor side of one Connect stream: authentication, then a Session's transport."""
 
     log = Logger()
+    transport_name = "grpc"
 
     session = None
 
@@ -368,7 +368,7 @@ class GrpcDevice:
     def close(self, code, reason):
         if not self._closing and not self._gone:
             self._closing = True
-            telemetry.connection_closing(self, code)
+            self.gateway.counts.connection_closing(self, code)
             self._cancel_auth_timer()
             self.edge.handoff.put(self._stream, _End(code, reason))
 
@@ -530,7 +530,7 @@ class GrpcEdge(service.Service):
 
     async def _connect(self, request_iterator, context):
         metadata = _metadata(context)
-        stream = _Stream(self.config.send_buffer_bytes)
+        stream = _Stream(self.config.send_buffer_bytes, self.gateway.counts)
         device = GrpcDevice(self, stream, metadata.get("x-device-id", ""))
         self.reactor.callFromThread(device.start, forwarding.bearer_token(metadata.get("authorization")))
         config = self.config

@@ -8,9 +8,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
-from chatgateway import telemetry
-
 from chatgateway.telemetry import readiness
+from chatgateway.telemetry.exposition import MetricsResource
 from chatgateway.core.client import SERVICE
 from chatgateway.edge.connect import ConnectService
 from chatgateway.edge.limits import ConnectionLimits, Guard
@@ -100,10 +99,13 @@ class _Request(server.Request):
         super().process()
 
 
-def build_http_factory(gateway, checks, mint=None, clock=None):
-    """The factory of HTTP_PORT: the Site behind the per-connection limits."""
+def build_http_factory(gateway, checks, mint=None, clock=None, telemetry=None):
+    """The factory of HTTP_PORT: the Site behind the per-connection limits.
+
+    ``telemetry``: the Telemetry whose metrics /metrics shows (503 without one).
+    """
     config = gateway.config
-    site = build_site(gateway, checks, mint)
+    site = build_site(gateway, checks, mint, telemetry=telemetry)
     return ConnectionLimits(
         EdgeRouter(site, site.devices),
         clock if clock is not None else gateway.clock,
@@ -112,13 +114,13 @@ def build_http_factory(gateway, checks, mint=None, clock=None):
     )
 
 
-def build_site(gateway, checks, mint=None):
+def build_site(gateway, checks, mint=None, telemetry=None):
     root = resource.Resource()
     factory = DeviceFactory(gateway)
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", Readyz(checks))
-    root.putChild(b"metrics", telemetry.MetricsResource())  # Prometheus text format
+    root.putChild(b"metrics", MetricsResource(telemetry))  # Prometheus text format
     root.putChild(SERVICE.encode("ascii"), ConnectService(gateway))  # Connect protocol: POST /chat.v1.ChatService/<Method>
     if mint is not None:
         dev = resource.Resource()

@@ -28,8 +28,6 @@ from autobahn.util import encode_truncate
 from twisted.internet import defer
 from zope.interface import implementer
 
-from chatgateway import telemetry
-
 from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard
@@ -115,6 +113,7 @@ class DeviceProtocol(WebSocketServerProtocol):
     # Autobahn's own logger kind (txaio): its ~14 debug lines per handshake are no-ops
     # below LOG_LEVEL=debug, where a twisted Logger would build and filter each event.
     log = txaio.make_logger()
+    transport_name = "websocket"
 
     # Our state in slots: Autobahn's own attributes alone nearly fill the instance
     # dict's 128 entries once the handshake is forgotten (see _forget_handshake).
@@ -485,7 +484,7 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._closing = None
         self._cancel_close_timer()
         if self.state == self.STATE_OPEN:
-            telemetry.connection_closing(self, code)
+            self.gateway.counts.connection_closing(self, code)
             # sendClose() only takes 1000 and 3000-4999; 1001/1008/1013 are ours to send too.
             self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, MAX_REASON_BYTES), isReply=False)
 

@@ -35,9 +35,9 @@ import txredisapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from chatgateway import telemetry
 from chatgateway.redisconn.protocols import RedisProtocol
 from chatgateway.redisconn.replywatch import JudgedReplyTimeouts
+from chatgateway.telemetry.counts import GatewayCounts
 
 # A Redis that has not answered a command within this many seconds is treated as down.
 REDIS_TIMEOUT_SEC = 2.0
@@ -141,6 +141,7 @@ class RedisConnection:
         prepare=None,
         on_message=None,
         health_interval=HEALTH_CHECK_INTERVAL_SEC,
+        counts=None,
     ):
         self.address = address
         self.reactor = reactor
@@ -162,6 +163,8 @@ class RedisConnection:
         self._health = task.LoopingCall(self._check)
         self._health.clock = self.clock
         self._health_interval = health_interval
+        # Failed commands are counted as dependency errors (the service tree's GatewayCounts; without one, its own).
+        self._counts = counts if counts is not None else GatewayCounts()
 
     @property
     def ready(self):
@@ -226,7 +229,7 @@ class RedisConnection:
             return defer.fail()
 
     def _failed(self, failure):
-        telemetry.dependency_error("redis", failure.type.__name__)
+        self._counts.dependency_error("redis", failure.type.__name__)
         if failure.check(TimeoutError):
             # txredisapi aborts the connection on the next reactor turn; from now on it is not ready.
             self._ready = False
@@ -236,7 +239,7 @@ class RedisConnection:
     def _live(self):
         if not self._ready or self._protocol is None or not self._protocol.connected:
             self.needs_resync = True
-            telemetry.dependency_error("redis", "not_connected")
+            self._counts.dependency_error("redis", "not_connected")
             raise ConnectionError(f"redis {self.name} at {self.address} is not connected")
         return self._protocol
 

@@ -23,8 +23,6 @@ import grpc
 from google.protobuf.message import DecodeError
 from twisted.logger import Logger
 
-from chatgateway import telemetry
-
 from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.sessions.outbox import TYPING, classify
@@ -85,10 +83,11 @@ class _Queued:
 class Fanout:
     log = Logger()
 
-    def __init__(self, registry, on_membership, reactor, max_backlog=MAX_BACKLOG):
+    def __init__(self, registry, on_membership, reactor, counts, max_backlog=MAX_BACKLOG):
         self._registry = registry
         self._on_membership = on_membership
         self._reactor = reactor
+        self._counts = counts  # a GatewayCounts: deliveries are counted per event, not per recipient
         self.max_backlog = max_backlog
         self._queue = collections.deque()  # of _Queued, oldest first
         self._backlog = 0  # deliveries of events owed by the queue (DATA_LOSS notices aside)
@@ -106,7 +105,7 @@ class Fanout:
 
     def receive(self, channel, payload):
         """Bus receiver: deliver one serialized ServerEvent."""
-        started = telemetry.clock()
+        started = self._counts.clock()
         event = pb.ServerEvent()
         try:
             event.ParseFromString(payload)
@@ -139,7 +138,7 @@ class Fanout:
             self._spent += count
             for session in tuple(recipients):
                 session.deliver(encoded)
-            telemetry.fanned_out(encoded.event, count, started)
+            self._counts.fanned_out(encoded.event, count, started)
             return
         self._queue.append(_Queued(encoded, list(recipients), started, droppable))
         self._backlog += count
@@ -164,7 +163,7 @@ class Fanout:
                 self._backlog -= end - start
             if end == len(recipients):
                 queue.popleft()
-                telemetry.fanned_out(encoded.event, len(recipients), item.started, chunked=len(recipients) > CHUNK)
+                self._counts.fanned_out(encoded.event, len(recipients), item.started, chunked=len(recipients) > CHUNK)
             else:
                 item.served = end
         if queue:
@@ -196,7 +195,7 @@ class Fanout:
             self._backlog -= count
             events += 1
             deliveries += count
-            telemetry.fanout_dropped(item.encoded.event, count)
+            self._counts.fanout_dropped(item.encoded.event, count)
             if item.encoded.policy[0] != TYPING:  # typing is ephemeral: nothing to catch up on
                 lost.extend(item.recipients)
             if gap is None:

@@ -15,8 +15,6 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from chatgateway import telemetry
-
 from chatgateway.bus import channels
 
 from chatgateway.api import codec
@@ -26,6 +24,7 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.sessions.fanout import Fanout
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries
+from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
 MEMBERSHIP_PAGE = 500
@@ -46,7 +45,7 @@ RECONNECT_SPREAD_SEC = 5.0
 class Gateway(service.Service):
     log = Logger()
 
-    def __init__(self, config, reactor, verifier, core, bus, store, clock=None):
+    def __init__(self, config, reactor, verifier, core, bus, store, clock=None, counts=None):
         self.config = config
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
@@ -54,9 +53,11 @@ class Gateway(service.Service):
         self.core = core
         self.bus = bus
         self.store = store
+        # What the sessions, the fan-out and the edges count (the service tree's; without one, its own).
+        self.counts = counts if counts is not None else GatewayCounts()
         self.registry = ConnectionRegistry(bus, store, config.max_connections_per_device, self._quietly)
         self.token_expiries = TokenExpiries(self.clock)  # one timer for every session's token
-        self.fanout = Fanout(self.registry, self.apply_membership, reactor)
+        self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts)
         self.addresses = []  # where devices reach this instance (set by the service tree)
         self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
@@ -170,7 +171,7 @@ class Gateway(service.Service):
         # The local limit holds at once; the store then enforces it across gateways.
         for older in self.registry.add(session):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
-        telemetry.session_opened(session)
+        self.counts.session_opened(session)
         session.send(session.connected_event())
         self._register(session)
         if self.draining:
@@ -186,7 +187,7 @@ class Gateway(service.Service):
 
     def session_closed(self, session):
         self.registry.remove(session)
-        telemetry.session_closed(session)
+        self.counts.session_closed(session)
         self._quietly(
             self.store.release_device(session.profile_id, session.device_id, self.config.gateway_id, session.id),
             "releasing a device",

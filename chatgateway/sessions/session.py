@@ -12,9 +12,7 @@ import uuid
 import grpc
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import Interface
-
-from chatgateway import telemetry
+from zope.interface import Attribute, Interface
 
 from chatgateway.bus import channels
 
@@ -41,6 +39,8 @@ class CloseCode:
 
 
 class ISessionTransport(Interface):
+    transport_name = Attribute('What carries the session, as telemetry reports it: "websocket", "grpc".')
+
     def send_event(event):
         """Send one ServerEvent to this device only."""
 
@@ -255,7 +255,7 @@ class Session:
     def send(self, event):
         if not self.closed:
             self.transport.send_event(codec.stamp(event, self.gateway.clock.seconds()))
-            telemetry.sent(event)
+            self.gateway.counts.sent(event)
 
     def deliver(self, encoded):
         if not self.closed:
@@ -277,7 +277,7 @@ class Session:
 
     def handle(self, request):
         """One StreamRequest from the device."""
-        telemetry.received(request)
+        self.gateway.counts.received(request)
         if request.auth_token:
             self._refresh_token(request.auth_token)
         which = request.WhichOneof("payload")
@@ -318,7 +318,7 @@ class Session:
             rate = self.gateway.config.max_events_per_second
             self._bucket = TokenBucket(rate, rate, self.gateway.clock)
         if not self._bucket.take():
-            telemetry.rate_limited()
+            self.gateway.counts.rate_limited()
             self.reply(request_id, error_detail(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded"))
             return
         which = command.WhichOneof("command")

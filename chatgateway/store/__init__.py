@@ -154,12 +154,12 @@ class IConnectionStore(Interface):
         """Remove this instance's entry and disconnect. Returns a Deferred."""
 
 
-def make_store(config, reactor):
-    """The store named by config.cache_uri."""
+def make_store(config, reactor, counts=None):
+    """The store named by config.cache_uri; ``counts``: the GatewayCounts a Redis store counts its failed commands into."""
     if config.cache_uri == "memory://":
         from chatgateway.store.memory import MemoryStore
 
         return MemoryStore()
     from chatgateway.store.redis import RedisStore
 
-    return RedisStore(config, reactor)
+    return RedisStore(config, reactor, counts=counts)

@@ -250,7 +250,7 @@ return 1
 class RedisStore:
     log = Logger()
 
-    def __init__(self, config, reactor, clock=None, timeout=REDIS_TIMEOUT_SEC, instance_ttl_sec=None):
+    def __init__(self, config, reactor, clock=None, timeout=REDIS_TIMEOUT_SEC, instance_ttl_sec=None, counts=None):
         self.config = config
         self.conn_ttl = max(1, math.ceil(2 * config.connection_timeout_sec))
         self.instance_ttl = instance_ttl_sec or max(10, math.ceil(3 * config.heartbeat_interval_sec))
@@ -261,7 +261,9 @@ class RedisStore:
         self._rewrite_next = True
         self._own = {config.gateway_id}
         self._reconnect_callbacks = []
-        self.redis = RedisConnection(parse_uri(config.cache_uri), reactor, "store", timeout=timeout, clock=clock)
+        self.redis = RedisConnection(
+            parse_uri(config.cache_uri), reactor, "store", timeout=timeout, clock=clock, counts=counts
+        )
         self.redis.on_ready(self._back)
 
     @property

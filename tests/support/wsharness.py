@@ -195,9 +195,12 @@ class Connection:
 
 
 class Harness:
-    """One gateway; ``peer()`` makes another sharing the bus, store, core and clock."""
+    """One gateway; ``peer()`` makes another sharing the bus, store, core and clock.
 
-    def __init__(self, _shared=None, **settings):
+    ``counts``: the GatewayCounts the gateway counts into (its own when not given).
+    """
+
+    def __init__(self, _shared=None, counts=None, **settings):
         env = {"JWT_SECRET": "unit-test-secret", "GATEWAY_ID": "gw-test"}
         env.update({k: str(v) for k, v in settings.items()})
         self.config = config.load(env)
@@ -208,7 +211,8 @@ class Harness:
         self._shared = _shared
         self.clock, self.core, self.hub, self.store = _shared
         self.gateway = Gateway(
-            self.config, self.clock, FakeVerifier(self.clock), self.core, MemoryBus(self.hub), self.store, clock=self.clock
+            self.config, self.clock, FakeVerifier(self.clock), self.core, MemoryBus(self.hub), self.store, clock=self.clock,
+            counts=counts,
         )
         self.gateway.startService()
         self.factory = DeviceFactory(self.gateway)
@@ -244,9 +248,9 @@ class Harness:
         self.connections.append(connection)
         return connection
 
-    def peer(self, gateway_id, **settings):
-        """A second gateway instance on the same bus, store and core."""
-        return Harness(self._shared, GATEWAY_ID=gateway_id, **settings)
+    def peer(self, gateway_id, counts=None, **settings):
+        """A second gateway instance on the same bus, store and core (with its own counts)."""
+        return Harness(self._shared, counts, GATEWAY_ID=gateway_id, **settings)
 
     def flush(self):
         for connection in self.connections:

@@ -19,8 +19,9 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from chatgateway import config, telemetry
+from chatgateway import config
 from chatgateway.tap import Options
+from chatgateway.telemetry import names
 from support.processes import REPO_ROOT
 
 KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
@@ -173,8 +174,8 @@ def test_service_ingress_hpa_and_pdb_select_the_gateway():
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat-gateway"}
     assert hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"]
     metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
-    # the custom metric is the gateway's own Prometheus series (telemetry.ACTIVE_CONNECTIONS)
-    assert metrics["Pods"]["pods"]["metric"]["name"] == telemetry.ACTIVE_CONNECTIONS.replace(".", "_")
+    # the custom metric is the gateway's own Prometheus series (names.ACTIVE_CONNECTIONS)
+    assert metrics["Pods"]["pods"]["metric"]["name"] == names.ACTIVE_CONNECTIONS.replace(".", "_")
     assert metrics["Resource"]["resource"]["name"] == "cpu"
     assert int(metrics["Pods"]["pods"]["target"]["averageValue"]) < config.load({**environment}).max_connections
 

@@ -6,18 +6,16 @@ one reactor turn at a time, so the pump's chunks can be seen.
 """
 
 import grpc
-import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import Logger
-
-from chatgateway import telemetry
 
 from chatgateway.bus import channels
 
 from chatgateway.sessions import fanout
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.sessions.fanout import CHUNK, Fanout
+from chatgateway.telemetry.counts import GatewayCounts
 from support.wsharness import Harness
 
 LOSS = "DATA_LOSS"
@@ -89,14 +87,15 @@ class FakeRegistry:
 
 
 class World:
-    """A Fanout on a Clock, with rooms of fake sessions."""
+    """A Fanout on a Clock, with rooms of fake sessions; it counts into ``counts``."""
 
-    def __init__(self, max_backlog=fanout.MAX_BACKLOG):
+    def __init__(self, max_backlog=fanout.MAX_BACKLOG, counts=None):
         self.clock = TurnReactor()
         self.registry = FakeRegistry()
         self.memberships = []
         self.logged = []
-        self.fanout = Fanout(self.registry, self.memberships.append, self.clock, max_backlog=max_backlog)
+        self.counts = counts if counts is not None else GatewayCounts()
+        self.fanout = Fanout(self.registry, self.memberships.append, self.clock, self.counts, max_backlog=max_backlog)
         self.fanout.log = Logger(observer=self.logged.append)
 
     def room(self, room_id, size):
@@ -127,14 +126,6 @@ class World:
 
     def warnings(self):
         return [e for e in self.logged if e["log_level"].name == "warn"]
-
-
-@pytest.fixture(autouse=True)
-def zero_drop_counts():
-    telemetry._dropped.clear()
-    yield
-    telemetry.reset()
-    telemetry._dropped.clear()
 
 
 def got(sessions):
@@ -178,7 +169,7 @@ def test_the_oldest_events_are_dropped_the_one_in_progress_finishes_and_order_ho
     w.message("r", "e5")  # e3 goes; the notice does not grow (its devices are told already)
     w.settle()
     assert got(room) == ["e1", LOSS, "e4", "e5"]
-    assert telemetry._dropped["message"] == 2000
+    assert w.counts.dropped_counts()["message"] == 2000
     assert w.fanout.backlog == 0
 
 
@@ -230,7 +221,7 @@ def test_typing_is_dropped_without_a_notice():
     w.message("r", "m5")  # drops t1: ephemeral, nothing to tell
     w.settle()
     assert got(room) == ["m0", "m1", "m2", "m3", "m4", "m5"]
-    assert telemetry._dropped["typing_event"] == 100
+    assert w.counts.dropped_counts()["typing_event"] == 100
 
 
 def test_a_single_fanout_larger_than_the_bound_still_goes_out():
@@ -239,7 +230,7 @@ def test_a_single_fanout_larger_than_the_bound_still_goes_out():
     w.message("huge", "only")
     w.settle()
     assert got(room) == ["only"]
-    assert telemetry._dropped["message"] == 0
+    assert w.counts.dropped_counts()["message"] == 0
 
 
 def test_membership_changes_are_applied_and_profile_events_kept_under_overload():
@@ -259,9 +250,9 @@ def test_membership_changes_are_applied_and_profile_events_kept_under_overload()
     assert got(room) == ["m0", LOSS, "m2"]
 
 
-def test_drops_are_counted_and_logged_at_most_every_few_seconds():
-    t = telemetry.configure("gw-test", environ={})
-    w = World(max_backlog=250)
+def test_drops_are_counted_and_logged_at_most_every_few_seconds(telemetry_counts):
+    t, counts = telemetry_counts()
+    w = World(max_backlog=250, counts=counts)
     w.room("r", 250)
     for n in range(60):
         w.message("r", f"m{n}")  # m0, m1 at once; from m3 on, each drops the one before

@@ -17,6 +17,7 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.edge import grpc as edge
 from chatgateway.sessions.ratelimit import InboundBudget
 from chatgateway.sessions.session import CloseCode, ISessionTransport
+from chatgateway.telemetry.counts import GatewayCounts
 from support.wsharness import Harness
 
 
@@ -276,7 +277,7 @@ class FakeContext:
 
 def test_stream_writes_in_order_then_ends():
     async def scenario():
-        stream = edge._Stream(limit=1000)
+        stream = edge._Stream(limit=1000, counts=GatewayCounts())
         context = FakeContext()
         writer = asyncio.ensure_future(stream.write_all(context))
         stream.push(b"a")
@@ -298,7 +299,7 @@ def test_a_slow_consumer_is_ended_when_its_outbox_is_full():
 
         async def serve():
             nonlocal stream
-            stream = edge._Stream(limit=100)  # owned by this task, as by a Connect handler
+            stream = edge._Stream(limit=100, counts=GatewayCounts())  # owned by this task, as by a Connect handler
             return await stream.write_all(context)
 
         writer = asyncio.ensure_future(serve())
@@ -319,7 +320,7 @@ def test_a_slow_consumer_is_ended_when_its_outbox_is_full():
 
 def test_one_event_larger_than_the_bound_still_goes_when_nothing_waits():
     async def scenario():
-        stream = edge._Stream(limit=10)
+        stream = edge._Stream(limit=10, counts=GatewayCounts())
         context = FakeContext()
         writer = asyncio.ensure_future(stream.write_all(context))
         stream.push(b"z" * 50)
@@ -380,7 +381,7 @@ def test_a_flooding_device_is_held_back_until_the_reactor_catches_up():
             pass
 
     async def scenario():
-        stream = edge._Stream(limit=1000)
+        stream = edge._Stream(limit=1000, counts=GatewayCounts())
 
         async def flood():
             for _ in range(200):
@@ -437,7 +438,7 @@ def test_a_stream_over_its_budget_is_not_read_until_it_refills_and_ends_1008_if_
 
     async def scenario():
         nonlocal stream
-        stream = edge._Stream(limit=1000)
+        stream = edge._Stream(limit=1000, counts=GatewayCounts())
 
         async def flood():
             while clock.seconds() < 3:  # as fast as it can, for 3 s of the budget's clock
@@ -479,7 +480,7 @@ def test_abort_ends_at_once_dropping_the_outbox():
 
         async def serve():
             nonlocal stream
-            stream = edge._Stream(limit=1000)
+            stream = edge._Stream(limit=1000, counts=GatewayCounts())
             return await stream.write_all(context)
 
         writer = asyncio.ensure_future(serve())

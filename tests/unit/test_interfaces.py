@@ -18,7 +18,8 @@ from chatgateway.auth import ITokenVerifier
 from chatgateway.auth.tokens import TokenVerifier
 from chatgateway.core import ICoreClient
 from chatgateway.core.client import CoreClient
-from chatgateway.telemetry import InstrumentedCore
+from chatgateway.telemetry.corecalls import InstrumentedCore
+from chatgateway.telemetry.counts import GatewayCounts
 from support.wsharness import FakeCore, FakeVerifier, RecordingCore, SlowVerifier
 
 
@@ -28,8 +29,8 @@ def core_client():
 
 CORE_CLIENTS = {
     "CoreClient": core_client,
-    "InstrumentedCore around a CoreClient": lambda: InstrumentedCore(core_client()),
-    "InstrumentedCore around a FakeCore": lambda: InstrumentedCore(FakeCore()),
+    "InstrumentedCore around a CoreClient": lambda: InstrumentedCore(core_client(), GatewayCounts()),
+    "InstrumentedCore around a FakeCore": lambda: InstrumentedCore(FakeCore(), GatewayCounts()),
     "support.wsharness.FakeCore": FakeCore,
     "support.wsharness.RecordingCore": RecordingCore,
 }

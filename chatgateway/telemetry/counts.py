@@ -1,0 +1,160 @@
+"""What the gateway counts where things happen: ``GatewayCounts``.
+
+The service tree builds one and hands it to what records into it (the Gateway and,
+through it, every Session, the Fanout and the edges; the Redis connections; the
+instrumented core); ``Telemetry.observe`` makes the observable instruments read it.
+
+Cost. A synchronous SDK measurement costs about 8 us on the development machine
+(attribute hashing, locks), more than delivering an event to a WebSocket. So counts
+are kept as plain integers on the reactor thread where they happen (one dict
+update) and handed to the SDK by observable instruments when metrics are
+collected; synchronous SDK calls happen once per connection or per call to the
+core, never per delivered event. The fan-out latency histogram is recorded for one
+fan-out in ``fanout_sample_every`` (and for every chunked one): see ``fanned_out``.
+``bench/telemetry_overhead.py`` measures what is left.
+"""
+
+import collections
+import time
+
+from chatgateway.api import chat_pb2 as pb
+from chatgateway.telemetry.connections import ConnectionSpans
+from chatgateway.telemetry.instruments import Instruments
+
+# The ``transport_name`` of the session transports of chatgateway.edge: their series exist from the start.
+TRANSPORTS = ("websocket", "grpc")
+# One fan-out in this many is timed into the fan-out duration histogram (chunked ones always are).
+FANOUT_SAMPLE_EVERY = 128
+
+
+def transport_name(transport):
+    """The ``transport_name`` a session transport (or its class) declares; "other" when it declares none."""
+    return getattr(transport, "transport_name", "other")
+
+
+def _kinds(*names):
+    return {name: 0 for name in names}
+
+
+class GatewayCounts:
+    """The gateway's counts, and the synchronous measurements that go with them.
+
+    ``instruments`` (chatgateway.telemetry.instruments) are the histograms and the
+    tracer of the process's Telemetry; without them nothing but the counts is kept.
+    ``clock`` is the latency clock: monotonic, independent of the reactor's (possibly
+    fake) clock. The ``*_counts`` methods are the readings: copies, safe to take from
+    the thread that collects metrics.
+    """
+
+    def __init__(
+        self, instruments=None, clock=time.perf_counter, wall_clock_ns=time.time_ns,
+        fanout_sample_every=FANOUT_SAMPLE_EVERY,
+    ):
+        self.instruments = instruments if instruments is not None else Instruments.unconfigured()
+        self.clock = clock
+        self.fanout_sample_every = fanout_sample_every
+        self._connections = ConnectionSpans(self.instruments, clock, wall_clock_ns)
+        # Pre-filled so every series exists from the start.
+        self._received = _kinds(
+            *(f.name for f in pb.ClientCommand.DESCRIPTOR.oneofs_by_name["command"].fields), "ack", "auth", "empty", "other"
+        )
+        # A defaultdict: a payload kind added to the proto later counts without a change here
+        # (None, no payload, is reported as "other"); dict.copy() of it is atomic under the GIL.
+        self._sent = collections.defaultdict(
+            int, _kinds(*(f.name for f in pb.ServerEvent.DESCRIPTOR.oneofs_by_name["payload"].fields))
+        )
+        self._active = collections.defaultdict(int, _kinds(*TRANSPORTS, "other"))
+        self._closes = collections.defaultdict(int)  # (transport, code) -> count; new keys are rare
+        self._rate_limited = 0
+        self._dependency_errors = collections.defaultdict(int)  # (dependency, error type) -> count
+        self._fanouts = 0
+        self._dropped = collections.defaultdict(int, _kinds("message"))  # payload kind -> deliveries shed
+
+    # ------------------------------------------------------------ what happens (reactor thread)
+
+    def received(self, request):
+        """A StreamRequest from a device (Session.handle)."""
+        kind = request.WhichOneof("payload")
+        if kind == "command":
+            kind = request.command.WhichOneof("command")
+        elif kind is None:
+            kind = "auth" if request.auth_token else "empty"
+        if kind in self._received:
+            self._received[kind] += 1
+        else:
+            self._received["other"] += 1
+
+    def sent(self, event, count=1):
+        """``count`` deliveries of a ServerEvent (Session.send: one; a fan-out: its recipients)."""
+        self._sent[event.WhichOneof("payload")] += count
+
+    def fanned_out(self, event, recipients, started, chunked=False):
+        """A fan-out ended: ``recipients`` deliveries of ``event``, begun at ``started`` (``clock()``).
+
+        Counted every time; timed for one in ``fanout_sample_every``, and for every
+        chunked one (spread over reactor turns: the ones worth seeing). Sampling keeps
+        the SDK's per-measurement cost off the per-event path; the histogram's
+        quantiles stay right, its count is not the number of fan-outs (the sent
+        messages count).
+        """
+        self._sent[event.WhichOneof("payload")] += recipients
+        count = self._fanouts = self._fanouts + 1
+        if (chunked or not count % self.fanout_sample_every) and started is not None:
+            self.instruments.fanout_duration.record(self.clock() - started)
+
+    def fanout_dropped(self, event, recipients):
+        """An overloaded fan-out dropped ``event`` before delivering it to ``recipients`` devices."""
+        self._dropped[event.WhichOneof("payload")] += recipients
+
+    def connection_closing(self, transport, code):
+        """The gateway closes a device's connection with ``code`` (a close code of docs/protocol.md)."""
+        self._closes[(transport_name(transport), int(code))] += 1
+
+    def rate_limited(self):
+        """A command refused by the per-connection rate limit."""
+        self._rate_limited += 1
+
+    def dependency_error(self, dependency, error_type):
+        """A failed operation on a dependency: "redis" or "core"; ``error_type`` is short and bounded."""
+        self._dependency_errors[(dependency, str(error_type))] += 1
+
+    def session_opened(self, session):
+        """A device's session is registered (Gateway.open_session)."""
+        self._active[transport_name(session.transport)] += 1
+        self._connections.opened(session)
+
+    def session_closed(self, session):
+        """A device's session is gone (Gateway.session_closed)."""
+        transport = transport_name(session.transport)
+        if self._connections.closed(session, transport):
+            self._active[transport] -= 1
+
+    # ------------------------------------------------------------ readings (any thread)
+
+    def received_counts(self):
+        """{kind: messages received}: a command's kind, "ack", "auth", "empty" or "other"."""
+        return self._received.copy()
+
+    def sent_counts(self):
+        """{ServerEvent payload kind (None: none): deliveries}."""
+        return self._sent.copy()
+
+    def active_counts(self):
+        """{transport: sessions open now}."""
+        return self._active.copy()
+
+    def close_counts(self):
+        """{(transport, close code): connections the gateway closed}."""
+        return self._closes.copy()
+
+    def dropped_counts(self):
+        """{payload kind: deliveries an overloaded fan-out dropped}."""
+        return self._dropped.copy()
+
+    def dependency_error_counts(self):
+        """{(dependency, error type): failed operations}."""
+        return self._dependency_errors.copy()
+
+    def rate_limited_count(self):
+        """Commands refused by the rate limit."""
+        return self._rate_limited

@@ -1,0 +1,148 @@
+"""The instruments: histograms and a tracer to record into, and the observable ones that read counts.
+
+``Instruments`` holds what is recorded synchronously (three histograms, the tracer);
+``Instruments.unconfigured()`` records nothing, for a process or a test without
+telemetry. ``observe_counts`` and ``observe_core`` create the observable instruments,
+whose callbacks read a GatewayCounts and the core client when metrics are collected.
+"""
+
+from opentelemetry import trace
+from opentelemetry.metrics import NoOpMeter, Observation
+
+from chatgateway.telemetry.names import (
+    ACTIVE_CONNECTIONS,
+    BREAKER_STATE,
+    CLOSE_CODE,
+    CONNECTION_CLOSES,
+    CONNECTION_DURATION,
+    CORE_CALLS_IN_FLIGHT,
+    DEPENDENCY,
+    DEPENDENCY_ERRORS,
+    ERROR_TYPE,
+    FANOUT_DROPPED,
+    FANOUT_DURATION,
+    MESSAGE_KIND,
+    RATE_LIMITED,
+    RECEIVED_MESSAGES,
+    RPC_CLIENT_CALL_DURATION,
+    SCOPE,
+    SENT_MESSAGES,
+    STATE,
+    TRANSPORT,
+)
+
+# Seconds; fan-out runs from microseconds (one device) to a second (a huge room, chunked).
+FANOUT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+CONNECTION_BUCKETS = (1, 5, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400)
+RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+BREAKER_STATES = ("closed", "open", "half-open")
+
+
+class Instruments:
+    """The histograms of one meter, and the tracer spans are made with (``tracing``: a real one)."""
+
+    def __init__(self, meter, tracer=None):
+        self.tracing = tracer is not None
+        self.tracer = tracer if tracer is not None else trace.NoOpTracer()
+        self.fanout_duration = meter.create_histogram(
+            FANOUT_DURATION,
+            unit="s",
+            description="From a bus message's receipt to its last write to a device (sampled; see the docs).",
+            explicit_bucket_boundaries_advisory=FANOUT_BUCKETS,
+        )
+        self.connection_duration = meter.create_histogram(
+            CONNECTION_DURATION,
+            unit="s",
+            description="How long device connections lasted.",
+            explicit_bucket_boundaries_advisory=CONNECTION_BUCKETS,
+        )
+        self.rpc_duration = meter.create_histogram(
+            RPC_CLIENT_CALL_DURATION,
+            unit="s",
+            description="Calls to the core chat service, by method and gRPC status.",
+            explicit_bucket_boundaries_advisory=RPC_BUCKETS,
+        )
+
+    @classmethod
+    def unconfigured(cls):
+        """Instruments that record nothing and trace nothing."""
+        return cls(NoOpMeter(SCOPE))
+
+
+def observe_counts(meter, counts):
+    """Observable instruments on ``meter`` reading the GatewayCounts ``counts`` at each collection."""
+
+    def rate_limited(options):
+        return [Observation(counts.rate_limited_count())]
+
+    for create, name, callback, unit, description in (
+        (meter.create_observable_up_down_counter, ACTIVE_CONNECTIONS, _by_name(counts.active_counts, TRANSPORT),
+         "{connection}", "Device connections open now, by transport."),
+        (meter.create_observable_counter, RECEIVED_MESSAGES, _by_name(counts.received_counts, MESSAGE_KIND),
+         "{message}", "Messages received from devices, by kind (command kind, ack, auth, empty)."),
+        (meter.create_observable_counter, SENT_MESSAGES, _by_name(counts.sent_counts, MESSAGE_KIND),
+         "{message}", "Messages sent to devices, by kind (ServerEvent payload)."),
+        (meter.create_observable_counter, CONNECTION_CLOSES, _by_pair(counts.close_counts, TRANSPORT, CLOSE_CODE),
+         "{connection}",
+         "Connections the gateway closed, by transport and close code (4429 slow consumer, 1008 policy...)."),
+        (meter.create_observable_counter, FANOUT_DROPPED, _by_name(counts.dropped_counts, MESSAGE_KIND),
+         "{message}",
+         "Deliveries dropped because the fan-out backlog was over its bound (chatgateway.sessions.fanout.MAX_BACKLOG)."),
+        (meter.create_observable_counter, RATE_LIMITED, rate_limited,
+         "{command}", "Commands refused by the per-connection rate limit (MAX_EVENTS_PER_SECOND)."),
+        (meter.create_observable_counter, DEPENDENCY_ERRORS,
+         _by_pair(counts.dependency_error_counts, DEPENDENCY, ERROR_TYPE),
+         "{error}", "Failed operations on Redis and transport failures of the core."),
+    ):
+        create(name, [callback], unit=unit, description=description)
+
+
+def observe_core(meter, core):
+    """Observable instruments on ``meter`` reading the core client's breaker state and calls in flight."""
+    states = {name: {STATE: name} for name in BREAKER_STATES}
+
+    def breaker_state(options):
+        breaker = getattr(core, "breaker", None)
+        if breaker is None:
+            return []
+        state = breaker.state
+        return [Observation(1 if name == state else 0, attributes) for name, attributes in states.items()]
+
+    meter.create_observable_gauge(
+        BREAKER_STATE,
+        [breaker_state],
+        unit="1",
+        description="State of the circuit breaker of the calls to the core: 1 for the current state.",
+    )
+    meter.create_observable_up_down_counter(
+        CORE_CALLS_IN_FLIGHT,
+        [lambda options: [Observation(core.in_flight)]],
+        unit="{call}",
+        description="Calls to the core in flight (running or waiting for a thread).",
+    )
+
+
+def _by_name(reading, key):
+    """A callback observing each ``name: value`` of ``reading()`` with the attribute ``key: name``."""
+    attributes = {}  # name -> {key: name}, made once per name
+
+    def callback(options):
+        observations = []
+        for name, value in reading().items():
+            name = name or "other"
+            labels = attributes.get(name)
+            if labels is None:
+                labels = attributes[name] = {key: name}
+            observations.append(Observation(value, labels))
+        return observations
+
+    return callback
+
+
+def _by_pair(reading, first, second):
+    """A callback observing each ``(a, b): value`` of ``reading()`` with the attributes ``first: a, second: b``."""
+
+    def callback(options):
+        return [Observation(value, {first: a, second: b}) for (a, b), value in reading().items()]
+
+    return callback
