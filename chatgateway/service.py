@@ -36,6 +36,7 @@ from chatgateway.auth.clientcredentials import ClientCredentials
 from chatgateway.core.client import CoreClient
 from chatgateway.edge.grpc import GrpcEdge
 from chatgateway.edge.http import build_http_factory
+from chatgateway.edge.websocket import DeviceFactory
 from chatgateway.sessions.gateway import Gateway
 from chatgateway.telemetry.corecalls import InstrumentedCore
 from chatgateway.telemetry.counts import GatewayCounts
@@ -306,8 +307,8 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
                 audience=config.oauth2_jwt_verify_audience,
                 ttl=24 * 3600,
             )
-    http.factory = build_http_factory(gateway, checks, mint, clock=reactor, telemetry=telemetry)
-    devices = http.factory.wrappedFactory.devices
+    devices = DeviceFactory(gateway)  # /ws
+    http.factory = build_http_factory(gateway, checks, mint, clock=reactor, devices=devices, telemetry=telemetry)
     checks["capacity"] = lambda: "full" if devices.full else "up"  # MAX_CONNECTIONS
     http.setServiceParent(root)
     grpc_edge = GrpcEdge(gateway, reactor, config.grpc_port, config.grpc_interface, checks)

@@ -99,13 +99,14 @@ class _Request(server.Request):
         super().process()
 
 
-def build_http_factory(gateway, checks, mint=None, clock=None, telemetry=None):
+def build_http_factory(gateway, checks, mint=None, clock=None, devices=None, telemetry=None):
     """The factory of HTTP_PORT: the Site behind the per-connection limits.
 
-    ``telemetry``: the Telemetry whose metrics /metrics shows (503 without one).
+    ``devices``: the DeviceFactory of /ws (made here when not given); ``telemetry``: the
+    Telemetry whose metrics /metrics shows (503 without one).
     """
     config = gateway.config
-    site = build_site(gateway, checks, mint, telemetry=telemetry)
+    site = build_site(gateway, checks, mint, devices, telemetry)
     return ConnectionLimits(
         EdgeRouter(site, site.devices),
         clock if clock is not None else gateway.clock,
@@ -114,9 +115,9 @@ def build_http_factory(gateway, checks, mint=None, clock=None, telemetry=None):
     )
 
 
-def build_site(gateway, checks, mint=None, telemetry=None):
+def build_site(gateway, checks, mint=None, devices=None, telemetry=None):
     root = resource.Resource()
-    factory = DeviceFactory(gateway)
+    factory = devices if devices is not None else DeviceFactory(gateway)
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", Readyz(checks))
