@@ -54,9 +54,19 @@ def _request_id(document):
     command = document.get("command")
     if isinstance(command, dict):
         value = command.get("requestId", command.get("request_id", ""))
-        if isinstance(value, str):
+        if isinstance(value, str) and _encodable(value):
             return value
     return ""
+
+
+def _encodable(text):
+    """False for a str holding a lone surrogate ("\\udc00" in JSON is valid UTF-8 on the wire):
+    echoed back in an answer, no encoder would take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_event(event, subprotocol):

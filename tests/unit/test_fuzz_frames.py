@@ -10,6 +10,8 @@ answered with its requestId; and a bystander in the same room is unaffected.
 
 import json
 
+import pytest
+
 from google.protobuf import any_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -211,6 +213,35 @@ def test_no_frame_crashes_the_session_or_disturbs_others(data, subprotocol):
         assert bystander.of("message")[-1].message.id == "after"
         if victim.closed is None and "r1" in victim.server.session.rooms:  # it may have unsubscribed
             assert victim.of("message")[-1].message.id == "after"
+        assert failures.events == []
+    finally:
+        globalLogPublisher.removeObserver(failures)
+        h.stop()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        rb'{"command": {"requestId": "\udc00", "typing": {"roomId": "r1", "typing": true}}}',
+        rb'{"command": {"requestId": "q1", "typing": {"roomId": "\ud800x", "typing": true}}}',
+        rb'{"ack": {"eventId": "\uDFFF"}}',
+    ],
+)
+def test_a_lone_surrogate_escape_is_answered_not_a_crash(frame):
+    # Valid UTF-8 on the wire, but "\udc00" decodes to a str no encoder takes: hypothesis found
+    # that echoing such a requestId crashed the frame's handling inside Autobahn.
+    failures = _Failures()
+    globalLogPublisher.addObserver(failures)
+    h = Harness()
+    try:
+        h.core.rooms["alice"] = ["r1"]
+        device = h.connect("alice")
+        device.send_raw(frame, False)
+        assert device.closed is None
+        errors = [e.error for e in device.of("error")] + [e.command_result.error for e in device.of("command_result")]
+        assert len(errors) == 1 and "surrogate" in errors[0].message, errors
+        device.command(request_id="after", typing=pb.TypingCommand(room_id="r1", typing=True))
+        assert "after" in [e.command_result.request_id for e in device.of("command_result")]
         assert failures.events == []
     finally:
         globalLogPublisher.removeObserver(failures)
