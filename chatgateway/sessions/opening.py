@@ -129,10 +129,10 @@ class Opening:
             self._open(self._fallback_device)
         elif token:
             self._state, self._pending = OPENING, []
-            self._timer = self._auth_timer()
+            self._arm_timer()
             self._sign_in(token, self._fallback_device)
         else:
-            self._timer = self._auth_timer()
+            self._arm_timer()
 
     def receive(self, request):
         """A StreamRequest that arrived before the session opened."""
@@ -156,22 +156,28 @@ class Opening:
 
     def gone(self):
         """The device closed or went away: no session is opened for it."""
+        self._finish()
+
+    # ------------------------------------------------------------ signing in
+
+    def _finish(self):
+        """Nothing more to sign in: forget the token and what waited, stop the timer."""
         self._state = DONE
         self._pending = self._claims = self._token = None
+        self._cancel_timer()
+
+    def _arm_timer(self):
+        self._timer = self._gateway.clock.callLater(
+            self._gateway.config.auth_timeout_sec, self._close, CloseCode.UNAUTHENTICATED, self._reasons.timeout
+        )
+
+    def _cancel_timer(self):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    # ------------------------------------------------------------ signing in
-
-    def _auth_timer(self):
-        config = self._gateway.config
-        return self._gateway.clock.callLater(
-            config.auth_timeout_sec, self._close, CloseCode.UNAUTHENTICATED, self._reasons.timeout
-        )
-
     def _close(self, code, reason):
-        self.gone()
+        self._finish()
         self._transport.close(code, reason)
 
     def _verify(self, token):
@@ -191,9 +197,7 @@ class Opening:
             self._open(device_id)
 
     def _open(self, device_id):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()  # a token is verified in time
-        self._timer = None
+        self._cancel_timer()  # a token is verified in time
         claims, token = self._claims, self._token
         device_id = claims.device_id or device_id or "default"
         d = defer.Deferred.fromCoroutine(
@@ -211,10 +215,10 @@ class Opening:
             session.closed_by_transport()  # gone while the session was being registered
             return
         pending = self._pending or ()
-        self.gone()
+        self._finish()
         self._opened(session)
         replay(session, pending)
 
     def _failed(self, failure):
-        self.gone()
+        self._finish()
         close_after_failed_open(self._transport, failure, self._log)
