@@ -109,7 +109,6 @@ class GrpcEdge(service.Service):
         # The only wait on the reactor thread: binding the port, at startup, so a
         # port that cannot be bound fails the start like the HTTP listener does.
         self.port = started.result(timeout=STARTUP_TIMEOUT_SEC)
-        self.handoff = Handoff(self._loop)
         host = self.interface or "0.0.0.0"
         self.log.info("grpc listening on {host}:{port}", host=host, port=self.port)
         self.gateway.addresses.append(f"grpc://{host}:{self.port}")
@@ -153,6 +152,7 @@ class GrpcEdge(service.Service):
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
+        self.handoff = Handoff(loop)  # before the server starts: a stream's device takes it at once
         try:
             loop.run_until_complete(self._serve(started))
         except BaseException as e:  # noqa: BLE001 - reported to startService when it is still waiting

@@ -20,7 +20,6 @@ written everything before, and resumes the Outbox with one ``callFromThread``
 import asyncio
 import collections
 import functools
-import threading
 
 import grpc
 from twisted.logger import Logger
@@ -151,30 +150,34 @@ class StreamWriter:
 
 
 class Handoff:
-    """Reactor → loop: (stream, item) pairs in order, one loop wake-up per batch."""
+    """Reactor → loop: (stream, item) pairs in order, one loop wake-up per batch.
+
+    Without a lock (it would cost more than the rest of a delivery): one thread puts, the
+    other drains, deque appends and pops are atomic, and the flag is read after an append
+    and cleared before a drain counts what to take, so every item is either taken by the
+    wake-up under way or makes the next one.
+    """
 
     def __init__(self, loop):
         self._loop = loop
-        self._lock = threading.Lock()
-        self._items = []
+        self._items = collections.deque()
         self._scheduled = False
 
     def put(self, stream, item):
-        with self._lock:
-            self._items.append((stream, item))
-            if self._scheduled:
-                return
-            self._scheduled = True
+        self._items.append((stream, item))
+        if self._scheduled:
+            return
+        self._scheduled = True
         try:
             self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop is closed: the edge has stopped
             pass
 
     def _drain(self):
-        with self._lock:
-            items, self._items = self._items, []
-            self._scheduled = False
-        for stream, item in items:
+        self._scheduled = False
+        items = self._items
+        for _ in range(len(items)):  # what is there now; later items have their own wake-up
+            stream, item = items.popleft()
             stream.push(item)
 
 
@@ -184,17 +187,19 @@ class GrpcDevice:
 
     log = Logger()
 
-    session = None
-
     def __init__(self, edge, stream, fallback_device):
         self.edge = edge
         self.gateway = edge.gateway
+        self.session = None
         self._stream = stream
+        self._handoff = edge.handoff
         self._opening = Opening(self.gateway, self, self._session_opened, REASONS, self.log, fallback_device)
         limit = self.gateway.config.send_buffer_bytes
         self._outbox = Outbox(self._write, limit, self._slow_consumer, unsent=self._unsent)
         self._pause_above = buffer_size(limit)
         self._handed = 0  # bytes handed to the writer
+        self._recheck_at = self._pause_above  # handed bytes past which the writer's progress is read
+        self._flowing = True  # the Outbox is neither paused nor holding frames, and the stream not closing
         self._closing = False
         self._end = None  # the End of a close, while frames still wait in the Outbox
         self._close_timer = None
@@ -211,7 +216,7 @@ class GrpcDevice:
 
     def received(self, item):
         """One parsed StreamRequest, or the codec.FrameError of one that did not parse."""
-        self.edge.handoff.put(self._stream, HANDLED)  # the reader may hand over the next one
+        self._handoff.put(self._stream, HANDLED)  # the reader may hand over the next one
         if self._closing or self._gone:
             return
         session = self.session
@@ -234,6 +239,7 @@ class GrpcDevice:
     def gone(self):
         """The RPC ended, for whatever reason: forget the session everywhere."""
         self._gone = True
+        self._flowing = False
         self.edge.devices.discard(self)
         self._outbox.close()
         self._cancel_close_timer()
@@ -245,6 +251,8 @@ class GrpcDevice:
     def resume_writing(self):
         """The writer has written every frame handed before the Outbox paused."""
         self._outbox.resumeProducing()
+        outbox = self._outbox
+        self._flowing = not (self._closing or self._gone or outbox.paused or len(outbox))
 
     def _session_opened(self, session):
         """The Opening's hand-over: messages go to ``session`` from now on."""
@@ -253,24 +261,47 @@ class GrpcDevice:
 
     # ------------------------------------------------------------ ISessionTransport
 
+    # While the Outbox is neither paused nor holding frames it writes every frame straight
+    # through, whatever its kind: the frame skips it and the policy lookup (per delivery).
+
     def send_event(self, event):
-        if not self._closing:
+        if self._flowing:
+            self._hand(event.SerializeToString())
+        elif not self._closing:
             kind, key = classify(event)
             self._outbox.send(event.SerializeToString(), kind, key)
 
     def send_encoded(self, encoded):
-        if not self._closing:
+        if self._flowing:  # _hand, inlined: a fan-out calls this once per recipient
+            frame = encoded.frame(FRAME_KEY, _serialized)
+            self._handed += len(frame)
+            self._handoff.put(self._stream, frame)
+            if self._handed > self._recheck_at:
+                self._check_unwritten()
+        elif not self._closing:
             kind, key = encoded.policy
             self._outbox.send(encoded.frame(FRAME_KEY, _serialized), kind, key)
 
-    def _write(self, frame):
-        """The Outbox's write: hand ``frame`` to the writer, and pause the Outbox past its share."""
+    def _hand(self, frame):
+        """Hand ``frame`` to the writer; pause the Outbox past its share of unwritten bytes."""
         self._handed += len(frame)
-        handoff = self.edge.handoff
-        handoff.put(self._stream, frame)
-        if self._handed - self._stream.written > self._pause_above:
+        self._handoff.put(self._stream, frame)
+        if self._handed > self._recheck_at:
+            self._check_unwritten()
+
+    def _check_unwritten(self):
+        written = self._stream.written
+        if self._handed - written > self._pause_above:
+            self._flowing = False
             self._outbox.pauseProducing()
-            handoff.put(self._stream, functools.partial(self.edge.reactor.callFromThread, self.resume_writing))
+            # The writer calls it once it has written every frame before it.
+            self._handoff.put(self._stream, functools.partial(self.edge.reactor.callFromThread, self.resume_writing))
+        else:
+            self._recheck_at = written + self._pause_above  # fewer can be unwritten until then
+
+    def _write(self, frame):
+        """The Outbox's write, as it releases the frames that waited."""
+        self._hand(frame)
         if self._end is not None and not len(self._outbox):
             self._hand_end()
 
@@ -282,9 +313,10 @@ class GrpcDevice:
             "ending a slow gRPC consumer: more than {limit} bytes waiting", limit=self.gateway.config.send_buffer_bytes
         )
         self._closing = True
+        self._flowing = False
         telemetry.connection_closing(self, CloseCode.SLOW_CONSUMER)
         reason = "slow consumer: more than SEND_BUFFER_BYTES waiting"
-        self.edge.handoff.put(self._stream, End(CloseCode.SLOW_CONSUMER, reason, now=True))
+        self._handoff.put(self._stream, End(CloseCode.SLOW_CONSUMER, reason, now=True))
 
     def ping(self):
         """HTTP/2 keepalive (grpc.keepalive_time_ms) probes the connection; nothing to send."""
@@ -294,6 +326,7 @@ class GrpcDevice:
         if self._closing or self._gone:
             return
         self._closing = True
+        self._flowing = False
         telemetry.connection_closing(self, code)
         if self._opening is not None:
             self._opening.gone()  # a stream that ends opens no session
@@ -311,7 +344,7 @@ class GrpcDevice:
     def _hand_end(self):
         end, self._end = self._end, None
         self._cancel_close_timer()
-        self.edge.handoff.put(self._stream, end)
+        self._handoff.put(self._stream, end)
 
     def _cancel_close_timer(self):
         if self._close_timer is not None and self._close_timer.active():
@@ -322,7 +355,8 @@ class GrpcDevice:
         """End the stream now, whatever waits to be written (a drain past its deadline)."""
         if not self._gone:
             self._closing = True
+            self._flowing = False
             self._end = None
             self._outbox.close()
             self._cancel_close_timer()
-            self.edge.handoff.put(self._stream, End(CloseCode.GOING_AWAY, "gateway stopped", now=True))
+            self._handoff.put(self._stream, End(CloseCode.GOING_AWAY, "gateway stopped", now=True))

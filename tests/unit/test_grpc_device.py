@@ -3,6 +3,7 @@ task.Clock gateway with a fake core and verifier, and the loop side (StreamWrite
 on a plain asyncio loop."""
 
 import asyncio
+import sys
 import threading
 
 import grpc
@@ -432,6 +433,39 @@ def test_handoff_keeps_order_across_threads_with_one_wakeup_per_batch():
     loop.close()
     assert received == list(range(1000))
     assert len(wakeups) == 1  # nothing drained while the producer ran: one wake-up
+
+
+def test_handoff_loses_nothing_while_the_loop_drains_as_items_arrive():
+    loop = asyncio.new_event_loop()
+    received = []
+
+    class Sink:
+        def push(self, item):
+            received.append(item)
+
+    handoff, sink, produced = grpcstream.Handoff(loop), Sink(), threading.Event()
+
+    def producer():
+        for i in range(50_000):
+            handoff.put(sink, i)
+        loop.call_soon_threadsafe(produced.set)
+
+    async def drain_until_produced():
+        while not produced.is_set():
+            await asyncio.sleep(0)  # the drains run between these, while the producer puts
+        await asyncio.sleep(0)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads interleave as often as they can
+    try:
+        thread = threading.Thread(target=producer)
+        thread.start()
+        loop.run_until_complete(drain_until_produced())
+        thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+        loop.close()
+    assert received == list(range(50_000))
 
 
 def test_a_flooding_device_is_held_back_until_the_reactor_catches_up():
