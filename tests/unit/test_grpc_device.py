@@ -248,9 +248,7 @@ def test_messages_while_opening_are_queued_then_capped(harness, fake_edge):
 
 def test_a_stream_gone_while_signing_in_leaves_no_session_and_replaces_nothing(harness, fake_edge):
     older = Stream(fake_edge, "alice/phone")
-    verify, call = harness.gateway.verifier.verify, harness.core.call
-    verifying = defer.Deferred()
-    harness.gateway.verifier.verify = lambda token: verifying.addCallback(lambda _: harness.gateway.verifier.claims(token))
+    verifying = harness.verify_later()
     stream = Stream(fake_edge)
     stream.send(pb.StreamRequest(auth_token="alice/phone"))
     stream.device.gone()  # while its token is verified
@@ -258,12 +256,9 @@ def test_a_stream_gone_while_signing_in_leaves_no_session_and_replaces_nothing(h
     verifying.callback(None)
     assert len(harness.core.calls) == calls  # the core is not asked for a device that left
 
-    harness.gateway.verifier.verify = verify
-    opening = defer.Deferred()
-    harness.core.call = lambda *a, **k: opening
+    opening = harness.memberships_later()
     stream = Stream(fake_edge, "alice/phone")
     stream.device.gone()  # while its session opens
-    harness.core.call = call
     opening.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1")])])
     assert older.end is None  # not replaced by a stream that is gone
     assert list(harness.gateway.registry.sessions) == [older.device.session]
@@ -403,14 +398,18 @@ def test_a_paused_stream_resumes_once_its_writer_caught_up_and_closes_after_what
     assert (end.code, end.reason) == (CloseCode.REPLACED, "replaced")
 
 
+class Received:
+    """The loop side of a stream that keeps what it is handed."""
+
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
+
+
 def test_handoff_keeps_order_across_threads_with_one_wakeup_per_batch():
     loop = asyncio.new_event_loop()
-    received = []
-
-    class Sink:
-        def push(self, item):
-            received.append(item)
-
     wakeups = []
     original = loop.call_soon_threadsafe
 
@@ -420,7 +419,7 @@ def test_handoff_keeps_order_across_threads_with_one_wakeup_per_batch():
 
     loop.call_soon_threadsafe = counting
     handoff = grpcstream.Handoff(loop)
-    sink = Sink()
+    sink = Received()
 
     def producer():
         for i in range(1000):
@@ -431,19 +430,13 @@ def test_handoff_keeps_order_across_threads_with_one_wakeup_per_batch():
     thread.join()
     loop.run_until_complete(asyncio.sleep(0))
     loop.close()
-    assert received == list(range(1000))
+    assert sink.items == list(range(1000))
     assert len(wakeups) == 1  # nothing drained while the producer ran: one wake-up
 
 
 def test_handoff_loses_nothing_while_the_loop_drains_as_items_arrive():
     loop = asyncio.new_event_loop()
-    received = []
-
-    class Sink:
-        def push(self, item):
-            received.append(item)
-
-    handoff, sink, produced = grpcstream.Handoff(loop), Sink(), threading.Event()
+    handoff, sink, produced = grpcstream.Handoff(loop), Received(), threading.Event()
 
     def producer():
         for i in range(50_000):
@@ -465,7 +458,7 @@ def test_handoff_loses_nothing_while_the_loop_drains_as_items_arrive():
     finally:
         sys.setswitchinterval(switch)
         loop.close()
-    assert received == list(range(50_000))
+    assert sink.items == list(range(50_000))
 
 
 def test_a_flooding_device_is_held_back_until_the_reactor_catches_up():

@@ -69,22 +69,6 @@ def h():
     harness.stop()
 
 
-def slow_core(h):
-    """The core's SearchRooms waits for the Deferred returned."""
-    waiting = defer.Deferred()
-    answer = h.core.call
-    h.core.call = lambda method, *a, **k: waiting if method == "SearchRooms" else answer(method, *a, **k)
-    return waiting
-
-
-def slow_verifier(h):
-    """Token verification waits for the Deferred returned (fired with the token's claims)."""
-    waiting = defer.Deferred()
-    claims = h.gateway.verifier.claims
-    h.gateway.verifier.verify = lambda token: waiting.addCallback(lambda _: claims(token))
-    return waiting
-
-
 def rooms(*ids):
     return [pb.SearchRoomsResponse(data=[pb.Room(id=r) for r in ids])]
 
@@ -182,7 +166,7 @@ def test_auth_timeout_closes_a_device_that_sends_no_token(h):
 
 
 def test_the_timer_runs_until_the_token_is_verified_then_stops(h):
-    verifying = slow_verifier(h)
+    verifying = h.verify_later()
     late = Device(h)
     late.opening.start()
     h.clock.advance(4)
@@ -192,7 +176,6 @@ def test_the_timer_runs_until_the_token_is_verified_then_stops(h):
     verifying.callback(None)
     assert late.sessions == [] and len(h.gateway.registry) == 0  # closed: no session for it
 
-    h.gateway.verifier = type(h.gateway.verifier)(h.clock)
     in_time = Device(h)
     in_time.opening.start()
     in_time.opening.receive(pb.StreamRequest(auth_token="alice"))
@@ -204,7 +187,7 @@ def test_the_timer_runs_until_the_token_is_verified_then_stops(h):
 
 
 def test_requests_while_opening_are_replayed_in_order_without_their_token(h):
-    waiting = slow_core(h)
+    waiting = h.memberships_later()
     d = Device(h)
     d.opening.start()
     first = typing("1", auth_token="alice")
@@ -221,7 +204,7 @@ def test_requests_while_opening_are_replayed_in_order_without_their_token(h):
 
 
 def test_requests_while_opening_are_capped_1008(h):
-    waiting = slow_core(h)
+    waiting = h.memberships_later()
     d = Device(h)
     d.opening.start("alice")
     for i in range(MAX_PENDING_REQUESTS):
@@ -234,7 +217,7 @@ def test_requests_while_opening_are_capped_1008(h):
 
 
 def test_undecodable_requests_while_opening_are_dropped(h):
-    waiting = slow_core(h)
+    waiting = h.memberships_later()
     d = Device(h)
     d.opening.start("alice")
     d.opening.undecodable("not JSON")
@@ -246,7 +229,7 @@ def test_undecodable_requests_while_opening_are_dropped(h):
 
 
 def test_gone_while_the_token_is_verified_asks_the_core_nothing(h):
-    verifying = slow_verifier(h)
+    verifying = h.verify_later()
     d = Device(h)
     d.opening.start("alice/phone")
     d.opening.gone()
@@ -258,7 +241,7 @@ def test_gone_while_the_token_is_verified_asks_the_core_nothing(h):
 def test_gone_while_the_session_opens_leaves_no_session_and_replaces_nothing(h):
     older = Device(h)
     older.opening.start("alice/phone")
-    waiting = slow_core(h)
+    waiting = h.memberships_later()
     d = Device(h)
     d.opening.start("alice/phone")
     d.opening.receive(typing("1"))

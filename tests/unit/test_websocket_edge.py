@@ -5,7 +5,6 @@ import json
 import grpc
 import pytest
 from google.protobuf import any_pb2
-from twisted.internet import defer
 
 from chatgateway.bus import channels
 
@@ -93,9 +92,7 @@ def test_no_auth_within_auth_timeout_closes_4401(h):
 def test_a_device_gone_while_signing_in_leaves_no_session_and_replaces_nothing(h):
     h.core.rooms["alice"] = ["r1"]
     older = h.connect("alice/phone")
-    verify, call = h.gateway.verifier.verify, h.core.call
-    verifying = defer.Deferred()
-    h.gateway.verifier.verify = lambda token: verifying.addCallback(lambda _: h.gateway.verifier.claims(token))
+    verifying = h.verify_later()
     c = h.connect(auth="frame")
     c.send(pb.StreamRequest(auth_token="alice/phone"))
     c.client.transport.loseConnection()  # gone while its token is verified
@@ -104,13 +101,10 @@ def test_a_device_gone_while_signing_in_leaves_no_session_and_replaces_nothing(h
     verifying.callback(None)
     assert len(h.core.calls) == calls  # the core is not asked for a device that left
 
-    h.gateway.verifier.verify = verify
-    opening = defer.Deferred()
-    h.core.call = lambda *a, **k: opening
+    opening = h.memberships_later()
     c = h.connect("alice/phone")
     c.client.transport.loseConnection()  # gone while its session opens
     h.flush()
-    h.core.call = call
     opening.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1")])])
     h.flush()
     assert older.closed is None  # not replaced by a connection that is gone
