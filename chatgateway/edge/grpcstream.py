@@ -14,7 +14,8 @@ written count against the same limit, as Twisted's unsent bytes do for
 WebSocket. Past half the limit (sessions.outbox.buffer_size) the device pauses
 its Outbox and hands a marker after the last frame: the writer reaching it has
 written everything before, and resumes the Outbox with one ``callFromThread``
-(one thread hop per pause, none per frame).
+(one thread hop per pause, none per frame). While nothing waits, a frame is
+handed on at once, as the Outbox would write it.
 """
 
 import asyncio
