@@ -20,8 +20,9 @@ The rules:
   at most MAX_PENDING_REQUESTS (more is abuse: 1008), and go to the new session
   in order, their auth_token cleared (it was consumed);
 - a device that closes or goes away before its session is open leaves no
-  session behind: none is opened after its token is verified, and the core's
-  answer for one already asked for is dropped before anything is registered.
+  session behind: the core is not asked for its rooms once its token is
+  verified, and when the core answers for a device that has left, nothing is
+  registered (no other connection of the device is replaced).
 """
 
 import grpc

@@ -112,7 +112,7 @@ class SameThreadReactor:
         f(*args, **kwargs)
 
 
-class GrpcEdge:
+class FakeGrpcEdge:
     def __init__(self, harness):
         self.gateway = harness.gateway
         self.reactor = SameThreadReactor()
@@ -121,9 +121,9 @@ class GrpcEdge:
         self.handoff = RecordingHandoff()
 
 
-class GrpcDevice:
+class GrpcStreamDevice:
     def __init__(self, harness, token):
-        self.edge = GrpcEdge(harness)
+        self.edge = FakeGrpcEdge(harness)
         self.writer = StalledWriter()
         self.device = grpcstream.GrpcDevice(self.edge, self.writer, "")
         self.device.start(token)
@@ -214,7 +214,7 @@ def stalled_then_read(h, device):
 
 def test_a_slow_device_gets_the_same_frames_and_close_over_websocket_and_grpc(h):
     websocket = stalled_then_read(h, WebSocketDevice(h, "reader/ws"))
-    grpc = stalled_then_read(h, GrpcDevice(h, "reader/grpc"))
+    grpc = stalled_then_read(h, GrpcStreamDevice(h, "reader/grpc"))
     assert websocket == grpc
     labels, close = grpc
     assert labels == [
