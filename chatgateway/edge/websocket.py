@@ -287,6 +287,8 @@ class DeviceProtocol(WebSocketServerProtocol):
         """Close after the frames still waiting for the device (for at most CLOSE_TIMEOUT_SEC)."""
         if self.state != self.STATE_OPEN or self._closing is not None:
             return
+        if self._opening is not None:
+            self._opening.gone()  # a connection that closes opens no session
         if self._outbox is None or not len(self._outbox):
             self._send_close(code, reason)
             return

@@ -5,7 +5,7 @@ token its handshake carried (``verify_handshake`` for an edge that answers the
 handshake only once the token is verified, or ``start(token)``), ``start`` once
 the transport can carry close codes, every request decoded before the session
 exists (``receive``, or ``undecodable`` for one that did not decode), and
-``gone`` once the device closed or went away. The Opening closes the edge's
+``gone`` once the connection closes or is gone. The Opening closes the edge's
 transport (ISessionTransport) when the sign-in fails and hands the edge the
 Session once it is open (``opened``).
 
@@ -156,7 +156,7 @@ class Opening:
             self._close(CloseCode.UNAUTHENTICATED, f"{self._reasons.first} ({error})")
 
     def gone(self):
-        """The device closed or went away: no session is opened for it."""
+        """The connection is closing or gone: no session is opened for it."""
         self._finish()
 
     # ------------------------------------------------------------ signing in

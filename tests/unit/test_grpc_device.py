@@ -265,6 +265,16 @@ def test_a_stream_gone_while_signing_in_leaves_no_session_and_replaces_nothing(h
     assert stream.kinds() == []
 
 
+def test_a_stream_the_edge_closes_while_it_signs_in_gets_no_session(harness, fake_edge):
+    older = Stream(fake_edge, "alice/phone")
+    opening = harness.memberships_later()
+    stream = Stream(fake_edge, "alice/phone")
+    stream.device.close(CloseCode.GOING_AWAY, "gateway shutting down")  # as GrpcEdge.stopService does
+    opening.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1")])])
+    assert stream.end[0] == CloseCode.GOING_AWAY and older.end is None
+    assert list(harness.gateway.registry.sessions) == [older.device.session]
+
+
 def test_a_stopping_edge_turns_new_streams_away(fake_edge):
     fake_edge.stopping = True
     assert Stream(fake_edge, "alice/phone").end[0] == CloseCode.GOING_AWAY

@@ -111,6 +111,18 @@ def test_a_device_gone_while_signing_in_leaves_no_session_and_replaces_nothing(h
     assert list(h.gateway.registry.sessions) == [older.server.session]
 
 
+def test_a_connection_the_gateway_closes_while_it_signs_in_gets_no_session(h):
+    h.core.rooms["alice"] = ["r1"]
+    older = h.connect("alice/phone")
+    opening = h.memberships_later()
+    c = h.connect("alice/phone")
+    c.server.close(1008, "over its budget")  # before the session opened
+    opening.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1")])])
+    h.flush()
+    assert c.closed[0] == 1008 and older.closed is None
+    assert list(h.gateway.registry.sessions) == [older.server.session]
+
+
 def test_device_id_falls_back_to_header_then_default(h):
     assert h.connect("dave", device="kiosk").of("connected")[0].connected.device_id == "kiosk"
     assert h.connect("erin").of("connected")[0].connected.device_id == "default"
