@@ -37,6 +37,7 @@ from twisted.web import resource, server
 from chatgateway.sessions import forwarding
 from chatgateway.core.client import METHODS, SERVICE, CoreError
 from chatgateway.edge.origins import OriginPolicy
+from chatgateway.sessions.opening import bearer_token
 
 # gRPC status -> (Connect code, HTTP status), from the protocol's table.
 ERROR_HTTP_STATUS = {
@@ -237,7 +238,7 @@ class ConnectMethod(resource.Resource):
                 self._gateway,
                 self._method,
                 message,
-                forwarding.bearer_token(_header(request, b"authorization")),
+                bearer_token(_header(request, b"authorization")),
                 device_id=_header(request, b"x-device-id") or "",
                 traceparent=_header(request, b"traceparent"),
                 tracestate=_header(request, b"tracestate"),

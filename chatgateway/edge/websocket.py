@@ -25,19 +25,18 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from autobahn.util import encode_truncate
-from twisted.internet import defer
 from zope.interface import implementer
 
 from chatgateway.api import codec
-from chatgateway.auth.tokens import AuthError
 from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard
 from chatgateway.edge.origins import OriginPolicy
+from chatgateway.sessions.opening import Opening, Reasons, bearer_token
 from chatgateway.sessions.outbox import Outbox, classify, direct_socket, unsent_bytes, write_now
 from chatgateway.sessions.ratelimit import InboundBudget
-from chatgateway.sessions.session import CloseCode, ISessionTransport, close_after_failed_open, error_detail, replay
+from chatgateway.sessions.session import CloseCode, ISessionTransport, error_detail
 
-# Frames a device may send while its session is being opened; more is abuse.
-MAX_PENDING_FRAMES = 16
+# How the close reasons of a device that did not sign in name what it sends.
+REASONS = Reasons("frame")
 # A server's ping with no payload (FIN, opcode 9; unmasked, length 0).
 PING_FRAME = b"\x89\x00"
 # WebSocket close reasons are limited to 123 bytes of UTF-8.
@@ -74,12 +73,6 @@ autobahn.websocket.protocol.pformat = _LazyPformat
 autobahn.websocket.protocol.Timings.__str__ = lambda self: pprint.pformat(self._timings)
 
 
-def bearer_token(value):
-    if value and value[:7].lower() == "bearer ":
-        return value[7:].strip()
-    return None
-
-
 def choose_subprotocol(offered):
     """The first subprotocol of ours the client offered; JSON when none is offered."""
     for name in offered:
@@ -108,6 +101,13 @@ def _first(params, name):
     return values[0]
 
 
+def _deny_refused(refusal, subprotocol):
+    """Upgrade with ``subprotocol``, unless the handshake's token was refused (HTTP 401)."""
+    if refusal is not None:
+        raise ConnectionDeny(401, f"unauthorized: {refusal}")
+    return subprotocol
+
+
 @implementer(ISessionTransport)
 class DeviceProtocol(WebSocketServerProtocol):
     # Autobahn's own logger kind (txaio): its ~14 debug lines per handshake are no-ops
@@ -118,8 +118,7 @@ class DeviceProtocol(WebSocketServerProtocol):
     # Our state in slots: Autobahn's own attributes alone nearly fill the instance
     # dict's 128 entries once the handshake is forgotten (see _forget_handshake).
     __slots__ = (
-        "session", "subprotocol", "_outbox", "_claims", "_token", "_auth_error", "_auth_timer", "_fallback_device",
-        "_pending", "_opening", "_gone", "_close_timer", "_closing", "_socket", "_budget", "_resume_timer",
+        "session", "subprotocol", "_outbox", "_opening", "_close_timer", "_closing", "_socket", "_budget", "_resume_timer",
     )
 
     def __init__(self):
@@ -127,14 +126,7 @@ class DeviceProtocol(WebSocketServerProtocol):
         self.session = None
         self.subprotocol = None
         self._outbox = None
-        self._claims = None
-        self._token = None
-        self._auth_error = None
-        self._auth_timer = None
-        self._fallback_device = ""
-        self._pending = None  # frames that arrived while the session was opening
-        self._opening = False
-        self._gone = False
+        self._opening = None  # the sign-in (sessions.opening.Opening), from the handshake until the session is open
         self._close_timer = None
         self._closing = None
         self._socket = None  # the plain TCP connection frames are written to at once, if there is one
@@ -180,35 +172,16 @@ class DeviceProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {origin} is not allowed")
         subprotocol = choose_subprotocol(request.protocols)
         self.subprotocol = subprotocol or codec.JSON
-        self._fallback_device = _first(request.params, "device_id") or request.headers.get("x-device-id") or ""
+        fallback_device = _first(request.params, "device_id") or request.headers.get("x-device-id") or ""
+        self._opening = Opening(self.gateway, self, self._session_opened, REASONS, self.log, fallback_device)
         header_token = bearer_token(request.headers.get("authorization"))
         if header_token:
-            return self._verify(header_token).addCallbacks(
-                lambda _: subprotocol, self._deny_unauthorized
-            )
+            return self._opening.verify_handshake(header_token).addCallback(_deny_refused, subprotocol)
         query_token = _first(request.params, "access_token")
         if query_token:
             # Browsers cannot read an HTTP 401, so a bad query token is
             # answered after the upgrade with close code 4401.
-            return self._verify(query_token).addCallbacks(
-                lambda _: subprotocol, self._remember_auth_error, errbackArgs=(subprotocol,)
-            )
-        return subprotocol
-
-    def _verify(self, token):
-        def verified(claims):
-            self._claims, self._token = claims, token
-            return claims
-
-        return self.gateway.verifier.verify(token).addCallback(verified)
-
-    def _deny_unauthorized(self, failure):
-        failure.trap(AuthError)
-        raise ConnectionDeny(401, f"unauthorized: {failure.value}")
-
-    def _remember_auth_error(self, failure, subprotocol):
-        failure.trap(AuthError)
-        self._auth_error = str(failure.value)
+            return self._opening.verify_handshake(query_token).addCallback(lambda _: subprotocol)
         return subprotocol
 
     # ------------------------------------------------------------ open / auth
@@ -222,68 +195,25 @@ class DeviceProtocol(WebSocketServerProtocol):
                               unsent=self._unsent_bytes)
         self._outbox.bind(self.transport)
         self._socket = direct_socket(self.transport, Guard)
-        if self._auth_error is not None:
-            self.close(CloseCode.UNAUTHENTICATED, f"invalid token: {self._auth_error}")
-        elif self._claims is not None:
-            self._open_session(self._fallback_device)
-        else:
-            self._auth_timer = self.gateway.clock.callLater(
-                self.gateway.config.auth_timeout_sec,
-                self.close,
-                CloseCode.UNAUTHENTICATED,
-                "authentication timeout: send auth_token in the first frame",
-            )
-
-    def _authenticate_frame(self, request):
-        if not request.auth_token:
-            self.close(CloseCode.UNAUTHENTICATED, "the first frame must carry auth_token")
-            return
-        self._opening = True
-        self._pending = [request]
-
-        def bad(failure):
-            failure.trap(AuthError)
-            self.close(CloseCode.UNAUTHENTICATED, f"invalid token: {failure.value}")
-
-        self._verify(request.auth_token).addCallbacks(
-            lambda _: self._open_session(request.device_id or self._fallback_device), bad
-        )
-
-    def _open_session(self, device_id):
-        if self._auth_timer is not None and self._auth_timer.active():
-            self._auth_timer.cancel()
-        self._opening = True
-        device_id = self._claims.device_id or device_id or "default"
-        d = defer.Deferred.fromCoroutine(self.gateway.open_session(self, self._claims, self._token, device_id))
-        d.addCallbacks(self._session_opened, self._session_failed)
+        self._opening.start()
 
     def _session_opened(self, session):
+        """The Opening's hand-over: frames go to ``session`` from now on."""
         self.session = session
-        self._opening = False
-        if self._gone:
-            session.closed_by_transport()
-            return
         if isinstance(self.transport, Guard):
             self.transport.authenticated()
-        pending = self._pending or ()
         self._forget_handshake()
-        replay(session, pending)
 
     def _forget_handshake(self):
         """Drop what only opening the session needed; the protocol lives as long as the connection."""
         state = self.__dict__
         for name in HANDSHAKE_ATTRIBUTES:
             state.pop(name, None)
-        self._claims = self._token = self._pending = None
-        self._fallback_device = ""
+        self._opening = None
         # Autobahn sets ~90 attributes, so the instance dict grew to 256 entries during the
         # handshake; dicts never shrink, but a copy of what is left fits in 128 (~1.7 KiB
         # less), with room for the ~10 that Autobahn adds on the first frame.
         self.__dict__ = dict(state)
-
-    def _session_failed(self, failure):
-        self._opening = False
-        close_after_failed_open(self, failure, self.log)
 
     # ------------------------------------------------------------ the inbound budget
 
@@ -346,21 +276,13 @@ class DeviceProtocol(WebSocketServerProtocol):
             return
         if self.session is not None:
             self.session.handle(request)
-        elif self._opening:
-            if self._pending is None:
-                self._pending = []
-            if len(self._pending) >= MAX_PENDING_FRAMES:
-                self.close(CloseCode.POLICY, "too many frames before connected")
-            else:
-                self._pending.append(request)
         else:
-            self._authenticate_frame(request)
+            self._opening.receive(request)
 
     def _bad_frame(self, error):
         code = grpc.StatusCode.INVALID_ARGUMENT
         if self.session is None:
-            if not self._opening:
-                self.close(CloseCode.UNAUTHENTICATED, f"the first frame must carry auth_token ({error})")
+            self._opening.undecodable(error)
             return
         if error.request_id:
             self.session.reply(error.request_id, error_detail(code, str(error)))
@@ -404,9 +326,8 @@ class DeviceProtocol(WebSocketServerProtocol):
         return True
 
     def onClose(self, wasClean, code, reason):
-        self._gone = True
-        if self._auth_timer is not None and self._auth_timer.active():
-            self._auth_timer.cancel()
+        if self._opening is not None:
+            self._opening.gone()
         self._cancel_close_timer()
         if self._outbox is not None:
             self._outbox.close()
@@ -467,6 +388,8 @@ class DeviceProtocol(WebSocketServerProtocol):
         """Close after the frames still waiting for the device (for at most CLOSE_TIMEOUT_SEC)."""
         if self.state != self.STATE_OPEN or self._closing is not None:
             return
+        if self._opening is not None:
+            self._opening.gone()  # a connection that closes opens no session
         if self._outbox is None or not len(self._outbox):
             self._send_close(code, reason)
             return

@@ -27,13 +27,6 @@ class Caller:
     call_options: dict
 
 
-def bearer_token(value):
-    """The token of an ``Authorization: Bearer <token>`` value, or None."""
-    if value and value[:7].lower() == "bearer ":
-        return value[7:].strip() or None
-    return None
-
-
 async def forward(
     gateway, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None, arrived=None
 ):

@@ -153,19 +153,23 @@ class Gateway(service.Service):
         )
         return [room.id for page in pages for room in page.data]
 
-    async def open_session(self, transport, claims, token, device_id):
+    async def open_session(self, transport, claims, token, device_id, abandoned=None):
         """Register an authenticated device and send it ``connected``.
 
-        Fails with CoreError when the core cannot tell the device's rooms.
+        Fails with CoreError when the core cannot tell the device's rooms. When
+        ``abandoned()`` says, once the rooms are known, that the device went away
+        meanwhile, nothing is registered (no older session of the device is replaced)
+        and the result is None.
         """
         self._opening += 1
         try:
             rooms = await self.memberships(token, device_id)
         except BaseException:
-            self._opening -= 1
-            if self.draining:
-                self._check_gone()
+            self._opened_none()
             raise
+        if abandoned is not None and abandoned():
+            self._opened_none()
+            return None
         self._opening -= 1  # registered below, before anything else runs
         session = Session(self, transport, claims, token, device_id, rooms)
         # The local limit holds at once; the store then enforces it across gateways.
@@ -184,6 +188,12 @@ class Gateway(service.Service):
                 rooms=len(rooms),
             )
         return session
+
+    def _opened_none(self):
+        """An opening ended without a session."""
+        self._opening -= 1
+        if self.draining:
+            self._check_gone()
 
     def session_closed(self, session):
         self.registry.remove(session)

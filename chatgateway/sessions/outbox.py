@@ -6,7 +6,8 @@ counted together. The Outbox is the transport's streaming producer
 (IPushProducer): while Twisted has room it writes every frame straight through;
 once Twisted's buffer passes its ``bufferSize`` (set to at most half of
 SEND_BUFFER_BYTES, see ``bind``) the transport pauses it, and frames wait here
-until it resumes.
+until it resumes. The gRPC edge, whose frames leave from another thread, pauses
+and resumes its devices' Outboxes the same way (chatgateway.edge.grpcstream).
 
 While frames wait, each kind of event has its policy:
 
@@ -53,6 +54,12 @@ def classify(event):
     if which == "presence_event":
         return COALESCED, ("presence", event.presence_event.profile_id)
     return KEPT, None
+
+
+def buffer_size(limit):
+    """The bytes a transport may hold before it pauses the Outbox: half of ``limit`` (the
+    other half is for frames waiting under the per-kind policy), never above Twisted's default."""
+    return min(TWISTED_BUFFER_SIZE, max(1, limit // 2))
 
 
 def tcp_transport(transport):
@@ -155,7 +162,7 @@ class Outbox:
             transport.unregisterProducer()  # twisted.web's HTTPChannel, whose request we took over
         tcp = tcp_transport(transport)
         if hasattr(tcp, "bufferSize"):
-            tcp.bufferSize = min(TWISTED_BUFFER_SIZE, max(1, self.limit // 2))
+            tcp.bufferSize = buffer_size(self.limit)
         transport.registerProducer(self, True)
 
     def __len__(self):

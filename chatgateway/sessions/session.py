@@ -60,24 +60,6 @@ def error_detail(code, message):
     return pb.ErrorDetail(code=code.value[0], status=code.name, message=message)
 
 
-def replay(session, pending):
-    """Hand a new session the requests that arrived while it opened (their auth token was consumed)."""
-    for request in pending:
-        request.ClearField("auth_token")
-        session.handle(request)
-
-
-def close_after_failed_open(transport, failure, log):
-    """Close a device whose session could not be opened, saying why."""
-    if failure.check(CoreError) and failure.value.code == grpc.StatusCode.UNAUTHENTICATED:
-        transport.close(CloseCode.UNAUTHENTICATED, f"core refused the token: {failure.value.message}")
-    elif failure.check(CoreError):
-        transport.close(CloseCode.TRY_AGAIN_LATER, f"core unavailable: {failure.value.message}")
-    else:
-        log.failure("opening a session failed", failure)
-        transport.close(CloseCode.TRY_AGAIN_LATER, "internal error")
-
-
 class TokenExpiries:
     """Closes sessions whose token expired (4401): one timer, for the earliest, instead of one per session.
 

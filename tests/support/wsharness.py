@@ -266,6 +266,34 @@ class Harness:
         for _ in range(steps):
             self.advance(step)
 
+    def verify_later(self):
+        """The next token is verified once the returned Deferred fires (with anything); later ones at once again."""
+        held = defer.Deferred()
+        verifier = self.gateway.verifier
+        verify = verifier.verify
+
+        def later(token):
+            verifier.verify = verify
+            return held.addCallback(lambda _: verifier.claims(token))
+
+        verifier.verify = later
+        return held
+
+    def memberships_later(self):
+        """The core answers the next SearchRooms with the returned Deferred (fire it with the pages);
+        later calls are answered at once again."""
+        held = defer.Deferred()
+        call = self.core.call
+
+        def once(method, *args, **kwargs):
+            if method != "SearchRooms":
+                return call(method, *args, **kwargs)
+            self.core.call = call
+            return held
+
+        self.core.call = once
+        return held
+
     def publish(self, channel, event):
         self.hub.deliver(channel, event.SerializeToString())
         self.flush()

@@ -2,6 +2,7 @@
 
 import pytest
 
+from chatgateway.api import chat_pb2 as pb
 from chatgateway.edge.http import build_http_factory
 from chatgateway.edge.limits import Guard
 
@@ -53,8 +54,7 @@ def test_a_websocket_counts_until_its_session_is_authenticated(h):
     assert b"101 Switching Protocols" in transport.value()
     assert factory.pending["10.0.0.1"] == 1
     device = proto.wrappedProtocol
-    device._verify("alice")
-    device._open_session("phone")
+    device._opening.receive(pb.StreamRequest(auth_token="alice", device_id="phone"))  # the first frame
     assert device.session is not None
     assert factory.pending == {}
 
@@ -78,8 +78,7 @@ def test_an_upgrade_through_the_site_counts_too_until_its_session_is_authenticat
     refused, transport = accept(factory)
     assert transport.value().startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
     device = held[0].wrappedProtocol
-    device._verify("alice")
-    device._open_session("phone")
+    device._opening.receive(pb.StreamRequest(auth_token="alice", device_id="phone"))  # the first frame
     assert factory.pending["10.0.0.1"] == 2
 
 

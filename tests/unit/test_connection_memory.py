@@ -28,7 +28,7 @@ def test_the_handshake_is_forgotten_once_the_session_is_open(h):
     server = c.server
     assert server.session is not None
     assert not set(HANDSHAKE_ATTRIBUTES) & set(vars(server))
-    assert server._claims is None and server._token is None and server._pending is None
+    assert server._opening is None  # the sign-in's claims, token and pending frames with it
 
 
 def test_the_protocol_dict_stays_small_once_frames_flow(h):

@@ -1,8 +1,9 @@
 """The gRPC edge without sockets: GrpcDevice (the reactor side of a Connect stream) on a
-task.Clock gateway with a fake core and verifier, and the loop side (_Stream, _Handoff)
+task.Clock gateway with a fake core and verifier, and the loop side (StreamWriter, Handoff)
 on a plain asyncio loop."""
 
 import asyncio
+import sys
 import threading
 
 import grpc
@@ -16,8 +17,10 @@ from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.edge import grpc as edge
 from chatgateway.sessions.ratelimit import InboundBudget
+from chatgateway.edge import grpcstream
+from chatgateway.sessions.fanout import EncodedEvent
+from chatgateway.sessions.opening import MAX_PENDING_REQUESTS
 from chatgateway.sessions.session import CloseCode, ISessionTransport
-from chatgateway.telemetry.counts import GatewayCounts
 from support.wsharness import Harness
 
 
@@ -30,19 +33,25 @@ class RecordingHandoff:
 
 
 class FakeEdge:
-    def __init__(self, harness):
+    def __init__(self, harness, handoff=None):
         self.gateway = harness.gateway
         self.devices = set()
         self.stopping = False
-        self.handoff = RecordingHandoff()
+        self.handoff = handoff or RecordingHandoff()
+
+
+class StalledWriter:
+    """The loop side of a stream whose writer wrote nothing (yet)."""
+
+    written = 0
 
 
 class Stream:
     """What the device sees of one stream: events, and the end."""
 
     def __init__(self, fake_edge, token=None, fallback_device=""):
-        self.key = object()
-        self.device = edge.GrpcDevice(fake_edge, self.key, fallback_device)
+        self.key = StalledWriter()
+        self.device = grpcstream.GrpcDevice(fake_edge, self.key, fallback_device)
         self._edge = fake_edge
         self.device.start(token)
 
@@ -62,7 +71,7 @@ class Stream:
 
     @property
     def end(self):
-        ends = [i for i in self.items if isinstance(i, edge._End)]
+        ends = [i for i in self.items if isinstance(i, grpcstream.End)]
         assert len(ends) <= 1
         return (ends[0].code, ends[0].reason) if ends else None
 
@@ -93,11 +102,11 @@ def test_device_is_a_session_transport(fake_edge):
 
 def test_every_close_code_has_a_status():
     codes = [v for k, v in vars(CloseCode).items() if k.isupper()]
-    assert sorted(edge.CLOSE_STATUS) == sorted(codes)
-    assert edge.CLOSE_STATUS[CloseCode.REPLACED] == grpc.StatusCode.ABORTED
-    assert edge.CLOSE_STATUS[CloseCode.UNAUTHENTICATED] == grpc.StatusCode.UNAUTHENTICATED
-    assert edge.CLOSE_STATUS[CloseCode.HEARTBEAT_TIMEOUT] == grpc.StatusCode.UNAVAILABLE
-    assert edge.CLOSE_STATUS[CloseCode.NORMAL] == grpc.StatusCode.OK
+    assert sorted(grpcstream.CLOSE_STATUS) == sorted(codes)
+    assert grpcstream.CLOSE_STATUS[CloseCode.REPLACED] == grpc.StatusCode.ABORTED
+    assert grpcstream.CLOSE_STATUS[CloseCode.UNAUTHENTICATED] == grpc.StatusCode.UNAUTHENTICATED
+    assert grpcstream.CLOSE_STATUS[CloseCode.HEARTBEAT_TIMEOUT] == grpc.StatusCode.UNAVAILABLE
+    assert grpcstream.CLOSE_STATUS[CloseCode.NORMAL] == grpc.StatusCode.OK
 
 
 def test_metadata_token_connects_at_once(harness, fake_edge):
@@ -230,21 +239,50 @@ def test_messages_while_opening_are_queued_then_capped(harness, fake_edge):
     answer = harness.core.call
     harness.core.call = lambda method, *a, **k: waiting if method == "SearchRooms" else answer(method, *a, **k)
     alice = Stream(fake_edge, "alice/phone")
-    for i in range(edge.MAX_PENDING_MESSAGES):
+    for i in range(MAX_PENDING_REQUESTS):
         alice.command(request_id=str(i), typing=pb.TypingCommand(room_id="r1", typing=True))
     assert alice.end is None
     waiting.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1")])])
-    assert alice.kinds() == ["connected"] + ["command_result"] * edge.MAX_PENDING_MESSAGES
+    assert alice.kinds() == ["connected"] + ["command_result"] * MAX_PENDING_REQUESTS
     errors = [e.command_result.error.status for e in alice.of("command_result")]
-    assert errors == [""] * 5 + ["RESOURCE_EXHAUSTED"] * (edge.MAX_PENDING_MESSAGES - 5)  # the rate limit
+    assert errors == [""] * 5 + ["RESOURCE_EXHAUSTED"] * (MAX_PENDING_REQUESTS - 5)  # the rate limit
     assert alice.end is None
 
     slow = defer.Deferred()
     harness.core.call = lambda method, *a, **k: slow
     bob = Stream(fake_edge, "bob/phone")
-    for i in range(edge.MAX_PENDING_MESSAGES + 1):
+    for i in range(MAX_PENDING_REQUESTS + 1):
         bob.send(pb.StreamRequest())
     assert bob.end[0] == CloseCode.POLICY
+
+
+def test_a_stream_gone_while_signing_in_leaves_no_session_and_replaces_nothing(harness, fake_edge):
+    older = Stream(fake_edge, "alice/phone")
+    verifying = harness.verify_later()
+    stream = Stream(fake_edge)
+    stream.send(pb.StreamRequest(auth_token="alice/phone"))
+    stream.device.gone()  # while its token is verified
+    calls = len(harness.core.calls)
+    verifying.callback(None)
+    assert len(harness.core.calls) == calls  # the core is not asked for a device that left
+
+    opening = harness.memberships_later()
+    stream = Stream(fake_edge, "alice/phone")
+    stream.device.gone()  # while its session opens
+    opening.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1")])])
+    assert older.end is None  # not replaced by a stream that is gone
+    assert list(harness.gateway.registry.sessions) == [older.device.session]
+    assert stream.kinds() == []
+
+
+def test_a_stream_the_edge_closes_while_it_signs_in_gets_no_session(harness, fake_edge):
+    older = Stream(fake_edge, "alice/phone")
+    opening = harness.memberships_later()
+    stream = Stream(fake_edge, "alice/phone")
+    stream.device.close(CloseCode.GOING_AWAY, "gateway shutting down")  # as GrpcEdge.stopService does
+    opening.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1")])])
+    assert stream.end[0] == CloseCode.GOING_AWAY and older.end is None
+    assert list(harness.gateway.registry.sessions) == [older.device.session]
 
 
 def test_a_stopping_edge_turns_new_streams_away(fake_edge):
@@ -258,7 +296,7 @@ def test_a_core_that_cannot_list_rooms_ends_the_stream_try_again_later(harness, 
     harness.core.call = lambda *a, **k: defer.fail(CoreError(grpc.StatusCode.UNAVAILABLE, "core down"))
     stream = Stream(fake_edge, "alice/phone")
     assert stream.end[0] == CloseCode.TRY_AGAIN_LATER
-    assert edge.CLOSE_STATUS[stream.end[0]] == grpc.StatusCode.UNAVAILABLE
+    assert grpcstream.CLOSE_STATUS[stream.end[0]] == grpc.StatusCode.UNAVAILABLE
 
 
 # ---------------------------------------------------------------- the loop side
@@ -277,12 +315,12 @@ class FakeContext:
 
 def test_stream_writes_in_order_then_ends():
     async def scenario():
-        stream = edge._Stream(limit=1000, counts=GatewayCounts())
+        stream = grpcstream.StreamWriter()
         context = FakeContext()
         writer = asyncio.ensure_future(stream.write_all(context))
         stream.push(b"a")
         stream.push(b"b")
-        stream.push(edge._End(CloseCode.REPLACED, "replaced"))
+        stream.push(grpcstream.End(CloseCode.REPLACED, "replaced"))
         stream.push(b"after the end")
         end = await writer
         return context.written, end
@@ -292,53 +330,106 @@ def test_stream_writes_in_order_then_ends():
     assert (end.code, end.reason) == (CloseCode.REPLACED, "replaced")
 
 
-def test_a_slow_consumer_is_ended_when_its_outbox_is_full():
+class SameThreadReactor:
+    """The test's loop and reactor sides share one thread: callFromThread calls at once."""
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+async def serving(harness, context):
+    """(device, writer): a GrpcDevice whose frames reach a StreamWriter that writes them to
+    ``context``, through a real Handoff on the running loop."""
+    fake_edge = FakeEdge(harness, handoff=grpcstream.Handoff(asyncio.get_running_loop()))
+    fake_edge.reactor = SameThreadReactor()
+    streams = []
+
+    async def serve():
+        streams.append(grpcstream.StreamWriter())  # owned by this task, as by a Connect handler
+        return await streams[0].write_all(context)
+
+    writer = asyncio.ensure_future(serve())
+    await asyncio.sleep(0)
+    return grpcstream.GrpcDevice(fake_edge, streams[0], ""), writer
+
+
+async def turns(n=5):
+    """Let the loop hand over and write what it can."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def raw(payload):
+    """A fan-out event whose gRPC frame is ``payload`` (a kept kind of event)."""
+    return EncodedEvent(pb.ServerEvent(), payload=payload)
+
+
+@pytest.fixture
+def small_buffer():
+    h = Harness(SEND_BUFFER_BYTES=1024)
+    yield h
+    h.stop()
+
+
+def test_a_slow_consumer_is_ended_when_its_outbox_is_full(small_buffer):
     async def scenario():
         context = FakeContext(block_after=1)
-        stream = None
-
-        async def serve():
-            nonlocal stream
-            stream = edge._Stream(limit=100, counts=GatewayCounts())  # owned by this task, as by a Connect handler
-            return await stream.write_all(context)
-
-        writer = asyncio.ensure_future(serve())
-        await asyncio.sleep(0)
-        for size in (60, 60):  # the first is written, the second is stuck in the write
-            stream.push(b"x" * size)
-            await asyncio.sleep(0)
-        stream.push(b"y" * 60)  # waits in the outbox
+        device, writer = await serving(small_buffer, context)
+        for size in (600, 600):  # the first is written, the second is stuck in the write
+            device.send_encoded(raw(b"x" * size))
+            await turns()
+        device.send_encoded(raw(b"y" * 200))  # waits in the outbox
+        await turns()
         assert not writer.done()
-        stream.push(b"y" * 60)  # 120 bytes waiting > 100
+        device.send_encoded(raw(b"y" * 200))  # 600 unwritten + two waiting > 1024
         return await writer, context.written
 
     end, written = asyncio.run(scenario())
     assert end.code == CloseCode.SLOW_CONSUMER
-    assert edge.CLOSE_STATUS[end.code] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert grpcstream.CLOSE_STATUS[end.code] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(written) == 1
 
 
-def test_one_event_larger_than_the_bound_still_goes_when_nothing_waits():
+def test_one_event_larger_than_the_bound_still_goes_when_nothing_waits(small_buffer):
     async def scenario():
-        stream = edge._Stream(limit=10, counts=GatewayCounts())
         context = FakeContext()
-        writer = asyncio.ensure_future(stream.write_all(context))
-        stream.push(b"z" * 50)
-        stream.push(edge._End(CloseCode.NORMAL, "bye"))
+        device, writer = await serving(small_buffer, context)
+        device.send_encoded(raw(b"z" * 2000))
+        device.close(CloseCode.NORMAL, "bye")
         return await writer, context.written
 
     end, written = asyncio.run(scenario())
-    assert end.code == CloseCode.NORMAL and written == [b"z" * 50]
+    assert end.code == CloseCode.NORMAL and written == [b"z" * 2000]
+
+
+def test_a_paused_stream_resumes_once_its_writer_caught_up_and_closes_after_what_waited(small_buffer):
+    async def scenario():
+        context = FakeContext()
+        device, writer = await serving(small_buffer, context)
+        device.send_encoded(raw(b"a" * 600))  # more than half of SEND_BUFFER_BYTES unwritten: paused
+        device.send_encoded(raw(b"b" * 100))  # waits in the Outbox
+        assert len(device._outbox) == 1
+        device.close(CloseCode.REPLACED, "replaced")  # after what waits
+        device.send_encoded(raw(b"late"))
+        return await writer, context.written, len(device._outbox)
+
+    end, written, waiting = asyncio.run(scenario())
+    assert written == [b"a" * 600, b"b" * 100] and waiting == 0
+    assert (end.code, end.reason) == (CloseCode.REPLACED, "replaced")
+
+
+class Received:
+    """The loop side of a stream that keeps what it is handed."""
+
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
 
 
 def test_handoff_keeps_order_across_threads_with_one_wakeup_per_batch():
     loop = asyncio.new_event_loop()
-    received = []
-
-    class Sink:
-        def push(self, item):
-            received.append(item)
-
     wakeups = []
     original = loop.call_soon_threadsafe
 
@@ -347,8 +438,8 @@ def test_handoff_keeps_order_across_threads_with_one_wakeup_per_batch():
         return original(callback, *args)
 
     loop.call_soon_threadsafe = counting
-    handoff = edge._Handoff(loop)
-    sink = Sink()
+    handoff = grpcstream.Handoff(loop)
+    sink = Received()
 
     def producer():
         for i in range(1000):
@@ -359,8 +450,35 @@ def test_handoff_keeps_order_across_threads_with_one_wakeup_per_batch():
     thread.join()
     loop.run_until_complete(asyncio.sleep(0))
     loop.close()
-    assert received == list(range(1000))
+    assert sink.items == list(range(1000))
     assert len(wakeups) == 1  # nothing drained while the producer ran: one wake-up
+
+
+def test_handoff_loses_nothing_while_the_loop_drains_as_items_arrive():
+    loop = asyncio.new_event_loop()
+    handoff, sink, produced = grpcstream.Handoff(loop), Received(), threading.Event()
+
+    def producer():
+        for i in range(50_000):
+            handoff.put(sink, i)
+        loop.call_soon_threadsafe(produced.set)
+
+    async def drain_until_produced():
+        while not produced.is_set():
+            await asyncio.sleep(0)  # the drains run between these, while the producer puts
+        await asyncio.sleep(0)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads interleave as often as they can
+    try:
+        thread = threading.Thread(target=producer)
+        thread.start()
+        loop.run_until_complete(drain_until_produced())
+        thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+        loop.close()
+    assert sink.items == list(range(50_000))
 
 
 def test_a_flooding_device_is_held_back_until_the_reactor_catches_up():
@@ -381,7 +499,7 @@ def test_a_flooding_device_is_held_back_until_the_reactor_catches_up():
             pass
 
     async def scenario():
-        stream = edge._Stream(limit=1000, counts=GatewayCounts())
+        stream = grpcstream.StreamWriter()
 
         async def flood():
             for _ in range(200):
@@ -393,18 +511,18 @@ def test_a_flooding_device_is_held_back_until_the_reactor_catches_up():
             await asyncio.sleep(0)
         first = len(handed)
         for _ in range(10):
-            stream.push(edge.HANDLED)
+            stream.push(grpcstream.HANDLED)
         for _ in range(10):
             await asyncio.sleep(0)
         second = len(handed)
         for _ in range(200):
-            stream.push(edge.HANDLED)
+            stream.push(grpcstream.HANDLED)
         await reader
         return first, second
 
     first, second = asyncio.run(scenario())
-    assert first == edge.MAX_UNHANDLED
-    assert second == edge.MAX_UNHANDLED + 10
+    assert first == grpcstream.MAX_UNHANDLED
+    assert second == grpcstream.MAX_UNHANDLED + 10
     assert len(handed) == 200 + 1  # every message, then the half-close
 
 
@@ -417,7 +535,7 @@ def test_a_stream_over_its_budget_is_not_read_until_it_refills_and_ends_1008_if_
         def callFromThread(self, f, *args):
             handed.append((clock.seconds(), f.__name__, args))
             if f.__name__ == "received":
-                stream.push(edge.HANDLED)  # the reactor handles each at once
+                stream.push(grpcstream.HANDLED)  # the reactor handles each at once
 
     class Edge:
         reactor = Reactor()
@@ -438,7 +556,7 @@ def test_a_stream_over_its_budget_is_not_read_until_it_refills_and_ends_1008_if_
 
     async def scenario():
         nonlocal stream
-        stream = edge._Stream(limit=1000, counts=GatewayCounts())
+        stream = grpcstream.StreamWriter()
 
         async def flood():
             while clock.seconds() < 3:  # as fast as it can, for 3 s of the budget's clock
@@ -480,7 +598,7 @@ def test_abort_ends_at_once_dropping_the_outbox():
 
         async def serve():
             nonlocal stream
-            stream = edge._Stream(limit=1000, counts=GatewayCounts())
+            stream = grpcstream.StreamWriter()
             return await stream.write_all(context)
 
         writer = asyncio.ensure_future(serve())
@@ -488,8 +606,8 @@ def test_abort_ends_at_once_dropping_the_outbox():
         stream.push(b"stuck")
         await asyncio.sleep(0)
         stream.push(b"waiting")
-        stream.push(edge._End(CloseCode.GOING_AWAY, "draining"))
-        stream.push(edge._End(CloseCode.GOING_AWAY, "gateway stopped", now=True))
+        stream.push(grpcstream.End(CloseCode.GOING_AWAY, "draining"))
+        stream.push(grpcstream.End(CloseCode.GOING_AWAY, "gateway stopped", now=True))
         return await writer
 
     end = asyncio.run(scenario())
@@ -499,5 +617,5 @@ def test_abort_ends_at_once_dropping_the_outbox():
 def test_device_abort_hands_an_immediate_end(fake_edge):
     stream = Stream(fake_edge, "alice/phone")
     stream.device.abort()
-    end = [i for i in stream.items if isinstance(i, edge._End)][-1]
+    end = [i for i in stream.items if isinstance(i, grpcstream.End)][-1]
     assert end.now and end.code == CloseCode.GOING_AWAY

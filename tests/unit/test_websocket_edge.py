@@ -93,6 +93,40 @@ def test_no_auth_within_auth_timeout_closes_4401(h):
     assert "authentication timeout" in c.closed[1]
 
 
+def test_a_device_gone_while_signing_in_leaves_no_session_and_replaces_nothing(h):
+    h.core.rooms["alice"] = ["r1"]
+    older = h.connect("alice/phone")
+    verifying = h.verify_later()
+    c = h.connect(auth="frame")
+    c.send(pb.StreamRequest(auth_token="alice/phone"))
+    c.client.transport.loseConnection()  # gone while its token is verified
+    h.flush()
+    calls = len(h.core.calls)
+    verifying.callback(None)
+    assert len(h.core.calls) == calls  # the core is not asked for a device that left
+
+    opening = h.memberships_later()
+    c = h.connect("alice/phone")
+    c.client.transport.loseConnection()  # gone while its session opens
+    h.flush()
+    opening.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1")])])
+    h.flush()
+    assert older.closed is None  # not replaced by a connection that is gone
+    assert list(h.gateway.registry.sessions) == [older.server.session]
+
+
+def test_a_connection_the_gateway_closes_while_it_signs_in_gets_no_session(h):
+    h.core.rooms["alice"] = ["r1"]
+    older = h.connect("alice/phone")
+    opening = h.memberships_later()
+    c = h.connect("alice/phone")
+    c.server.close(1008, "over its budget")  # before the session opened
+    opening.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1")])])
+    h.flush()
+    assert c.closed[0] == 1008 and older.closed is None
+    assert list(h.gateway.registry.sessions) == [older.server.session]
+
+
 def test_device_id_falls_back_to_header_then_default(h):
     assert h.connect("dave", device="kiosk").of("connected")[0].connected.device_id == "kiosk"
     assert h.connect("erin").of("connected")[0].connected.device_id == "default"
