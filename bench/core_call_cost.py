@@ -76,12 +76,19 @@ def measure(target, mode, calls, concurrency):
             return [page async for page in stub(request, timeout=5, metadata=metadata)]
 
         def one(i):
-            metadata = (("authorization", f"Bearer {tokens[i % PROFILES]}"), ("x-gateway-id", "bench"), ("x-device-id", "d"))
+            metadata = (
+                ("authorization", f"Bearer {tokens[i % PROFILES]}"),
+                ("x-gateway-id", "bench"),
+                ("x-device-id", "d"),
+            )
             d = defer.Deferred()
             future = asyncio.run_coroutine_threadsafe(call(metadata), loop)
             future.add_done_callback(
-                lambda f: reactor.callFromThread(d.errback, f.exception()) if f.exception()
-                else reactor.callFromThread(d.callback, f.result())
+                lambda f: (
+                    reactor.callFromThread(d.errback, f.exception())
+                    if f.exception()
+                    else reactor.callFromThread(d.callback, f.result())
+                )
             )
             return d
 
@@ -116,15 +123,32 @@ def main():
         return
     port = free_port()
     env = {**os.environ, "JWT_SECRET": SECRET, "LOG_LEVEL": "warning"}
-    core = spawn(pinned(LOAD_CPU, [*TWISTD, "--nodaemon", "--pidfile=", "chatcore", "--port", str(port)]),
-                 env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    core = spawn(
+        pinned(LOAD_CPU, [*TWISTD, "--nodaemon", "--pidfile=", "chatcore", "--port", str(port)]),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port, core)
         results = {"client": [], "aio": []}
         for _ in range(options.rounds):
             for mode in results:
-                argv = ["taskset", "-c", SERVER_CPU, sys.executable, __file__, "--calls", str(options.calls),
-                        "--concurrency", str(options.concurrency), "--measure", f"127.0.0.1:{port}", mode]
+                argv = [
+                    "taskset",
+                    "-c",
+                    SERVER_CPU,
+                    sys.executable,
+                    __file__,
+                    "--calls",
+                    str(options.calls),
+                    "--concurrency",
+                    str(options.concurrency),
+                    "--measure",
+                    f"127.0.0.1:{port}",
+                    mode,
+                ]
                 done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
                 line = done.stdout.split()
                 if len(line) != 3:

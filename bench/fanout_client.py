@@ -49,8 +49,14 @@ class Counters:
         def pct(p):
             return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
 
-        return {"messages": self.messages, "samples": len(lat), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-                "max_ms": round(lat[-1] * 1000, 2) if lat else None, "closed": closed}
+        return {
+            "messages": self.messages,
+            "samples": len(lat),
+            "p50_ms": pct(0.5),
+            "p99_ms": pct(0.99),
+            "max_ms": round(lat[-1] * 1000, 2) if lat else None,
+            "closed": closed,
+        }
 
 
 class Device(RawWebSocket):
@@ -86,7 +92,7 @@ class Device(RawWebSocket):
         self.frames += 1
         if self.frames % SAMPLE_EVERY == 0 and buffer[start] == 0x0A and len(counters.latencies) < MAX_SAMPLES:
             try:
-                latency = time.time() - float(buffer[start + 2:start + 2 + buffer[start + 1]])
+                latency = time.time() - float(buffer[start + 2 : start + 2 + buffer[start + 1]])
             except ValueError:
                 latency = None
             if latency is not None and latency < 3600:  # else not a publisher's event
@@ -120,8 +126,12 @@ def _summary(seconds):
     if not seconds:
         return None
     ms = sorted(s * 1000 for s in seconds)
-    return {"mean": round(sum(ms) / len(ms), 2), "p50": round(ms[len(ms) // 2], 2),
-            "p99": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2), "max": round(ms[-1], 2)}
+    return {
+        "mean": round(sum(ms) / len(ms), 2),
+        "p50": round(ms[len(ms) // 2], 2),
+        "p99": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2),
+        "max": round(ms[-1], 2),
+    }
 
 
 async def main(reactor, argv):
@@ -141,17 +151,27 @@ async def main(reactor, argv):
     stdio.StandardIO(control)
     parts = urlsplit(args.url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, parts.hostname, parts.port, timeout=120,
-                                            bindAddress=(args.source, 0) if args.source else None)
+    endpoint = endpoints.TCP4ClientEndpoint(
+        reactor, parts.hostname, parts.port, timeout=120, bindAddress=(args.source, 0) if args.source else None
+    )
 
     async def connect(index):
         headers = {}
         if args.secret:
-            token = mint_token(args.secret, f"{args.prefix}{index}", device_id="b", audience="service_chat_gateway", ttl=86400)
+            token = mint_token(
+                args.secret, f"{args.prefix}{index}", device_id="b", audience="service_chat_gateway", ttl=86400
+            )
             headers["Authorization"] = f"Bearer {token}"
         opened = defer.Deferred()
-        device = Device(path, parts.netloc, headers, "chat.v1.proto" if args.secret else None, counters, opened,
-                        expect_hello=bool(args.secret))
+        device = Device(
+            path,
+            parts.netloc,
+            headers,
+            "chat.v1.proto" if args.secret else None,
+            counters,
+            opened,
+            expect_hello=bool(args.secret),
+        )
         await endpoints.connectProtocol(endpoint, device)
         devices.append(await opened)
 
@@ -162,12 +182,19 @@ async def main(reactor, argv):
             await connect(index)
 
     started = time.monotonic()
-    await defer.gatherResults([defer.Deferred.fromCoroutine(worker()) for _ in range(args.concurrency)], consumeErrors=True)
-    figures = {"connected": len(devices), "failed": 0, "retries": 0, "concurrency": args.concurrency,
-               "seconds_to_101": round(max((d.upgraded_at for d in devices), default=started) - started, 3),
-               "seconds_to_connected": round(max((d.connected_at for d in devices), default=started) - started, 3),
-               "ms_to_101": _summary([d.upgraded_at - d.started for d in devices]),
-               "ms_to_connected": _summary([d.connected_at - d.started for d in devices])}
+    await defer.gatherResults(
+        [defer.Deferred.fromCoroutine(worker()) for _ in range(args.concurrency)], consumeErrors=True
+    )
+    figures = {
+        "connected": len(devices),
+        "failed": 0,
+        "retries": 0,
+        "concurrency": args.concurrency,
+        "seconds_to_101": round(max((d.upgraded_at for d in devices), default=started) - started, 3),
+        "seconds_to_connected": round(max((d.connected_at for d in devices), default=started) - started, 3),
+        "ms_to_101": _summary([d.upgraded_at - d.started for d in devices]),
+        "ms_to_connected": _summary([d.connected_at - d.started for d in devices]),
+    }
     control.sendLine(f"READY {len(devices)} {figures['seconds_to_connected']:.3f} {json.dumps(figures)}".encode())
     await done
     for device in devices:

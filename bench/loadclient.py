@@ -72,7 +72,12 @@ class Load:
         url = self.args.urls[index % len(self.args.urls)]
         profile = f"{self.args.prefix}{index}"
         token = mint_token(
-            self.args.secret, profile, device_id="bench", issuer=self.args.issuer, audience=self.args.audience, ttl=86400
+            self.args.secret,
+            profile,
+            device_id="bench",
+            issuer=self.args.issuer,
+            audience=self.args.audience,
+            ttl=86400,
         )
         factory = WebSocketClientFactory(url, headers={"Authorization": f"Bearer {token}"}, protocols=["chat.v1.json"])
         factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=60)

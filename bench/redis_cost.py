@@ -113,9 +113,24 @@ def start_gateways(env, core_port, heartbeat, count=2):
 def start_load(gateways, connections, wait=False):
     urls = ",".join(f"ws://127.0.0.1:{g.port}/ws" for g in gateways)
     return subprocess.Popen(
-        [sys.executable, str(HERE / "loadclient.py"), "--urls", urls, "--secret", SECRET,
-         "--profiles", str(connections), "--prefix", "dev", *(["--wait"] if wait else [])],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            str(HERE / "loadclient.py"),
+            "--urls",
+            urls,
+            "--secret",
+            SECRET,
+            "--profiles",
+            str(connections),
+            "--prefix",
+            "dev",
+            *(["--wait"] if wait else []),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
 
 
@@ -197,8 +212,15 @@ def run(args):
         connect, disconnect, memory, connect_seconds = connect_and_disconnect(r, env, core_port, n)
         steady, steady_seconds = steady_state(r, env, core_port, n, args.heartbeat, args.intervals)
         meta_json = json.dumps(
-            {"profile_id": "dev0", "device_id": "bench", "room_ids": ["0" * 32], "last_active": 1795765703,
-             "last_heartbeat": 1795765703, "connected": 1795765703, "gateway_id": "bench-gw-0"},
+            {
+                "profile_id": "dev0",
+                "device_id": "bench",
+                "room_ids": ["0" * 32],
+                "last_active": 1795765703,
+                "last_heartbeat": 1795765703,
+                "connected": 1795765703,
+                "gateway_id": "bench-gw-0",
+            },
             separators=(",", ":"),
         )
         intervals = steady_seconds / args.heartbeat
@@ -218,7 +240,11 @@ def run(args):
             "connect_commands": connect,
             "steady_commands": steady,
             "disconnect_commands": disconnect,
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "redis": r.info("server")["redis_version"]},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "redis": r.info("server")["redis_version"],
+            },
         }
         results["memory_ratio_to_reference"] = round(
             results["redis_bytes_per_connection"] / max(1, results["reference_bytes_per_connection"]), 2

@@ -1,6 +1,6 @@
 """bench/out/suite.json -> bench/RESULTS.md and PNG plots in bench/.
 
-    .venv/bin/python bench/report.py [--in bench/out/suite.json] [--no-plots]
+.venv/bin/python bench/report.py [--in bench/out/suite.json] [--no-plots]
 """
 
 import argparse
@@ -24,7 +24,9 @@ def plot_throughput(results, out):
             if reps:
                 rep = reps[len(reps) // 2]
                 steps = sorted(rep["steps"] + rep.get("bisection", []), key=lambda s: s["publish_rate"])
-                ax.plot([s["publish_rate"] for s in steps], [s["deliveries_per_second"] for s in steps], "o-", label=name)
+                ax.plot(
+                    [s["publish_rate"] for s in steps], [s["deliveries_per_second"] for s in steps], "o-", label=name
+                )
         ax.set_title(f"room of {members}")
         ax.set_xscale("log")
         ax.set_xlabel("published messages/s")
@@ -57,8 +59,11 @@ def plot_latency(results, out):
 def plot_rss(results, out):
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, entry in results["summary"].items():
-        points = sorted((int(c), f["kib_per_connection"]) for c, f in entry["idle"].items()
-                        if f.get("kib_per_connection") is not None)
+        points = sorted(
+            (int(c), f["kib_per_connection"])
+            for c, f in entry["idle"].items()
+            if f.get("kib_per_connection") is not None
+        )
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
     ax.set_xlabel("idle connections")
@@ -73,12 +78,16 @@ def _fmt(value, spec=""):
 
 
 def tables(results):
-    lines = [f"Load client: {results.get('client', 'python')}; p99 rate bisected {results.get('bisect', 0)} times "
-             "past the doubling ladder."]
+    lines = [
+        f"Load client: {results.get('client', 'python')}; p99 rate bisected {results.get('bisect', 0)} times "
+        "past the doubling ladder."
+    ]
     lines.append("")
-    lines.append("| system | room | saturation (deliveries/s) | ratio | × one worker | max rate with p99 ≤ 50 ms (msg/s) "
-                 "| first over (msg/s) | ratio | p50 / p99 / max at half saturation (ms) | server CPU µs/delivery "
-                 "| client CPU share |")
+    lines.append(
+        "| system | room | saturation (deliveries/s) | ratio | × one worker | max rate with p99 ≤ 50 ms (msg/s) "
+        "| first over (msg/s) | ratio | p50 / p99 / max at half saturation (ms) | server CPU µs/delivery "
+        "| client CPU share |"
+    )
     lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, entry in results["summary"].items():
         for members, f in sorted(entry["fanout"].items(), key=lambda kv: int(kv[0])):
@@ -91,8 +100,10 @@ def tables(results):
                 f"| {_fmt(f.get('server_cpu_us_per_delivery'))} | {f['client_cpu_share']} |"
             )
     lines.append("")
-    lines.append("| system | idle connections | RSS per connection (KiB) | over reference (KiB) | handshakes/s "
-                 "(to `connected`) | ratio | mean ms to HTTP 101 / to `connected` | server CPU ms/handshake | failed |")
+    lines.append(
+        "| system | idle connections | RSS per connection (KiB) | over reference (KiB) | handshakes/s "
+        "(to `connected`) | ratio | mean ms to HTTP 101 / to `connected` | server CPU ms/handshake | failed |"
+    )
     lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, entry in results["summary"].items():
         for count, f in sorted(entry["idle"].items(), key=lambda kv: int(kv[0])):

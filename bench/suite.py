@@ -81,8 +81,11 @@ P99_TARGET_MS = 50
 C_SOURCE = HERE / "fanout_client.c"
 C_BINARY = OUT / "fanout_client"
 # publish rates (messages/s) per room size; a ladder stops at the first rung past saturation
-LADDERS = {100: [50, 100, 200, 400, 800, 1600, 3200, 6400, 12800], 1000: [5, 10, 20, 40, 80, 160, 320, 640],
-           5000: [1, 2, 4, 8, 16, 32, 64, 128]}
+LADDERS = {
+    100: [50, 100, 200, 400, 800, 1600, 3200, 6400, 12800],
+    1000: [5, 10, 20, 40, 80, 160, 320, 640],
+    5000: [1, 2, 4, 8, 16, 32, 64, 128],
+}
 
 # --------------------------------------------------------------------------- processes
 
@@ -248,23 +251,53 @@ class System:
         self.cpus = ALL_CPUS if name in ("gateway-2w", "2-gateways") else SERVER_CPU
 
     def start(self, timeout=60):
-        env = {**os.environ, "JWT_SECRET": SECRET, "CACHE_URI": self.redis_uri, "LOG_LEVEL": "warning",
-               "CHAT_SERVICE_URI": f"127.0.0.1:{self.core_port}", "MAX_EVENTS_PER_SECOND": "1000",
-               "HTTP_INTERFACE": "127.0.0.1", "SEND_BUFFER_BYTES": str(64 * 1024 * 1024),
-               # every load client connects from 127.0.0.1, and the idle runs hold up to 19,000
-               "MAX_UNAUTHENTICATED_PER_ADDRESS": "0", "MAX_CONNECTIONS": "25000", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "JWT_SECRET": SECRET,
+            "CACHE_URI": self.redis_uri,
+            "LOG_LEVEL": "warning",
+            "CHAT_SERVICE_URI": f"127.0.0.1:{self.core_port}",
+            "MAX_EVENTS_PER_SECOND": "1000",
+            "HTTP_INTERFACE": "127.0.0.1",
+            "SEND_BUFFER_BYTES": str(64 * 1024 * 1024),
+            # every load client connects from 127.0.0.1, and the idle runs hold up to 19,000
+            "MAX_UNAUTHENTICATED_PER_ADDRESS": "0",
+            "MAX_CONNECTIONS": "25000",
+            "PYTHONUNBUFFERED": "1",
+        }
         try:
             if self.name == "reference":
                 port = free_port()
-                self._spawn(pinned(self.cpus, [sys.executable, str(HERE / "reference_server.py"), "--port", str(port),
-                                               "--redis", self.redis_uri]), env, port)
+                self._spawn(
+                    pinned(
+                        self.cpus,
+                        [
+                            sys.executable,
+                            str(HERE / "reference_server.py"),
+                            "--port",
+                            str(port),
+                            "--redis",
+                            self.redis_uri,
+                        ],
+                    ),
+                    env,
+                    port,
+                )
                 return self
             count = 2 if self.name == "2-gateways" else 1
             for i in range(count):
                 port = free_port()
                 argv = [*TWISTD, "--nodaemon", "--pidfile=", "chatgateway", "--workers", str(self.workers)]
-                self._spawn(pinned(self.cpus, argv), {**env, "HTTP_PORT": str(port), "GRPC_PORT": str(free_port()),
-                                                      "GATEWAY_ID": f"bench-{self.name}-{i}"}, port)
+                self._spawn(
+                    pinned(self.cpus, argv),
+                    {
+                        **env,
+                        "HTTP_PORT": str(port),
+                        "GRPC_PORT": str(free_port()),
+                        "GATEWAY_ID": f"bench-{self.name}-{i}",
+                    },
+                    port,
+                )
             for port, process, log in zip(self.ports, self.processes, self.logs):
                 self._wait_ready(port, process, log, timeout)
             return self
@@ -299,8 +332,10 @@ class System:
             else:
                 streak = 0
                 time.sleep(0.1)
-        raise TimeoutError(f"{self.name} on port {port}: {listeners(port)} of {self.workers} workers listening, "
-                           f"/readyz not steadily 200 within {timeout} s\n{_tail(log)}")
+        raise TimeoutError(
+            f"{self.name} on port {port}: {listeners(port)} of {self.workers} workers listening, "
+            f"/readyz not steadily 200 within {timeout} s\n{_tail(log)}"
+        )
 
     def alive(self):
         return all(p.poll() is None for p in self.processes)
@@ -353,14 +388,21 @@ def build_c_client():
         return C_BINARY
     gcc = shutil.which("gcc")
     if gcc is None:
-        print("suite: gcc not found, so the C load client cannot be built: using bench/fanout_client.py "
-              "(--client python), which costs the client CPU several times more", file=sys.stderr, flush=True)
+        print(
+            "suite: gcc not found, so the C load client cannot be built: using bench/fanout_client.py "
+            "(--client python), which costs the client CPU several times more",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     OUT.mkdir(parents=True, exist_ok=True)
     build = subprocess.run([gcc, "-O2", "-Wall", "-o", str(C_BINARY), str(C_SOURCE)], capture_output=True, text=True)
     if build.returncode != 0:
-        print(f"suite: building the C load client failed, using the Python one:\n{build.stderr}", file=sys.stderr,
-              flush=True)
+        print(
+            f"suite: building the C load client failed, using the Python one:\n{build.stderr}",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     return C_BINARY
 
@@ -377,9 +419,12 @@ class Tokens:
         key = (prefix, first, count)
         if key not in self.files:
             path = self.dir / f"{prefix}{first}-{count}.txt"
-            path.write_text("".join(
-                mint_token(SECRET, f"{prefix}{i}", device_id="b", audience="service_chat_gateway", ttl=86400) + "\n"
-                for i in range(first, first + count)))
+            path.write_text(
+                "".join(
+                    mint_token(SECRET, f"{prefix}{i}", device_id="b", audience="service_chat_gateway", ttl=86400) + "\n"
+                    for i in range(first, first + count)
+                )
+            )
             self.files[key] = path
         return self.files[key]
 
@@ -427,8 +472,20 @@ class Clients:
         try:
             for n, (start, size) in enumerate(chunks):
                 # each process connects from a loopback address of its own: its own ephemeral port range
-                common = ["--url", system.url(n, room), "--count", str(size), "--first", str(start), "--prefix", prefix,
-                          "--concurrency", str(concurrency), "--source", f"127.0.0.{2 + n}"]
+                common = [
+                    "--url",
+                    system.url(n, room),
+                    "--count",
+                    str(size),
+                    "--first",
+                    str(start),
+                    "--prefix",
+                    prefix,
+                    "--concurrency",
+                    str(concurrency),
+                    "--source",
+                    f"127.0.0.{2 + n}",
+                ]
                 if options.client_binary:
                     argv = [str(options.client_binary), *common, "--tick-us", str(options.tick_us)]
                     if gateway:
@@ -437,8 +494,14 @@ class Clients:
                     argv = [sys.executable, str(HERE / "fanout_client.py"), *common]
                     if gateway:
                         argv += ["--secret", SECRET]
-                process = spawn(pinned(options.client_cpus, argv), cwd=ROOT, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=log, text=True)
+                process = spawn(
+                    pinned(options.client_cpus, argv),
+                    cwd=ROOT,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                )
                 self.processes.append(process)
                 self.lines.append(_Lines(process.stdout))
             self.handshakes = []
@@ -470,8 +533,11 @@ class Clients:
             parts = [(h["count"], h[key]) for h in hs if h.get(key)]
             if parts:
                 total = sum(n for n, _ in parts)
-                figures[key] = {"mean": round(sum(n * s["mean"] for n, s in parts) / total, 2),
-                                "p50": max(s["p50"] for _, s in parts), "p99": max(s["p99"] for _, s in parts)}
+                figures[key] = {
+                    "mean": round(sum(n * s["mean"] for n, s in parts) / total, 2),
+                    "p50": max(s["p50"] for _, s in parts),
+                    "p99": max(s["p99"] for _, s in parts),
+                }
         return figures
 
     def command(self, word, timeout=60):
@@ -567,8 +633,11 @@ def measure(system, redis_client, clients, room, rate, seconds, members, kind="l
     }
     if settled > 0.5:
         step["waited_for_ready_s"] = settled
-    print(f"    {kind:9} {rate:>8} msg/s: {step['deliveries_per_second']:>10,.0f} deliveries/s "
-          f"({step['delivered_share']:.0%} delivered), p99 {p99} ms", flush=True)
+    print(
+        f"    {kind:9} {rate:>8} msg/s: {step['deliveries_per_second']:>10,.0f} deliveries/s "
+        f"({step['delivered_share']:.0%} delivered), p99 {p99} ms",
+        flush=True,
+    )
     return step
 
 
@@ -590,8 +659,11 @@ def make_room(core_port, redis_client, room, prefix, members):
         channel = grpc.insecure_channel(f"127.0.0.1:{core_port}", options=[("grpc.max_send_message_length", 64 << 20)])
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         owner = mint_token(SECRET, "bench-owner", audience="service_chat_gateway")
-        stub.CreateRoom(pb.CreateRoomRequest(id=room, name=room, member_ids=[f"{prefix}{i}" for i in range(members)]),
-                        metadata=[("authorization", f"Bearer {owner}")], timeout=120)
+        stub.CreateRoom(
+            pb.CreateRoomRequest(id=room, name=room, member_ids=[f"{prefix}{i}" for i in range(members)]),
+            metadata=[("authorization", f"Bearer {owner}")],
+            timeout=120,
+        )
         channel.close()
         # room_created, then member_added for each member; an existing room (a later
         # repeat: the core lives for the whole run) publishes nothing, hence the quiet limit
@@ -665,18 +737,25 @@ def fanout(system, redis_client, core_port, members, options):
         server_cpu = {p: round(cpu_seconds(p) - c, 2) for p, c in cpu0.items()}
         client_cpu = clients.cpu_seconds() - client_cpu0
         delivered = sum(s["delivered"] for s in [*steps, *bisection, half])
-        return {"members": members, "steps": steps, "bisection": bisection,
-                "saturation_deliveries_per_second": saturation, "half_saturation": half,
-                "max_rate_p99_under_50ms": lo, "first_rate_over_50ms": hi,
-                "server_cpu_seconds": round(sum(server_cpu.values()), 2),
-                "server_cpu_seconds_by_process": {str(p): s for p, s in server_cpu.items()},
-                "client_cpu_seconds": round(client_cpu, 2), "client_processes": len(clients.processes),
-                # CPU per delivery over every step: steadier than rates on a machine that is not quiet
-                "delivered": delivered,
-                "server_cpu_us_per_delivery": round(sum(server_cpu.values()) / max(1, delivered) * 1e6, 2),
-                "client_cpu_us_per_delivery": round(client_cpu / max(1, delivered) * 1e6, 2),
-                "handshake": clients.handshake_figures(members),
-                "seconds": round(time.monotonic() - started, 1)}
+        return {
+            "members": members,
+            "steps": steps,
+            "bisection": bisection,
+            "saturation_deliveries_per_second": saturation,
+            "half_saturation": half,
+            "max_rate_p99_under_50ms": lo,
+            "first_rate_over_50ms": hi,
+            "server_cpu_seconds": round(sum(server_cpu.values()), 2),
+            "server_cpu_seconds_by_process": {str(p): s for p, s in server_cpu.items()},
+            "client_cpu_seconds": round(client_cpu, 2),
+            "client_processes": len(clients.processes),
+            # CPU per delivery over every step: steadier than rates on a machine that is not quiet
+            "delivered": delivered,
+            "server_cpu_us_per_delivery": round(sum(server_cpu.values()) / max(1, delivered) * 1e6, 2),
+            "client_cpu_us_per_delivery": round(client_cpu / max(1, delivered) * 1e6, 2),
+            "handshake": clients.handshake_figures(members),
+            "seconds": round(time.monotonic() - started, 1),
+        }
     finally:
         clients.stop()
 
@@ -695,16 +774,24 @@ def idle(system, core_port, count, options):
         server_cpu = sum(cpu_seconds(p) for p in pids) - cpu0
         client_cpu = clients.cpu_seconds()
         # the core answers a SearchRooms per gateway connect, on the load CPU: is it what limits handshakes?
-        others = {f"{name}_cpu_ms_per_handshake": round((cpu_seconds(options.others[name]) - c) / count * 1000, 3)
-                  for name, c in others0.items()}
+        others = {
+            f"{name}_cpu_ms_per_handshake": round((cpu_seconds(options.others[name]) - c) / count * 1000, 3)
+            for name, c in others0.items()
+        }
         time.sleep(1)
         after = sum(rss_kib(p) for p in system.pids())
-        return {"connections": count, "rss_kib_before": before, "rss_kib_after": after,
-                "kib_per_connection": round((after - before) / count, 2),
-                "server_cpu_seconds": round(server_cpu, 2), "client_cpu_seconds": round(client_cpu, 2),
-                "server_cpu_ms_per_handshake": round(server_cpu / count * 1000, 3), **others,
-                "client_processes": len(clients.processes),
-                **clients.handshake_figures(count)}
+        return {
+            "connections": count,
+            "rss_kib_before": before,
+            "rss_kib_after": after,
+            "kib_per_connection": round((after - before) / count, 2),
+            "server_cpu_seconds": round(server_cpu, 2),
+            "client_cpu_seconds": round(client_cpu, 2),
+            "server_cpu_ms_per_handshake": round(server_cpu / count * 1000, 3),
+            **others,
+            "client_processes": len(clients.processes),
+            **clients.handshake_figures(count),
+        }
     finally:
         clients.stop()
 
@@ -712,8 +799,13 @@ def idle(system, core_port, count, options):
 def placement(system, options, core, redis_server):
     """Where each process may run (CPU affinity), as recorded while the system runs."""
     pids = system.pids()
-    return {"server": {str(p): affinity(p) for p in pids}, "clients": options.client_cpus,
-            "publisher": affinity(0), "redis": affinity(redis_server.process.pid), "core": affinity(core.pid)}
+    return {
+        "server": {str(p): affinity(p) for p in pids},
+        "clients": options.client_cpus,
+        "publisher": affinity(0),
+        "redis": affinity(redis_server.process.pid),
+        "core": affinity(core.pid),
+    }
 
 
 # --------------------------------------------------------------------------- driver
@@ -740,10 +832,13 @@ def run_system(name, options, redis_server, redis_client, core, core_port, resul
                     raise RuntimeError(f"{name} died:\n{_tail(system.logs[0])}")
                 result = fanout(system, redis_client, core_port, members, options)
                 runs["fanout"].setdefault(str(members), []).append(result)
-                print(f"{name} #{repeat} {members}: saturation {result['saturation_deliveries_per_second']:,.0f}/s, "
-                      f"p99<=50ms up to {result['max_rate_p99_under_50ms']} msg/s, p99@half "
-                      f"{result['half_saturation']['p99_ms']} ms, client CPU {result['client_cpu_seconds']} s vs "
-                      f"server {result['server_cpu_seconds']} s ({result['seconds']} s)", flush=True)
+                print(
+                    f"{name} #{repeat} {members}: saturation {result['saturation_deliveries_per_second']:,.0f}/s, "
+                    f"p99<=50ms up to {result['max_rate_p99_under_50ms']} msg/s, p99@half "
+                    f"{result['half_saturation']['p99_ms']} ms, client CPU {result['client_cpu_seconds']} s vs "
+                    f"server {result['server_cpu_seconds']} s ({result['seconds']} s)",
+                    flush=True,
+                )
         except Exception as e:
             traceback.print_exc()
             runs["errors"].append({"repeat": repeat, "phase": "fanout", "error": f"{type(e).__name__}: {e}"})
@@ -758,9 +853,12 @@ def run_system(name, options, redis_server, redis_client, core, core_port, resul
                 system = System(name, redis_server.uri, core_port).start()  # fresh: RSS from a clean baseline
                 result = idle(system, core_port, count, options)
                 runs["idle"].setdefault(str(count), []).append(result)
-                print(f"{name} #{repeat} idle {count}: {result['kib_per_connection']} KiB/conn, "
-                      f"{result['handshakes_per_second']} handshakes/s to connected, "
-                      f"{result.get('upgrades_per_second')} to 101, {result['failed']} failed", flush=True)
+                print(
+                    f"{name} #{repeat} idle {count}: {result['kib_per_connection']} KiB/conn, "
+                    f"{result['handshakes_per_second']} handshakes/s to connected, "
+                    f"{result.get('upgrades_per_second')} to 101, {result['failed']} failed",
+                    flush=True,
+                )
             except Exception as e:
                 traceback.print_exc()
                 runs["errors"].append({"repeat": repeat, "phase": f"idle {count}", "error": f"{type(e).__name__}: {e}"})
@@ -772,7 +870,9 @@ def run_system(name, options, redis_server, redis_client, core, core_port, resul
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one repeat, rooms of 100 and 1,000, idle 1,000, 2 s steps")
+    parser.add_argument(
+        "--quick", action="store_true", help="one repeat, rooms of 100 and 1,000, idle 1,000, 2 s steps"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--idle-repeats", type=int, help="repeats of the idle steps (default: --repeats)")
     parser.add_argument("--systems", default="reference,gateway,gateway-2w,2-gateways")
@@ -808,15 +908,30 @@ def main():
     redis_client = redis.Redis(port=redis_server.port)
     core = None
     started = time.monotonic()
-    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                           "redis": redis_client.info("server")["redis_version"]},
-               "command": " ".join(sys.argv), "client": client_name, "bisect": options.bisect,
-               "p99_target_ms": P99_TARGET_MS, "systems": {}}
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "redis": redis_client.info("server")["redis_version"],
+        },
+        "command": " ".join(sys.argv),
+        "client": client_name,
+        "bisect": options.bisect,
+        "p99_target_ms": P99_TARGET_MS,
+        "systems": {},
+    }
     try:
         core_port = free_port()
         env = {**os.environ, "JWT_SECRET": SECRET, "CACHE_URI": redis_server.uri, "LOG_LEVEL": "warning"}
-        core = spawn(pinned(LOAD_CPU, [*TWISTD, "--nodaemon", "--pidfile=", "chatcore", "--port", str(core_port)]),
-                     env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        core = spawn(
+            pinned(LOAD_CPU, [*TWISTD, "--nodaemon", "--pidfile=", "chatcore", "--port", str(core_port)]),
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(core_port, core)
         options.redis_client = redis_client
         options.others = {"core": core.pid, "redis": redis_server.process.pid}
@@ -853,8 +968,11 @@ def summarise(results):
                 "p50_ms_at_half": statistics.median([r["half_saturation"]["p50_ms"] or 0 for r in reps]),
                 "p99_ms_at_half": statistics.median([r["half_saturation"]["p99_ms"] or 0 for r in reps]),
                 "max_ms_at_half": statistics.median([r["half_saturation"]["max_ms"] or 0 for r in reps]),
-                "client_cpu_share": round(sum(r["client_cpu_seconds"] for r in reps)
-                                          / max(0.01, sum(r["client_cpu_seconds"] + r["server_cpu_seconds"] for r in reps)), 2),
+                "client_cpu_share": round(
+                    sum(r["client_cpu_seconds"] for r in reps)
+                    / max(0.01, sum(r["client_cpu_seconds"] + r["server_cpu_seconds"] for r in reps)),
+                    2,
+                ),
                 "server_cpu_us_per_delivery": median_of(reps, "server_cpu_us_per_delivery"),
                 "first_rate_over_50ms": median_of(reps, "first_rate_over_50ms"),
                 "repeats": len(reps),
@@ -862,9 +980,16 @@ def summarise(results):
         for count, reps in runs["idle"].items():
             if isinstance(reps, dict):  # files from before the idle steps were repeated
                 reps = [reps]
-            figures = {key: median_of(reps, key) for key in
-                       ("kib_per_connection", "handshakes_per_second", "upgrades_per_second",
-                        "server_cpu_ms_per_handshake", "core_cpu_ms_per_handshake")}
+            figures = {
+                key: median_of(reps, key)
+                for key in (
+                    "kib_per_connection",
+                    "handshakes_per_second",
+                    "upgrades_per_second",
+                    "server_cpu_ms_per_handshake",
+                    "core_cpu_ms_per_handshake",
+                )
+            }
             for key in ("ms_to_101", "ms_to_connected"):
                 values = [r[key]["mean"] for r in reps if r.get(key)]
                 figures[f"{key}_mean"] = statistics.median(values) if values else None
@@ -878,18 +1003,21 @@ def summarise(results):
             for members, figures in entry["fanout"].items():
                 ref = reference["fanout"].get(members)
                 if ref and ref["saturation_deliveries_per_second"]:
-                    figures["saturation_ratio"] = round(figures["saturation_deliveries_per_second"]
-                                                        / ref["saturation_deliveries_per_second"], 2)
+                    figures["saturation_ratio"] = round(
+                        figures["saturation_deliveries_per_second"] / ref["saturation_deliveries_per_second"], 2
+                    )
                 if ref and ref["max_rate_p99_under_50ms"] and figures["max_rate_p99_under_50ms"] is not None:
-                    figures["p99_50ms_rate_ratio"] = round(figures["max_rate_p99_under_50ms"]
-                                                           / ref["max_rate_p99_under_50ms"], 2)
+                    figures["p99_50ms_rate_ratio"] = round(
+                        figures["max_rate_p99_under_50ms"] / ref["max_rate_p99_under_50ms"], 2
+                    )
             for count, figures in entry["idle"].items():
                 ref = reference["idle"].get(count)
                 if ref and ref["kib_per_connection"] is not None and figures["kib_per_connection"] is not None:
                     figures["kib_over_reference"] = round(figures["kib_per_connection"] - ref["kib_per_connection"], 2)
                 if ref and ref["handshakes_per_second"] and figures["handshakes_per_second"]:
-                    figures["handshake_ratio"] = round(figures["handshakes_per_second"]
-                                                       / max(0.1, ref["handshakes_per_second"]), 2)
+                    figures["handshake_ratio"] = round(
+                        figures["handshakes_per_second"] / max(0.1, ref["handshakes_per_second"]), 2
+                    )
                 if ref and ref.get("upgrades_per_second") and figures.get("upgrades_per_second"):
                     figures["upgrade_ratio"] = round(figures["upgrades_per_second"] / ref["upgrades_per_second"], 2)
     one = summary.get("gateway")
@@ -899,8 +1027,9 @@ def summarise(results):
             for members, figures in two["fanout"].items():
                 single = one["fanout"].get(members)
                 if single and single["saturation_deliveries_per_second"]:
-                    figures["over_one_worker"] = round(figures["saturation_deliveries_per_second"]
-                                                       / single["saturation_deliveries_per_second"], 2)
+                    figures["over_one_worker"] = round(
+                        figures["saturation_deliveries_per_second"] / single["saturation_deliveries_per_second"], 2
+                    )
     results["summary"] = summary
 
 

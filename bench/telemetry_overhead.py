@@ -87,7 +87,13 @@ class Setup:
         self.core = FakeCore()
         self.hub = MemoryHub()
         self.gateway = Gateway(
-            self.config, self.clock, FakeVerifier(self.clock), self.core, MemoryBus(self.hub), MemoryStore(), clock=self.clock,
+            self.config,
+            self.clock,
+            FakeVerifier(self.clock),
+            self.core,
+            MemoryBus(self.hub),
+            MemoryStore(),
+            clock=self.clock,
             counts=counts,
         )
         self.gateway.startService()
@@ -226,7 +232,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--room-size", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--devices", type=int, default=2000, help="devices connected (rounded to whole rooms)")
-    parser.add_argument("--deliveries", type=int, default=5000, help="deliveries per round (events = this / room size, at least 50)")
+    parser.add_argument(
+        "--deliveries", type=int, default=5000, help="deliveries per round (events = this / room size, at least 50)"
+    )
     parser.add_argument("--rounds", type=int, default=31, help="iterations (of three rounds each)")
     parser.add_argument("--spans", action="store_true", help="also record spans (in memory); none are on this path")
     parser.add_argument("--out", default=str(HERE / "out" / "telemetry_overhead.json"))

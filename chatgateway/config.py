@@ -152,44 +152,143 @@ class Setting:
 
 SETTINGS = [
     Setting("CHAT_SERVICE_URI", _host_port, "127.0.0.1:7010", "host:port of the core chat service (gRPC)."),
-    Setting("MAX_CONNECTIONS_PER_DEVICE", _int(1), "1", "Connections one device may hold; a newer one closes the oldest with 4001."),
+    Setting(
+        "MAX_CONNECTIONS_PER_DEVICE",
+        _int(1),
+        "1",
+        "Connections one device may hold; a newer one closes the oldest with 4001.",
+    ),
     Setting("CONNECTION_TIMEOUT_SEC", _number(1), "300", "No frame from a device for this long closes it with 4408."),
     Setting("HEARTBEAT_INTERVAL_SEC", _number(0.1), "30", "Interval of WebSocket pings (and metadata refresh)."),
-    Setting("MAX_EVENTS_PER_SECOND", _number(0.1), "100", "Commands per second per connection (token bucket, burst of the same size)."),
-    Setting("MAX_FRAMES_PER_SECOND", _or_derived(_number(1)), "", "Frames per second a device may send, of every kind (default: MAX_EVENTS_PER_SECOND + 100); beyond it the device is not read until its budget refills."),
-    Setting("MAX_BYTES_PER_SECOND", _int(65536), "1048576", "Bytes per second a device may send; beyond it the device is not read until its budget refills."),
-    Setting("OVER_BUDGET_CLOSE_SEC", _number(1), "10", "A device over its frame or byte budget again and again for this long is closed with 1008."),
-    Setting("MAX_TOKEN_REFRESHES_PER_MINUTE", _int(1), "10", "auth_token refreshes per minute per connection (burst of the same size); more are refused."),
-    Setting("CACHE_URI", _store_uri, "memory://", "Connection metadata store: memory:// (one instance) or redis://host:port/db."),
+    Setting(
+        "MAX_EVENTS_PER_SECOND",
+        _number(0.1),
+        "100",
+        "Commands per second per connection (token bucket, burst of the same size).",
+    ),
+    Setting(
+        "MAX_FRAMES_PER_SECOND",
+        _or_derived(_number(1)),
+        "",
+        "Frames per second a device may send, of every kind (default: MAX_EVENTS_PER_SECOND + 100); beyond it the device is not read until its budget refills.",
+    ),
+    Setting(
+        "MAX_BYTES_PER_SECOND",
+        _int(65536),
+        "1048576",
+        "Bytes per second a device may send; beyond it the device is not read until its budget refills.",
+    ),
+    Setting(
+        "OVER_BUDGET_CLOSE_SEC",
+        _number(1),
+        "10",
+        "A device over its frame or byte budget again and again for this long is closed with 1008.",
+    ),
+    Setting(
+        "MAX_TOKEN_REFRESHES_PER_MINUTE",
+        _int(1),
+        "10",
+        "auth_token refreshes per minute per connection (burst of the same size); more are refused.",
+    ),
+    Setting(
+        "CACHE_URI",
+        _store_uri,
+        "memory://",
+        "Connection metadata store: memory:// (one instance) or redis://host:port/db.",
+    ),
     Setting("EVENTS_URI", _store_uri, "", "Event bus; defaults to CACHE_URI."),
-    Setting("OAUTH2_ISSUER", _text, "", "Expected iss claim; its OpenID discovery gives the JWKS unless OAUTH2_JWKS_URI is set."),
+    Setting(
+        "OAUTH2_ISSUER",
+        _text,
+        "",
+        "Expected iss claim; its OpenID discovery gives the JWKS unless OAUTH2_JWKS_URI is set.",
+    ),
     Setting("OAUTH2_JWT_VERIFY_AUDIENCE", _text, "service_chat_gateway", "Expected aud claim."),
-    Setting("OAUTH2_JWKS_URI", _http_url, "", "JWKS URL for RS256/ES256 tokens (default: from the issuer's discovery document)."),
+    Setting(
+        "OAUTH2_JWKS_URI",
+        _http_url,
+        "",
+        "JWKS URL for RS256/ES256 tokens (default: from the issuer's discovery document).",
+    ),
     Setting("OAUTH2_TOKEN_ENDPOINT", _http_url, "", "Token endpoint for the gateway's own client-credentials token."),
     Setting("JWT_CLIENT_ID", _text, "", "The gateway's OAuth2 client id."),
     Setting("JWT_CLIENT_SECRET", _text, "", "The gateway's OAuth2 client secret."),
     Setting("JWT_SECRET", _text, "", "HS256 secret (development); enables HS256 tokens."),
-    Setting("JWT_LEEWAY_SEC", _number(0), "30", "Clock skew allowed on exp/nbf/iat; a session is closed at its token's exp plus this."),
-    Setting("JWKS_REFETCH_COOLDOWN_SEC", _number(0), "60", "An unknown kid refetches the JWKS at most once per this many seconds."),
+    Setting(
+        "JWT_LEEWAY_SEC",
+        _number(0),
+        "30",
+        "Clock skew allowed on exp/nbf/iat; a session is closed at its token's exp plus this.",
+    ),
+    Setting(
+        "JWKS_REFETCH_COOLDOWN_SEC",
+        _number(0),
+        "60",
+        "An unknown kid refetches the JWKS at most once per this many seconds.",
+    ),
     Setting("HTTP_PORT", _int(0), "80", "WebSocket (/ws), /healthz, /readyz."),
     Setting("HTTP_INTERFACE", _text, "", "Address the HTTP port binds (default: all)."),
     Setting("GRPC_PORT", _int(0), "50051", "gRPC port: chat.v1.ChatService, grpc.health.v1 and server reflection."),
     Setting("GRPC_INTERFACE", _text, "", "Address the gRPC port binds (default: HTTP_INTERFACE)."),
     Setting("GATEWAY_ID", _text, "", "This instance's id (default: gateway-<host>-<random>)."),
-    Setting("AUTH_TIMEOUT_SEC", _number(0.1), "10", "Time for a device to authenticate in its first frame (else 4401)."),
-    Setting("HANDSHAKE_TIMEOUT_SEC", _number(0.1), "10", "Time for a connection to send request headers (first, or after a response), and again to complete a WebSocket upgrade."),
-    Setting("CLOSE_TIMEOUT_SEC", _number(0.1), "5", "Time a closing WebSocket waits for the device's close frame before dropping the connection."),
+    Setting(
+        "AUTH_TIMEOUT_SEC", _number(0.1), "10", "Time for a device to authenticate in its first frame (else 4401)."
+    ),
+    Setting(
+        "HANDSHAKE_TIMEOUT_SEC",
+        _number(0.1),
+        "10",
+        "Time for a connection to send request headers (first, or after a response), and again to complete a WebSocket upgrade.",
+    ),
+    Setting(
+        "CLOSE_TIMEOUT_SEC",
+        _number(0.1),
+        "5",
+        "Time a closing WebSocket waits for the device's close frame before dropping the connection.",
+    ),
     Setting("MAX_MESSAGE_BYTES", _int(256), "65536", "Largest frame/message a device may send (else 1009)."),
-    Setting("SEND_BUFFER_BYTES", _int(1024), "1048576", "Outbound bytes buffered per connection before it is a slow consumer."),
-    Setting("MAX_CONNECTIONS", _int(1), "10000", "WebSocket connections per process; beyond it /ws answers 503 and /readyz reports full."),
-    Setting("MAX_UNAUTHENTICATED_PER_ADDRESS", _int(0), "64", "Connections of one client address not yet authenticated (0: no cap); beyond it 429."),
+    Setting(
+        "SEND_BUFFER_BYTES",
+        _int(1024),
+        "1048576",
+        "Outbound bytes buffered per connection before it is a slow consumer.",
+    ),
+    Setting(
+        "MAX_CONNECTIONS",
+        _int(1),
+        "10000",
+        "WebSocket connections per process; beyond it /ws answers 503 and /readyz reports full.",
+    ),
+    Setting(
+        "MAX_UNAUTHENTICATED_PER_ADDRESS",
+        _int(0),
+        "64",
+        "Connections of one client address not yet authenticated (0: no cap); beyond it 429.",
+    ),
     Setting("ALLOWED_ORIGINS", _origins, "", "Comma-separated browser origins allowed (empty: any)."),
-    Setting("CORE_TIMEOUT_SEC", _number(0.01), "5", "Deadline of each call to the core, from when the device's request arrived."),
+    Setting(
+        "CORE_TIMEOUT_SEC",
+        _number(0.01),
+        "5",
+        "Deadline of each call to the core, from when the device's request arrived.",
+    ),
     Setting("CORE_THREADS", _int(1), "16", "Threads for blocking calls to the core (bounded pool)."),
-    Setting("CORE_BREAKER_FAILURES", _int(1), "5", "Consecutive UNAVAILABLE/DEADLINE_EXCEEDED answers that open the circuit to the core."),
-    Setting("CORE_BREAKER_COOLDOWN_SEC", _number(0.1), "10", "Time an open circuit fails calls at once before one probe goes through."),
+    Setting(
+        "CORE_BREAKER_FAILURES",
+        _int(1),
+        "5",
+        "Consecutive UNAVAILABLE/DEADLINE_EXCEEDED answers that open the circuit to the core.",
+    ),
+    Setting(
+        "CORE_BREAKER_COOLDOWN_SEC",
+        _number(0.1),
+        "10",
+        "Time an open circuit fails calls at once before one probe goes through.",
+    ),
     Setting("DRAIN_TIMEOUT_SEC", _number(0), "30", "Longest a graceful stop may take."),
-    Setting("PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."),
+    Setting(
+        "PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."
+    ),
     Setting("CORE_DB", _text, "", "Reference core: SQLite file (default: in memory)."),
     Setting("CORE_PORT", _int(0), "7010", "Reference core: gRPC port of twistd chatcore."),
     Setting("LOG_LEVEL", _log_level, "info", "debug, info, warning or error."),
@@ -248,7 +347,9 @@ class Config:
     @property
     def in_memory(self):
         """The names of the settings (CACHE_URI, EVENTS_URI) that keep their data in this process."""
-        return [name for name, uri in (("CACHE_URI", self.cache_uri), ("EVENTS_URI", self.events_uri)) if uri == "memory://"]
+        return [
+            name for name, uri in (("CACHE_URI", self.cache_uri), ("EVENTS_URI", self.events_uri)) if uri == "memory://"
+        ]
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

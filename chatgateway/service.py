@@ -103,7 +103,9 @@ class _Listener(service.Service):
             self.listening = listen_shared(self._reactor, self._port, self.factory, self._interface)
         else:
             # The same accept backlog as shared ports: Twisted's default of 50 drops SYNs in a connect storm.
-            self.listening = self._reactor.listenTCP(self._port, self.factory, backlog=BACKLOG, interface=self._interface)
+            self.listening = self._reactor.listenTCP(
+                self._port, self.factory, backlog=BACKLOG, interface=self._interface
+            )
         address = self.listening.getHost()
         self.log.info("{name} listening on {host}:{port}", name=self.name, host=address.host, port=address.port)
         if self.on_listening is not None:
@@ -207,7 +209,8 @@ class _Signals(service.Service):
     def _drain(self, number):
         self.log.info(
             "{signal}: draining (at most {timeout:g}s); send it again to exit at once",
-            signal=signal.Signals(number).name, timeout=self._drain_timeout,
+            signal=signal.Signals(number).name,
+            timeout=self._drain_timeout,
         )
         if self._reactor.running:
             self._reactor.stop()
@@ -240,7 +243,9 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
     workers_check (--workers N > 1): the "workers" dependency of readiness (chatgateway.workers).
     """
     root = _Root()
-    LogLevelService(config.log_level, config.log_format, (config.jwt_secret, config.jwt_client_secret)).setServiceParent(root)
+    LogLevelService(
+        config.log_level, config.log_format, (config.jwt_secret, config.jwt_client_secret)
+    ).setServiceParent(root)
     telemetry = Telemetry(config.gateway_id)  # the SDK's providers and exporters, per the OTEL_* environment
     counts = GatewayCounts(telemetry.instruments)  # the one everything below counts into
     telemetry.observe(counts)
@@ -266,12 +271,20 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
     service_token = None
     if config.oauth2_token_endpoint:
         service_token = ClientCredentials(
-            config.oauth2_token_endpoint, config.jwt_client_id, config.jwt_client_secret, reactor,
+            config.oauth2_token_endpoint,
+            config.jwt_client_id,
+            config.jwt_client_secret,
+            reactor,
             timeout=config.core_timeout_sec,
         )
     core = CoreClient(
-        target, reactor, config.core_timeout_sec, config.core_threads, config.gateway_id,
-        breaker=breaker, service_token=service_token,
+        target,
+        reactor,
+        config.core_timeout_sec,
+        config.core_threads,
+        config.gateway_id,
+        breaker=breaker,
+        service_token=service_token,
     )
     telemetry.observe_core(core)  # its breaker state and calls in flight
     core = InstrumentedCore(core, counts)  # a span and rpc.client.call.duration per call
@@ -298,6 +311,7 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
     http.on_listening = lambda address: gateway.addresses.append(f"http://{address.host}:{address.port}")
     mint = None
     if dev:
+
         def mint(profile_id, device_id):
             return mint_token(
                 config.jwt_secret,
@@ -307,6 +321,7 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
                 audience=config.oauth2_jwt_verify_audience,
                 ttl=24 * 3600,
             )
+
     devices = DeviceFactory(gateway)  # /ws
     http.factory = build_http_factory(gateway, checks, mint, clock=reactor, devices=devices, telemetry=telemetry)
     checks["capacity"] = lambda: "full" if devices.full else "up"  # MAX_CONNECTIONS

@@ -24,7 +24,12 @@ class Options(usage.Options):
         [s.name.lower().replace("_", "-"), None, None, f"{s.help} [env {s.name}, default {s.default or 'unset'}]"]
         for s in configuration.SETTINGS
     ] + [
-        ["workers", None, None, "Processes sharing the ports (SO_REUSEPORT); default: the number of cores when both CACHE_URI and EVENTS_URI are Redis, else 1."],
+        [
+            "workers",
+            None,
+            None,
+            "Processes sharing the ports (SO_REUSEPORT); default: the number of cores when both CACHE_URI and EVENTS_URI are Redis, else 1.",
+        ],
         ["worker-index", None, None, "Internal: this process is worker N of a --workers parent."],
     ]
 
@@ -49,7 +54,9 @@ class Options(usage.Options):
         try:
             workers = int(self["workers"])
         except ValueError:
-            raise configuration.InvalidConfiguration([f"--workers {self['workers']!r}: must be a whole number"]) from None
+            raise configuration.InvalidConfiguration(
+                [f"--workers {self['workers']!r}: must be a whole number"]
+            ) from None
         if workers < 1:
             raise configuration.InvalidConfiguration(["--workers must be at least 1"])
         if workers > 1 and self["dev"]:
@@ -60,10 +67,12 @@ class Options(usage.Options):
             # Both: a store per worker breaks MAX_CONNECTIONS_PER_DEVICE, a bus per worker delivery.
             names = self.config.in_memory
             verb = "is" if len(names) == 1 else "are"
-            raise configuration.InvalidConfiguration([
-                f"--workers {workers} needs the store and the bus on Redis: {' and '.join(names)} {verb} memory://, "
-                "which cannot span processes (use --workers 1)"
-            ])
+            raise configuration.InvalidConfiguration(
+                [
+                    f"--workers {workers} needs the store and the bus on Redis: {' and '.join(names)} {verb} memory://, "
+                    "which cannot span processes (use --workers 1)"
+                ]
+            )
         if workers > 1 and self.config.http_port == 0:
             raise configuration.InvalidConfiguration(
                 ["--workers needs a fixed HTTP_PORT: every worker must bind the same port"]
@@ -129,7 +138,11 @@ def makeService(options, reactor=None):
         from chatgateway.workers import WorkerPool, stop_and_exit
 
         workers = WorkerPool(
-            reactor, options.workers, options.worker_args(), dict(os.environ), config.drain_timeout_sec + 5,
+            reactor,
+            options.workers,
+            options.worker_args(),
+            dict(os.environ),
+            config.drain_timeout_sec + 5,
             give_up=lambda message: stop_and_exit(reactor, 1),
         )
     elif options["worker-index"] is not None:
@@ -137,7 +150,10 @@ def makeService(options, reactor=None):
 
         workers = ParentWatch(reactor)
     root = make_gateway_service(
-        config, reactor, dev=options["dev"], shared_ports=workers is not None,
+        config,
+        reactor,
+        dev=options["dev"],
+        shared_ports=workers is not None,
         handle_signals=True,  # SIGTERM/SIGINT: drain, exit 0 (docs/operations.md#stopping-the-drain)
         workers_check=workers.readiness if workers is not None else None,
     )

@@ -135,8 +135,17 @@ class WorkerPool(service.Service):
 
     def _spawn(self, index):
         worker = _Worker(self, index, self._reactor.seconds())
-        argv = [sys.executable, "-c", WORKER_MAIN.format(path=self._path), "--nodaemon", "--pidfile=",
-                "chatgateway", *self._args, "--worker-index", str(index)]
+        argv = [
+            sys.executable,
+            "-c",
+            WORKER_MAIN.format(path=self._path),
+            "--nodaemon",
+            "--pidfile=",
+            "chatgateway",
+            *self._args,
+            "--worker-index",
+            str(index),
+        ]
         transport = self._reactor.spawnProcess(
             worker, sys.executable, argv, env=self._env, childFDs={0: "w", 1: 1, 2: 2, LISTENING_FD: "r"}
         )
@@ -170,8 +179,12 @@ class WorkerPool(service.Service):
             self.log.critical("{message}: stopping every worker and exiting with status 1", message=message)
             self._give_up(message)
             return
-        self.log.warn("worker {name} ended ({exit}); restarting it in {delay:g} s", name=name, exit=last_exit,
-                      delay=RESTART_DELAY_SEC)
+        self.log.warn(
+            "worker {name} ended ({exit}); restarting it in {delay:g} s",
+            name=name,
+            exit=last_exit,
+            delay=RESTART_DELAY_SEC,
+        )
         self._reactor.callLater(RESTART_DELAY_SEC, self._restart, worker.index)
 
     def _restart(self, index):

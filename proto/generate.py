@@ -44,9 +44,7 @@ def generate():
         for name in MODULES:
             with open(os.path.join(tmp, "chat", "v1", name)) as f:
                 text = f.read()
-            generated[name] = re.sub(
-                r"^from chat\.v1 import ", "from chatgateway.api import ", text, flags=re.M
-            )
+            generated[name] = re.sub(r"^from chat\.v1 import ", "from chatgateway.api import ", text, flags=re.M)
         return generated
 
 

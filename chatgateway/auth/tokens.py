@@ -274,7 +274,11 @@ class TokenVerifier:
         if device_id is not None and (not isinstance(device_id, str) or not device_id):
             raise AuthError("invalid device_id claim")
         return Claims(
-            profile_id=sub, device_id=device_id, expires_at=float(exp), valid_until=float(exp) + self._leeway, claims=payload
+            profile_id=sub,
+            device_id=device_id,
+            expires_at=float(exp),
+            valid_until=float(exp) + self._leeway,
+            claims=payload,
         )
 
     # -- keys from the issuer's JWKS ---------------------------------------------------------

@@ -190,8 +190,9 @@ class RedisBus:
     def _back(self, resync):
         if not resync:
             return
-        self.log.info("bus resubscribed to {count} channels; messages published meanwhile were missed",
-                      count=len(self._channels))
+        self.log.info(
+            "bus resubscribed to {count} channels; messages published meanwhile were missed", count=len(self._channels)
+        )
         for callback in list(self._reconnect_callbacks):
             try:
                 callback()

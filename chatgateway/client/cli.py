@@ -217,7 +217,9 @@ async def fetch_dev_token(reactor, url, profile, device, timeout):
     except defer.TimeoutError:
         raise Failed(f"cannot get a token from {url}: no answer within {timeout:g}s", EXIT_NO_CONNECTION) from None
     if response.code != 200:
-        hint = " (is the gateway running with --dev? otherwise use --token, or --secret)" if response.code == 404 else ""
+        hint = (
+            " (is the gateway running with --dev? otherwise use --token, or --secret)" if response.code == 404 else ""
+        )
         raise Failed(f"cannot get a token from {url}: HTTP {response.code}{hint}", EXIT_NO_CONNECTION)
     try:
         return json.loads(body)["token"]
@@ -291,9 +293,7 @@ async def cmd_rooms(reactor, args):
 
 def rooms_create(args):
     async def work(client, connected):
-        request = pb.CreateRoomRequest(
-            id=args.id, name=args.name, description=args.description, member_ids=args.member
-        )
+        request = pb.CreateRoomRequest(id=args.id, name=args.name, description=args.description, member_ids=args.member)
         response = await client.call("CreateRoom", request, args.timeout)
         _out(_json(response) if args.json else response.room.id)
 
@@ -362,9 +362,7 @@ async def cmd_send(reactor, args):
 
 async def cmd_history(reactor, args):
     async def work(client, connected):
-        request = pb.GetHistoryRequest(
-            room_id=args.room, limit=args.limit, direction=pb.GetHistoryRequest.BACKWARD
-        )
+        request = pb.GetHistoryRequest(room_id=args.room, limit=args.limit, direction=pb.GetHistoryRequest.BACKWARD)
         response = await client.call("GetHistory", request, args.timeout)
         if args.json:
             _out(_json(response))

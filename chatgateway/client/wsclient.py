@@ -1,8 +1,8 @@
 """A WebSocket client of the gateway (Autobahn), for the CLI and the tests.
 
-    client = await GatewayClient.connect("ws://127.0.0.1:8080/ws", token)
-    connected = await client.next_event("connected")
-    room = await client.call("CreateRoom", pb.CreateRoomRequest(name="general"))
+client = await GatewayClient.connect("ws://127.0.0.1:8080/ws", token)
+connected = await client.next_event("connected")
+room = await client.call("CreateRoom", pb.CreateRoomRequest(name="general"))
 """
 
 import itertools
@@ -87,9 +87,7 @@ class GatewayClient:
             parts = urlsplit(url)
             query = "&".join(q for q in (parts.query, urlencode({"access_token": token})) if q)
             url = urlunsplit(parts._replace(query=query))
-        factory = WebSocketClientFactory(
-            url, protocols=[subprotocol] if offer_subprotocol else None, headers=headers
-        )
+        factory = WebSocketClientFactory(url, protocols=[subprotocol] if offer_subprotocol else None, headers=headers)
         factory.setProtocolOptions(autoPingInterval=0, maxFramePayloadSize=0, maxMessagePayloadSize=0)
         factory.protocol = _Protocol
         factory.client = client

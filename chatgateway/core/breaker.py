@@ -80,8 +80,7 @@ class CircuitBreaker:
         if self._state == HALF_OPEN or (self._state == CLOSED and self._consecutive >= self._threshold):
             if self._state == CLOSED:
                 self.log.warn(
-                    "circuit to the {name} opened after {count} consecutive failures; "
-                    "failing fast for {cooldown:g}s",
+                    "circuit to the {name} opened after {count} consecutive failures; failing fast for {cooldown:g}s",
                     name=self._name,
                     count=self._consecutive,
                     cooldown=self._cooldown,

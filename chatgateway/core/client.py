@@ -131,9 +131,7 @@ class CoreError(Exception):
         self.status_details = status_details  # grpc-status-details-bin (a google.rpc.Status), if any
 
     def detail(self):
-        return pb.ErrorDetail(
-            code=self.code.value[0], status=self.code.name, message=self.message, meta=self.meta
-        )
+        return pb.ErrorDetail(code=self.code.value[0], status=self.code.name, message=self.message, meta=self.meta)
 
 
 # Where a call is (_Call.state).
@@ -236,8 +234,17 @@ class CoreClient:
     log = Logger()
 
     def __init__(
-        self, target, reactor, timeout, threads, gateway_id, breaker=None, service_token=None, clock=None,
-        pool=None, channel=None,
+        self,
+        target,
+        reactor,
+        timeout,
+        threads,
+        gateway_id,
+        breaker=None,
+        service_token=None,
+        clock=None,
+        pool=None,
+        channel=None,
     ):
         self._target = target
         # Tests may give the threads (BlockingCalls' start/call/stop) and the channel (its
@@ -321,9 +328,7 @@ class CoreClient:
             return defer.fail(CoreError(grpc.StatusCode.UNAVAILABLE, "core client is stopped"))
         full = self._in_flight >= self._limit or self._waiting
         if full and self._waiting >= self._max_waiting:
-            return defer.fail(
-                CoreError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls to the core in flight")
-            )
+            return defer.fail(CoreError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls to the core in flight"))
         if timeout is not None and timeout <= 0:
             return defer.fail(CoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call"))
         expires = self._clock.seconds() + (self._timeout if timeout is None else min(self._timeout, timeout))
@@ -441,7 +446,9 @@ class CoreClient:
         else:
             return
         call.state = _ENDED
-        self._answer(call, Failure(CoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting to call the core")))
+        self._answer(
+            call, Failure(CoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting to call the core"))
+        )
 
     def _answer(self, call, result):
         if call.d.called:

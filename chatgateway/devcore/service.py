@@ -38,9 +38,7 @@ class CoreService(service.Service):
             from chatgateway.auth.tokens import TokenVerifier
 
             self.verifier = TokenVerifier(self.config, self.reactor)
-        self.model = ChatModel(
-            self.config.core_db or ":memory:", clock=self.reactor.seconds, publish=self._publish
-        )
+        self.model = ChatModel(self.config.core_db or ":memory:", clock=self.reactor.seconds, publish=self._publish)
         servicer = ChatCoreServicer(self.model, self.verifier.verify_blocking)
         host = f"[{self.interface}]" if ":" in self.interface else self.interface
         try:

@@ -161,9 +161,7 @@ class ChatStorage:
     # ------------------------------------------------------------ events
 
     def find_event(self, room_id, event_id):
-        row = self._db.execute(
-            "SELECT data FROM events WHERE id = ? AND room_id = ?", (event_id, room_id)
-        ).fetchone()
+        row = self._db.execute("SELECT data FROM events WHERE id = ? AND room_id = ?", (event_id, room_id)).fetchone()
         return _message(row, pb.RoomEvent)
 
     def insert_event(self, event):
@@ -177,8 +175,7 @@ class ChatStorage:
         oldest first when ``forward``, else newest first, and whether more follow."""
         comparison, order = (">", "ASC") if forward else ("<", "DESC")
         rows = self._db.execute(
-            f"SELECT seq, data FROM events WHERE room_id = ? AND seq {comparison} ?"
-            f" ORDER BY seq {order} LIMIT ?",
+            f"SELECT seq, data FROM events WHERE room_id = ? AND seq {comparison} ? ORDER BY seq {order} LIMIT ?",
             (room_id, position, size + 1),
         ).fetchall()
         return _page(rows, size, pb.RoomEvent)

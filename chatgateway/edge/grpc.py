@@ -144,7 +144,9 @@ class GrpcEdge(service.Service):
             serving = readiness.is_ready(states) and not self.stopping
             if serving != self._serving and self._loop is not None and not self.stopping:
                 self._serving = serving
-                status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
                 asyncio.run_coroutine_threadsafe(self._set_health(status), self._loop)
 
         d.addCallback(update)

@@ -122,7 +122,9 @@ def build_site(gateway, checks, mint=None, devices=None, telemetry=None):
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", Readyz(checks))
     root.putChild(b"metrics", MetricsResource(telemetry))  # Prometheus text format
-    root.putChild(SERVICE.encode("ascii"), ConnectService(gateway))  # Connect protocol: POST /chat.v1.ChatService/<Method>
+    root.putChild(
+        SERVICE.encode("ascii"), ConnectService(gateway)
+    )  # Connect protocol: POST /chat.v1.ChatService/<Method>
     if mint is not None:
         dev = resource.Resource()
         dev.putChild(b"token", DevToken(mint))

@@ -45,9 +45,19 @@ MAX_REASON_BYTES = 123
 # reads them only while the handshake runs (the Authorization header alone is
 # ~300 bytes per connection).
 HANDSHAKE_ATTRIBUTES = (
-    "http_headers", "http_headers_cnt", "http_request_data", "http_response_data", "http_status_line",
-    "http_request_uri", "http_request_path", "http_request_params", "http_request_host",
-    "websocket_protocols", "websocket_extensions", "websocket_origin", "_wskey",
+    "http_headers",
+    "http_headers_cnt",
+    "http_request_data",
+    "http_response_data",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "websocket_protocols",
+    "websocket_extensions",
+    "websocket_origin",
+    "_wskey",
 )
 
 
@@ -118,7 +128,15 @@ class DeviceProtocol(WebSocketServerProtocol):
     # Our state in slots: Autobahn's own attributes alone nearly fill the instance
     # dict's 128 entries once the handshake is forgotten (see _forget_handshake).
     __slots__ = (
-        "session", "subprotocol", "_outbox", "_opening", "_close_timer", "_closing", "_socket", "_budget", "_resume_timer",
+        "session",
+        "subprotocol",
+        "_outbox",
+        "_opening",
+        "_close_timer",
+        "_closing",
+        "_socket",
+        "_budget",
+        "_resume_timer",
     )
 
     def __init__(self):
@@ -191,8 +209,9 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._budget = InboundBudget(
             config.max_frames_per_second, config.max_bytes_per_second, self.gateway.clock, config.over_budget_close_sec
         )
-        self._outbox = Outbox(self._write_frame, self.gateway.config.send_buffer_bytes, self._slow_consumer,
-                              unsent=self._unsent_bytes)
+        self._outbox = Outbox(
+            self._write_frame, self.gateway.config.send_buffer_bytes, self._slow_consumer, unsent=self._unsent_bytes
+        )
         self._outbox.bind(self.transport)
         self._socket = direct_socket(self.transport, Guard)
         self._opening.start()
@@ -248,7 +267,9 @@ class DeviceProtocol(WebSocketServerProtocol):
         delay = budget.pause()
         if budget.persistent and self.state == self.STATE_OPEN and self._closing is None:
             self.log.info(
-                "closing {peer}: over its {kind} budget for {seconds} s", peer=self.peer, kind=budget.exceeded,
+                "closing {peer}: over its {kind} budget for {seconds} s",
+                peer=self.peer,
+                kind=budget.exceeded,
                 seconds=budget.close_after,
             )
             self.close(CloseCode.POLICY, budget.reason())
@@ -293,7 +314,12 @@ class DeviceProtocol(WebSocketServerProtocol):
         if self.session is not None:
             self.session.activity()
         # A device that pings without reading gets no pongs piling up for it.
-        if self.state == self.STATE_OPEN and self._outbox is not None and not self._outbox.paused and not len(self._outbox):
+        if (
+            self.state == self.STATE_OPEN
+            and self._outbox is not None
+            and not self._outbox.paused
+            and not len(self._outbox)
+        ):
             self.sendPong(payload)
 
     def onPong(self, payload):

@@ -69,7 +69,9 @@ class _Factory(txredisapi.RedisFactory):
 
     def __init__(self, owner, address, protocol, charset, timeout):
         if not issubclass(protocol, JudgedReplyTimeouts):
-            raise TypeError(f"{protocol.__name__} must derive from JudgedReplyTimeouts (e.g. redisconn.protocols.RedisProtocol)")
+            raise TypeError(
+                f"{protocol.__name__} must derive from JudgedReplyTimeouts (e.g. redisconn.protocols.RedisProtocol)"
+            )
         super().__init__(
             str(address),
             address.db or None,  # db 0 needs no SELECT round trip
@@ -106,14 +108,16 @@ class _Factory(txredisapi.RedisFactory):
         # misconfigured Redis should be retried (with backoff) and logged.
         if self.owner.stopping:
             return super().stopTrying()
-        self.owner.log.error("redis {name} at {address} refused AUTH or SELECT; retrying", name=self.owner.name,
-                             address=self.owner.address)
+        self.owner.log.error(
+            "redis {name} at {address} refused AUTH or SELECT; retrying",
+            name=self.owner.name,
+            address=self.owner.address,
+        )
         return defer.succeed(None)
 
     def connectionError(self, why):
         # Lazy connections have nobody waiting on self.deferred; log instead.
         self.owner.log.warn("redis {name}: {why}", name=self.owner.name, why=why)
-
 
 
 class RedisConnection:
@@ -269,8 +273,11 @@ class RedisConnection:
 
     def _prepare_failed(self, failure, protocol):
         if protocol is self._protocol and protocol.connected and not self.stopping:
-            self.log.warn("redis {name}: new connection not usable ({error}); reconnecting", name=self.name,
-                          error=failure.getErrorMessage())
+            self.log.warn(
+                "redis {name}: new connection not usable ({error}); reconnecting",
+                name=self.name,
+                error=failure.getErrorMessage(),
+            )
             protocol.transport.abortConnection()
 
     def _connection_lost(self, protocol):
@@ -284,8 +291,9 @@ class RedisConnection:
         self.needs_resync = True
         self._down_since = self.clock.seconds()
         if was_ready:
-            self.log.warn("redis {name}: connection to {address} lost; reconnecting", name=self.name,
-                          address=self.address)
+            self.log.warn(
+                "redis {name}: connection to {address} lost; reconnecting", name=self.name, address=self.address
+            )
 
     def _check(self):
         """Health check: PING when connected; warn now and then while down."""
@@ -295,8 +303,11 @@ class RedisConnection:
                 # that backlog and could time out on a busy but healthy connection.
                 return
             d = self._protocol.ping()  # a timeout aborts the connection: reconnect follows
-            d.addErrback(lambda f: self.log.warn("redis {name}: health check failed: {error}", name=self.name,
-                                                 error=f.getErrorMessage()))
+            d.addErrback(
+                lambda f: self.log.warn(
+                    "redis {name}: health check failed: {error}", name=self.name, error=f.getErrorMessage()
+                )
+            )
             return
         now = self.clock.seconds()
         if self._down_since is None:

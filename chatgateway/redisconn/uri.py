@@ -1,8 +1,8 @@
 """Where Redis is: CACHE_URI / EVENTS_URI parsed into a RedisAddress.
 
-    redis://[[user]:password@]host[:port][/db]      (port 6379, db 0 by default)
-    unix:///path/to/redis.sock[?db=N][&password=P]
-    rediss://...                                    refused: TLS is not supported yet
+redis://[[user]:password@]host[:port][/db]      (port 6379, db 0 by default)
+unix:///path/to/redis.sock[?db=N][&password=P]
+rediss://...                                    refused: TLS is not supported yet
 """
 
 import dataclasses

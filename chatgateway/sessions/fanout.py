@@ -251,7 +251,10 @@ class Fanout:
         self.log.warn(
             "fan-out overloaded (more than {limit} deliveries waiting): dropped {events} events "
             "({deliveries} deliveries); {told} devices told events were missed",
-            limit=self.max_backlog, events=unreported[0], deliveries=unreported[1], told=unreported[2],
+            limit=self.max_backlog,
+            events=unreported[0],
+            deliveries=unreported[1],
+            told=unreported[2],
         )
         self._warned_at = now
         self._unreported = [0, 0, 0]

@@ -39,7 +39,9 @@ async def forward(
     """
     if arrived is None:
         arrived = gateway.clock.seconds()
-    deadline = arrived + (gateway.config.core_timeout_sec if timeout is None else min(timeout, gateway.config.core_timeout_sec))
+    deadline = arrived + (
+        gateway.config.core_timeout_sec if timeout is None else min(timeout, gateway.config.core_timeout_sec)
+    )
     if method not in METHODS:
         raise CoreError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
     if not token:
@@ -53,5 +55,7 @@ async def forward(
         options["traceparent"] = traceparent
         if tracestate:
             options["tracestate"] = tracestate
-    caller = Caller(token=token, profile_id=claims.profile_id, device_id=claims.device_id or device_id or "", call_options=options)
+    caller = Caller(
+        token=token, profile_id=claims.profile_id, device_id=claims.device_id or device_id or "", call_options=options
+    )
     return await gateway.forward(caller, method, request)

@@ -108,7 +108,8 @@ class Gateway(service.Service):
         if self.registry.sessions:
             self.log.warn(
                 "drain: {count} devices still connected after {timeout:.1f}s; dropping them",
-                count=len(self.registry.sessions), timeout=timeout,
+                count=len(self.registry.sessions),
+                timeout=timeout,
             )
             for session in list(self.registry.sessions):
                 session.abort()
@@ -148,9 +149,7 @@ class Gateway(service.Service):
 
     async def memberships(self, token, device_id):
         """Room ids the token's profile is a member of, asked of the core."""
-        pages = await self.core.call(
-            "SearchRooms", pb.SearchRoomsRequest(page_size=MEMBERSHIP_PAGE), token, device_id
-        )
+        pages = await self.core.call("SearchRooms", pb.SearchRoomsRequest(page_size=MEMBERSHIP_PAGE), token, device_id)
         return [room.id for page in pages for room in page.data]
 
     async def open_session(self, transport, claims, token, device_id, abandoned=None):
@@ -253,7 +252,9 @@ class Gateway(service.Service):
         """Pub/sub was down: events published meanwhile are gone. Tell every device."""
         sessions = list(self.registry.sessions)
         if sessions:
-            self.log.warn("event bus reconnected; {count} devices told events may have been missed", count=len(sessions))
+            self.log.warn(
+                "event bus reconnected; {count} devices told events may have been missed", count=len(sessions)
+            )
         for session in sessions:
             session.send_error(grpc.StatusCode.DATA_LOSS, "the event bus was unavailable: events may have been missed")
 
@@ -323,14 +324,18 @@ class Gateway(service.Service):
         for change in membership.changes(method, request, response, session.profile_id):
             self.apply_membership(change)
             if self.config.publish_forwarded_events:
-                self.publish(channels.profile(change.profile_id), pb.ServerEvent(id=uuid.uuid4().hex, subscription_event=change))
+                self.publish(
+                    channels.profile(change.profile_id), pb.ServerEvent(id=uuid.uuid4().hex, subscription_event=change)
+                )
         if method == "DeleteRoom":
             for local in list(self.registry.room_sessions(request.room_id)):
                 local.apply_membership(
                     membership.event(request.room_id, local.profile_id, pb.SubscriptionEvent.Change.REMOVED)
                 )
         if method == "SendEvent" and self.config.publish_forwarded_events:
-            self.publish(channels.room(response.event.room_id), pb.ServerEvent(id=response.event.id, message=response.event))
+            self.publish(
+                channels.room(response.event.room_id), pb.ServerEvent(id=response.event.id, message=response.event)
+            )
         return response
 
     def apply_membership(self, change):
@@ -340,4 +345,3 @@ class Gateway(service.Service):
     def publish(self, channel, event):
         codec.stamp(event, self.clock.seconds())
         self._quietly(self.bus.publish(channel, event.SerializeToString()), f"publishing to {channel}")
-

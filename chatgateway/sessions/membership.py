@@ -20,8 +20,7 @@ def changes(method, request, response, caller):
         return [event(room_id, p, Change.ADDED, roles) for p, roles in members.items()]
     if method == "AddRoomSubscriptions":
         return [
-            event(s.room_id or request.room_id, s.profile_id, Change.ADDED, s.roles)
-            for s in response.subscriptions
+            event(s.room_id or request.room_id, s.profile_id, Change.ADDED, s.roles) for s in response.subscriptions
         ]
     if method == "RemoveRoomSubscriptions":
         return [event(request.room_id, p, Change.REMOVED) for p in response.removed_profile_ids]

@@ -77,7 +77,11 @@ class Reasons:
     def __init__(self, unit, elsewhere=None):
         self.first = f"the first {unit} must carry auth_token"
         self.no_token = self.first + (f" (or send {elsewhere})" if elsewhere else "")
-        self.timeout = "authentication timeout: send " + (f"{elsewhere} or " if elsewhere else "") + f"auth_token in the first {unit}"
+        self.timeout = (
+            "authentication timeout: send "
+            + (f"{elsewhere} or " if elsewhere else "")
+            + f"auth_token in the first {unit}"
+        )
         self.too_many = f"too many {unit}s before connected"
 
 
@@ -86,8 +90,18 @@ class Opening:
 
     # One per connection while it signs in: slots keep it small.
     __slots__ = (
-        "_gateway", "_transport", "_opened", "_reasons", "_log", "_fallback_device",
-        "_claims", "_token", "_refusal", "_pending", "_timer", "_state",
+        "_gateway",
+        "_transport",
+        "_opened",
+        "_reasons",
+        "_log",
+        "_fallback_device",
+        "_claims",
+        "_token",
+        "_refusal",
+        "_pending",
+        "_timer",
+        "_state",
     )
 
     def __init__(self, gateway, transport, opened, reasons, log, fallback_device=""):

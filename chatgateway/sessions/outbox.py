@@ -101,8 +101,12 @@ def write_now(connection, data):
     does not take (or an error, which Twisted's write path then finds and reports) goes
     through write() as before, behind nothing, so the order holds.
     """
-    if connection.connected and not connection.disconnecting and not connection.dataBuffer \
-            and not connection._tempDataLen:
+    if (
+        connection.connected
+        and not connection.disconnecting
+        and not connection.dataBuffer
+        and not connection._tempDataLen
+    ):
         try:
             sent = connection.socket.send(data)
         except OSError:
@@ -137,8 +141,19 @@ class Outbox:
     # One per connection, and most connections never wait: slots, and the waiting
     # structures exist only while frames wait (an empty deque costs ~760 bytes).
     __slots__ = (
-        "_write", "_overflow", "_unsent", "limit", "paused", "closed", "queued", "_typing_bytes", "dropped",
-        "_queue", "_typing", "_by_key", "_removed",
+        "_write",
+        "_overflow",
+        "_unsent",
+        "limit",
+        "paused",
+        "closed",
+        "queued",
+        "_typing_bytes",
+        "dropped",
+        "_queue",
+        "_typing",
+        "_by_key",
+        "_removed",
     )
 
     def __init__(self, write, limit, overflow, unsent=_nothing_unsent):

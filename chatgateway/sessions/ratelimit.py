@@ -45,8 +45,17 @@ class InboundBudget:
     """
 
     __slots__ = (
-        "frames", "bytes", "_frame_rate", "_byte_rate", "_clock", "_stamp", "close_after", "_streak_since",
-        "_resumed_at", "exceeded", "persistent",
+        "frames",
+        "bytes",
+        "_frame_rate",
+        "_byte_rate",
+        "_clock",
+        "_stamp",
+        "close_after",
+        "_streak_since",
+        "_resumed_at",
+        "exceeded",
+        "persistent",
     )
 
     def __init__(self, frames_per_second, bytes_per_second, clock, close_after):
@@ -87,9 +96,7 @@ class InboundBudget:
         self.refill()
         frames_wanted = max(1.0, RESUME_SHARE * self._frame_rate)
         bytes_wanted = RESUME_SHARE * self._byte_rate
-        return max(
-            0.0, (frames_wanted - self.frames) / self._frame_rate, (bytes_wanted - self.bytes) / self._byte_rate
-        )
+        return max(0.0, (frames_wanted - self.frames) / self._frame_rate, (bytes_wanted - self.bytes) / self._byte_rate)
 
     def resume(self):
         self.refill()

@@ -153,8 +153,22 @@ class Session:
 
     # One per connection: slots keep it small.
     __slots__ = (
-        "gateway", "transport", "id", "profile_id", "device_id", "token", "member_rooms", "rooms", "closed",
-        "draining", "_in_flight", "connected_at", "last_active", "last_heartbeat", "_bucket", "_refreshes",
+        "gateway",
+        "transport",
+        "id",
+        "profile_id",
+        "device_id",
+        "token",
+        "member_rooms",
+        "rooms",
+        "closed",
+        "draining",
+        "_in_flight",
+        "connected_at",
+        "last_active",
+        "last_heartbeat",
+        "_bucket",
+        "_refreshes",
         "_expires_at",
     )
 
@@ -274,7 +288,9 @@ class Session:
             self._refreshes = TokenBucket(per_minute / 60.0, per_minute, self.gateway.clock)
         if not self._refreshes.take():
             # Not verified: a JWT verification costs more than the rest of a frame.
-            self.send_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "token refresh refused: over MAX_TOKEN_REFRESHES_PER_MINUTE")
+            self.send_error(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "token refresh refused: over MAX_TOKEN_REFRESHES_PER_MINUTE"
+            )
             return
 
         def fresh(claims):
@@ -416,4 +432,3 @@ class CommandError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-

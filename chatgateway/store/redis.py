@@ -156,7 +156,9 @@ CLAIM = _CLAIM_FUNCTION + "return claim(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\n"
 # KEYS: conn key, device key, this gateway's conns set, its rooms set, the room keys of ARGV[7..]
 # ARGV: metadata JSON, conn TTL, registry TTL, "profileID:deviceID", device entry, limit, room ids
 # Returns the device entries evicted, oldest first.
-OPEN = _CLAIM_FUNCTION + """
+OPEN = (
+    _CLAIM_FUNCTION
+    + """
 local ttl, registry_ttl, member = ARGV[2], ARGV[3], ARGV[4]
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
 for i = 5, #KEYS do
@@ -169,6 +171,7 @@ redis.call('SADD', KEYS[3], member)
 redis.call('EXPIRE', KEYS[3], registry_ttl)
 return claim(KEYS[2], ARGV[5], ARGV[6], ttl)
 """
+)
 
 # A heartbeat's writes, a script per REFRESH_CHUNK keys: through txredisapi each command
 # costs the reactor ~30 us (a Deferred, a reply slot, its encoding), so a refresh of
@@ -293,8 +296,13 @@ class RedisStore:
             *(room_key(room_id) for room_id in meta.room_ids),
         ]
         args = [
-            meta.to_json(), self.conn_ttl, self.registry_ttl, meta.member,
-            device_entry(meta.gateway_id, session_id), limit, *meta.room_ids,
+            meta.to_json(),
+            self.conn_ttl,
+            self.registry_ttl,
+            meta.member,
+            device_entry(meta.gateway_id, session_id),
+            limit,
+            *meta.room_ids,
         ]
         d = self.redis.eval(OPEN, keys, args)
         return d.addCallback(lambda evicted: [parse_device_entry(e) for e in evicted or ()])
@@ -399,8 +407,9 @@ class RedisStore:
                     left = await self.redis.eval(REAP, self._registry_keys(gateway_id), [gateway_id, REAP_BATCH])
                 if left == 0:
                     reaped.append(gateway_id)
-                    self.log.info("cleaned up after gateway {gateway_id}, whose registration expired",
-                                  gateway_id=gateway_id)
+                    self.log.info(
+                        "cleaned up after gateway {gateway_id}, whose registration expired", gateway_id=gateway_id
+                    )
             finally:
                 await self.redis.execute("DEL", lock)
         return reaped
@@ -427,10 +436,7 @@ class RedisStore:
         if self.redis.ready:
             try:
                 await defer.gatherResults(
-                    [
-                        self.redis.eval(STOP, self._registry_keys(g), [g])
-                        for g in sorted(self._own)
-                    ],
+                    [self.redis.eval(STOP, self._registry_keys(g), [g]) for g in sorted(self._own)],
                     consumeErrors=True,
                 )
             except Exception as e:

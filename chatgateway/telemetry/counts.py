@@ -47,7 +47,10 @@ class GatewayCounts:
     """
 
     def __init__(
-        self, instruments=None, clock=time.perf_counter, wall_clock_ns=time.time_ns,
+        self,
+        instruments=None,
+        clock=time.perf_counter,
+        wall_clock_ns=time.time_ns,
         fanout_sample_every=FANOUT_SAMPLE_EVERY,
     ):
         self.instruments = instruments if instruments is not None else Instruments.unconfigured()
@@ -56,7 +59,11 @@ class GatewayCounts:
         self._connections = ConnectionSpans(self.instruments, clock, wall_clock_ns)
         # Pre-filled so every series exists from the start.
         self._received = _kinds(
-            *(f.name for f in pb.ClientCommand.DESCRIPTOR.oneofs_by_name["command"].fields), "ack", "auth", "empty", "other"
+            *(f.name for f in pb.ClientCommand.DESCRIPTOR.oneofs_by_name["command"].fields),
+            "ack",
+            "auth",
+            "empty",
+            "other",
         )
         # A defaultdict: a payload kind added to the proto later counts without a change here
         # (None, no payload, is reported as "other"); dict.copy() of it is atomic under the GIL.

@@ -76,23 +76,55 @@ def observe_counts(meter, counts):
         return [Observation(counts.rate_limited_count())]
 
     for create, name, callback, unit, description in (
-        (meter.create_observable_up_down_counter, ACTIVE_CONNECTIONS, _by_name(counts.active_counts, TRANSPORT),
-         "{connection}", "Device connections open now, by transport."),
-        (meter.create_observable_counter, RECEIVED_MESSAGES, _by_name(counts.received_counts, MESSAGE_KIND),
-         "{message}", "Messages received from devices, by kind (command kind, ack, auth, empty)."),
-        (meter.create_observable_counter, SENT_MESSAGES, _by_name(counts.sent_counts, MESSAGE_KIND),
-         "{message}", "Messages sent to devices, by kind (ServerEvent payload)."),
-        (meter.create_observable_counter, CONNECTION_CLOSES, _by_pair(counts.close_counts, TRANSPORT, CLOSE_CODE),
-         "{connection}",
-         "Connections the gateway closed, by transport and close code (4429 slow consumer, 1008 policy...)."),
-        (meter.create_observable_counter, FANOUT_DROPPED, _by_name(counts.dropped_counts, MESSAGE_KIND),
-         "{message}",
-         "Deliveries dropped because the fan-out backlog was over its bound (chatgateway.sessions.fanout.MAX_BACKLOG)."),
-        (meter.create_observable_counter, RATE_LIMITED, rate_limited,
-         "{command}", "Commands refused by the per-connection rate limit (MAX_EVENTS_PER_SECOND)."),
-        (meter.create_observable_counter, DEPENDENCY_ERRORS,
-         _by_pair(counts.dependency_error_counts, DEPENDENCY, ERROR_TYPE),
-         "{error}", "Failed operations on Redis and transport failures of the core."),
+        (
+            meter.create_observable_up_down_counter,
+            ACTIVE_CONNECTIONS,
+            _by_name(counts.active_counts, TRANSPORT),
+            "{connection}",
+            "Device connections open now, by transport.",
+        ),
+        (
+            meter.create_observable_counter,
+            RECEIVED_MESSAGES,
+            _by_name(counts.received_counts, MESSAGE_KIND),
+            "{message}",
+            "Messages received from devices, by kind (command kind, ack, auth, empty).",
+        ),
+        (
+            meter.create_observable_counter,
+            SENT_MESSAGES,
+            _by_name(counts.sent_counts, MESSAGE_KIND),
+            "{message}",
+            "Messages sent to devices, by kind (ServerEvent payload).",
+        ),
+        (
+            meter.create_observable_counter,
+            CONNECTION_CLOSES,
+            _by_pair(counts.close_counts, TRANSPORT, CLOSE_CODE),
+            "{connection}",
+            "Connections the gateway closed, by transport and close code (4429 slow consumer, 1008 policy...).",
+        ),
+        (
+            meter.create_observable_counter,
+            FANOUT_DROPPED,
+            _by_name(counts.dropped_counts, MESSAGE_KIND),
+            "{message}",
+            "Deliveries dropped because the fan-out backlog was over its bound (chatgateway.sessions.fanout.MAX_BACKLOG).",
+        ),
+        (
+            meter.create_observable_counter,
+            RATE_LIMITED,
+            rate_limited,
+            "{command}",
+            "Commands refused by the per-connection rate limit (MAX_EVENTS_PER_SECOND).",
+        ),
+        (
+            meter.create_observable_counter,
+            DEPENDENCY_ERRORS,
+            _by_pair(counts.dependency_error_counts, DEPENDENCY, ERROR_TYPE),
+            "{error}",
+            "Failed operations on Redis and transport failures of the core.",
+        ),
     ):
         create(name, [callback], unit=unit, description=description)
 

@@ -116,7 +116,9 @@ def json_line(event):
     when = event.get("log_time")
     record = {
         "time": (
-            datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+            .isoformat(timespec="microseconds")
+            .replace("+00:00", "Z")
             if when is not None
             else None
         ),
@@ -184,7 +186,9 @@ class StdlibBridge(logging.Handler):
 
     def emit(self, record):
         try:
-            level = self._LEVELS.get(record.levelno, LogLevel.error if record.levelno > logging.ERROR else LogLevel.info)
+            level = self._LEVELS.get(
+                record.levelno, LogLevel.error if record.levelno > logging.ERROR else LogLevel.info
+            )
             Logger(namespace=record.name, observer=self._publisher).emit(level, "{text}", text=self.format(record))
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
@@ -202,7 +206,9 @@ class LogLevelService(service.Service):
     def startService(self):
         super().startService()
         txaio.set_global_log_level(_TXAIO_NAMES[self.level])
-        predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(self.level.replace("warning", "warn")))
+        predicate = LogLevelFilterPredicate(
+            defaultLogLevel=LogLevel.levelWithName(self.level.replace("warning", "warn"))
+        )
         for observer in list(self._publisher._observers):
             if isinstance(observer, FileLogObserver):
                 base = observer.formatEvent

@@ -47,11 +47,31 @@ async def test_reference_and_gateway_deliver_the_same_messages(redis_server, tmp
     env = {"JWT_SECRET": SECRET, "CACHE_URI": redis_server.uri}
     core_port, gateway_port, reference_port = free_port(), free_port(), free_port()
     core = Twistd("chatcore", ["--port", core_port], env=env, port=core_port, log_dir=tmp_path).start()
-    gateway = Twistd("chatgateway", ["--workers", "1"], port=gateway_port, log_dir=tmp_path, env={
-        **env, "HTTP_PORT": str(gateway_port), "HTTP_INTERFACE": "127.0.0.1", "GRPC_PORT": str(free_port()),
-        "CHAT_SERVICE_URI": f"127.0.0.1:{core_port}"}).start()
-    reference = subprocess.Popen([sys.executable, str(REPO_ROOT / "bench" / "reference_server.py"), "--port",
-                                  str(reference_port), "--redis", redis_server.uri], cwd=REPO_ROOT, stdout=subprocess.PIPE)
+    gateway = Twistd(
+        "chatgateway",
+        ["--workers", "1"],
+        port=gateway_port,
+        log_dir=tmp_path,
+        env={
+            **env,
+            "HTTP_PORT": str(gateway_port),
+            "HTTP_INTERFACE": "127.0.0.1",
+            "GRPC_PORT": str(free_port()),
+            "CHAT_SERVICE_URI": f"127.0.0.1:{core_port}",
+        },
+    ).start()
+    reference = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "bench" / "reference_server.py"),
+            "--port",
+            str(reference_port),
+            "--redis",
+            redis_server.uri,
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+    )
     try:
         assert reference.stdout.readline().strip() == b"listening"
         members = [f"member{i}" for i in range(3)]
@@ -59,10 +79,15 @@ async def test_reference_and_gateway_deliver_the_same_messages(redis_server, tmp
             owner = mint_token(SECRET, "owner", audience="service_chat_gateway")
             chat_pb2_grpc.ChatServiceStub(channel).CreateRoom(
                 pb.CreateRoomRequest(id=room, name=room, member_ids=members),
-                metadata=[("authorization", f"Bearer {owner}")], timeout=10)
+                metadata=[("authorization", f"Bearer {owner}")],
+                timeout=10,
+            )
         devices = [
-            await GatewayClient.connect(f"ws://127.0.0.1:{gateway_port}/ws",
-                                        mint_token(SECRET, m, audience="service_chat_gateway"), subprotocol=codec.PROTO)
+            await GatewayClient.connect(
+                f"ws://127.0.0.1:{gateway_port}/ws",
+                mint_token(SECRET, m, audience="service_chat_gateway"),
+                subprotocol=codec.PROTO,
+            )
             for m in members
         ]
         for device in devices:

@@ -77,14 +77,19 @@ class Deployment:
 
     def health(self):
         with grpc.insecure_channel(self.grpc) as channel:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            return (
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            )
 
 
 def start_gateway(env):
     http_port, grpc_port = free_port(), free_port()
     process = Twistd(
-        "chatgateway", ["--workers", "1"], env={**env, "HTTP_PORT": str(http_port), "GRPC_PORT": str(grpc_port)},
-        port=http_port, also_ports=[grpc_port],  # bound after HTTP_PORT; the tests call it at once
+        "chatgateway",
+        ["--workers", "1"],
+        env={**env, "HTTP_PORT": str(http_port), "GRPC_PORT": str(grpc_port)},
+        port=http_port,
+        also_ports=[grpc_port],  # bound after HTTP_PORT; the tests call it at once
     )
     process.start()
     return Deployment(process, http_port, grpc_port)
@@ -223,7 +228,9 @@ async def test_core_outage_opens_the_circuit_devices_stay_and_recovery_closes_it
         after = await alice.send_message(room.id, "after")
         got = await bob.anext_event("message", lambda e: e.message.id == after.id)  # the core publishes again
         assert got.message.payload["text"] == "after"
-        serving = await threads.deferToThread(until, lambda: outage.health() == health_pb2.HealthCheckResponse.SERVING, 6)
+        serving = await threads.deferToThread(
+            until, lambda: outage.health() == health_pb2.HealthCheckResponse.SERVING, 6
+        )
         assert serving
     finally:
         bob.close()
@@ -280,12 +287,18 @@ def scripted():
 
     def refuse(request, context):
         context.abort_with_status(
-            _Status(grpc.StatusCode.FAILED_PRECONDITION, "the last owner cannot be demoted", (("grpc-status-details-bin", DETAILS),))
+            _Status(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the last owner cannot be demoted",
+                (("grpc-status-details-bin", DETAILS),),
+            )
         )
 
     core.answers["GetHistory"] = slow
     core.answers["UpdateSubscriptionRole"] = refuse
-    core.answers["CreateRoom"] = lambda request, context: pb.CreateRoomResponse(room=pb.Room(id="r1", name=request.name))
+    core.answers["CreateRoom"] = lambda request, context: pb.CreateRoomResponse(
+        room=pb.Room(id="r1", name=request.name)
+    )
     core.answers["SearchRooms"] = lambda request, context: []
     endpoint = TokenEndpoint()
     deployment = start_gateway(
@@ -346,7 +359,13 @@ def test_the_cores_status_and_details_pass_through_unchanged(scripted):
 
 def test_calls_carry_identity_trace_context_and_the_gateways_own_token(scripted):
     device_token = token(unique("traced"), "tablet-7")
-    connect_call(scripted.http, "CreateRoom", pb.CreateRoomRequest(name="traced"), device_token, headers={"traceparent": TRACEPARENT})
+    connect_call(
+        scripted.http,
+        "CreateRoom",
+        pb.CreateRoomRequest(name="traced"),
+        device_token,
+        headers={"traceparent": TRACEPARENT},
+    )
     seen = scripted.core.metadata("CreateRoom")
     assert seen["authorization"] == f"Bearer {device_token}"
     assert seen["x-device-id"] == "tablet-7"
@@ -356,7 +375,13 @@ def test_calls_carry_identity_trace_context_and_the_gateways_own_token(scripted)
     assert scripted.token_endpoint.requests[0].startswith("Basic ")
 
     with grpc.insecure_channel(scripted.grpc) as channel:
-        unary(channel, "CreateRoom", pb.CreateRoomRequest(name="traced"), device_token, metadata=[("traceparent", TRACEPARENT)])
+        unary(
+            channel,
+            "CreateRoom",
+            pb.CreateRoomRequest(name="traced"),
+            device_token,
+            metadata=[("traceparent", TRACEPARENT)],
+        )
     seen = scripted.core.metadata("CreateRoom")
     assert seen["traceparent"] == TRACEPARENT and seen["x-service-authorization"] == "Bearer svc-1"
     assert len(scripted.token_endpoint.requests) == 1

@@ -130,7 +130,9 @@ async def test_device_joins_through_call_and_receives_without_reconnecting(dev_g
     assert before.id not in [e.message.id for e in joiner.pending("message")]
 
     # and leaving stops it
-    await joiner.call("RemoveRoomSubscriptions", pb.RemoveRoomSubscriptionsRequest(room_id=room.id, profile_ids=[joiner_id]))
+    await joiner.call(
+        "RemoveRoomSubscriptions", pb.RemoveRoomSubscriptionsRequest(room_id=room.id, profile_ids=[joiner_id])
+    )
     gone = await owner.send_message(room.id, "gone")
     own = (await joiner.call("CreateRoom", pb.CreateRoomRequest(name="mine"))).room
     await fence(joiner, own.id)
@@ -186,7 +188,9 @@ def random_frame(rng):
         return json.dumps({"command": {"requestId": str(rng.random()), field: value}}).encode(), False
     if kind == 4:
         method = rng.choice(["CreateRoom", "Nope", "", "SendEvent", "GetHistory"])
-        body = rng.choice([{"@type": "type.googleapis.com/chat.v1.CreateRoomRequest", "name": 5}, {"@type": "bad"}, {}, 7])
+        body = rng.choice(
+            [{"@type": "type.googleapis.com/chat.v1.CreateRoomRequest", "name": 5}, {"@type": "bad"}, {}, 7]
+        )
         return json.dumps({"command": {"requestId": "c", "call": {"method": method, "body": body}}}).encode(), False
     if kind == 5:
         return json.dumps({"ack": {"eventId": rng.random()}, "resumeToken": ["x"]}).encode(), False
@@ -282,21 +286,35 @@ def run_twistd(tmp_path, *arguments, **settings):
     env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS}}
     return subprocess.run(
         [*TWISTD, "--nodaemon", "--pidfile=", *map(str, arguments)],
-        cwd=tmp_path, env={**env, **settings}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        env={**env, **settings},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
 @pytest.mark.parametrize(
     "plugin, arguments, settings, problems",
     [
-        ("chatgateway", ["--http-port", "x", "--grpc-port", "y"], {},
-         ["HTTP_PORT='x': must be a whole number", "GRPC_PORT='y': must be a whole number"]),
+        (
+            "chatgateway",
+            ["--http-port", "x", "--grpc-port", "y"],
+            {},
+            ["HTTP_PORT='x': must be a whole number", "GRPC_PORT='y': must be a whole number"],
+        ),
         ("chatcore", ["--port", "x"], {}, ["CORE_PORT='x': must be a whole number"]),
         # Each worker would have a store of its own: MAX_CONNECTIONS_PER_DEVICE would not hold.
-        ("chatgateway", ["--workers", "2", "--http-port", "8090"],
-         {"CACHE_URI": "memory://", "EVENTS_URI": "redis://127.0.0.1:1/0"},
-         ["--workers 2 needs the store and the bus on Redis: CACHE_URI is memory://, "
-          "which cannot span processes (use --workers 1)"]),
+        (
+            "chatgateway",
+            ["--workers", "2", "--http-port", "8090"],
+            {"CACHE_URI": "memory://", "EVENTS_URI": "redis://127.0.0.1:1/0"},
+            [
+                "--workers 2 needs the store and the bus on Redis: CACHE_URI is memory://, "
+                "which cannot span processes (use --workers 1)"
+            ],
+        ),
     ],
 )
 def test_invalid_configuration_prints_only_its_problems_one_line_each(tmp_path, plugin, arguments, settings, problems):

@@ -94,7 +94,9 @@ async def test_grpc_and_websocket_devices_chat_both_ways_and_replacement_ends_th
         assert got.message.payload["text"] == "hello over WebSocket" and got.message.sender_id == bob_id
 
         # the forwarded methods work from inside the gRPC stream too (the `call` command)
-        bob.command(request_id="2", call=pb.CallCommand(method="GetHistory", body=packed(pb.GetHistoryRequest(room_id=room.id))))
+        bob.command(
+            request_id="2", call=pb.CallCommand(method="GetHistory", body=packed(pb.GetHistoryRequest(room_id=room.id)))
+        )
         reply = (await bob.aresult("2")).command_result
         history = pb.GetHistoryResponse()
         assert reply.body.Unpack(history)
@@ -130,7 +132,9 @@ async def test_stream_auth_in_the_first_message_and_refusals(dev_gateway):
         device.send(pb.StreamRequest(auth_token=dev_gateway.token(profile), device_id="tablet"))
         connected = (await device.anext_event("connected")).connected
         assert (connected.profile_id, connected.device_id) == (profile, "tablet")
-        device.send(pb.StreamRequest(command=pb.ClientCommand(request_id="x", subscribe=pb.RoomsCommand(room_ids=["nope"]))))
+        device.send(
+            pb.StreamRequest(command=pb.ClientCommand(request_id="x", subscribe=pb.RoomsCommand(room_ids=["nope"])))
+        )
         denied = (await device.aresult("x")).command_result
         assert denied.error.status == "PERMISSION_DENIED"
     finally:
@@ -161,7 +165,9 @@ def test_health_and_reflection(dev_gateway):
         assert checker.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == status
 
         reflector = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answers = list(reflector.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        answers = list(
+            reflector.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        )
         services = {s.name for s in answers[0].list_services_response.service}
         assert {"chat.v1.ChatService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
         files = list(
@@ -176,12 +182,19 @@ def test_stopping_the_gateway_ends_streams_with_unavailable(tmp_path):
     secret = "stopping-test-secret-0123456789abcdef0123"
     port, grpc_port = free_port(), free_port()
     process = Twistd(
-        "chatgateway", ["--dev", "--http-port", port, "--grpc-port", grpc_port], env={"JWT_SECRET": secret}, port=port, log_dir=tmp_path,
+        "chatgateway",
+        ["--dev", "--http-port", port, "--grpc-port", grpc_port],
+        env={"JWT_SECRET": secret},
+        port=port,
+        log_dir=tmp_path,
         also_ports=[grpc_port],
     )
     process.start()
     target = f"127.0.0.1:{grpc_port}"
-    tokens = [mint_token(secret, unique("leaving"), issuer="chatgateway-dev", audience="service_chat_gateway") for _ in range(3)]
+    tokens = [
+        mint_token(secret, unique("leaving"), issuer="chatgateway-dev", audience="service_chat_gateway")
+        for _ in range(3)
+    ]
     devices = [StreamDevice(target, t) for t in tokens]
     try:
         for device in devices:
@@ -288,10 +301,16 @@ async def test_the_ten_methods_through_each_surface(dev_gateway, surface):
         updated = (await alice("UpdateRoom", pb.UpdateRoomRequest(room_id=room.id, name=f"renamed {surface}"))).room
         assert updated.name == f"renamed {surface}"
 
-        added = await alice("AddRoomSubscriptions", pb.AddRoomSubscriptionsRequest(room_id=room.id, members=[pb.RoomSubscription(profile_id=carol_id)]))
+        added = await alice(
+            "AddRoomSubscriptions",
+            pb.AddRoomSubscriptionsRequest(room_id=room.id, members=[pb.RoomSubscription(profile_id=carol_id)]),
+        )
         assert [s.profile_id for s in added.subscriptions] == [carol_id]
 
-        role = await alice("UpdateSubscriptionRole", pb.UpdateSubscriptionRoleRequest(room_id=room.id, profile_id=carol_id, roles=["admin"]))
+        role = await alice(
+            "UpdateSubscriptionRole",
+            pb.UpdateSubscriptionRoleRequest(room_id=room.id, profile_id=carol_id, roles=["admin"]),
+        )
         assert list(role.subscription.roles) == ["admin"]
 
         members = await alice("SearchRoomSubscriptions", pb.SearchRoomSubscriptionsRequest(room_id=room.id))
@@ -306,7 +325,9 @@ async def test_the_ten_methods_through_each_surface(dev_gateway, surface):
         pages = await bob("SearchRooms", pb.SearchRoomsRequest(query=f"renamed {surface}"))
         assert [r.id for page in pages for r in page.data] == [room.id]
 
-        removed = await alice("RemoveRoomSubscriptions", pb.RemoveRoomSubscriptionsRequest(room_id=room.id, profile_ids=[carol_id]))
+        removed = await alice(
+            "RemoveRoomSubscriptions", pb.RemoveRoomSubscriptionsRequest(room_id=room.id, profile_ids=[carol_id])
+        )
         assert list(removed.removed_profile_ids) == [carol_id]
 
         # the core's errors arrive with the core's code
@@ -376,10 +397,17 @@ def test_two_thousand_streams_without_a_thread_each(dev_gateway):
         held = threads_of(pid)
         print("\nthreads:", thread_names(pid))
 
-        sent = connect_call(dev_gateway.http, "SendEvent", pb.SendEventRequest(event=text_event(room.id, "to all")), dev_gateway.token(host)).event
+        sent = connect_call(
+            dev_gateway.http,
+            "SendEvent",
+            pb.SendEventRequest(event=text_event(room.id, "to all")),
+            dev_gateway.token(host),
+        ).event
         delivered = loop.run(_await_message(streams, sent.id), timeout=120)
         after = threads_of(pid)
-        print(f"\n{STREAMS} gRPC streams: threads {baseline} with {WARM_UP} streams, {held} with {STREAMS}, {after} after a delivery to all")
+        print(
+            f"\n{STREAMS} gRPC streams: threads {baseline} with {WARM_UP} streams, {held} with {STREAMS}, {after} after a delivery to all"
+        )
         assert delivered == STREAMS
         # Bounded pools (core client 16, in-process core 16, reactor 10) may still grow a
         # little; a thread per stream would be ~1,900 more.
@@ -412,7 +440,8 @@ async def _open_streams(channels, token, numbers):
     opened = []
     for start in range(0, len(numbers), OPENING_AT_ONCE):
         batch = [
-            _AioStream(channels[n % len(channels)], token, f"d{n}").connected() for n in numbers[start : start + OPENING_AT_ONCE]
+            _AioStream(channels[n % len(channels)], token, f"d{n}").connected()
+            for n in numbers[start : start + OPENING_AT_ONCE]
         ]
         opened += await asyncio.gather(*batch)
     return opened

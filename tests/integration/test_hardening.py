@@ -63,8 +63,15 @@ def ws_upgrade(port, headers=(), path="/ws", rcvbuf=None, timeout=10):
     sock.settimeout(timeout)
     sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
-    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", *headers]
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *headers,
+    ]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     data = b""
     while b"\r\n\r\n" not in data:
@@ -134,11 +141,17 @@ def slow_consumer_bound(connections, send_buffer_bytes, largest_frame):
 
 
 @pytest_twisted.ensureDeferred
-async def test_slow_consumers_are_closed_4429_within_the_memory_bound_and_do_not_delay_a_fast_member(tmp_path, redis_server):
+async def test_slow_consumers_are_closed_4429_within_the_memory_bound_and_do_not_delay_a_fast_member(
+    tmp_path, redis_server
+):
     room = "crowded"
     core = member_of(room)
     gateway = gateway_process(
-        tmp_path, core, CACHE_URI=redis_server.uri, GATEWAY_ID="gw-slow", SEND_BUFFER_BYTES=SEND_BUFFER_BYTES,
+        tmp_path,
+        core,
+        CACHE_URI=redis_server.uri,
+        GATEWAY_ID="gw-slow",
+        SEND_BUFFER_BYTES=SEND_BUFFER_BYTES,
         CLOSE_TIMEOUT_SEC=120,  # keep the 4429 close frame waiting until the slow devices read it
         MAX_UNAUTHENTICATED_PER_ADDRESS=0,
     )
@@ -157,7 +170,18 @@ async def test_slow_consumers_are_closed_4429_within_the_memory_bound_and_do_not
 
         publisher = LineProcess(
             "tests/support/publisher.py",
-            ["--redis", redis_server.uri, "--room", room, "--rate", RATE, "--seconds", SECONDS, "--size", MESSAGE_BYTES],
+            [
+                "--redis",
+                redis_server.uri,
+                "--room",
+                room,
+                "--rate",
+                RATE,
+                "--seconds",
+                SECONDS,
+                "--size",
+                MESSAGE_BYTES,
+            ],
             log_path=tmp_path / "publisher.log",
         )
         total = int(await threads.deferToThread(publisher.expect, "DONE", 120))
@@ -183,9 +207,11 @@ async def test_slow_consumers_are_closed_4429_within_the_memory_bound_and_do_not
         assert result["codes"] == {"4429": SLOW}, result
         largest_frame = MESSAGE_BYTES + 256
         bound = slow_consumer_bound(SLOW, SEND_BUFFER_BYTES, largest_frame)
-        print(f"\nRSS idle {idle / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB, growth {(peak - idle) / MiB:.1f} MiB, "
-              f"bound {bound / MiB:.1f} MiB; slow devices read {result['frames']} frames before 4429; "
-              f"the fast device received {len(received)} of {total} messages ({len(notices)} DATA_LOSS notices)")
+        print(
+            f"\nRSS idle {idle / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB, growth {(peak - idle) / MiB:.1f} MiB, "
+            f"bound {bound / MiB:.1f} MiB; slow devices read {result['frames']} frames before 4429; "
+            f"the fast device received {len(received)} of {total} messages ({len(notices)} DATA_LOSS notices)"
+        )
         assert peak - idle < bound
         assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
     finally:
@@ -211,8 +237,13 @@ async def _pause(seconds):
 def lone_gateway(tmp_path):
     core = member_of("r")
     gateway = gateway_process(
-        tmp_path, core, GATEWAY_ID="gw-alone", ALLOWED_ORIGINS="https://app.example.com",
-        MAX_UNAUTHENTICATED_PER_ADDRESS=4, AUTH_TIMEOUT_SEC=1, HANDSHAKE_TIMEOUT_SEC=1,
+        tmp_path,
+        core,
+        GATEWAY_ID="gw-alone",
+        ALLOWED_ORIGINS="https://app.example.com",
+        MAX_UNAUTHENTICATED_PER_ADDRESS=4,
+        AUTH_TIMEOUT_SEC=1,
+        HANDSHAKE_TIMEOUT_SEC=1,
     )
     gateway.start()
     yield gateway
@@ -243,7 +274,9 @@ def test_a_deflate_bomb_and_a_2_63_frame_header_are_refused_without_rss_growth(l
     bomb = compressor.compress(b"\x00" * (10 * MiB)) + compressor.flush(zlib.Z_SYNC_FLUSH)
     bomb = bomb[:-4]  # permessage-deflate drops the sync flush's 00 00 ff ff tail
     assert len(bomb) < 20 * 1024
-    sock, status, rest = ws_upgrade(port, [*auth, "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"])
+    sock, status, rest = ws_upgrade(
+        port, [*auth, "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"]
+    )
     assert status.startswith("HTTP/1.1 101")
     sock.sendall(masked_frame(bomb, rsv1=True))
     assert read_close(sock) == 1002
@@ -317,7 +350,9 @@ def test_an_invalid_close_frame_is_answered_1002_or_1007_then_an_orderly_tcp_clo
             device = f"d{i}"
             sock, status, _ = ws_upgrade(gateway.port, [f"Authorization: Bearer {token('alice', device)}"])
             assert status.startswith("HTTP/1.1 101"), status
-            assert until(lambda: r.exists(f"gateway:conn:alice:{device}") and r.sismember("gateway:room:r", f"alice:{device}"))
+            assert until(
+                lambda: r.exists(f"gateway:conn:alice:{device}") and r.sismember("gateway:room:r", f"alice:{device}")
+            )
             sock.sendall(masked_frame(payload, opcode=0x8))
             frames, ending = frames_until_the_end(sock)
             closes = [struct.unpack("!H", p[:2])[0] for opcode, p in frames if opcode == 0x8]
@@ -407,27 +442,37 @@ def upgrade_after_a_keep_alive_request(port, path):
     status = head.split(b"\r\n")[0].decode()
     if not status.startswith("HTTP/1.1 200"):
         return sock, status
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    )
     while len(body) < length:
         chunk = sock.recv(4096)
         assert chunk, answer + body
         body += chunk
     key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     return sock, read_head(sock).split(b"\r\n")[0].decode()
 
 
-@pytest.mark.parametrize("path, keep_alive", [
-    ("/ws/x", False),  # served by the Site's WebSocketResource
-    ("/ws?x=1", False),  # handed to Autobahn by the router
-    ("/ws", False),
-    ("/ws", True),  # after a plain request on the same connection
-])
+@pytest.mark.parametrize(
+    "path, keep_alive",
+    [
+        ("/ws/x", False),  # served by the Site's WebSocketResource
+        ("/ws?x=1", False),  # handed to Autobahn by the router
+        ("/ws", False),
+        ("/ws", True),  # after a plain request on the same connection
+    ],
+)
 def test_the_per_address_cap_counts_every_token_less_upgrade(tmp_path, path, keep_alive):
     core = member_of("r")
-    gateway = gateway_process(tmp_path, core, GATEWAY_ID="gw-cap", MAX_UNAUTHENTICATED_PER_ADDRESS=32,
-                              AUTH_TIMEOUT_SEC=60)  # the upgraded ones stay unauthenticated for the whole test
+    gateway = gateway_process(
+        tmp_path, core, GATEWAY_ID="gw-cap", MAX_UNAUTHENTICATED_PER_ADDRESS=32, AUTH_TIMEOUT_SEC=60
+    )  # the upgraded ones stay unauthenticated for the whole test
     gateway.start()
     held, statuses = [], []
     try:
@@ -478,8 +523,14 @@ async def test_sigterm_drains_500_devices_with_calls_in_flight_and_exits_0(tmp_p
 
     core.answers["SendEvent"] = slow_send
     gateway = gateway_process(
-        tmp_path, core, CACHE_URI=redis_server.uri, GATEWAY_ID="gw-drain", DRAIN_TIMEOUT_SEC=DRAIN_TIMEOUT_SEC,
-        CORE_TIMEOUT_SEC=10, MAX_UNAUTHENTICATED_PER_ADDRESS=0, MAX_EVENTS_PER_SECOND=1000,
+        tmp_path,
+        core,
+        CACHE_URI=redis_server.uri,
+        GATEWAY_ID="gw-drain",
+        DRAIN_TIMEOUT_SEC=DRAIN_TIMEOUT_SEC,
+        CORE_TIMEOUT_SEC=10,
+        MAX_UNAUTHENTICATED_PER_ADDRESS=0,
+        MAX_EVENTS_PER_SECOND=1000,
     )
     gateway.start()
     r = redis_server.client()
@@ -521,7 +572,9 @@ async def test_sigterm_drains_500_devices_with_calls_in_flight_and_exits_0(tmp_p
         code = await threads.deferToThread(gateway.process.wait, DRAIN_TIMEOUT_SEC)
         took = time.monotonic() - signalled
         assert code == 0, gateway.log_tail(40)
-        print(f"\ndrain of {DEVICES} devices with {IN_FLIGHT} calls in flight ({CALL_SEC}s each): exit 0 after {took:.1f}s")
+        print(
+            f"\ndrain of {DEVICES} devices with {IN_FLIGHT} calls in flight ({CALL_SEC}s each): exit 0 after {took:.1f}s"
+        )
 
         assert await _until(lambda: json.loads(_report(devices))["open"] == 0, 20)
         report = json.loads(_report(devices))
@@ -629,7 +682,7 @@ class Prober:
                 if length == 126:
                     length, at = struct.unpack("!H", self.buffer[2:4])[0], 4
                 if len(self.buffer) >= at + length:
-                    payload, self.buffer = self.buffer[at:at + length], self.buffer[at + length:]
+                    payload, self.buffer = self.buffer[at : at + length], self.buffer[at + length :]
                     if opcode == 0x8:
                         raise AssertionError(f"the prober was closed: {payload!r}")
                     if opcode == 0x1:
@@ -644,7 +697,9 @@ class Prober:
         """Seconds from sending a command to its result."""
         self.sent += 1
         request_id = str(self.sent)
-        frame = masked_frame(json.dumps({"command": {"requestId": request_id, "subscribe": {"roomIds": [self.room]}}}).encode())
+        frame = masked_frame(
+            json.dumps({"command": {"requestId": request_id, "subscribe": {"roomIds": [self.room]}}}).encode()
+        )
         started = time.perf_counter()
         self.sock.sendall(frame)
         while True:
@@ -680,7 +735,8 @@ def test_a_flooding_device_costs_only_its_budget_and_is_closed_1008(tmp_path):
         prober.sample(count=20)  # warm up
         idle = prober.sample(count=100)
         flooder = LineProcess(
-            "tests/support/flooder.py", ["--port", gateway.port, "--secret", SECRET],
+            "tests/support/flooder.py",
+            ["--port", gateway.port, "--secret", SECRET],
             log_path=tmp_path / "flooder.log",
         )
         flooder.expect("READY", 30)
@@ -688,9 +744,11 @@ def test_a_flooding_device_costs_only_its_budget_and_is_closed_1008(tmp_path):
         time.sleep(0.5)  # the flood is under way
         flooded = prober.sample(seconds=FLOOD_SECONDS)
         bound = max(3 * median(idle), 0.015)
-        print(f"\ncommand round trip: idle median {median(idle) * 1000:.2f} ms; while another device floods: "
-              f"median {median(flooded) * 1000:.2f} ms, p90 {sorted(flooded)[len(flooded) * 9 // 10] * 1000:.2f} ms "
-              f"over {len(flooded)} samples; bound {bound * 1000:.2f} ms")
+        print(
+            f"\ncommand round trip: idle median {median(idle) * 1000:.2f} ms; while another device floods: "
+            f"median {median(flooded) * 1000:.2f} ms, p90 {sorted(flooded)[len(flooded) * 9 // 10] * 1000:.2f} ms "
+            f"over {len(flooded)} samples; bound {bound * 1000:.2f} ms"
+        )
         assert median(flooded) <= bound
 
         # The flooder keeps exceeding its budget: closed with 1008 once it has for OVER_BUDGET_CLOSE_SEC.

@@ -42,8 +42,9 @@ def test_the_heartbeat_pings_each_interval_and_a_device_that_answers_stays(tmp_p
     sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
     try:
         token = mint_token(SECRET, "alice", audience="service_chat_gateway")
-        sock.sendall(upgrade_request(f"127.0.0.1:{gateway.port}", "/ws", "chat.v1.proto",
-                                     {"Authorization": f"Bearer {token}"}))
+        sock.sendall(
+            upgrade_request(f"127.0.0.1:{gateway.port}", "/ws", "chat.v1.proto", {"Authorization": f"Bearer {token}"})
+        )
         response = b""
         while b"\r\n\r\n" not in response:
             response += sock.recv(65536)

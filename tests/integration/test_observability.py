@@ -23,7 +23,10 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
 )
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import threads
 from twisted.web import resource, server
@@ -96,7 +99,11 @@ def start_gateway(log_format, extra_env=None):
         **(extra_env or {}),
     }
     process = Twistd(
-        "chatgateway", ["--dev", "--http-port", port, "--grpc-port", grpc_port], env=env, port=port, also_ports=[grpc_port]
+        "chatgateway",
+        ["--dev", "--http-port", port, "--grpc-port", grpc_port],
+        env=env,
+        port=port,
+        also_ports=[grpc_port],
     )
     process.start()
     return DevGateway(process, port, grpc_port)
@@ -188,8 +195,12 @@ async def test_scrape_shows_connected_devices_and_message_counters(observed):
         await carol.anext_event("message", lambda e, i=event.id: e.message.id == i)
         await alice.next_event("message", lambda e, i=event.id: e.message.id == i)
     after = scrape(observed)
-    assert delta(after, before, "chatgateway_server_received_messages_total", chatgateway_message_kind="room_event") == 3
-    assert delta(after, before, "chatgateway_server_sent_messages_total", chatgateway_message_kind="command_result") == 3
+    assert (
+        delta(after, before, "chatgateway_server_received_messages_total", chatgateway_message_kind="room_event") == 3
+    )
+    assert (
+        delta(after, before, "chatgateway_server_sent_messages_total", chatgateway_message_kind="command_result") == 3
+    )
     assert delta(after, before, "chatgateway_server_sent_messages_total", chatgateway_message_kind="message") == 9
     calls = dict(rpc_method="chat.v1.ChatService/SendEvent", rpc_response_status_code="OK", rpc_system_name="grpc")
     assert delta(after, before, "rpc_client_call_duration_seconds_count", **calls) == 3
@@ -198,13 +209,20 @@ async def test_scrape_shows_connected_devices_and_message_counters(observed):
     await bob.close()
     carol.close()
     await until(
-        lambda: delta(scrape(observed), base, "chatgateway_server_active_connections", chatgateway_transport="grpc") == 0,
+        lambda: (
+            delta(scrape(observed), base, "chatgateway_server_active_connections", chatgateway_transport="grpc") == 0
+        ),
         what="the gRPC stream to end",
     )
     closed = scrape(observed)
     assert delta(closed, base, "chatgateway_server_active_connections", chatgateway_transport="websocket") == 1
-    assert delta(closed, base, "chatgateway_server_connection_duration_seconds_count", chatgateway_transport="websocket") == 1
-    assert delta(closed, base, "chatgateway_server_connection_duration_seconds_count", chatgateway_transport="grpc") == 1
+    assert (
+        delta(closed, base, "chatgateway_server_connection_duration_seconds_count", chatgateway_transport="websocket")
+        == 1
+    )
+    assert (
+        delta(closed, base, "chatgateway_server_connection_duration_seconds_count", chatgateway_transport="grpc") == 1
+    )
     await alice.close()
 
 
@@ -213,13 +231,18 @@ async def test_otlp_receives_the_span_of_a_forwarded_call_with_the_devices_paren
     profile = unique("tracer")
     traceparent = f"00-{DEVICE_TRACE}-{DEVICE_SPAN}-01"
     await threads.deferToThread(
-        connect_call, observed.http, "CreateRoom", pb.CreateRoomRequest(name="traced"),
-        token=observed.token(profile), headers={"traceparent": traceparent},
+        connect_call,
+        observed.http,
+        "CreateRoom",
+        pb.CreateRoomRequest(name="traced"),
+        token=observed.token(profile),
+        headers={"traceparent": traceparent},
     )
 
     def ours():
         return [
-            (attributes, span) for attributes, span in otlp.spans
+            (attributes, span)
+            for attributes, span in otlp.spans
             if span.name == "chat.v1.ChatService/CreateRoom" and span.trace_id.hex() == DEVICE_TRACE
         ]
 
@@ -234,11 +257,15 @@ async def test_otlp_receives_the_span_of_a_forwarded_call_with_the_devices_paren
     assert span_attributes["rpc.response.status_code"] == "OK"
 
     # a WebSocket connection is a span too, parented by its handshake's traceparent
-    client = await GatewayClient.connect(observed.url, observed.token(unique("ws")), headers={"traceparent": traceparent})
+    client = await GatewayClient.connect(
+        observed.url, observed.token(unique("ws")), headers={"traceparent": traceparent}
+    )
     await client.next_event("connected")
     await client.close()
     await until(
-        lambda: any(s.name == "chatgateway.connection" and s.parent_span_id.hex() == DEVICE_SPAN for _, s in otlp.spans),
+        lambda: any(
+            s.name == "chatgateway.connection" and s.parent_span_id.hex() == DEVICE_SPAN for _, s in otlp.spans
+        ),
         what="the connection span",
     )
     await until(lambda: "chatgateway.server.active_connections" in otlp.metric_names, what="metrics over OTLP")
@@ -264,7 +291,12 @@ async def exercise_every_token_path(gateway):
     # a fresh token in a later frame (token refresh), then a command to fence it
     by_frame.send_raw(json.dumps({"authToken": token(frame_profile, "f")}).encode())
     await by_frame.call("CreateRoom", pb.CreateRoomRequest(name="after refresh"))
-    bad = mint_token("another-secret-0123456789abcdefgh", unique("mallory"), issuer="chatgateway-dev", audience="service_chat_gateway")
+    bad = mint_token(
+        "another-secret-0123456789abcdefgh",
+        unique("mallory"),
+        issuer="chatgateway-dev",
+        audience="service_chat_gateway",
+    )
     tokens.append(bad)
     with pytest.raises(ClosedError):
         await GatewayClient.connect(gateway.url, bad)
@@ -280,9 +312,7 @@ async def exercise_every_token_path(gateway):
     await stream.anext_event("connected")
     stream.close()
     with pytest.raises(Exception):
-        await threads.deferToThread(
-            connect_call, gateway.http, "CreateRoom", pb.CreateRoomRequest(name="c"), token=bad
-        )
+        await threads.deferToThread(connect_call, gateway.http, "CreateRoom", pb.CreateRoomRequest(name="c"), token=bad)
     for client in (by_header, by_query, by_frame):
         await client.close()
     return tokens
@@ -325,7 +355,11 @@ async def test_no_token_or_secret_in_the_text_debug_log():
 
 
 def test_the_dockerfiles_healthcheck_command_answers_for_the_running_gateway(observed):
-    healthcheck = next(i["value"] for i in DockerfileParser(str(REPO_ROOT / "Dockerfile")).structure if i["instruction"] == "HEALTHCHECK")
+    healthcheck = next(
+        i["value"]
+        for i in DockerfileParser(str(REPO_ROOT / "Dockerfile")).structure
+        if i["instruction"] == "HEALTHCHECK"
+    )
     command = json.loads(healthcheck.split("CMD", 1)[1].strip())
     assert command[0] == "python"
     run = [sys.executable, *command[1:]]

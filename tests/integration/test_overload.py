@@ -64,7 +64,9 @@ def test_a_room_flooded_beyond_capacity_sheds_old_events_tells_devices_and_keeps
     core = FakeCore()
     core.answers["SearchRooms"] = lambda request, context: [pb.SearchRoomsResponse(data=[pb.Room(id=ROOM)])]
     gateway = one_gateway(
-        tmp_path, core, SECRET,
+        tmp_path,
+        core,
+        SECRET,
         CACHE_URI=redis_server.uri,
         GATEWAY_ID="gw-flooded",
         MAX_UNAUTHENTICATED_PER_ADDRESS=0,
@@ -100,13 +102,20 @@ def test_a_room_flooded_beyond_capacity_sheds_old_events_tells_devices_and_keeps
         pipe.execute()
         r.publish(channel, event_bytes("end"))  # the newest event is never shed
 
-        until(lambda: report()["marked"].get("end") == MEMBERS, 180, "every member received the last event of the burst")
+        until(
+            lambda: report()["marked"].get("end") == MEMBERS, 180, "every member received the last event of the burst"
+        )
         r.publish(channel, event_bytes("after"))  # the backlog is gone: a new event goes straight out
-        result = until(lambda: (rep := report())["marked"].get("after") == MEMBERS and rep, 60,
-                       "every member received the event published after the burst")
+        result = until(
+            lambda: (rep := report())["marked"].get("after") == MEMBERS and rep,
+            60,
+            "every member received the event published after the burst",
+        )
 
-        print(f"\n{MEMBERS} members, {BURST} events: {result['messages']} deliveries of the burst, "
-              f"{result['notices']} DATA_LOSS notices")
+        print(
+            f"\n{MEMBERS} members, {BURST} events: {result['messages']} deliveries of the burst, "
+            f"{result['notices']} DATA_LOSS notices"
+        )
         assert result["open"] == MEMBERS, result["closes"]
         assert result["told"] == MEMBERS  # every member lost events and was told
         assert result["out_of_order"] == 0
@@ -116,14 +125,22 @@ def test_a_room_flooded_beyond_capacity_sheds_old_events_tells_devices_and_keeps
         assert status == 200, body
         assert pubsub_clients(r) == subscriber  # the same subscription all along: never dropped
         _, metrics = get(http + "/metrics")
-        dropped = [line for line in metrics.splitlines()
-                   if line.startswith("chatgateway_fanout_dropped_total{") and 'chatgateway_message_kind="message"' in line]
+        dropped = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("chatgateway_fanout_dropped_total{") and 'chatgateway_message_kind="message"' in line
+        ]
         assert dropped and float(dropped[0].split()[-1]) > 0, dropped
 
         log = gateway.log_text()
         assert "fan-out overloaded" in log
-        for sign_of_trouble in ("unreachable", "health check failed", "Not received Redis response",
-                                "event bus reconnected", "Traceback (most recent call last)"):
+        for sign_of_trouble in (
+            "unreachable",
+            "health check failed",
+            "Not received Redis response",
+            "event bus reconnected",
+            "Traceback (most recent call last)",
+        ):
             assert sign_of_trouble not in log, gateway.log_tail(60)
     finally:
         if members is not None:

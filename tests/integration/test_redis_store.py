@@ -82,7 +82,7 @@ def write_calls(client):
     """Calls per command so far, leaving out what tests and health checks send."""
     stats = client.info("commandstats")
     return {
-        name[len("cmdstat_"):]: value["calls"]
+        name[len("cmdstat_") :]: value["calls"]
         for name, value in stats.items()
         if name not in ("cmdstat_info", "cmdstat_ping", "cmdstat_keys", "cmdstat_type")
     }
@@ -183,7 +183,9 @@ async def test_open_connection_is_connected_and_claim_device_in_one_command(redi
     assert calls["evalsha"] == 1 and "eval" not in calls  # one script; what it runs inside is counted too
     assert dump(r) == expected
     # the metadata JSON: the fields in their declared order, as dataclasses.asdict gives them
-    assert r.get("gateway:conn:alice:phone") == json.dumps(dataclasses.asdict(meta(rooms=["r1", "r2"])), separators=(",", ":"))
+    assert r.get("gateway:conn:alice:phone") == json.dumps(
+        dataclasses.asdict(meta(rooms=["r1", "r2"])), separators=(",", ":")
+    )
     for key in ("gateway:conn:alice:phone", "gateway:room:r1", "gateway:room:r2", "gateway:device:alice:phone"):
         assert TTL - 5 < r.ttl(key) <= TTL
     assert r.ttl("gateway:instance:gw-a:conns") > TTL and r.ttl("gateway:instance:gw-a:rooms") > TTL

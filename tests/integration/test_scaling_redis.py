@@ -97,7 +97,9 @@ async def test_three_gateways_deliver_every_event_once_in_order_and_nothing_to_n
     members = [unique(f"m{i}") for i in range(6)]
     owner = await connect(cluster, 0, owner_id)
     room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="spread", member_ids=members))).room
-    devices = [await connect(cluster, i % 3, m, subprotocol=(codec.JSON, codec.PROTO)[i % 2]) for i, m in enumerate(members)]
+    devices = [
+        await connect(cluster, i % 3, m, subprotocol=(codec.JSON, codec.PROTO)[i % 2]) for i, m in enumerate(members)
+    ]
     outsider = await connect(cluster, 1, unique("outsider"))
     for device in devices:
         assert room.id in device.connected.connected.room_ids
@@ -131,8 +133,21 @@ async def test_redis_keys_match_the_spec_schema_and_go_with_a_clean_disconnect(c
     key = f"gateway:conn:{profile}:phone"
     await wait_until(lambda: r.exists(key))
     meta = json.loads(r.get(key))
-    assert set(meta) == {"profile_id", "device_id", "room_ids", "last_active", "last_heartbeat", "connected", "gateway_id"}
-    assert (meta["profile_id"], meta["device_id"], meta["room_ids"], meta["gateway_id"]) == (profile, "phone", [room.id], "gw-1")
+    assert set(meta) == {
+        "profile_id",
+        "device_id",
+        "room_ids",
+        "last_active",
+        "last_heartbeat",
+        "connected",
+        "gateway_id",
+    }
+    assert (meta["profile_id"], meta["device_id"], meta["room_ids"], meta["gateway_id"]) == (
+        profile,
+        "phone",
+        [room.id],
+        "gw-1",
+    )
     assert all(isinstance(meta[f], int) for f in ("last_active", "last_heartbeat", "connected"))
     assert 0 < r.ttl(key) <= 2 * TIMEOUT
     room_key = f"gateway:room:{room.id}"
@@ -158,8 +173,7 @@ async def test_same_device_racing_onto_two_gateways_ends_with_one_connection(clu
     for attempt in range(5):
         profile = unique("racer")
         connects = [
-            defer.Deferred.fromCoroutine(GatewayClient.connect(cluster.url(i), token(profile, "phone")))
-            for i in (0, 1)
+            defer.Deferred.fromCoroutine(GatewayClient.connect(cluster.url(i), token(profile, "phone"))) for i in (0, 1)
         ]
         clients = await defer.gatherResults(connects)
         await wait_until(lambda: sum(c.close_code is None for c in clients) == 1)
@@ -274,7 +288,9 @@ async def test_membership_change_on_one_gateway_rescopes_the_profile_on_another(
     await joiner.next_event("subscription_event")
     sent = await owner.send_message(room.id, "hello from gw-0")
     await joiner.next_event("message", lambda e: e.message.id == sent.id)
-    await owner.call("RemoveRoomSubscriptions", pb.RemoveRoomSubscriptionsRequest(room_id=room.id, profile_ids=[joiner_id]))
+    await owner.call(
+        "RemoveRoomSubscriptions", pb.RemoveRoomSubscriptionsRequest(room_id=room.id, profile_ids=[joiner_id])
+    )
     await joiner.next_event("subscription_event", lambda e: e.subscription_event.change == pb.SubscriptionEvent.REMOVED)
     gone = await owner.send_message(room.id, "not for you")
     own = (await joiner.call("CreateRoom", pb.CreateRoomRequest(name="own"))).room
@@ -296,7 +312,9 @@ async def test_publish_forwarded_events_for_a_core_that_does_not_publish():
         added = await member.next_event("subscription_event")
         assert added.subscription_event.room_id == room.id
         sent = [(await owner.send_message(room.id, f"f{i}")).id for i in range(5)]
-        got = [(await member.next_event("message", lambda e: e.message.type == pb.RoomEvent.TEXT)).message.id for _ in sent]
+        got = [
+            (await member.next_event("message", lambda e: e.message.type == pb.RoomEvent.TEXT)).message.id for _ in sent
+        ]
         assert got == sent
         await owner.close()
         await member.close()
@@ -342,7 +360,10 @@ async def test_two_workers_share_the_port_and_deliver_each_event_once():
         assert seen == {"gw-main", "gw-main-w1"}
         sent = [(await owner.send_message(room.id, f"w{i}")).id for i in range(5)]
         for member in members:
-            got = [(await member.next_event("message", lambda e: e.message.type == pb.RoomEvent.TEXT)).message.id for _ in sent]
+            got = [
+                (await member.next_event("message", lambda e: e.message.type == pb.RoomEvent.TEXT)).message.id
+                for _ in sent
+            ]
             assert got == sent
             await fence(member, room.id)
             assert [i for i in message_ids(member, room.id) if i in sent] == []
@@ -413,8 +434,14 @@ def test_workers_end_with_their_parent_even_after_sigkill(redis_server, tmp_path
     parent = Twistd(
         "chatgateway",
         ["--workers", "2"],
-        env={"JWT_SECRET": SECRET, "CACHE_URI": redis_server.uri, "HTTP_PORT": str(port), "GRPC_PORT": str(free_port()),
-             "HTTP_INTERFACE": "127.0.0.1", "CHAT_SERVICE_URI": f"127.0.0.1:{free_port()}"},
+        env={
+            "JWT_SECRET": SECRET,
+            "CACHE_URI": redis_server.uri,
+            "HTTP_PORT": str(port),
+            "GRPC_PORT": str(free_port()),
+            "HTTP_INTERFACE": "127.0.0.1",
+            "CHAT_SERVICE_URI": f"127.0.0.1:{free_port()}",
+        },
         port=port,
         log_dir=tmp_path,
     )

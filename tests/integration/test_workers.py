@@ -33,8 +33,9 @@ def workers_gateway(tmp_path, redis_server, core_target=None, **settings):
         "LOG_LEVEL": "info",
         **settings,
     }
-    return Twistd("chatgateway", ["--workers", "2"], env=env, port=port, log_dir=tmp_path, cwd=tmp_path,
-                  twistd=TWISTD_SCRIPT)
+    return Twistd(
+        "chatgateway", ["--workers", "2"], env=env, port=port, log_dir=tmp_path, cwd=tmp_path, twistd=TWISTD_SCRIPT
+    )
 
 
 def wait_for(predicate, timeout, what):
@@ -79,8 +80,11 @@ def test_workers_import_the_parents_code_not_a_stray_module_in_the_working_direc
     parent.start()
     try:
         # The parent keeps GATEWAY_ID; worker 1 is <GATEWAY_ID>-w1 (docs/operations.md#workers).
-        wait_for(lambda: instances(redis_server) == {"gw-stray", "gw-stray-w1"}, 60,
-                 f"both processes registered\n{parent.log_tail()}")
+        wait_for(
+            lambda: instances(redis_server) == {"gw-stray", "gw-stray-w1"},
+            60,
+            f"both processes registered\n{parent.log_tail()}",
+        )
         assert len(children_of(parent.pid)) == 1
         assert "stray txredisapi.py" not in parent.log_text()
         assert "worker w1 ended" not in parent.log_text()
@@ -123,8 +127,9 @@ def test_readyz_is_503_while_a_worker_is_missing_and_the_parent_restarts_it(tmp_
         time.sleep(max(0.0, STARTUP_WINDOW_SEC + 0.5 - (time.monotonic() - spawned_before)))
         os.kill(worker, signal.SIGKILL)
 
-        missing = wait_for(lambda: (lambda a: a if a and a[0] == 503 else None)(readyz(parent.port)), 10,
-                           "/readyz 503 after the kill")
+        missing = wait_for(
+            lambda: (lambda a: a if a and a[0] == 503 else None)(readyz(parent.port)), 10, "/readyz 503 after the kill"
+        )
         assert missing[1]["workers"] == "missing w1", missing
         listening_before = parent.log_text().count("http listening on")
         wait_for(lambda: (readyz(parent.port) or (0,))[0] == 200, 60, f"ready again\n{parent.log_tail()}")

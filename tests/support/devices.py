@@ -48,7 +48,10 @@ class Device(WebSocketClientProtocol):
             self.factory.ready.errback(RuntimeError(f"closed before connected: {code} {reason}"))
 
     def send_inflight(self, room_id):
-        command = {"requestId": "inflight", "roomEvent": {"roomId": room_id, "type": "TEXT", "payload": {"text": "in flight"}}}
+        command = {
+            "requestId": "inflight",
+            "roomEvent": {"roomId": room_id, "type": "TEXT", "payload": {"text": "in flight"}},
+        }
         self.sendMessage(json.dumps({"command": command}).encode())
 
 
@@ -81,8 +84,12 @@ class Load:
         self.done = defer.Deferred()
 
     async def connect_one(self, index):
-        token = mint_token(self.args.secret, f"{self.args.prefix}{index}", device_id="d", audience=self.args.audience, ttl=3600)
-        factory = WebSocketClientFactory(self.args.url, headers={"Authorization": f"Bearer {token}"}, protocols=["chat.v1.json"])
+        token = mint_token(
+            self.args.secret, f"{self.args.prefix}{index}", device_id="d", audience=self.args.audience, ttl=3600
+        )
+        factory = WebSocketClientFactory(
+            self.args.url, headers={"Authorization": f"Bearer {token}"}, protocols=["chat.v1.json"]
+        )
         factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=60, closeHandshakeTimeout=30)
         factory.protocol = Device
         factory.ready = defer.Deferred()
@@ -97,7 +104,9 @@ class Load:
             for index in indexes:
                 await self.connect_one(index)
 
-        await defer.gatherResults([defer.Deferred.fromCoroutine(worker()) for _ in range(self.args.concurrency)], consumeErrors=True)
+        await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(worker()) for _ in range(self.args.concurrency)], consumeErrors=True
+        )
 
     def report(self):
         codes = {}

@@ -41,24 +41,28 @@ def masked(payload, opcode=0x1):
 
 def flood_block(token, size=64 * 1024):
     """About ``size`` bytes of frames, each kind in turn."""
-    cycle = b"".join((
-        masked(b"", opcode=0x9),  # ping
-        masked(json.dumps({"ack": {"eventId": "e1"}}).encode()),
-        masked(b'{"ack": {"eventId": '),  # malformed JSON
-        masked(json.dumps({"authToken": token}).encode()),  # a refresh: a JWT verification
-        masked(json.dumps({"command": {"requestId": "f", "unsubscribe": {}}}).encode()),
-    ))
+    cycle = b"".join(
+        (
+            masked(b"", opcode=0x9),  # ping
+            masked(json.dumps({"ack": {"eventId": "e1"}}).encode()),
+            masked(b'{"ack": {"eventId": '),  # malformed JSON
+            masked(json.dumps({"authToken": token}).encode()),  # a refresh: a JWT verification
+            masked(json.dumps({"command": {"requestId": "f", "unsubscribe": {}}}).encode()),
+        )
+    )
     return cycle * max(1, size // len(cycle))
 
 
 def upgrade(host, port, token):
     sock = socket.create_connection((host, port), timeout=30)
     key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((
-        f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat.v1.json\r\n"
-        f"Authorization: Bearer {token}\r\n\r\n"
-    ).encode())
+    sock.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat.v1.json\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        ).encode()
+    )
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(4096)
@@ -87,8 +91,8 @@ def frames(sock, buffer):
                 length, at = struct.unpack("!Q", buffer[2:10])[0], 10
             if len(buffer) < at + length:
                 break
-            yield opcode, buffer[at:at + length]
-            buffer = buffer[at + length:]
+            yield opcode, buffer[at : at + length]
+            buffer = buffer[at + length :]
         chunk = sock.recv(1 << 20)
         if not chunk:
             return

@@ -42,7 +42,7 @@ class Member(RawWebSocket):
         self.opened.errback(RuntimeError(status))
 
     def binary(self, buffer, start, length):
-        self._event(pb.ServerEvent.FromString(buffer[start:start + length]))
+        self._event(pb.ServerEvent.FromString(buffer[start : start + length]))
 
     def closed_by_server(self, code):
         self.close_code = code
@@ -125,7 +125,9 @@ async def main(reactor, argv):
             await endpoints.connectProtocol(endpoint, Member(f"{args.host}:{args.port}", token, opened))
             members.append(await opened)
 
-    await defer.gatherResults([defer.Deferred.fromCoroutine(worker()) for _ in range(args.concurrency)], consumeErrors=True)
+    await defer.gatherResults(
+        [defer.Deferred.fromCoroutine(worker()) for _ in range(args.concurrency)], consumeErrors=True
+    )
     sys.stdout.write(f"READY {len(members)}\n")
     sys.stdout.flush()
     await done

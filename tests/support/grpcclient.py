@@ -147,7 +147,11 @@ def unary(channel, method, request, token=None, timeout=10, metadata=()):
     """The response of one forwarded RPC (a list for SearchRooms); raises grpc.RpcError."""
     request_cls, response_cls, streaming = METHODS[method]
     make = channel.unary_stream if streaming else channel.unary_unary
-    stub = make(f"/{SERVICE}/{method}", request_serializer=request_cls.SerializeToString, response_deserializer=response_cls.FromString)
+    stub = make(
+        f"/{SERVICE}/{method}",
+        request_serializer=request_cls.SerializeToString,
+        response_deserializer=response_cls.FromString,
+    )
     md = list(metadata) + stream_metadata(token)
     if streaming:
         return list(stub(request, metadata=md, timeout=timeout))
@@ -167,7 +171,9 @@ def connect_call(base_url, method, request, token=None, headers=None, timeout=10
     if token:
         all_headers["Authorization"] = f"Bearer {token}"
     body = json_format.MessageToJson(request, indent=None).encode()
-    http_request = urllib.request.Request(f"{base_url}/{SERVICE}/{method}", data=body, headers=all_headers, method="POST")
+    http_request = urllib.request.Request(
+        f"{base_url}/{SERVICE}/{method}", data=body, headers=all_headers, method="POST"
+    )
     try:
         with urllib.request.urlopen(http_request, timeout=timeout) as answer:
             return json_format.Parse(answer.read(), response_cls(), ignore_unknown_fields=True)

@@ -14,12 +14,20 @@ class LineProcess:
 
     def __init__(self, script, args, log_path=None):
         # tests/ too: load generators share the support package (e.g. support.rawwebsocket).
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]),
+        }
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             # -P: the script's own directory (tests/support, with its redis.py) is not put on sys.path
             [sys.executable, "-P", str(REPO_ROOT / script), *map(str, args)],
-            cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
         )
         self._lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -43,7 +51,7 @@ class LineProcess:
             if line is None:
                 raise RuntimeError(f"load generator exited ({self.process.wait()}) before {prefix!r}")
             if line.startswith(prefix):
-                return line[len(prefix):].strip()
+                return line[len(prefix) :].strip()
 
     def stop(self):
         if self.process.poll() is None:

@@ -64,8 +64,18 @@ class Twistd:
     TWISTD unless given (e.g. TWISTD_SCRIPT).
     """
 
-    def __init__(self, plugin, args=(), env=None, port=None, host="127.0.0.1", log_dir=None, also_ports=(),
-                 cwd=REPO_ROOT, twistd=TWISTD):
+    def __init__(
+        self,
+        plugin,
+        args=(),
+        env=None,
+        port=None,
+        host="127.0.0.1",
+        log_dir=None,
+        also_ports=(),
+        cwd=REPO_ROOT,
+        twistd=TWISTD,
+    ):
         self.plugin = plugin
         self.cwd = cwd
         self.twistd = tuple(twistd)

@@ -60,8 +60,8 @@ class Device:
                 length, at = struct.unpack("!H", data[2:4])[0], 4
             if len(data) < at + length:
                 break
-            self.frames.append((opcode, data[at:at + length]))
-            data = data[at + length:]
+            self.frames.append((opcode, data[at : at + length]))
+            data = data[at + length :]
         self._out = data
 
     def count(self, opcode):

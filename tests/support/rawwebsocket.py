@@ -41,13 +41,13 @@ class RawWebSocket(protocol.Protocol):
             if end < 0:
                 self.buffer = buffer
                 return
-            status = buffer[:buffer.find(b"\r\n")]
+            status = buffer[: buffer.find(b"\r\n")]
             if b" 101 " not in status:
                 self.refused(status.decode(errors="replace"))
                 self.transport.loseConnection()
                 return
             self.upgraded_yet = True
-            buffer = buffer[end + 4:]
+            buffer = buffer[end + 4 :]
             self.upgraded()
         self.buffer = self._frames(buffer)
 
@@ -60,20 +60,20 @@ class RawWebSocket(protocol.Protocol):
             if length == 126:
                 if n - i < 4:
                     break
-                length, head = int.from_bytes(buffer[i + 2:i + 4], "big"), 4
+                length, head = int.from_bytes(buffer[i + 2 : i + 4], "big"), 4
             elif length == 127:
                 if n - i < 10:
                     break
-                length, head = int.from_bytes(buffer[i + 2:i + 10], "big"), 10
+                length, head = int.from_bytes(buffer[i + 2 : i + 10], "big"), 10
             if n - i < head + length:
                 break
             start = i + head
             if opcode == 2:
                 self.binary(buffer, start, length)
             elif opcode == 9:  # ping: a masked pong (zero mask) with the same payload
-                self.transport.write(bytes([0x8A, 0x80 | length]) + b"\0\0\0\0" + buffer[start:start + length])
+                self.transport.write(bytes([0x8A, 0x80 | length]) + b"\0\0\0\0" + buffer[start : start + length])
             elif opcode == 8:
-                self.closed_by_server(int.from_bytes(buffer[start:start + 2], "big") if length >= 2 else 1005)
+                self.closed_by_server(int.from_bytes(buffer[start : start + 2], "big") if length >= 2 else 1005)
                 self.transport.loseConnection()
             i = start + length
         return buffer[i:]

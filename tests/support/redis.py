@@ -63,19 +63,28 @@ class RedisServer:
             raise RuntimeError(f"redis-server already running on port {self.port}")
         command = [
             self.binary,
-            "--save", "",
-            "--appendonly", "no",
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.dir),
-            "--logfile", str(self.log_path),
-            "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.dir),
+            "--logfile",
+            str(self.log_path),
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "700",
         ]
         if self.version >= (7,):
             command += ["--enable-debug-command", "local"]  # DEBUG SLEEP in tests; off by default since 7.0
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + timeout
         client = self.client(socket_timeout=1, socket_connect_timeout=1)
         try:

@@ -53,7 +53,13 @@ class FakeVerifier:
             token, _, at = token.partition("@")
             expires = float(at)
         profile, _, device = token.partition("/")
-        return Claims(profile_id=profile, device_id=device or None, expires_at=expires, valid_until=expires, claims={"sub": profile})
+        return Claims(
+            profile_id=profile,
+            device_id=device or None,
+            expires_at=expires,
+            valid_until=expires,
+            claims={"sub": profile},
+        )
 
     def verify(self, token):
         return defer.maybeDeferred(self.claims, token)
@@ -118,7 +124,10 @@ class FakeCore:
         if method == "AddRoomSubscriptions":
             for member in request.members:
                 self.rooms.setdefault(member.profile_id, []).append(request.room_id)
-            subs = [pb.RoomSubscription(room_id=request.room_id, profile_id=m.profile_id, roles=["member"]) for m in request.members]
+            subs = [
+                pb.RoomSubscription(room_id=request.room_id, profile_id=m.profile_id, roles=["member"])
+                for m in request.members
+            ]
             return defer.succeed(pb.AddRoomSubscriptionsResponse(subscriptions=subs))
         if method == "GetHistory":
             return defer.fail(CoreError(grpc.StatusCode.NOT_FOUND, f"room {request.room_id} not found"))
@@ -211,7 +220,13 @@ class Harness:
         self._shared = _shared
         self.clock, self.core, self.hub, self.store = _shared
         self.gateway = Gateway(
-            self.config, self.clock, FakeVerifier(self.clock), self.core, MemoryBus(self.hub), self.store, clock=self.clock,
+            self.config,
+            self.clock,
+            FakeVerifier(self.clock),
+            self.core,
+            MemoryBus(self.hub),
+            self.store,
+            clock=self.clock,
             counts=counts,
         )
         self.gateway.startService()
@@ -220,7 +235,9 @@ class Harness:
         self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, allowNullOrigin=True)
         self.connections = []
 
-    def connect(self, token=None, *, auth="header", protocols=(codec.JSON,), headers=None, device=None, offer_deflate=False):
+    def connect(
+        self, token=None, *, auth="header", protocols=(codec.JSON,), headers=None, device=None, offer_deflate=False
+    ):
         headers = dict(headers or {})
         url = "ws://127.0.0.1:8080/ws"
         if token and auth == "header":

@@ -264,17 +264,34 @@ async def test_alg_none_is_refused(verifiers, alg):
     assert fetch.count == 0
 
 
-@pytest.mark.parametrize("token, reason", [("", "missing token"), ("garbage", "malformed token"),
-                                           ("a.b.c", "malformed token"), (None, "missing token"),
-                                           ("x" * 20000, "token too large")])
+@pytest.mark.parametrize(
+    "token, reason",
+    [
+        ("", "missing token"),
+        ("garbage", "malformed token"),
+        ("a.b.c", "malformed token"),
+        (None, "missing token"),
+        ("x" * 20000, "token too large"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_malformed_tokens(verifiers, token, reason):
     verifier, _ = verifiers(JWT_SECRET=SECRET)
     assert await refused(verifier.verify(token)) == reason
 
 
-@pytest.mark.parametrize("typ, ok", [("JWT", True), ("jwt", True), ("at+jwt", True), ("AT+JWT", True),
-                                     ("application/at+jwt", True), ("JWE", False), ("dpop+jwt", False)])
+@pytest.mark.parametrize(
+    "typ, ok",
+    [
+        ("JWT", True),
+        ("jwt", True),
+        ("at+jwt", True),
+        ("AT+JWT", True),
+        ("application/at+jwt", True),
+        ("JWE", False),
+        ("dpop+jwt", False),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_typ_header(verifiers, typ, ok):
     verifier, _ = verifiers(JWT_SECRET=SECRET)
@@ -298,8 +315,10 @@ def hs256_signed_with(key_bytes, claims, **header):
 
 @pytest_twisted.ensureDeferred
 async def test_hs256_signed_with_the_rsa_public_key_is_refused(verifiers, keys):
-    pem = keys["rsa-a"].public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    pem = (
+        keys["rsa-a"]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     fetch = FakeFetch({JWKS_URI: jwks(to_jwk(keys["rsa-a"], "a"))})
     token = hs256_signed_with(pem, payload(), kid="a")
@@ -413,9 +432,7 @@ async def test_a_burst_of_unknown_kids_fetches_at_most_once_per_cooldown(verifie
     verifier, clock = verifiers(fetch=fetch, OAUTH2_JWKS_URI=JWKS_URI)
 
     # An empty cache: 1,000 concurrent verify() calls share one fetch in flight.
-    results = await defer.DeferredList(
-        [verifier.verify(unknown_kid_token(i)) for i in range(1000)], consumeErrors=True
-    )
+    results = await defer.DeferredList([verifier.verify(unknown_kid_token(i)) for i in range(1000)], consumeErrors=True)
     assert fetch.count == 1
     assert {str(f.value) for ok, f in results} == {"unknown signing key"}
     assert not any(ok for ok, _ in results)
@@ -504,7 +521,9 @@ async def test_rotated_keys_are_picked_up_on_the_next_refetch(verifiers, keys):
     assert await refused(verifier.verify(new)) == "unknown signing key"  # cooldown
     clock.advance(51)
     assert (await verifier.verify(new)).profile_id == "alice"
-    assert await refused(verifier.verify(old)) == "unknown signing key"  # removed at the issuer: verified before, refused now
+    assert (
+        await refused(verifier.verify(old)) == "unknown signing key"
+    )  # removed at the issuer: verified before, refused now
     assert fetch.count == 2
 
 
@@ -692,13 +711,21 @@ def test_fetch_url_refuses_other_schemes(monkeypatch):
 
 
 def test_mint_token_claims():
-    token = mint_token(SECRET, "alice", device_id="d", issuer=ISSUER, audience=AUDIENCE, ttl=10, now=START,
-                       extra={"role": "admin"})
+    token = mint_token(
+        SECRET, "alice", device_id="d", issuer=ISSUER, audience=AUDIENCE, ttl=10, now=START, extra={"role": "admin"}
+    )
     header = jwt.get_unverified_header(token)
     claims = jwt.decode(token, SECRET, algorithms=["HS256"], audience=AUDIENCE, options={"verify_exp": False})
     assert header["alg"] == "HS256"
-    assert claims == {"sub": "alice", "device_id": "d", "iss": ISSUER, "aud": AUDIENCE, "iat": int(START),
-                      "exp": int(START) + 10, "role": "admin"}
+    assert claims == {
+        "sub": "alice",
+        "device_id": "d",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "iat": int(START),
+        "exp": int(START) + 10,
+        "role": "admin",
+    }
 
     bare = jwt.decode(mint_token(SECRET, "bob", now=START), options={"verify_signature": False})
     assert set(bare) == {"sub", "iat", "exp"}
@@ -772,7 +799,11 @@ async def test_the_websocket_edge_refuses_every_bad_token_and_follows_no_jku(key
 
     from support.wsharness import Harness
 
-    pem = keys["rsa-a"].public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = (
+        keys["rsa-a"]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     http_server.documents["/jwks.json"] = jwks(to_jwk(keys["rsa-a"], "a"))
     evil_jwks = http_server.url + "/evil.json"
     http_server.documents["/evil.json"] = jwks(to_jwk(keys["attacker"], "evil"))

@@ -52,9 +52,7 @@ class Endpoint:
 
 def make(endpoint):
     reactor = InlineReactor()
-    credentials = ClientCredentials(
-        "https://idp/token", "gw", "s3cret", reactor, fetch=endpoint, pool=InlinePool()
-    )
+    credentials = ClientCredentials("https://idp/token", "gw", "s3cret", reactor, fetch=endpoint, pool=InlinePool())
     return credentials, reactor
 
 

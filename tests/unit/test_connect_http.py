@@ -189,7 +189,15 @@ def test_streaming_errors_end_the_stream_with_http_200(service, harness):
 
 def test_trace_context_deadline_and_device_reach_the_core(service, harness):
     trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    call(service, "SendEvent", {"event": {"roomId": "r1"}}, traceparent=trace, tracestate="k=v", connect_timeout_ms="1500", x_device_id="web-1")
+    call(
+        service,
+        "SendEvent",
+        {"event": {"roomId": "r1"}},
+        traceparent=trace,
+        tracestate="k=v",
+        connect_timeout_ms="1500",
+        x_device_id="web-1",
+    )
     method, device_id, options = harness.core.options[-1]
     assert method == "SendEvent" and device_id == "web-1"
     assert options == {"traceparent": trace, "tracestate": "k=v", "timeout": 1.5}
@@ -220,7 +228,9 @@ def test_membership_changes_rescope_live_connections(service, harness):
 
 
 def test_cors(service):
-    preflight = call(service, "SendEvent", verb=b"OPTIONS", content_type=None, token=None, origin="https://app.example.com")
+    preflight = call(
+        service, "SendEvent", verb=b"OPTIONS", content_type=None, token=None, origin="https://app.example.com"
+    )
     assert preflight.status == 204
     assert preflight.header("access-control-allow-origin") == "https://app.example.com"
     assert "authorization" in preflight.header("access-control-allow-headers")

@@ -69,7 +69,12 @@ async def test_metadata_reaches_the_core(core, stop_after):
     stop_after(client)
     assert service_token.started
     response = await client.call(
-        "GetHistory", pb.GetHistoryRequest(room_id="r"), "device-jwt", "phone-1", traceparent=TRACEPARENT, tracestate="a=1"
+        "GetHistory",
+        pb.GetHistoryRequest(room_id="r"),
+        "device-jwt",
+        "phone-1",
+        traceparent=TRACEPARENT,
+        tracestate="a=1",
     )
     assert response.next_cursor == "c"
     metadata = core.metadata("GetHistory")

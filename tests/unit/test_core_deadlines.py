@@ -103,7 +103,9 @@ def make_client(core=never_answers, threads=2, timeout=2.0, failures=5):
     channel = FakeChannel(core)
     pool = FakeThreads(clock, channel, threads)
     breaker = CircuitBreaker(clock, failures=failures, cooldown=30)
-    client = CoreClient("fake", clock, timeout, threads, "gw-unit", breaker=breaker, clock=clock, pool=pool, channel=channel)
+    client = CoreClient(
+        "fake", clock, timeout, threads, "gw-unit", breaker=breaker, clock=clock, pool=pool, channel=channel
+    )
     client.start()
     return clock, channel, client
 

@@ -88,8 +88,17 @@ def test_manifests_are_valid_against_the_kubernetes_schemas(version):
             pytest.fail(f"{name}: {document['kind']}/{document['metadata']['name']}: {e.message} at {list(e.path)}")
         kinds.append(document["kind"])
     assert sorted(kinds) == sorted(
-        ["Deployment", "Service", "ConfigMap", "Deployment", "Service", "Ingress", "Ingress",
-         "HorizontalPodAutoscaler", "PodDisruptionBudget"]
+        [
+            "Deployment",
+            "Service",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "Ingress",
+            "Ingress",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+        ]
     )
 
 
@@ -230,8 +239,18 @@ def test_compose_environments_are_settings_the_gateway_knows_and_load(monkeypatc
             assert services[name]["stop_grace_period"] == f"{int(settings.drain_timeout_sec) + 10}s"
     assert len(gateway_ids) == 2
     # the spec's variables are all there
-    spec = {"CHAT_SERVICE_URI", "CACHE_URI", "OAUTH2_ISSUER", "MAX_CONNECTIONS_PER_DEVICE", "CONNECTION_TIMEOUT_SEC",
-            "HEARTBEAT_INTERVAL_SEC", "MAX_EVENTS_PER_SECOND", "OAUTH2_JWT_VERIFY_AUDIENCE", "HTTP_PORT", "GRPC_PORT"}
+    spec = {
+        "CHAT_SERVICE_URI",
+        "CACHE_URI",
+        "OAUTH2_ISSUER",
+        "MAX_CONNECTIONS_PER_DEVICE",
+        "CONNECTION_TIMEOUT_SEC",
+        "HEARTBEAT_INTERVAL_SEC",
+        "MAX_EVENTS_PER_SECOND",
+        "OAUTH2_JWT_VERIFY_AUDIENCE",
+        "HTTP_PORT",
+        "GRPC_PORT",
+    }
     assert spec <= set(services["gateway-1"]["environment"])
     # two gateways publish distinct host ports
     host_ports = [p.split(":")[0] for name in ("gateway-1", "gateway-2") for p in services[name]["ports"]]

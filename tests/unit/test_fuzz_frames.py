@@ -30,8 +30,12 @@ DEFINED_CLOSES = {1002, 1007, 1008, 1009, 4401, 4429}
 
 texts = st.text(max_size=24)
 room_ids = st.sampled_from(["r1", "r2", "", "nope"]) | texts
-scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | texts
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4), max_leaves=12)
+scalars = (
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | texts
+)
+json_values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4), max_leaves=12
+)
 
 
 def _body(method, garbage):
@@ -112,14 +116,21 @@ def _nested(depth, opener):
     if opener == "object":
         return ('{"command":' * depth + "{}" + "}" * depth).encode()
     if opener == "payload":
-        return ('{"command":{"requestId":"deep","roomEvent":{"roomId":"r1","payload":{"a":' + "[" * depth + "]" * depth + "}}}}").encode()
+        return (
+            '{"command":{"requestId":"deep","roomEvent":{"roomId":"r1","payload":{"a":'
+            + "[" * depth
+            + "]" * depth
+            + "}}}}"
+        ).encode()
     return ("[" * depth + "]" * depth).encode()
 
 
 @st.composite
 def frames(draw, subprotocol):
     """(payload, is_binary) of one frame for a connection speaking ``subprotocol``."""
-    shape = draw(st.sampled_from(["valid", "mutated", "truncated", "oversized", "nested", "bytes", "json", "other-encoding"]))
+    shape = draw(
+        st.sampled_from(["valid", "mutated", "truncated", "oversized", "nested", "bytes", "json", "other-encoding"])
+    )
     request = draw(requests())
     payload, is_binary = _encode(request, subprotocol)
     if shape == "mutated":
@@ -129,8 +140,10 @@ def frames(draw, subprotocol):
     elif shape == "oversized":
         payload = payload + b" " * (MAX_MESSAGE_BYTES + 1 - len(payload) + draw(st.integers(0, 2000)))
     elif shape == "nested":
-        payload = _nested(draw(st.integers(1, 100_000).filter(lambda d: 6 * d < MAX_MESSAGE_BYTES) | st.integers(50, 600)),
-                          draw(st.sampled_from(["object", "payload", "list"])))
+        payload = _nested(
+            draw(st.integers(1, 100_000).filter(lambda d: 6 * d < MAX_MESSAGE_BYTES) | st.integers(50, 600)),
+            draw(st.sampled_from(["object", "payload", "list"])),
+        )
         is_binary = subprotocol == codec.PROTO and draw(st.booleans())
     elif shape == "bytes":
         payload = draw(st.binary(max_size=200))
@@ -147,13 +160,17 @@ def _encode(request, subprotocol):
     except (TypeError, ValueError):
         # An Any of an unknown type has no JSON form: write what a JSON client would.
         call = request.command.call
-        document = {"command": {"requestId": request.command.request_id,
-                                "call": {"method": call.method, "body": {"@type": call.body.type_url}}}}
+        document = {
+            "command": {
+                "requestId": request.command.request_id,
+                "call": {"method": call.method, "body": {"@type": call.body.type_url}},
+            }
+        }
         return json.dumps(document).encode(), False
 
 
 def _expected(payload, is_binary, subprotocol):
-    """"close" | "answer" | request_id (a command to answer) | None (nothing owed)."""
+    """ "close" | "answer" | request_id (a command to answer) | None (nothing owed)."""
     if len(payload) > MAX_MESSAGE_BYTES:
         return "close"
     if not is_binary:
@@ -175,7 +192,11 @@ class _Failures:
         self.events = []
 
     def __call__(self, event):
-        if event.get("log_failure") is not None or event.get("log_level") is not None and event["log_level"].name in ("error", "critical"):
+        if (
+            event.get("log_failure") is not None
+            or event.get("log_level") is not None
+            and event["log_level"].name in ("error", "critical")
+        ):
             self.events.append(event)
 
 
@@ -201,7 +222,8 @@ def test_no_frame_crashes_the_session_or_disturbs_others(data, subprotocol):
             new = victim.events[before:]
             if expected == "answer":
                 assert any(
-                    e.WhichOneof("payload") == "error" or (e.HasField("command_result") and e.command_result.HasField("error"))
+                    e.WhichOneof("payload") == "error"
+                    or (e.HasField("command_result") and e.command_result.HasField("error"))
                     for e in new
                 ), new
             elif isinstance(expected, tuple):

@@ -89,6 +89,7 @@ def test_a_second_within_budget_ends_the_streak():
 
 # ---------------------------------------------------------------- the WebSocket edge
 
+
 @pytest.fixture
 def h():
     harness = Harness(MAX_FRAMES_PER_SECOND=20, OVER_BUDGET_CLOSE_SEC=2, MAX_TOKEN_REFRESHES_PER_MINUTE=3)

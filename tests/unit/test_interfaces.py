@@ -36,7 +36,9 @@ CORE_CLIENTS = {
 }
 
 TOKEN_VERIFIERS = {
-    "TokenVerifier": lambda: TokenVerifier(config.load({"JWT_SECRET": "a-secret-of-at-least-32-bytes-for-hs256"}), task.Clock()),
+    "TokenVerifier": lambda: TokenVerifier(
+        config.load({"JWT_SECRET": "a-secret-of-at-least-32-bytes-for-hs256"}), task.Clock()
+    ),
     "support.wsharness.FakeVerifier": lambda: FakeVerifier(task.Clock()),
     "support.wsharness.SlowVerifier": lambda: SlowVerifier(FakeVerifier(task.Clock()), task.Clock(), 1.0),
 }

@@ -48,7 +48,9 @@ class Device:
     def __init__(self, harness, fallback_device=""):
         self.transport = Transport()
         self.sessions = []
-        self.opening = Opening(harness.gateway, self.transport, self.sessions.append, REASONS, Logger(), fallback_device)
+        self.opening = Opening(
+            harness.gateway, self.transport, self.sessions.append, REASONS, Logger(), fallback_device
+        )
 
     @property
     def session(self):
@@ -123,7 +125,10 @@ def test_a_first_request_without_a_token_or_undecodable_closes_4401():
         garbled = Device(h)
         garbled.opening.start()
         garbled.opening.undecodable("not JSON")
-        assert garbled.transport.closed == (CloseCode.UNAUTHENTICATED, "the first frame must carry auth_token (not JSON)")
+        assert garbled.transport.closed == (
+            CloseCode.UNAUTHENTICATED,
+            "the first frame must carry auth_token (not JSON)",
+        )
     finally:
         h.stop()
 
@@ -131,7 +136,10 @@ def test_a_first_request_without_a_token_or_undecodable_closes_4401():
 @pytest.mark.parametrize(
     "error, closed",
     [
-        (CoreError(grpc.StatusCode.UNAUTHENTICATED, "revoked"), (CloseCode.UNAUTHENTICATED, "core refused the token: revoked")),
+        (
+            CoreError(grpc.StatusCode.UNAUTHENTICATED, "revoked"),
+            (CloseCode.UNAUTHENTICATED, "core refused the token: revoked"),
+        ),
         (CoreError(grpc.StatusCode.UNAVAILABLE, "down"), (CloseCode.TRY_AGAIN_LATER, "core unavailable: down")),
     ],
 )
@@ -144,8 +152,12 @@ def test_a_core_that_refuses_or_cannot_answer_closes_the_device(h, error, closed
 
 def test_the_device_id_is_the_claims_then_the_first_requests_then_the_handshakes_then_default(h):
     ids = []
-    for token, first_device, fallback in (("alice/claimed", "asked", "kiosk"), ("alice", "asked", "kiosk"),
-                                          ("alice", "", "kiosk"), ("alice", "", "")):
+    for token, first_device, fallback in (
+        ("alice/claimed", "asked", "kiosk"),
+        ("alice", "asked", "kiosk"),
+        ("alice", "", "kiosk"),
+        ("alice", "", ""),
+    ):
         d = Device(h, fallback_device=fallback)
         d.opening.start()
         d.opening.receive(pb.StreamRequest(auth_token=token, device_id=first_device))
@@ -162,7 +174,10 @@ def test_auth_timeout_closes_a_device_that_sends_no_token(h):
     h.clock.advance(4.9)
     assert d.transport.closed is None
     h.clock.advance(0.1)
-    assert d.transport.closed == (CloseCode.UNAUTHENTICATED, "authentication timeout: send auth_token in the first frame")
+    assert d.transport.closed == (
+        CloseCode.UNAUTHENTICATED,
+        "authentication timeout: send auth_token in the first frame",
+    )
 
 
 def test_the_timer_runs_until_the_token_is_verified_then_stops(h):

@@ -77,7 +77,9 @@ def test_readme_connected_example_has_the_fields_the_gateway_sends_and_no_resume
     finally:
         harness.stop()
     sent = json_format.MessageToDict(event)["connected"]  # the JSON subprotocol's field names
-    protocol = (REPO_ROOT / "docs" / "protocol.md").read_text().split("## The WebSocket protocol", 1)[1].split("\n## ", 1)[0]
+    protocol = (
+        (REPO_ROOT / "docs" / "protocol.md").read_text().split("## The WebSocket protocol", 1)[1].split("\n## ", 1)[0]
+    )
     example = json.loads(re.search(r'^\{"id": .*"connected": .*\}$', protocol, flags=re.M).group(0))["connected"]
     assert set(example) == set(sent)
     # Resuming a session does not exist: neither the frame nor its example may suggest it does.

@@ -63,8 +63,8 @@ def server_frames(data):
     while i < len(data):
         opcode, length, head = data[i] & 0x0F, data[i + 1] & 0x7F, 2
         if length == 126:
-            length, head = int.from_bytes(data[i + 2:i + 4], "big"), 4
-        frames.append((opcode, data[i + head:i + head + length]))
+            length, head = int.from_bytes(data[i + 2 : i + 4], "big"), 4
+        frames.append((opcode, data[i + head : i + head + length]))
         i += head + length
     return frames
 

@@ -80,10 +80,18 @@ def test_counts_of_a_websocket_session_show_in_the_prometheus_text(telemetry_cou
     h.flush()
     samples = scrape(t)
     assert value(samples, "chatgateway_server_active_connections", chatgateway_transport="websocket") == 0
-    assert value(samples, "chatgateway_server_connection_duration_seconds_count", chatgateway_transport="websocket") == 2
-    assert value(
-        samples, "chatgateway_server_connection_closes_total", chatgateway_transport="websocket", chatgateway_close_code="4001"
-    ) == 1
+    assert (
+        value(samples, "chatgateway_server_connection_duration_seconds_count", chatgateway_transport="websocket") == 2
+    )
+    assert (
+        value(
+            samples,
+            "chatgateway_server_connection_closes_total",
+            chatgateway_transport="websocket",
+            chatgateway_close_code="4001",
+        )
+        == 1
+    )
     h.stop()
 
 
@@ -144,7 +152,10 @@ def test_breaker_state_and_dependency_errors_are_observed(telemetry_counts):
     counts.dependency_error("redis", "TimeoutError")
     samples = scrape(t)
     assert value(samples, "chatgateway_core_breaker_state", chatgateway_breaker_state="open") == 1
-    assert value(samples, "chatgateway_dependency_errors_total", chatgateway_dependency="redis", error_type="TimeoutError") == 1
+    assert (
+        value(samples, "chatgateway_dependency_errors_total", chatgateway_dependency="redis", error_type="TimeoutError")
+        == 1
+    )
 
 
 def test_otlp_exporters_are_made_from_the_standard_variables_only_when_an_endpoint_is_set():
@@ -246,7 +257,9 @@ async def test_failed_call_span_has_the_status_and_the_metric_its_code(traced, g
     assert span.attributes["error.type"] == "NOT_FOUND"
     samples = scrape(t)
     key = dict(
-        rpc_method="chat.v1.ChatService/DeleteRoom", rpc_response_status_code="NOT_FOUND", rpc_system_name="grpc",
+        rpc_method="chat.v1.ChatService/DeleteRoom",
+        rpc_response_status_code="NOT_FOUND",
+        rpc_system_name="grpc",
         error_type="NOT_FOUND",
     )
     assert value(samples, "rpc_client_call_duration_seconds_count", **key) == 1

@@ -300,7 +300,9 @@ def jwt_tokens(h):
 
     def make(exp):
         issued = h.clock.seconds() - 3600
-        return mint_token(settings.jwt_secret, "alice", device_id="phone", audience="service_chat_gateway", ttl=3600 + exp, now=issued)
+        return mint_token(
+            settings.jwt_secret, "alice", device_id="phone", audience="service_chat_gateway", ttl=3600 + exp, now=issued
+        )
 
     return make
 
@@ -429,7 +431,11 @@ def test_unsubscribe_and_subscribe_within_memberships(h):
     h.publish(channels.room("r1"), room_message("r1", "muted", "e1"))
     assert bob.of("message") == []
     bob.command(request_id="s", subscribe=pb.RoomsCommand(room_ids=["r1"]))
-    (denied,) = [r for r in bob.command(request_id="x", subscribe=pb.RoomsCommand(room_ids=["r9"])) if r.command_result.request_id == "x"]
+    (denied,) = [
+        r
+        for r in bob.command(request_id="x", subscribe=pb.RoomsCommand(room_ids=["r9"]))
+        if r.command_result.request_id == "x"
+    ]
     assert status(denied.command_result) == "PERMISSION_DENIED"
     h.publish(channels.room("r1"), room_message("r1", "back", "e2"))
     assert [e.message.id for e in bob.of("message")] == ["e2"]
@@ -457,7 +463,9 @@ def test_origin_policy_refuses_other_sites_with_403():
         assert not refused.factory.opened and "403" in refused.client.http_status_line
         for origin in ("https://app.example.com", "https://app.example.com:443", "https://chat.example.org"):
             assert h.connect("alice", headers={"Origin": origin}).factory.opened, origin
-        assert h.connect("alice", headers={"Origin": "http://app.example.com"}).client.http_status_line.split()[1] == "403"
+        assert (
+            h.connect("alice", headers={"Origin": "http://app.example.com"}).client.http_status_line.split()[1] == "403"
+        )
         assert h.connect("alice", headers={"Origin": "null"}).client.http_status_line.split()[1] == "403"
         assert h.connect("native-device").factory.opened  # no Origin header
     finally:
@@ -518,6 +526,7 @@ def test_store_reconnect_rewrites_live_connections(h):
 
 def test_the_heartbeat_sweeps_a_slice_per_reactor_turn_and_refreshes_once(h, monkeypatch):
     from chatgateway.sessions import gateway as gateway_module
+
     monkeypatch.setattr(gateway_module, "HEARTBEAT_SLICE", 2)
     clients = [h.connect(f"user{i}") for i in range(5)]
     sessions = list(h.gateway.registry.sessions)

@@ -17,7 +17,9 @@ from support.wsharness import Harness
 
 @pytest.fixture
 def h():
-    harness = Harness(HEARTBEAT_INTERVAL_SEC=10, CONNECTION_TIMEOUT_SEC=30, SEND_BUFFER_BYTES=8192, DRAIN_TIMEOUT_SEC=20)
+    harness = Harness(
+        HEARTBEAT_INTERVAL_SEC=10, CONNECTION_TIMEOUT_SEC=30, SEND_BUFFER_BYTES=8192, DRAIN_TIMEOUT_SEC=20
+    )
     yield harness
     harness.stop()
 

@@ -63,7 +63,7 @@ def listening(reactor, index):
 
 def test_a_worker_starts_with_the_parents_sys_path_made_absolute():
     pool, reactor, _ = pool_of(2, path=["", "/site-packages", "relative"])
-    (_, argv, child_fds, _), = reactor.spawned
+    ((_, argv, child_fds, _),) = reactor.spawned
     assert argv[1] == "-c"
     # Set first thing: nothing the worker imports can come from its working directory.
     expected = [os.getcwd(), "/site-packages", os.path.abspath("relative")]
