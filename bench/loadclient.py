@@ -16,11 +16,11 @@ Talks to the driver over stdin/stdout, one line each:
 import argparse
 import json
 import sys
+from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, endpoints, stdio, task
 from twisted.protocols.basic import LineReceiver
-from urllib.parse import urlsplit
 
 from chatgateway.auth.devtokens import mint_token
 

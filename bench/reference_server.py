@@ -10,7 +10,7 @@ prepared. Payloads are forwarded as they come (binary frames).
 
 import argparse
 import sys
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import txredisapi
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol

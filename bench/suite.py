@@ -65,11 +65,12 @@ ROOT = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(ROOT / "tests"))
 
+from support.processes import TWISTD, free_port  # noqa: E402
+from support.redis import RedisServer  # noqa: E402
+
 from chatgateway.api import chat_pb2 as pb  # noqa: E402
 from chatgateway.api import chat_pb2_grpc  # noqa: E402
 from chatgateway.auth.devtokens import mint_token  # noqa: E402
-from support.processes import TWISTD, free_port  # noqa: E402
-from support.redis import RedisServer  # noqa: E402
 
 SECRET = "bench-suite-secret-0123456789abcdef012345"
 SERVER_CPU, LOAD_CPU = "0", "1"

@@ -27,22 +27,22 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from chatgateway.auth.clientcredentials import ClientCredentials
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.auth.tokens import TokenVerifier
 from chatgateway.bus import make_bus
 from chatgateway.bus.memory import MemoryHub
 from chatgateway.core.breaker import CircuitBreaker
-from chatgateway.auth.clientcredentials import ClientCredentials
 from chatgateway.core.client import CoreClient
 from chatgateway.edge.grpc import GrpcEdge
 from chatgateway.edge.http import build_http_factory
 from chatgateway.edge.websocket import DeviceFactory
 from chatgateway.sessions.gateway import Gateway
+from chatgateway.store import make_store
 from chatgateway.telemetry.corecalls import InstrumentedCore
 from chatgateway.telemetry.counts import GatewayCounts
 from chatgateway.telemetry.logs import LogLevelService
 from chatgateway.telemetry.providers import Telemetry, TelemetryService
-from chatgateway.store import make_store
 from chatgateway.workers import BACKLOG, listen_shared
 
 

@@ -12,8 +12,8 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from google.protobuf import any_pb2
 from twisted.internet import defer, endpoints
 
-from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
 from chatgateway.core.client import METHODS
 
 

@@ -54,9 +54,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from chatgateway.api import chat_pb2 as pb
 from chatgateway.core import ICoreClient
 from chatgateway.core import breaker as circuit
-from chatgateway.api import chat_pb2 as pb
 from chatgateway.core.blockingcalls import BlockingCalls
 
 SERVICE = "chat.v1.ChatService"

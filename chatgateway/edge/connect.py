@@ -34,9 +34,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from chatgateway.sessions import forwarding
 from chatgateway.core.client import METHODS, SERVICE, CoreError
 from chatgateway.edge.origins import OriginPolicy
+from chatgateway.sessions import forwarding
 from chatgateway.sessions.opening import bearer_token
 
 # gRPC status -> (Connect code, HTTP status), from the protocol's table.

@@ -52,15 +52,13 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from chatgateway.api import codec
-
-from chatgateway.sessions import forwarding
-
-from chatgateway.telemetry import readiness
 from chatgateway.core.client import METHODS, SERVICE, STATUS_DETAILS_KEY, CoreError
 from chatgateway.edge.grpcstream import CLOSE_CODE_KEY, CLOSE_STATUS, GrpcDevice, Handoff, StreamWriter
+from chatgateway.sessions import forwarding
 from chatgateway.sessions.opening import bearer_token
 from chatgateway.sessions.ratelimit import InboundBudget
 from chatgateway.sessions.session import CloseCode
+from chatgateway.telemetry import readiness
 
 # How often grpc.health.v1 is brought in line with the dependencies of /readyz.
 HEALTH_INTERVAL_SEC = 2.0

@@ -8,14 +8,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
-from chatgateway.telemetry import readiness
-from chatgateway.telemetry.exposition import MetricsResource
 from chatgateway.core.client import SERVICE
 from chatgateway.edge.connect import ConnectService
 from chatgateway.edge.limits import ConnectionLimits, Guard
 from chatgateway.edge.router import EdgeRouter
 from chatgateway.edge.websocket import DeviceFactory
-
+from chatgateway.telemetry import readiness
+from chatgateway.telemetry.exposition import MetricsResource
 
 _SECRET_PARAMS = re.compile(r"((?:access_token|token)=)[^&\s\"]+")
 

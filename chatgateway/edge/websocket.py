@@ -22,9 +22,9 @@ import autobahn.websocket.protocol
 import grpc
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
-from autobahn.util import encode_truncate
 from zope.interface import implementer
 
 from chatgateway.api import codec

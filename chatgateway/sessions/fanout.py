@@ -23,8 +23,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from twisted.logger import Logger
 
-from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
 from chatgateway.sessions.outbox import TYPING, classify
 from chatgateway.sessions.session import error_detail
 

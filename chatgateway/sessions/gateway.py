@@ -15,12 +15,10 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from chatgateway.bus import channels
-
-from chatgateway.api import codec
-
-from chatgateway.sessions import membership
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
+from chatgateway.bus import channels
+from chatgateway.sessions import membership
 from chatgateway.sessions.fanout import Fanout
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries

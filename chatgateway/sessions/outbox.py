@@ -28,10 +28,10 @@ bytes counted here are an upper bound of the memory a slow connection holds.
 
 import collections
 
-from zope.interface import implementer
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.policies import ProtocolWrapper
+from zope.interface import implementer
 
 TYPING = "typing"
 COALESCED = "coalesced"

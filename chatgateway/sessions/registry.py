@@ -9,6 +9,8 @@ gateway writes together with its device claim in one store call
 """
 
 from chatgateway.bus import channels
+
+
 class ConnectionRegistry:
     def __init__(self, bus, store, max_per_device, background):
         self._bus = bus

@@ -14,11 +14,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
-from chatgateway.bus import channels
-
-from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
+from chatgateway.bus import channels
 from chatgateway.core.client import METHODS, CoreError
 from chatgateway.sessions.ratelimit import TokenBucket
 from chatgateway.store import ConnectionMeta

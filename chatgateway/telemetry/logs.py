@@ -116,7 +116,7 @@ def json_line(event):
     when = event.get("log_time")
     record = {
         "time": (
-            datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+            datetime.datetime.fromtimestamp(when, datetime.UTC)
             .isoformat(timespec="microseconds")
             .replace("+00:00", "Z")
             if when is not None

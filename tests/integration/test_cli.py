@@ -11,9 +11,8 @@ import time
 
 import jwt
 import pytest
-
-from support.processes import REPO_ROOT, Twistd, free_port
 from support.chat import unique
+from support.processes import REPO_ROOT, Twistd, free_port
 
 CLIENT = [sys.executable, "-m", "chatgateway.client.cli"]
 TIMEOUT = 30  # seconds any one CLI run or expected line may take

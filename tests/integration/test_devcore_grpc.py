@@ -9,10 +9,9 @@ import pytest_twisted
 from support.processes import CLEAN_STOP, Twistd, free_port
 
 from chatgateway import config
-
-from chatgateway.bus import channels
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import chat_pb2_grpc
+from chatgateway.bus import channels
 from chatgateway.bus.memory import MemoryBus
 from chatgateway.devcore.model import ChatModel
 from chatgateway.devcore.server import ChatCoreServicer, make_grpc_server

@@ -18,15 +18,15 @@ import zlib
 
 import pytest
 import pytest_twisted
-from twisted.internet import threads
-
-from chatgateway.api import codec
-from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth.devtokens import mint_token
-from chatgateway.client.wsclient import GatewayClient
 from support.fakecore import FakeCore
 from support.loadgen import LineProcess
 from support.processes import one_gateway
+from twisted.internet import threads
+
+from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
+from chatgateway.auth.devtokens import mint_token
+from chatgateway.client.wsclient import GatewayClient
 
 SECRET = "hardening-test-secret-0123456789abcdef0123"
 MiB = 1024 * 1024
@@ -103,7 +103,7 @@ def read_close(sock, timeout=10):
     while time.monotonic() < deadline:
         try:
             chunk = sock.recv(65536)
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             break
         if not chunk:
             break
@@ -306,7 +306,7 @@ def frames_until_the_end(sock, timeout=10):
             chunk = sock.recv(65536)
         except ConnectionResetError:
             return frames, "reset"
-        except socket.timeout:
+        except TimeoutError:
             break
         if not chunk:
             return frames, "eof"

@@ -9,11 +9,12 @@ interval, and that a device answering with pongs stays connected past the timeou
 import socket
 import time
 
-from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth.devtokens import mint_token
 from support.fakecore import FakeCore
 from support.processes import one_gateway
 from support.rawwebsocket import upgrade_request
+
+from chatgateway.api import chat_pb2 as pb
+from chatgateway.auth.devtokens import mint_token
 
 SECRET = "heartbeat-test-secret-0123456789abcdef0123"
 

@@ -15,10 +15,10 @@ import subprocess
 import sys
 import time
 
-import grpc
 import pytest
 import pytest_twisted
 from dockerfile_parse import DockerfileParser
+from integration.conftest import SECRET, DevGateway
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -28,17 +28,16 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from support.chat import unique
+from support.grpcclient import StreamDevice, connect_call
+from support.processes import REPO_ROOT, Twistd, free_port
 from twisted.internet import threads
 from twisted.web import resource, server
 
-from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import ClosedError, GatewayClient
-from integration.conftest import SECRET, DevGateway
-from support.grpcclient import StreamDevice, connect_call
-from support.processes import REPO_ROOT, Twistd, free_port
-from support.chat import unique
 
 DEVICE_TRACE = "0af7651916cd43dd8448eb211c80319c"
 DEVICE_SPAN = "b7ad6b7169203331"

@@ -4,15 +4,15 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
-
-from chatgateway.api import codec
-from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth.devtokens import mint_token
-from chatgateway.client.wsclient import GatewayClient
+from support.chat import fence, pending_texts, unique, wait_until
 from support.processes import Twistd, free_port
 from support.redis import RedisServer
-from support.chat import fence, pending_texts, unique, wait_until
+from twisted.internet import defer, reactor, task
+
+from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
+from chatgateway.auth.devtokens import mint_token
+from chatgateway.client.wsclient import GatewayClient
 
 SECRET = "scaling-test-secret-0123456789abcdef0123"
 HEARTBEAT = 0.5

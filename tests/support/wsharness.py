@@ -15,9 +15,8 @@ from twisted.test import iosim
 from zope.interface import implementer
 
 from chatgateway import config
-
-from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
 from chatgateway.auth import ITokenVerifier
 from chatgateway.auth.tokens import AuthError, Claims
 from chatgateway.bus.memory import MemoryBus, MemoryHub

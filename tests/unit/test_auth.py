@@ -18,7 +18,6 @@ from twisted.internet import defer, task, threads
 from twisted.web import resource, server
 
 from chatgateway import config
-
 from chatgateway.auth import jwks as jwks_module
 from chatgateway.auth import tokencache
 from chatgateway.auth.devtokens import mint_token
@@ -795,9 +794,8 @@ async def test_keys_rotated_at_a_real_jwks_server_are_picked_up_without_restart(
 @pytest_twisted.ensureDeferred
 async def test_the_websocket_edge_refuses_every_bad_token_and_follows_no_jku(keys, http_server):
     """The issue's list through a real handshake: each is HTTP 401, no upgrade, no request to the jku."""
-    from twisted.internet import reactor
-
     from support.wsharness import Harness
+    from twisted.internet import reactor
 
     pem = (
         keys["rsa-a"]

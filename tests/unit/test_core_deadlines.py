@@ -12,8 +12,8 @@ import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from chatgateway.core import breaker as circuit
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.core import breaker as circuit
 from chatgateway.core.breaker import CircuitBreaker
 from chatgateway.core.client import CoreClient
 

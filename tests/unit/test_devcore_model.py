@@ -8,8 +8,8 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from chatgateway.bus import channels
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.bus import channels
 from chatgateway.devcore.model import ChatModel
 from chatgateway.devcore.rules import CoreError
 

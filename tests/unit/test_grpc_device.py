@@ -8,20 +8,19 @@ import threading
 
 import grpc
 import pytest
+from support.wsharness import Harness
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
-from chatgateway.bus import channels
-
-from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
+from chatgateway.bus import channels
 from chatgateway.edge import grpc as edge
-from chatgateway.sessions.ratelimit import InboundBudget
 from chatgateway.edge import grpcstream
 from chatgateway.sessions.fanout import EncodedEvent
 from chatgateway.sessions.opening import MAX_PENDING_REQUESTS
+from chatgateway.sessions.ratelimit import InboundBudget
 from chatgateway.sessions.session import CloseCode, ISessionTransport
-from support.wsharness import Harness
 
 
 class RecordingHandoff:

@@ -5,8 +5,9 @@ of the connected frame (docs/protocol.md)."""
 import json
 import re
 
-from chatgateway.config import SETTINGS
 from support.processes import REPO_ROOT
+
+from chatgateway.config import SETTINGS
 
 
 def configuration_table():
@@ -67,7 +68,6 @@ def test_readme_states_the_workers_start_rule_the_pool_applies():
 
 def test_readme_connected_example_has_the_fields_the_gateway_sends_and_no_resume_token():
     from google.protobuf import json_format
-
     from support.wsharness import Harness
 
     harness = Harness()

@@ -11,12 +11,14 @@ import pytest_twisted
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
+from support.fakecore import FakeCore as GrpcFakeCore
+from support.wsharness import Harness
 from twisted.internet import defer
 from twisted.web.test.requesthelper import DummyRequest
 
-from chatgateway.core import breaker as circuit
-from chatgateway.bus import channels
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.bus import channels
+from chatgateway.core import breaker as circuit
 from chatgateway.core.client import CoreClient
 from chatgateway.edge.connect import ConnectService
 from chatgateway.edge.grpc import GrpcDevice
@@ -26,8 +28,6 @@ from chatgateway.telemetry.corecalls import InstrumentedCore
 from chatgateway.telemetry.counts import GatewayCounts, transport_name
 from chatgateway.telemetry.exposition import MetricsResource
 from chatgateway.telemetry.providers import Telemetry
-from support.fakecore import FakeCore as GrpcFakeCore
-from support.wsharness import Harness
 
 DEVICE_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 DEVICE_SPAN = "00f067aa0ba902b7"

@@ -5,17 +5,14 @@ import json
 import grpc
 import pytest
 from google.protobuf import any_pb2
+from support.wsharness import Harness
 
 from chatgateway import config
-
-from chatgateway.bus import channels
-
-from chatgateway.api import codec
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.auth.tokens import TokenVerifier
-
-from support.wsharness import Harness
+from chatgateway.bus import channels
 
 
 @pytest.fixture

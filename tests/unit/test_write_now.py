@@ -8,8 +8,8 @@ import socket
 
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from chatgateway.sessions.outbox import direct_socket, write_now
 
