@@ -30,6 +30,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from suite import LOAD_CPU, SERVER_CPU, kill_tree, pinned, spawn, wait_port  # noqa: E402
+
 from support.processes import TWISTD, free_port  # noqa: E402
 
 SECRET = "bench-core-call-secret-0123456789abcdef0123"

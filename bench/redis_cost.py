@@ -29,12 +29,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support.processes import Twistd, free_port  # noqa: E402
-from support.redis import RedisServer  # noqa: E402
-
 from chatgateway.api import chat_pb2 as pb  # noqa: E402
 from chatgateway.api import chat_pb2_grpc  # noqa: E402
 from chatgateway.auth.devtokens import mint_token  # noqa: E402
+from support.processes import Twistd, free_port  # noqa: E402
+from support.redis import RedisServer  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef0123456789"
 WRITES = {"set", "setex", "sadd", "srem", "del", "expire", "zadd", "zrem", "hset", "hdel", "publish", "evalsha", "eval"}

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 def plot_throughput(results, out):
     rooms = sorted({m for s in results["systems"].values() for m in s["fanout"]}, key=int)
     fig, axes = plt.subplots(1, len(rooms), figsize=(5 * len(rooms), 4), squeeze=False)
-    for ax, members in zip(axes[0], rooms):
+    for ax, members in zip(axes[0], rooms, strict=True):
         for name, runs in results["systems"].items():
             reps = runs["fanout"].get(members, [])
             if reps:

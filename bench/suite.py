@@ -65,12 +65,11 @@ ROOT = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support.processes import TWISTD, free_port  # noqa: E402
-from support.redis import RedisServer  # noqa: E402
-
 from chatgateway.api import chat_pb2 as pb  # noqa: E402
 from chatgateway.api import chat_pb2_grpc  # noqa: E402
 from chatgateway.auth.devtokens import mint_token  # noqa: E402
+from support.processes import TWISTD, free_port  # noqa: E402
+from support.redis import RedisServer  # noqa: E402
 
 SECRET = "bench-suite-secret-0123456789abcdef012345"
 SERVER_CPU, LOAD_CPU = "0", "1"
@@ -299,7 +298,7 @@ class System:
                     },
                     port,
                 )
-            for port, process, log in zip(self.ports, self.processes, self.logs):
+            for port, process, log in zip(self.ports, self.processes, self.logs, strict=True):
                 self._wait_ready(port, process, log, timeout)
             return self
         except BaseException:
@@ -347,7 +346,7 @@ class System:
         if self.name == "reference":
             return 0.0
         started = time.monotonic()
-        for port, process, log in zip(self.ports, self.processes, self.logs):
+        for port, process, log in zip(self.ports, self.processes, self.logs, strict=True):
             while not ready(port):
                 if process.poll() is not None:
                     raise RuntimeError(f"{self.name} exited with {process.returncode}:\n{_tail(log)}")
@@ -506,7 +505,7 @@ class Clients:
                 self.processes.append(process)
                 self.lines.append(_Lines(process.stdout))
             self.handshakes = []
-            for p, lines in zip(self.processes, self.lines):
+            for p, lines in zip(self.processes, self.lines, strict=True):
                 parts = lines.read("READY", 900, p).split(" ", 3)
                 figures = json.loads(parts[3]) if len(parts) > 3 else {"seconds_to_connected": float(parts[2])}
                 figures["count"] = int(parts[1])
@@ -545,7 +544,7 @@ class Clients:
         for p in self.processes:
             p.stdin.write(word + "\n")
             p.stdin.flush()
-        return [lines.read(word, timeout, p) for p, lines in zip(self.processes, self.lines)]
+        return [lines.read(word, timeout, p) for p, lines in zip(self.processes, self.lines, strict=True)]
 
     def stats(self):
         return [json.loads(line.split(" ", 1)[1]) for line in self.command("STATS")]
@@ -1000,7 +999,7 @@ def summarise(results):
         summary[name] = entry
     reference = summary.get("reference")
     if reference:
-        for name, entry in summary.items():
+        for entry in summary.values():
             for members, figures in entry["fanout"].items():
                 ref = reference["fanout"].get(members)
                 if ref and ref["saturation_deliveries_per_second"]:

@@ -39,21 +39,21 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support.wsharness import FakeCore, FakeVerifier  # noqa: E402
 from twisted.internet import task  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
 from chatgateway import config  # noqa: E402
 from chatgateway.api import chat_pb2 as pb  # noqa: E402
-from chatgateway.api import codec
-from chatgateway.bus import channels
+from chatgateway.api import codec  # noqa: E402
+from chatgateway.bus import channels  # noqa: E402
 from chatgateway.bus.memory import MemoryBus, MemoryHub  # noqa: E402
 from chatgateway.edge.websocket import DeviceFactory  # noqa: E402
 from chatgateway.sessions.gateway import Gateway  # noqa: E402
 from chatgateway.store.memory import MemoryStore  # noqa: E402
 from chatgateway.telemetry.counts import FANOUT_SAMPLE_EVERY, GatewayCounts  # noqa: E402
 from chatgateway.telemetry.providers import Telemetry  # noqa: E402
+from support.wsharness import FakeCore, FakeVerifier  # noqa: E402
 
 HOOKS = ("received", "sent", "fanned_out", "session_opened", "session_closed", "connection_closing")
 HANDSHAKE = (

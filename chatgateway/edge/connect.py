@@ -105,7 +105,9 @@ def _decode(payload, message_cls, codec):
         else:
             message.ParseFromString(payload)
     except (json_format.ParseError, DecodeError, UnicodeDecodeError, RecursionError, ValueError, TypeError) as e:
-        raise ConnectError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode {message_cls.DESCRIPTOR.full_name}: {e}")
+        raise ConnectError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode {message_cls.DESCRIPTOR.full_name}: {e}"
+        ) from e
     return message
 
 

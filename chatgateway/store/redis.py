@@ -397,7 +397,7 @@ class RedisStore:
             return []
         alive = await self.redis.pipeline([("EXISTS", instance_key(g)) for g in others])
         reaped = []
-        for gateway_id in (g for g, exists in zip(others, alive) if not exists):
+        for gateway_id in (g for g, exists in zip(others, alive, strict=True) if not exists):
             lock = reap_lock_key(gateway_id)
             if await self.redis.execute("SET", lock, own_gateway_id, "NX", "EX", REAP_LOCK_SEC) is None:
                 continue  # another gateway is on it

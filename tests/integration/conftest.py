@@ -1,9 +1,9 @@
 """A development gateway process (reference core in-process) shared by a test module."""
 
 import pytest
-from support.processes import Twistd, free_port
 
 from chatgateway.auth.devtokens import mint_token
+from support.processes import Twistd, free_port
 
 SECRET = "integration-test-secret-0123456789abcdef"
 ISSUER = "chatgateway-dev"

@@ -6,14 +6,14 @@ import sys
 import grpc
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from support.chat import wait_until
-from support.processes import REPO_ROOT, Twistd, free_port
 from twisted.internet import defer, endpoints, reactor
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import chat_pb2_grpc, codec
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import GatewayClient
+from support.chat import wait_until
+from support.processes import REPO_ROOT, Twistd, free_port
 
 SECRET = "bench-reference-test-secret-0123456789abc"
 

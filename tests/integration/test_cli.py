@@ -11,6 +11,7 @@ import time
 
 import jwt
 import pytest
+
 from support.chat import unique
 from support.processes import REPO_ROOT, Twistd, free_port
 

@@ -20,16 +20,16 @@ import grpc
 import pytest
 import pytest_twisted
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.chat import unique
-from support.fakecore import FakeCore
-from support.grpcclient import ConnectError, StreamDevice, connect_call, unary
-from support.processes import Twistd, free_port
-from support.redis import RedisServer
 from twisted.internet import threads
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import GatewayClient
+from support.chat import unique
+from support.fakecore import FakeCore
+from support.grpcclient import ConnectError, StreamDevice, connect_call, unary
+from support.processes import Twistd, free_port
+from support.redis import RedisServer
 
 SECRET = "outage-test-secret-0123456789abcdef01234567"
 CORE_TIMEOUT = 1.0

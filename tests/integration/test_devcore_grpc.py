@@ -6,7 +6,6 @@ import grpc
 import jwt
 import pytest
 import pytest_twisted
-from support.processes import CLEAN_STOP, Twistd, free_port
 
 from chatgateway import config
 from chatgateway.api import chat_pb2 as pb
@@ -16,6 +15,7 @@ from chatgateway.bus.memory import MemoryBus
 from chatgateway.devcore.model import ChatModel
 from chatgateway.devcore.server import ChatCoreServicer, make_grpc_server
 from chatgateway.devcore.service import CoreService
+from support.processes import CLEAN_STOP, Twistd, free_port
 
 SECRET = "integration-secret-of-at-least-32-bytes"
 AUDIENCE = "service_chat_gateway"
@@ -121,7 +121,9 @@ def test_every_method_needs_a_valid_bearer_token(stub, metadata):
     for method, request in calls.items():
         call = getattr(stub, method)
         read = list if method == "SearchRooms" else (lambda response: response)
-        code, _ = status_of(lambda: read(call(request, metadata=metadata, timeout=10)))
+        code, _ = status_of(
+            lambda read=read, call=call, request=request: read(call(request, metadata=metadata, timeout=10))
+        )
         assert code == Code.UNAUTHENTICATED, method
 
 

@@ -8,11 +8,11 @@ import urllib.request
 import jwt
 import pytest
 import pytest_twisted
-from support.chat import fence, pending_texts, unique
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.client.wsclient import CallError, ClosedError, GatewayClient
+from support.chat import fence, pending_texts, unique
 
 
 async def connect(gw, profile, subprotocol=codec.JSON, device=None, **kwargs):
@@ -280,9 +280,8 @@ def run_twistd(tmp_path, *arguments, **settings):
     import os
     import subprocess
 
-    from support.processes import TWISTD
-
     from chatgateway.config import SETTINGS
+    from support.processes import TWISTD
 
     env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS}}
     return subprocess.run(

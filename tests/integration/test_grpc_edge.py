@@ -16,15 +16,15 @@ import pytest_twisted
 from google.protobuf import any_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support.chat import unique
-from support.grpcclient import AioLoop, ConnectError, StreamDevice, connect_call, connect_method, stream_metadata, unary
-from support.processes import Twistd, free_port
 from twisted.internet import threads
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import CallError, GatewayClient
+from support.chat import unique
+from support.grpcclient import AioLoop, ConnectError, StreamDevice, connect_call, connect_method, stream_metadata, unary
+from support.processes import Twistd, free_port
 
 
 def text_event(room_id, text):

@@ -18,15 +18,15 @@ import zlib
 
 import pytest
 import pytest_twisted
-from support.fakecore import FakeCore
-from support.loadgen import LineProcess
-from support.processes import one_gateway
 from twisted.internet import threads
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import GatewayClient
+from support.fakecore import FakeCore
+from support.loadgen import LineProcess
+from support.processes import one_gateway
 
 SECRET = "hardening-test-secret-0123456789abcdef0123"
 MiB = 1024 * 1024
@@ -351,7 +351,9 @@ def test_an_invalid_close_frame_is_answered_1002_or_1007_then_an_orderly_tcp_clo
             sock, status, _ = ws_upgrade(gateway.port, [f"Authorization: Bearer {token('alice', device)}"])
             assert status.startswith("HTTP/1.1 101"), status
             assert until(
-                lambda: r.exists(f"gateway:conn:alice:{device}") and r.sismember("gateway:room:r", f"alice:{device}")
+                lambda device=device: (
+                    r.exists(f"gateway:conn:alice:{device}") and r.sismember("gateway:room:r", f"alice:{device}")
+                )
             )
             sock.sendall(masked_frame(payload, opcode=0x8))
             frames, ending = frames_until_the_end(sock)
@@ -359,8 +361,8 @@ def test_an_invalid_close_frame_is_answered_1002_or_1007_then_an_orderly_tcp_clo
             assert (closes, ending) == ([expected], "eof"), (payload, frames, ending)
             sock.close()
             # the device is gone from the store, as after any close
-            assert until(lambda: not r.exists(f"gateway:conn:alice:{device}")), payload
-            assert until(lambda: not r.sismember("gateway:room:r", f"alice:{device}")), payload
+            assert until(lambda device=device: not r.exists(f"gateway:conn:alice:{device}")), payload
+            assert until(lambda device=device: not r.sismember("gateway:room:r", f"alice:{device}")), payload
         assert gateway.running
     finally:
         gateway.stop()

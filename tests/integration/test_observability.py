@@ -28,9 +28,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from support.chat import unique
-from support.grpcclient import StreamDevice, connect_call
-from support.processes import REPO_ROOT, Twistd, free_port
 from twisted.internet import threads
 from twisted.web import resource, server
 
@@ -38,6 +35,9 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import ClosedError, GatewayClient
+from support.chat import unique
+from support.grpcclient import ConnectError, StreamDevice, connect_call
+from support.processes import REPO_ROOT, Twistd, free_port
 
 DEVICE_TRACE = "0af7651916cd43dd8448eb211c80319c"
 DEVICE_SPAN = "b7ad6b7169203331"
@@ -310,7 +310,7 @@ async def exercise_every_token_path(gateway):
     stream = StreamDevice(gateway.grpc, token(unique("grpc"), "g"))
     await stream.anext_event("connected")
     stream.close()
-    with pytest.raises(Exception):
+    with pytest.raises(ConnectError):
         await threads.deferToThread(connect_call, gateway.http, "CreateRoom", pb.CreateRoomRequest(name="c"), token=bad)
     for client in (by_header, by_query, by_frame):
         await client.close()

@@ -13,15 +13,15 @@ import urllib.error
 import urllib.request
 
 import pytest_twisted
-from support.fakecore import FakeCore
-from support.loadgen import LineProcess
-from support.processes import one_gateway
-from support.redis import eventually
 from twisted.internet import reactor
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.redisconn.connection import RedisConnection
 from chatgateway.redisconn.uri import parse_uri
+from support.fakecore import FakeCore
+from support.loadgen import LineProcess
+from support.processes import one_gateway
+from support.redis import eventually
 
 SECRET = "overload-test-secret-0123456789abcdef01234"
 ROOM = "flooded"

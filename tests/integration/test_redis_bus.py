@@ -2,8 +2,6 @@
 
 import pytest
 import pytest_twisted
-from support.processes import free_port
-from support.redis import RedisServer, eventually
 from twisted.internet import defer, reactor, threads
 from zope.interface.verify import verifyObject
 
@@ -12,6 +10,8 @@ from chatgateway.bus import IEventBus
 from chatgateway.bus.memory import MemoryBus
 from chatgateway.bus.redis import RedisBus
 from chatgateway.redisconn.connection import ConnectionError
+from support.processes import free_port
+from support.redis import RedisServer, eventually
 
 PAYLOADS = [
     b"\x00\xff\xfe\x80 not UTF-8 \xc3\x28",

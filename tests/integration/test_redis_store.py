@@ -5,8 +5,6 @@ import json
 
 import pytest
 import pytest_twisted
-from support.processes import free_port
-from support.redis import RedisServer, eventually
 from twisted.internet import defer, reactor, task, threads
 from zope.interface.verify import verifyObject
 
@@ -16,6 +14,8 @@ from chatgateway.redisconn.uri import RedisAddress, parse_uri
 from chatgateway.store import ConnectionMeta, IConnectionStore, device_entry
 from chatgateway.store.memory import MemoryStore
 from chatgateway.store.redis import RedisStore
+from support.processes import free_port
+from support.redis import RedisServer, eventually
 
 TTL = 600  # 2 × CONNECTION_TIMEOUT_SEC (300)
 

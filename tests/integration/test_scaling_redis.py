@@ -4,15 +4,15 @@ import json
 
 import pytest
 import pytest_twisted
-from support.chat import fence, pending_texts, unique, wait_until
-from support.processes import Twistd, free_port
-from support.redis import RedisServer
 from twisted.internet import defer, reactor, task
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import GatewayClient
+from support.chat import fence, pending_texts, unique, wait_until
+from support.processes import Twistd, free_port
+from support.redis import RedisServer
 
 SECRET = "scaling-test-secret-0123456789abcdef0123"
 HEARTBEAT = 0.5
@@ -170,18 +170,18 @@ async def test_redis_keys_match_the_spec_schema_and_go_with_a_clean_disconnect(c
 @pytest_twisted.ensureDeferred
 async def test_same_device_racing_onto_two_gateways_ends_with_one_connection(cluster):
     r = cluster.redis.client()
-    for attempt in range(5):
+    for _attempt in range(5):
         profile = unique("racer")
         connects = [
             defer.Deferred.fromCoroutine(GatewayClient.connect(cluster.url(i), token(profile, "phone"))) for i in (0, 1)
         ]
         clients = await defer.gatherResults(connects)
-        await wait_until(lambda: sum(c.close_code is None for c in clients) == 1)
+        await wait_until(lambda clients=clients: sum(c.close_code is None for c in clients) == 1)
         (closed,) = [c for c in clients if c.close_code is not None]
         assert closed.close_code == 4001
         (alive,) = [c for c in clients if c.close_code is None]
         connected = await alive.next_event("connected")
-        await wait_until(lambda: r.zcard(f"gateway:device:{profile}:phone") == 1)
+        await wait_until(lambda profile=profile: r.zcard(f"gateway:device:{profile}:phone") == 1)
         (entry,) = r.zrange(f"gateway:device:{profile}:phone", 0, -1)
         assert json.loads(entry) == [connected.connected.gateway_id, connected.connected.session_id]
         await alive.close()

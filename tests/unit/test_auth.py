@@ -794,8 +794,9 @@ async def test_keys_rotated_at_a_real_jwks_server_are_picked_up_without_restart(
 @pytest_twisted.ensureDeferred
 async def test_the_websocket_edge_refuses_every_bad_token_and_follows_no_jku(keys, http_server):
     """The issue's list through a real handshake: each is HTTP 401, no upgrade, no request to the jku."""
-    from support.wsharness import Harness
     from twisted.internet import reactor
+
+    from support.wsharness import Harness
 
     pem = (
         keys["rsa-a"]

@@ -3,13 +3,13 @@
 import grpc
 import pytest
 import pytest_twisted
-from support.processes import free_port
 from twisted.internet import task
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.core import breaker as circuit
 from chatgateway.core.breaker import CircuitBreaker
 from chatgateway.core.client import CoreClient, CoreError
+from support.processes import free_port
 
 
 def make(failures=3, cooldown=10.0):

@@ -7,7 +7,6 @@ import struct
 import grpc
 import pytest
 from google.protobuf import json_format
-from support.wsharness import Harness, RecordingCore, SlowVerifier
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
@@ -15,6 +14,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.core.client import CoreError
 from chatgateway.edge.connect import ERROR_HTTP_STATUS, ConnectService, connect_code
+from support.wsharness import Harness, RecordingCore, SlowVerifier
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
 """chatgateway.edge.limits on HTTP_PORT: per-address unauthenticated cap, handshake timeout."""
 
 import pytest
-from support.wsharness import Harness, accept
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.edge.http import build_http_factory
 from chatgateway.edge.limits import Guard
+from support.wsharness import Harness, accept
 
 UPGRADE = (
     b"GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

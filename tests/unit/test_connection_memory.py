@@ -5,10 +5,10 @@ from coming back.
 """
 
 import pytest
-from support.wsharness import Harness
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.edge.websocket import HANDSHAKE_ATTRIBUTES
+from support.wsharness import Harness
 
 # The most entries a 128-slot dict holds: one more and CPython grows it to 256 (~1.7 KiB more).
 DICT_128_CAPACITY = 85

@@ -5,7 +5,6 @@ import time
 import grpc
 import pytest
 import pytest_twisted
-from support.fakecore import FakeCore
 from twisted.internet import defer, task
 
 from chatgateway.api import chat_pb2 as pb
@@ -13,6 +12,7 @@ from chatgateway.core import breaker as circuit
 from chatgateway.core import client as core_module
 from chatgateway.core.breaker import CircuitBreaker
 from chatgateway.core.client import CoreClient, CoreError, trace_metadata
+from support.fakecore import FakeCore
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

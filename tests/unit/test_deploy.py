@@ -18,11 +18,11 @@ import kubernetes_validate
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
-from support.processes import REPO_ROOT
 
 from chatgateway import config
 from chatgateway.tap import Options
 from chatgateway.telemetry import names
+from support.processes import REPO_ROOT
 
 KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
 COMPOSE = REPO_ROOT / "deploy" / "docker-compose.yml"

@@ -10,6 +10,7 @@ reference to nothing.
 import re
 
 import pytest
+
 from support.processes import REPO_ROOT
 
 DOCS = REPO_ROOT / "docs"

@@ -2,12 +2,12 @@
 
 import pytest
 from autobahn.twisted.websocket import WebSocketServerProtocol
-from support.wsharness import Harness, accept
 from twisted.web.http import _GenericHTTPChannelProtocol as SiteChannel
 
 from chatgateway.edge.http import build_http_factory
 from chatgateway.edge.router import MAX_REQUEST_LINE, is_websocket_request
 from chatgateway.edge.websocket import DeviceProtocol
+from support.wsharness import Harness, accept
 
 UPGRADE_HEADERS = (
     b"Host: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

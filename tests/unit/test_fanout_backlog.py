@@ -8,7 +8,6 @@ one reactor turn at a time, so the pump's chunks can be seen.
 import grpc
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from support.wsharness import Harness
 from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
@@ -16,6 +15,7 @@ from chatgateway.bus import channels
 from chatgateway.sessions import fanout
 from chatgateway.sessions.fanout import CHUNK, Fanout
 from chatgateway.telemetry.counts import GatewayCounts
+from support.wsharness import Harness
 
 LOSS = "DATA_LOSS"
 

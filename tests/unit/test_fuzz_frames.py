@@ -14,13 +14,13 @@ import pytest
 from google.protobuf import any_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.wsharness import Harness
 from twisted.logger import globalLogPublisher
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels
 from chatgateway.core.client import METHODS
+from support.wsharness import Harness
 
 MAX_MESSAGE_BYTES = 4096
 DEFINED_CLOSES = {1002, 1007, 1008, 1009, 4401, 4429}

@@ -8,7 +8,6 @@ import threading
 
 import grpc
 import pytest
-from support.wsharness import Harness
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
@@ -21,6 +20,7 @@ from chatgateway.sessions.fanout import EncodedEvent
 from chatgateway.sessions.opening import MAX_PENDING_REQUESTS
 from chatgateway.sessions.ratelimit import InboundBudget
 from chatgateway.sessions.session import CloseCode, ISessionTransport
+from support.wsharness import Harness
 
 
 class RecordingHandoff:
@@ -250,7 +250,7 @@ def test_messages_while_opening_are_queued_then_capped(harness, fake_edge):
     slow = defer.Deferred()
     harness.core.call = lambda method, *a, **k: slow
     bob = Stream(fake_edge, "bob/phone")
-    for i in range(MAX_PENDING_REQUESTS + 1):
+    for _ in range(MAX_PENDING_REQUESTS + 1):
         bob.send(pb.StreamRequest())
     assert bob.end[0] == CloseCode.POLICY
 

@@ -10,12 +10,12 @@ import struct
 
 import grpc
 import pytest
-from support.rawdevice import MALFORMED, PING, Device, masked
-from support.wsharness import Harness
 from twisted.internet import task
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.sessions.ratelimit import STREAK_GAP_SEC, InboundBudget
+from support.rawdevice import MALFORMED, PING, Device, masked
+from support.wsharness import Harness
 
 
 def budget(frames=100, byte_rate=100_000, close_after=5):

@@ -8,7 +8,6 @@ have a Redis to connect the Redis ones to.
 """
 
 import pytest
-from support.wsharness import FakeCore, FakeVerifier, RecordingCore, SlowVerifier
 from twisted.internet import defer, task
 from zope.interface import implementer
 from zope.interface.exceptions import Invalid
@@ -21,6 +20,7 @@ from chatgateway.core import ICoreClient
 from chatgateway.core.client import CoreClient
 from chatgateway.telemetry.corecalls import InstrumentedCore
 from chatgateway.telemetry.counts import GatewayCounts
+from support.wsharness import FakeCore, FakeVerifier, RecordingCore, SlowVerifier
 
 
 def core_client():

@@ -62,7 +62,7 @@ def test_json_line_has_time_level_namespace_message_and_fields():
     assert not any(key.startswith("log_") for key in record)
 
     try:
-        1 / 0
+        1 / 0  # noqa: B018 - raises on purpose: a real traceback for log.failure
     except ZeroDivisionError:
         log.failure("it broke", Failure())
     record = json.loads(json_line(events[1]))

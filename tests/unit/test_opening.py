@@ -3,7 +3,6 @@ core and verifier, through a transport that records what it is told."""
 
 import grpc
 import pytest
-from support.wsharness import Harness
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -14,6 +13,7 @@ from chatgateway.edge import grpcstream, websocket
 from chatgateway.sessions.opening import MAX_PENDING_REQUESTS, Opening, Reasons, bearer_token
 from chatgateway.sessions.session import CloseCode, ISessionTransport
 from chatgateway.store import device_entry
+from support.wsharness import Harness
 
 REASONS = Reasons("frame")
 

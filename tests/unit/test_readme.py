@@ -5,9 +5,8 @@ of the connected frame (docs/protocol.md)."""
 import json
 import re
 
-from support.processes import REPO_ROOT
-
 from chatgateway.config import SETTINGS
+from support.processes import REPO_ROOT
 
 
 def configuration_table():
@@ -68,6 +67,7 @@ def test_readme_states_the_workers_start_rule_the_pool_applies():
 
 def test_readme_connected_example_has_the_fields_the_gateway_sends_and_no_resume_token():
     from google.protobuf import json_format
+
     from support.wsharness import Harness
 
     harness = Harness()

@@ -206,7 +206,7 @@ def test_every_complete_reply_of_a_read_is_handled_in_that_read():
     r = Redis(protocol=Subscriber)
     read = b"".join(b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$4\r\n%04d\r\n" % n for n in range(1000))
     r.protocol.dataReceived(read[:-3])  # the last message is cut short
-    assert messages == ["%04d" % n for n in range(999)]
+    assert messages == [f"{n:04d}" for n in range(999)]
     assert r.clock.getDelayedCalls() == []  # nothing left for a later reactor turn
     r.protocol.dataReceived(read[-3:])
     assert messages[-1] == "0999"

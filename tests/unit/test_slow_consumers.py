@@ -11,8 +11,6 @@ same policy, and the frames the gateway releases are compared event by event.
 import functools
 
 import pytest
-from support.rawwebsocket import upgrade_request
-from support.wsharness import Harness
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
@@ -21,6 +19,8 @@ from chatgateway.api import codec
 from chatgateway.bus import channels
 from chatgateway.edge import grpcstream
 from chatgateway.sessions.session import CloseCode
+from support.rawwebsocket import upgrade_request
+from support.wsharness import Harness
 
 LIMIT = 4096  # SEND_BUFFER_BYTES; the transports hold up to half of it before the Outbox waits
 

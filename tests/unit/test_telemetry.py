@@ -11,8 +11,6 @@ import pytest_twisted
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
-from support.fakecore import FakeCore as GrpcFakeCore
-from support.wsharness import Harness
 from twisted.internet import defer
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -28,6 +26,8 @@ from chatgateway.telemetry.corecalls import InstrumentedCore
 from chatgateway.telemetry.counts import GatewayCounts, transport_name
 from chatgateway.telemetry.exposition import MetricsResource
 from chatgateway.telemetry.providers import Telemetry
+from support.fakecore import FakeCore as GrpcFakeCore
+from support.wsharness import Harness
 
 DEVICE_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 DEVICE_SPAN = "00f067aa0ba902b7"

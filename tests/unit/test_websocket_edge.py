@@ -5,7 +5,6 @@ import json
 import grpc
 import pytest
 from google.protobuf import any_pb2
-from support.wsharness import Harness
 
 from chatgateway import config
 from chatgateway.api import chat_pb2 as pb
@@ -13,6 +12,7 @@ from chatgateway.api import codec
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.auth.tokens import TokenVerifier
 from chatgateway.bus import channels
+from support.wsharness import Harness
 
 
 @pytest.fixture

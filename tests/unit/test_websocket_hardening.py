@@ -3,14 +3,14 @@
 import struct
 
 import pytest
-from support.rawdevice import Device, masked
-from support.wsharness import Harness
 from twisted.internet import defer
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels
 from chatgateway.sessions.outbox import ENTRY_OVERHEAD
+from support.rawdevice import Device, masked
+from support.wsharness import Harness
 
 
 @pytest.fixture
