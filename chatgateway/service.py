@@ -171,11 +171,11 @@ class _Signals(service.Service):
     """
 
     log = Logger()
-    name = "signals"
     OVERDUE_MARGIN_SEC = 1.0
     STOP_FAILED_EXIT_CODE = 1
 
     def __init__(self, reactor, drain_timeout, tree, exit=os._exit):
+        self.setName("signals")
         self._reactor = reactor
         self._drain_timeout = drain_timeout
         self._tree = tree

@@ -105,9 +105,9 @@ class WorkerPool(service.Service):
     """
 
     log = Logger()
-    name = "workers"
 
     def __init__(self, reactor, count, args, env, stop_timeout, give_up, path=None):
+        self.setName("workers")
         self._reactor = reactor
         self._count = count
         self._args = list(args)  # twistd plugin arguments, without --workers/--worker-index
@@ -279,9 +279,8 @@ class ParentWatch(service.Service):
     parent's word on the workers' state (the "workers" dependency), and stop the worker
     when the parent's pipe on stdin closes."""
 
-    name = "parent-watch"
-
     def __init__(self, reactor):
+        self.setName("parent-watch")
         self._reactor = reactor
         self.workers = "unknown"  # until the parent's first line
 

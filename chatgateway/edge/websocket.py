@@ -78,9 +78,10 @@ class _LazyPformat:
 # Autobahn pretty-prints its ~30 protocol options for a debug line on every new
 # connection, whether or not debug lines are kept: ~230 us, more than the rest of
 # its opening handshake. Formatted lazily, it costs nothing unless LOG_LEVEL=debug.
-autobahn.websocket.protocol.pformat = _LazyPformat
+# (A deliberate patch of Autobahn's module, hence the ignores: a class where a function was.)
+autobahn.websocket.protocol.pformat = _LazyPformat  # type: ignore[assignment]
 # The module's one non-logging use must keep returning a str.
-autobahn.websocket.protocol.Timings.__str__ = lambda self: pprint.pformat(self._timings)
+autobahn.websocket.protocol.Timings.__str__ = lambda self: pprint.pformat(self._timings)  # type: ignore[method-assign]
 
 
 def choose_subprotocol(offered):
@@ -122,7 +123,7 @@ def _deny_refused(refusal, subprotocol):
 class DeviceProtocol(WebSocketServerProtocol):
     # Autobahn's own logger kind (txaio): its ~14 debug lines per handshake are no-ops
     # below LOG_LEVEL=debug, where a twisted Logger would build and filter each event.
-    log = txaio.make_logger()
+    log = txaio.make_logger()  # type: ignore[attr-defined]  # bound at run time by txaio.use_twisted()
     transport_name = "websocket"
 
     # Our state in slots: Autobahn's own attributes alone nearly fill the instance

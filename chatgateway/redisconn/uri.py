@@ -13,12 +13,12 @@ from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 
 @dataclasses.dataclass(frozen=True)
 class RedisAddress:
-    host: str = None
-    port: int = None
-    path: str = None  # unix socket
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None  # unix socket
     db: int = 0
-    username: str = None
-    password: str = dataclasses.field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
 
     def __str__(self):
         """For logs: never shows the password."""

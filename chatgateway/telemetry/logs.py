@@ -195,9 +195,8 @@ class StdlibBridge(logging.Handler):
 
 
 class LogLevelService(service.Service):
-    name = "log-level"
-
     def __init__(self, level, fmt="text", secrets=(), publisher=None):
+        self.setName("log-level")
         self.level = level
         self.fmt = fmt
         self.secrets = tuple(secrets)

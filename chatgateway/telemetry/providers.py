@@ -175,10 +175,10 @@ class TelemetryService(service.Service):
     flush runs in a thread, bounded by FLUSH_TIMEOUT_SEC.
     """
 
-    name = "telemetry"
     log = Logger(namespace="chatgateway.telemetry")
 
     def __init__(self, telemetry, reactor):
+        self.setName("telemetry")
         self._reactor = reactor
         self.telemetry = telemetry
 
