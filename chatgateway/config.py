@@ -10,13 +10,18 @@ import dataclasses
 import os
 import socket
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
+
+# A setting's parser: its text to its value; ValueError (a short reason) when invalid.
+Parser = Callable[[str], Any]
 
 
 class ConfigError(Exception):
     """Invalid configuration; ``problems`` holds one line per problem."""
 
-    def __init__(self, problems):
+    def __init__(self, problems: Sequence[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = list(problems)
 
@@ -28,15 +33,15 @@ class InvalidConfiguration(SystemExit):
     problems would be lost at the end of a page of options.
     """
 
-    def __init__(self, problems, program="chatgateway"):
+    def __init__(self, problems: Iterable[str], program: str = "chatgateway") -> None:
         self.problems = list(problems)
         super().__init__("\n".join(f"{program}: invalid configuration: {p}" for p in self.problems))
 
 
-def _at_least(convert, kind, minimum):
+def _at_least(convert: Callable[[str], float], kind: str, minimum: float) -> Parser:
     """A parser of finite numbers of one kind, no smaller than minimum."""
 
-    def parse(text):
+    def parse(text: str) -> float:
         try:
             value = convert(text)
         except ValueError:
@@ -50,24 +55,24 @@ def _at_least(convert, kind, minimum):
     return parse
 
 
-def _int(minimum):
+def _int(minimum: int) -> Parser:
     return _at_least(int, "a whole number", minimum)
 
 
-def _number(minimum):
+def _number(minimum: float) -> Parser:
     return _at_least(float, "a number", minimum)
 
 
-def _or_derived(parse):
+def _or_derived(parse: Parser) -> Parser:
     """``parse``, or None for an empty value (load() derives it from another setting)."""
 
-    def parse_or_none(text):
+    def parse_or_none(text: str) -> Any:
         return parse(text) if text.strip() else None
 
     return parse_or_none
 
 
-def _bool(text):
+def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -76,11 +81,11 @@ def _bool(text):
     raise ValueError("must be true or false")
 
 
-def _text(text):
+def _text(text: str) -> str:
     return text.strip()
 
 
-def _host_port(text):
+def _host_port(text: str) -> str:
     """host:port, as grpcio takes it (``dns:///`` prefixes are passed through)."""
     text = text.strip()
     target = text.split("///", 1)[-1]
@@ -90,7 +95,7 @@ def _host_port(text):
     return text
 
 
-def _store_uri(text):
+def _store_uri(text: str) -> str:
     text = text.strip()
     if text in ("", "memory://"):
         return "memory://"
@@ -108,7 +113,7 @@ def _store_uri(text):
     return text
 
 
-def _http_url(text):
+def _http_url(text: str) -> str:
     text = text.strip()
     if not text:
         return ""
@@ -118,7 +123,7 @@ def _http_url(text):
     return text
 
 
-def _log_level(text):
+def _log_level(text: str) -> str:
     level = text.strip().lower()
     if level == "warn":
         level = "warning"
@@ -127,26 +132,26 @@ def _log_level(text):
     return level
 
 
-def _log_format(text):
+def _log_format(text: str) -> str:
     fmt = text.strip().lower()
     if fmt not in ("text", "json"):
         raise ValueError("must be text or json")
     return fmt
 
 
-def _origins(text):
+def _origins(text: str) -> tuple[str, ...]:
     return tuple(o.strip() for o in text.split(",") if o.strip())
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
     name: str
-    parse: object
+    parse: Parser
     default: str
     help: str
 
     @property
-    def field(self):
+    def field(self) -> str:
         return self.name.lower()
 
 
@@ -332,7 +337,7 @@ class Config:
     send_buffer_bytes: int
     max_connections: int
     max_unauthenticated_per_address: int
-    allowed_origins: tuple
+    allowed_origins: tuple[str, ...]
     core_timeout_sec: float
     core_threads: int
     core_breaker_failures: int
@@ -345,17 +350,17 @@ class Config:
     log_format: str
 
     @property
-    def in_memory(self):
+    def in_memory(self) -> list[str]:
         """The names of the settings (CACHE_URI, EVENTS_URI) that keep their data in this process."""
         return [
             name for name, uri in (("CACHE_URI", self.cache_uri), ("EVENTS_URI", self.events_uri)) if uri == "memory://"
         ]
 
-    def replace(self, **changes):
+    def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
 
-def load(environ=None, overrides=None):
+def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None) -> Config:
     """Build a Config from ``environ`` (default os.environ) and ``overrides``.
 
     ``overrides`` maps setting names (either case) to text, as twistd options
@@ -371,8 +376,8 @@ def load(environ=None, overrides=None):
             raise ConfigError([f"{key}: unknown setting"])
         raw[name] = str(value)
 
-    problems = []
-    values = {}
+    problems: list[str] = []
+    values: dict[str, Any] = {}
     for setting in SETTINGS:
         text = raw[setting.name]
         try:
@@ -396,7 +401,7 @@ def load(environ=None, overrides=None):
     return Config(**values)
 
 
-def _cross_checks(given):
+def _cross_checks(given: Mapping[str, Any]) -> Iterator[str]:
     """Checks between settings; a setting that did not parse is left out."""
     values = collections.defaultdict(lambda: None, given)
     heartbeat, timeout = values["heartbeat_interval_sec"], values["connection_timeout_sec"]

@@ -29,6 +29,7 @@ import re
 import jwt
 from jwt.algorithms import HMACAlgorithm
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -143,7 +144,7 @@ class TokenVerifier:
 
     # -- public API ------------------------------------------------------------------
 
-    def verify(self, token):
+    def verify(self, token: str) -> Deferred[Claims]:
         """Deferred[Claims]; fails with AuthError only. Never blocks the reactor."""
         try:
             header, alg = self._inspect(token)

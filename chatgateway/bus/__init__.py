@@ -5,32 +5,45 @@ default) and ``redis`` (many instances). A bus hands every message of the
 channels it is subscribed to to one receiver, ``receiver(channel, payload)``.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from chatgateway.config import Config
+    from chatgateway.telemetry.counts import GatewayCounts
+
+# Where a bus delivers: receiver(channel, payload), a serialized ServerEvent.
+Receiver = Callable[[str, bytes], object]
 
 
 class IEventBus(Interface):
     ready = Attribute("True while the bus can deliver (for /readyz).")
 
-    def start(receiver):
+    def start(receiver: Receiver) -> None:
         """Begin delivering messages of subscribed channels to receiver(channel, payload)."""
 
-    def subscribe(channel):
+    def subscribe(channel: str) -> Deferred[None]:
         """Receive this channel's messages. Returns a Deferred."""
 
-    def unsubscribe(channel):
+    def unsubscribe(channel: str) -> Deferred[None]:
         """Stop receiving this channel's messages. Returns a Deferred."""
 
-    def publish(channel, payload):
+    def publish(channel: str, payload: bytes) -> Deferred[None]:
         """Send bytes to every subscriber of channel. Returns a Deferred."""
 
-    def stop():
+    def stop() -> Deferred[None]:
         """Release connections. Returns a Deferred."""
 
-    def on_reconnect(callback):
+    def on_reconnect(callback: Callable[[], object]) -> None:
         """Call ``callback()`` when delivery resumes after messages may have been missed."""
 
 
-def make_bus(config, reactor, hub=None, counts=None):
+def make_bus(config: Config, reactor: Any, hub: Any = None, counts: GatewayCounts | None = None) -> IEventBus:
     """The bus named by config.events_uri; ``hub`` shares one in-memory bus in a process.
 
     ``counts``: the GatewayCounts a Redis bus counts its failed commands into.

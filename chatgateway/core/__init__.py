@@ -5,17 +5,28 @@ chatgateway.core.client.CoreClient (gRPC), chatgateway.telemetry.corecalls.Instr
 (a CoreClient whose calls are measured) and the tests' fakes.
 """
 
+from typing import Any
+
+from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 
 class ICoreClient(Interface):
-    def start():
+    def start() -> None:
         """Open the channel to the core (its address may be known only now)."""
 
-    def stop():
+    def stop() -> Deferred[None]:
         """Wait for the calls in flight (each bounded by its deadline), then close. Returns a Deferred."""
 
-    def call(method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None):
+    def call(
+        method: str,
+        request: Any,
+        token: str,
+        device_id: str = "",
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+        timeout: float | None = None,
+    ) -> Deferred[Any]:
         """Call ChatService ``method`` with a device's ``token``.
 
         Returns a Deferred firing with the response (a list of responses for a streaming
@@ -24,5 +35,5 @@ class ICoreClient(Interface):
         the deadline, e.g. to the caller's own.
         """
 
-    def readiness():
+    def readiness() -> Deferred[str]:
         """A Deferred of the core's state for /readyz: "up", "down", or the open circuit."""

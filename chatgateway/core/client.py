@@ -45,10 +45,13 @@ import heapq
 import itertools
 import re
 import threading
+from typing import Any
 
 import grpc
 import grpc.experimental
+from google.protobuf.message import Message
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,7 +65,8 @@ from chatgateway.core.blockingcalls import BlockingCalls
 SERVICE = "chat.v1.ChatService"
 
 # method name -> (request class, response class, server-streaming)
-METHODS = {
+# name: (request class, response class, server-streaming)
+METHODS: dict[str, tuple[type[Message], type[Message], bool]] = {
     "SendEvent": (pb.SendEventRequest, pb.SendEventResponse, False),
     "GetHistory": (pb.GetHistoryRequest, pb.GetHistoryResponse, False),
     "CreateRoom": (pb.CreateRoomRequest, pb.CreateRoomResponse, False),
@@ -269,7 +273,7 @@ class CoreClient:
         self.breaker = breaker if breaker is not None else circuit.CircuitBreaker(self._clock)
         self._service_token = service_token  # ClientCredentials, or None
 
-    def start(self):
+    def start(self) -> None:
         if self._given_channel is not None:
             self._channel = self._given_channel
         else:
@@ -287,7 +291,7 @@ class CoreClient:
         if self._service_token is not None:
             self._service_token.start()
 
-    def stop(self):
+    def stop(self) -> Deferred[None]:
         """Wait for calls in flight (each bounded by its deadline), then close."""
         channel, self._channel = self._channel, None
         if self._service_token is not None:
@@ -314,7 +318,16 @@ class CoreClient:
     def waiting(self):
         return self._waiting
 
-    def call(self, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None):
+    def call(
+        self,
+        method: str,
+        request: Any,
+        token: str,
+        device_id: str = "",
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+        timeout: float | None = None,
+    ) -> Deferred[Any]:
         """Deferred firing with the response (a list of responses when streaming).
 
         ``timeout`` (seconds) is what is left of the caller's own deadline, e.g. one
@@ -490,7 +503,7 @@ class CoreClient:
 
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), blocking)
 
-    def readiness(self):
+    def readiness(self) -> Deferred[str]:
         """Deferred of the core's state for /readyz: "up", "down", or the open circuit."""
         state = self.breaker.state
         if state != circuit.CLOSED:

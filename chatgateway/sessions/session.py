@@ -5,9 +5,12 @@ The WebSocket protocol and the gRPC stream turn frames into
 interface below; everything a device may do is decided here.
 """
 
+from __future__ import annotations
+
 import heapq
 import itertools
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 from twisted.internet import defer
@@ -21,6 +24,9 @@ from chatgateway.bus import channels
 from chatgateway.core.client import METHODS, CoreError
 from chatgateway.sessions.ratelimit import TokenBucket
 from chatgateway.store import ConnectionMeta
+
+if TYPE_CHECKING:
+    from chatgateway.sessions.fanout import EncodedEvent
 
 TYPE_PREFIX = "type.googleapis.com/"
 
@@ -40,16 +46,16 @@ class CloseCode:
 class ISessionTransport(Interface):
     transport_name = Attribute('What carries the session, as telemetry reports it: "websocket", "grpc".')
 
-    def send_event(event):
+    def send_event(event: pb.ServerEvent) -> None:
         """Send one ServerEvent to this device only."""
 
-    def send_encoded(encoded):
+    def send_encoded(encoded: EncodedEvent) -> None:
         """Send a shared EncodedEvent (fan-out) to this device."""
 
-    def ping():
+    def ping() -> None:
         """Send a heartbeat probe."""
 
-    def close(code, reason):
+    def close(code: int, reason: str) -> None:
         """Close the connection with a close code of docs/protocol.md#heartbeats-and-close-codes."""
 
     # Optional: ``abort()`` drops the connection at once (a drain past its deadline).
