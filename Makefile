@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 
-.PHONY: dev test install redis-server bench bench-install bench-client bench-quick
+.PHONY: dev test lint fmt install redis-server bench bench-install bench-client bench-quick
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,20 @@ redis-server:
 dev: install
 	$(VENV)/bin/twistd --nodaemon --pidfile= chatgateway --dev
 
-test: install redis-server
+# The checks first (make lint), then every test.
+test: install redis-server lint
 	$(PY) -m pytest -q tests
+
+# The formatter's and the linter's checks (ruff.toml), then the types (mypy.ini).
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# For developers: format, and fix what the linter can fix safely.
+fmt: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 # The benchmark suite (not a test): about 45 minutes on 2 CPUs; see bench/README.md.
 BENCH_CLIENT := bench/out/fanout_client

