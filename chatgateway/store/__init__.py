@@ -3,7 +3,7 @@
 The contract: docs/architecture.md#redis-keys-and-channels.
 
 Two implementations of IConnectionStore: ``memory`` (one instance) and
-``redis``. Keys and values follow the spec:
+``redis``. Keys and values follow the spec (docs/spec.md):
 
     gateway:conn:{profileID}:{deviceID} -> JSON ConnectionMeta
     gateway:room:{roomID}               -> set of "profileID:deviceID"

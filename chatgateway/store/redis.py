@@ -2,7 +2,7 @@
 
 The contract: docs/architecture.md#redis-keys-and-channels.
 
-Keys (the spec's three, then ours):
+Keys (the three of the spec, docs/spec.md, then ours):
 
     gateway:conn:{profileID}:{deviceID}    JSON ConnectionMeta (7 fields)    TTL 2 × CONNECTION_TIMEOUT_SEC
     gateway:room:{roomID}                  SET of "profileID:deviceID"       same TTL, renewed
