@@ -27,6 +27,7 @@ from chatgateway.client.wsclient import GatewayClient
 from support.fakecore import FakeCore
 from support.loadgen import LineProcess
 from support.processes import one_gateway
+from support.rawwebsocket import split_frames
 
 SECRET = "hardening-test-secret-0123456789abcdef0123"
 MiB = 1024 * 1024
@@ -310,15 +311,8 @@ def frames_until_the_end(sock, timeout=10):
             break
         if not chunk:
             return frames, "eof"
-        data += chunk
-        while len(data) >= 2:
-            opcode, length, at = data[0] & 0x0F, data[1] & 0x7F, 2
-            if length == 126:
-                length, at = struct.unpack("!H", data[2:4])[0], 4
-            if len(data) < at + length:
-                break
-            frames.append((opcode, data[at : at + length]))
-            data = data[at + length :]
+        received, data = split_frames(data + chunk)
+        frames.extend(received)
     return frames, "timeout"
 
 

@@ -27,6 +27,7 @@ import threading
 import time
 
 from chatgateway.auth.devtokens import mint_token
+from support.rawwebsocket import split_frames
 
 
 def masked(payload, opcode=0x1):
@@ -79,20 +80,8 @@ def upgrade(host, port, token):
 def frames(sock, buffer):
     """(opcode, payload) of every frame the server sends (unmasked), until the connection ends."""
     while True:
-        while len(buffer) >= 2:
-            opcode, length, at = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
-            if length == 126:
-                if len(buffer) < 4:
-                    break
-                length, at = struct.unpack("!H", buffer[2:4])[0], 4
-            elif length == 127:
-                if len(buffer) < 10:
-                    break
-                length, at = struct.unpack("!Q", buffer[2:10])[0], 10
-            if len(buffer) < at + length:
-                break
-            yield opcode, buffer[at : at + length]
-            buffer = buffer[at + length :]
+        received, buffer = split_frames(buffer)
+        yield from received
         chunk = sock.recv(1 << 20)
         if not chunk:
             return

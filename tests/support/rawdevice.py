@@ -4,6 +4,7 @@ frames out, with nothing read unless the test says so (a device that never reads
 import json
 import struct
 
+from support.rawwebsocket import split_frames
 from support.wsharness import accept
 
 UPGRADE = (
@@ -54,15 +55,8 @@ class Device:
     def _read(self):
         data = self._out + self.transport.value()
         self.transport.clear()
-        while len(data) >= 2:
-            opcode, length, at = data[0] & 0x0F, data[1] & 0x7F, 2
-            if length == 126:
-                length, at = struct.unpack("!H", data[2:4])[0], 4
-            if len(data) < at + length:
-                break
-            self.frames.append((opcode, data[at : at + length]))
-            data = data[at + length :]
-        self._out = data
+        received, self._out = split_frames(data)
+        self.frames.extend(received)
 
     def count(self, opcode):
         return sum(1 for op, _ in self.frames if op == opcode)

@@ -25,6 +25,36 @@ def upgrade_request(host, path, subprotocol=None, headers=None):
     ).encode()
 
 
+def frame_header(buffer, i=0):
+    """(opcode, start, length) of the server frame (unmasked) at ``buffer[i:]``, or None while
+    its header is incomplete; its payload is ``buffer[start:start + length]`` once that much is in."""
+    n = len(buffer) - i
+    if n < 2:
+        return None
+    opcode, length, head = buffer[i] & 0x0F, buffer[i + 1] & 0x7F, 2
+    if length == 126:
+        if n < 4:
+            return None
+        length, head = int.from_bytes(buffer[i + 2 : i + 4], "big"), 4
+    elif length == 127:
+        if n < 10:
+            return None
+        length, head = int.from_bytes(buffer[i + 2 : i + 10], "big"), 10
+    return opcode, i + head, length
+
+
+def split_frames(buffer):
+    """([(opcode, payload), ...] of the whole server frames at the start of ``buffer``, the rest)."""
+    frames, i = [], 0
+    while (header := frame_header(buffer, i)) is not None:
+        opcode, start, length = header
+        if len(buffer) < start + length:
+            break
+        frames.append((opcode, buffer[start : start + length]))
+        i = start + length
+    return frames, buffer[i:]
+
+
 class RawWebSocket(protocol.Protocol):
     def __init__(self, request):
         self.request = request
@@ -53,21 +83,10 @@ class RawWebSocket(protocol.Protocol):
 
     def _frames(self, buffer):
         i, n = 0, len(buffer)
-        while n - i >= 2:
-            opcode = buffer[i] & 0x0F
-            length = buffer[i + 1] & 0x7F
-            head = 2
-            if length == 126:
-                if n - i < 4:
-                    break
-                length, head = int.from_bytes(buffer[i + 2 : i + 4], "big"), 4
-            elif length == 127:
-                if n - i < 10:
-                    break
-                length, head = int.from_bytes(buffer[i + 2 : i + 10], "big"), 10
-            if n - i < head + length:
+        while (header := frame_header(buffer, i)) is not None:
+            opcode, start, length = header
+            if n < start + length:
                 break
-            start = i + head
             if opcode == 2:
                 self.binary(buffer, start, length)
             elif opcode == 9:  # ping: a masked pong (zero mask) with the same payload

@@ -23,6 +23,7 @@ import sys
 import time
 
 from chatgateway.auth.devtokens import mint_token
+from support.rawwebsocket import frame_header
 
 
 def handshake(host, port, token, rcvbuf, timeout):
@@ -75,17 +76,10 @@ class FrameReader:
         self.buffer += data
         while not self.skip and self.close_code is None:
             b = self.buffer
-            if len(b) < 2:
+            header = frame_header(b)
+            if header is None:
                 return
-            opcode, length, at = b[0] & 0x0F, b[1] & 0x7F, 2
-            if length == 126:
-                if len(b) < 4:
-                    return
-                length, at = struct.unpack("!H", b[2:4])[0], 4
-            elif length == 127:
-                if len(b) < 10:
-                    return
-                length, at = struct.unpack("!Q", b[2:10])[0], 10
+            opcode, at, length = header
             if opcode == 8:
                 if len(b) < at + length:
                     return
