@@ -17,7 +17,6 @@ A line on stdin "EXIT" (or its end) stops the process. ``--report-every`` adds
 """
 
 import argparse
-import base64
 import json
 import os
 import socket
@@ -27,7 +26,7 @@ import threading
 import time
 
 from chatgateway.auth.devtokens import mint_token
-from support.rawwebsocket import split_frames
+from support.rawwebsocket import handshake, split_frames, upgrade_request
 
 
 def masked(payload, opcode=0x1):
@@ -56,23 +55,8 @@ def flood_block(token, size=64 * 1024):
 
 def upgrade(host, port, token):
     sock = socket.create_connection((host, port), timeout=30)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat.v1.json\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n"
-        ).encode()
-    )
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise RuntimeError("closed during the handshake")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if b" 101 " not in head.split(b"\r\n")[0]:
-        raise RuntimeError(head.split(b"\r\n")[0].decode())
+    request = upgrade_request(f"{host}:{port}", "/ws", "chat.v1.json", {"Authorization": f"Bearer {token}"})
+    rest = handshake(sock, request)
     sock.settimeout(None)
     return sock, rest
 

@@ -25,6 +25,22 @@ def upgrade_request(host, path, subprotocol=None, headers=None):
     ).encode()
 
 
+def handshake(sock, request):
+    """Send an opening handshake on a blocking socket; the bytes that followed the 101's headers."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("closed during the handshake")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n")[0]
+    if b" 101 " not in status:
+        raise RuntimeError(f"handshake refused: {status.decode(errors='replace')}")
+    return rest
+
+
 def frame_header(buffer, i=0):
     """(opcode, start, length) of the server frame (unmasked) at ``buffer[i:]``, or None while
     its header is incomplete; its payload is ``buffer[start:start + length]`` once that much is in."""

@@ -13,9 +13,7 @@ stdin/stdout, one line each:
 """
 
 import argparse
-import base64
 import json
-import os
 import selectors
 import socket
 import struct
@@ -23,7 +21,8 @@ import sys
 import time
 
 from chatgateway.auth.devtokens import mint_token
-from support.rawwebsocket import frame_header
+from support import rawwebsocket
+from support.rawwebsocket import frame_header, upgrade_request
 
 
 def handshake(host, port, token, rcvbuf, timeout):
@@ -31,22 +30,8 @@ def handshake(host, port, token, rcvbuf, timeout):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: a small window
     sock.settimeout(timeout)
     sock.connect((host, port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (
-        f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat.v1.proto\r\n"
-        f"Authorization: Bearer {token}\r\n\r\n"
-    )
-    sock.sendall(request.encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise RuntimeError("closed during the handshake")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise RuntimeError(f"handshake refused: {head.splitlines()[0]!r}")
+    request = upgrade_request(f"{host}:{port}", "/ws", "chat.v1.proto", {"Authorization": f"Bearer {token}"})
+    rest = rawwebsocket.handshake(sock, request)
     reader = FrameReader()
     reader.feed(rest)
     while not reader.frames:
