@@ -12,7 +12,7 @@ request arrived: CORE_TIMEOUT_SEC from then, or the caller's own when it is
 sooner. Whatever the call is doing at its deadline, it is answered then:
 
 - waiting here, or handed to the threads but not yet taken by one: failed with
-  DEADLINE_EXCEEDED by one timer (_Deadlines) set for the earliest deadline of
+  DEADLINE_EXCEEDED by one timer (chatgateway.core.calls.Deadlines) set for the earliest deadline of
   them all, on the reactor; the core is never asked, the breaker not told;
 - taken by a thread: the thread gives grpc what is left of the deadline (and
   skips a call whose deadline has passed), so grpc ends it then.
@@ -41,8 +41,6 @@ and rich details (``grpc-status-details-bin``) come back unchanged in CoreError.
 """
 
 import collections
-import heapq
-import itertools
 import re
 import threading
 from typing import Any
@@ -61,6 +59,7 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.core import ICoreClient
 from chatgateway.core import breaker as circuit
 from chatgateway.core.blockingcalls import BlockingCalls
+from chatgateway.core.calls import ENDED, RUNNING, SKIPPED, STARTING, WAITING, Call, Deadlines
 
 SERVICE = "chat.v1.ChatService"
 
@@ -138,89 +137,6 @@ class CoreError(Exception):
         return pb.ErrorDetail(code=self.code.value[0], status=self.code.name, message=self.message, meta=self.meta)
 
 
-# Where a call is (_Call.state).
-_WAITING = "waiting"  # here, for a place in the pool
-_STARTING = "starting"  # has a place: getting the service token, or queued for a thread
-_RUNNING = "running"  # a thread called the core with what was left of the deadline
-_ENDED = "ended"  # answered, or past its deadline before a thread took it
-_NOT_STARTED = (_WAITING, _STARTING)
-
-# What a thread returns for a call it did not start (past its deadline, or already answered).
-_SKIPPED = object()
-
-
-class _Call:
-    """One call to the core, from ``call`` to its answer."""
-
-    __slots__ = ("d", "method", "request", "metadata", "expires", "state", "timeout", "watched")
-
-    def __init__(self, method, request, metadata, expires):
-        self.d = defer.Deferred()
-        self.method = method
-        self.request = request
-        self.metadata = metadata
-        self.expires = expires  # clock seconds: the deadline
-        self.state = None
-        self.timeout = None  # what grpc was given, once a thread started it
-        self.watched = False  # in _Deadlines
-
-
-class _Deadlines:
-    """Fails calls not yet on a thread at their deadline: one timer, for the earliest.
-
-    A heap of (expires, n, call). A call stops counting when a thread takes it or it is
-    answered; its entry is then skipped when it comes up, and such entries are dropped
-    all at once when they outnumber the calls that can still be waiting (so a storm of
-    calls that did get a thread in time is not kept until its deadlines). A timer per
-    call would be a heap push and a cancel on the reactor for each of thousands.
-    """
-
-    COMPACT_ABOVE = 64
-
-    def __init__(self, clock, expire):
-        self._clock = clock
-        self._expire = expire  # (call) -> None, on the reactor
-        self._heap = []
-        self._order = itertools.count()  # ties never compare calls
-        self._timer = None
-        self._due = None  # the deadline the timer is set for
-
-    def __len__(self):
-        return len(self._heap)
-
-    def add(self, call, live):
-        """Watch ``call``; ``live`` bounds how many watched calls can still be waiting."""
-        if call.watched:
-            return
-        call.watched = True
-        heapq.heappush(self._heap, (call.expires, next(self._order), call))
-        if len(self._heap) > 2 * live + self.COMPACT_ABOVE:
-            self._heap = [entry for entry in self._heap if entry[2].state in _NOT_STARTED]
-            heapq.heapify(self._heap)
-        if self._due is None or call.expires < self._due:
-            self._arm()
-
-    def _arm(self):
-        while self._heap and self._heap[0][2].state not in _NOT_STARTED:
-            heapq.heappop(self._heap)[2].watched = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self._due = None
-        if self._heap:
-            self._due = self._heap[0][0]
-            self._timer = self._clock.callLater(max(0.0, self._due - self._clock.seconds()), self._fire)
-
-    def _fire(self):
-        self._timer = None
-        # The timer's own target counts as now: clock arithmetic may land a hair before it.
-        now = max(self._clock.seconds(), self._due)
-        while self._heap and self._heap[0][0] <= now:
-            call = heapq.heappop(self._heap)[2]
-            call.watched = False
-            self._expire(call)
-        self._arm()
-
-
 def _core_error(rpc_error):
     code = rpc_error.code() or grpc.StatusCode.UNKNOWN
     details = None
@@ -266,8 +182,8 @@ class CoreClient:
         self._queue = collections.deque()  # of _Call waiting for a place, oldest first (and ended ones)
         self._waiting = 0  # calls in _queue still waiting
         self._starting = False
-        self._claim = threading.Lock()  # a call's move out of _STARTING: by a thread, or at its deadline
-        self._deadlines = _Deadlines(self._clock, self._expire)
+        self._claim = threading.Lock()  # a call's move out of STARTING: by a thread, or at its deadline
+        self._deadlines = Deadlines(self._clock, self._expire)
         self._channel = None
         self._callables = {}
         self.breaker = breaker if breaker is not None else circuit.CircuitBreaker(self._clock)
@@ -299,8 +215,8 @@ class CoreClient:
         queue, self._queue = self._queue, collections.deque()
         self._waiting = 0
         for call in queue:
-            if call.state is _WAITING:
-                call.state = _ENDED
+            if call.state is WAITING:
+                call.state = ENDED
                 self._answer(call, Failure(CoreError(grpc.StatusCode.UNAVAILABLE, "core client is stopped")))
 
         def shutdown():
@@ -349,9 +265,9 @@ class CoreClient:
         if device_id:
             metadata.append(("x-device-id", device_id))
         metadata.extend(trace_metadata(traceparent, tracestate))
-        call = _Call(method, request, metadata, expires)
+        call = Call(method, request, metadata, expires)
         if full and self.breaker.state != circuit.OPEN:  # an open circuit refuses at once, waiting or not
-            call.state = _WAITING
+            call.state = WAITING
             self._queue.append(call)
             self._waiting += 1
             self._watch(call)
@@ -365,19 +281,19 @@ class CoreClient:
     def _start(self, call):
         """Give the call a place in the pool (the breaker permitting)."""
         if not self.breaker.allow():
-            call.state = _ENDED
+            call.state = ENDED
             message = f"core unavailable (circuit open; retry in {self.breaker.retry_after():.1f}s)"
             self._answer(call, Failure(CoreError(grpc.StatusCode.UNAVAILABLE, message)))
             return
         self._in_flight += 1
-        call.state = _STARTING
+        call.state = STARTING
         if self._in_flight > self._threads:
             self._watch(call)  # it queues behind busy threads
         d = defer.Deferred.fromCoroutine(self._run(call))
         d.addBoth(self._ran, call)
 
     async def _run(self, call):
-        """The pool's result for the call: a response, a Failure, or _SKIPPED."""
+        """The pool's result for the call: a response, a Failure, or SKIPPED."""
         if self._service_token is not None:
             pending = self._service_token.token()
             if not pending.called:
@@ -386,8 +302,8 @@ class CoreClient:
                 service_token = await pending
             except Exception as e:
                 return Failure(CoreError(grpc.StatusCode.UNAVAILABLE, f"the gateway has no service token: {e}"))
-            if call.state is not _STARTING:
-                return _SKIPPED  # its deadline came while the token was fetched
+            if call.state is not STARTING:
+                return SKIPPED  # its deadline came while the token was fetched
             call.metadata.append(("x-service-authorization", f"Bearer {service_token}"))
         try:
             return await self._pool.call(self._blocking, call)
@@ -397,12 +313,12 @@ class CoreClient:
     def _blocking(self, call):
         """On a pool thread: the core's answer, with what is left of the deadline."""
         with self._claim:
-            if call.state is not _STARTING:
-                return _SKIPPED
+            if call.state is not STARTING:
+                return SKIPPED
             timeout = call.expires - self._clock.seconds()
             if timeout <= 0:
-                return _SKIPPED
-            call.state = _RUNNING
+                return SKIPPED
+            call.state = RUNNING
         call.timeout = timeout
         stub = self._callables[call.method]
         try:
@@ -417,14 +333,14 @@ class CoreClient:
     def _ran(self, result, call):
         """The pool handed the call back: answer it (unless answered at its deadline), free its place."""
         self._in_flight -= 1
-        if result is _SKIPPED:
+        if result is SKIPPED:
             self._expire(call)
-        elif call.state is _RUNNING:
-            call.state = _ENDED
+        elif call.state is RUNNING:
+            call.state = ENDED
             self._judge(call, result)
             self._answer(call, result)
-        elif call.state is _STARTING:  # no service token, or no pool: it never got to a thread
-            call.state = _ENDED
+        elif call.state is STARTING:  # no service token, or no pool: it never got to a thread
+            call.state = ENDED
             self.breaker.released()
             self._answer(call, result)
         self._start_waiting()
@@ -444,21 +360,21 @@ class CoreClient:
 
     def _expire(self, call):
         """The call's deadline came before a thread took it: DEADLINE_EXCEEDED, the core never asked."""
-        if call.state is _WAITING:
-            call.state = _ENDED
+        if call.state is WAITING:
+            call.state = ENDED
             self._waiting -= 1
             # Ended calls stay in the queue until they reach its front; drop them when most are.
-            if len(self._queue) > 2 * self._waiting + _Deadlines.COMPACT_ABOVE:
-                self._queue = collections.deque(c for c in self._queue if c.state is _WAITING)
-        elif call.state is _STARTING:
+            if len(self._queue) > 2 * self._waiting + Deadlines.COMPACT_ABOVE:
+                self._queue = collections.deque(c for c in self._queue if c.state is WAITING)
+        elif call.state is STARTING:
             with self._claim:
-                if call.state is not _STARTING:
+                if call.state is not STARTING:
                     return  # a thread took it just now: grpc's deadline ends it
-                call.state = _ENDED
+                call.state = ENDED
             self.breaker.released()  # allow() was asked when it got its place
         else:
             return
-        call.state = _ENDED
+        call.state = ENDED
         self._answer(
             call, Failure(CoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting to call the core"))
         )
@@ -478,7 +394,7 @@ class CoreClient:
         try:
             while self._queue and self._in_flight < self._limit:
                 call = self._queue.popleft()
-                if call.state is not _WAITING:
+                if call.state is not WAITING:
                     continue  # answered at its deadline
                 if call.expires <= self._clock.seconds():
                     self._expire(call)  # its timer is a moment late
