@@ -90,3 +90,9 @@ def test_telemetry_imports_only_the_api_and_the_core_clients_interface():
 def test_the_rules_see_the_imports():
     # The walk above must find imports at all: an edge imports its session layer.
     assert any(i.startswith("chatgateway.sessions") for i in imports(PACKAGE / "edge" / "websocket.py"))
+
+
+def test_no_module_is_over_500_lines():
+    # One responsibility per module; a module past this has more than one (generated ones aside).
+    long = {name: n for name, path in modules() if (n := len(path.read_text().splitlines())) > 500}
+    assert long == {}
