@@ -28,7 +28,7 @@ from chatgateway.client.wsclient import GatewayClient
 from support.chat import unique
 from support.fakecore import FakeCore
 from support.grpcclient import ConnectError, StreamDevice, connect_call, unary
-from support.processes import Twistd, free_port
+from support.processes import Twistd, free_port, until
 from support.redis import RedisServer
 
 SECRET = "outage-test-secret-0123456789abcdef01234567"
@@ -99,16 +99,6 @@ def stop_cleanly(process):
     code = process.stop()
     assert code in (0, -15), process.log_tail()
     assert "Traceback (most recent call last)" not in process.log_text(), process.log_tail(80)
-
-
-def until(condition, timeout, step=0.1):
-    """Poll ``condition`` (real processes change state on their own clocks); its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 # ---------------------------------------------------------------- the real core, stopped and started
@@ -220,7 +210,7 @@ async def test_core_outage_opens_the_circuit_devices_stay_and_recovery_closes_it
                 return None
 
         restarted = time.monotonic()
-        recovered = await threads.deferToThread(until, answered, 15, 0.25)
+        recovered = await threads.deferToThread(until, answered, 15, step=0.25)
         print(f"core back: first success {time.monotonic() - restarted:.2f}s after it listened")
         assert recovered is not None and before.id in [e.id for e in recovered.events]
         status, body = await threads.deferToThread(until, lambda: (s := outage.readyz())[0] == 200 and s, 10)

@@ -26,7 +26,7 @@ from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import GatewayClient
 from support.fakecore import FakeCore
 from support.loadgen import LineProcess
-from support.processes import one_gateway
+from support.processes import one_gateway, until
 from support.rawwebsocket import split_frames
 
 SECRET = "hardening-test-secret-0123456789abcdef0123"
@@ -314,15 +314,6 @@ def frames_until_the_end(sock, timeout=10):
         received, data = split_frames(data + chunk)
         frames.extend(received)
     return frames, "timeout"
-
-
-def until(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)  # polling what another process writes
-    return True
 
 
 # Close codes a device may not send (RFC 6455 section 7.4): unused (0-999), reserved

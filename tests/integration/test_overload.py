@@ -20,7 +20,7 @@ from chatgateway.redisconn.connection import RedisConnection
 from chatgateway.redisconn.uri import parse_uri
 from support.fakecore import FakeCore
 from support.loadgen import LineProcess
-from support.processes import one_gateway
+from support.processes import one_gateway, until
 from support.redis import eventually
 
 SECRET = "overload-test-secret-0123456789abcdef01234"
@@ -34,17 +34,6 @@ def event_bytes(event_id, room=ROOM):
     event = pb.RoomEvent(id=event_id, room_id=room, sender_id="publisher", type=pb.RoomEvent.TEXT)
     event.payload.update({"text": "x" * 120})
     return pb.ServerEvent(id=event_id, message=event).SerializeToString()
-
-
-def until(condition, timeout, what):
-    """Poll ``condition`` until it returns something true (returned); fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.2)  # polling another process's state
 
 
 def get(url):

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 
 from support.fakecore import FakeCore
-from support.processes import TWISTD_SCRIPT, Twistd, children_of, free_port
+from support.processes import TWISTD_SCRIPT, Twistd, children_of, free_port, until
 
 SECRET = "workers-test-secret-0123456789abcdef01234"
 STARTUP_WINDOW_SEC = 10  # docs/operations.md#workers: deaths "within 10 s of starting" count
@@ -36,16 +36,6 @@ def workers_gateway(tmp_path, redis_server, core_target=None, **settings):
     return Twistd(
         "chatgateway", ["--workers", "2"], env=env, port=port, log_dir=tmp_path, cwd=tmp_path, twistd=TWISTD_SCRIPT
     )
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.1)  # polling a real process
 
 
 def instances(redis_server):
@@ -80,7 +70,7 @@ def test_workers_import_the_parents_code_not_a_stray_module_in_the_working_direc
     parent.start()
     try:
         # The parent keeps GATEWAY_ID; worker 1 is <GATEWAY_ID>-w1 (docs/operations.md#workers).
-        wait_for(
+        until(
             lambda: instances(redis_server) == {"gw-stray", "gw-stray-w1"},
             60,
             f"both processes registered\n{parent.log_tail()}",
@@ -101,7 +91,7 @@ def test_a_worker_that_keeps_dying_at_start_stops_the_parent_with_exit_1(tmp_pat
     parent = workers_gateway(tmp_path, redis_server, GATEWAY_ID="gw-broken", PYTHONPATH=str(code))
     parent.start()
     try:
-        wait_for(lambda: "gw-broken-w1" in instances(redis_server), 60, f"worker 1 up\n{parent.log_tail()}")
+        until(lambda: "gw-broken-w1" in instances(redis_server), 60, f"worker 1 up\n{parent.log_tail()}")
         (code / "txredisapi.py").write_text('raise ImportError("broken deploy")\n')
         (worker,) = children_of(parent.pid)
         os.kill(worker, signal.SIGKILL)
@@ -120,24 +110,24 @@ def test_readyz_is_503_while_a_worker_is_missing_and_the_parent_restarts_it(tmp_
     parent = workers_gateway(tmp_path, redis_server, core_target=core.target, GATEWAY_ID="gw-ready")
     parent.start()
     try:
-        (worker,) = wait_for(lambda: children_of(parent.pid), 60, "worker 1 started")
+        (worker,) = until(lambda: children_of(parent.pid), 60, "worker 1 started")
         spawned_before = time.monotonic()
-        wait_for(lambda: ready_everywhere(parent.port), 60, f"ready\n{parent.log_tail()}")
+        until(lambda: ready_everywhere(parent.port), 60, f"ready\n{parent.log_tail()}")
         # Once it has run a while (past the start window), its death is an ordinary restart.
         time.sleep(max(0.0, STARTUP_WINDOW_SEC + 0.5 - (time.monotonic() - spawned_before)))
         os.kill(worker, signal.SIGKILL)
 
-        missing = wait_for(
+        missing = until(
             lambda: (lambda a: a if a and a[0] == 503 else None)(readyz(parent.port)), 10, "/readyz 503 after the kill"
         )
         assert missing[1]["workers"] == "missing w1", missing
         listening_before = parent.log_text().count("http listening on")
-        wait_for(lambda: (readyz(parent.port) or (0,))[0] == 200, 60, f"ready again\n{parent.log_tail()}")
+        until(lambda: (readyz(parent.port) or (0,))[0] == 200, 60, f"ready again\n{parent.log_tail()}")
         # Ready again only once the new worker listens; then every process says so.
         assert parent.log_text().count("http listening on") == listening_before + 1
         (restarted,) = children_of(parent.pid)
         assert restarted != worker
-        wait_for(lambda: ready_everywhere(parent.port), 60, f"every process ready again\n{parent.log_tail()}")
+        until(lambda: ready_everywhere(parent.port), 60, f"every process ready again\n{parent.log_tail()}")
         assert parent.running
     finally:
         assert parent.stop() == 0, parent.log_tail()

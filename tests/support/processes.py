@@ -27,6 +27,21 @@ TWISTD_SCRIPT = (str(Path(sys.executable).with_name("twistd")),)
 CLEAN_STOP = -signal.SIGTERM
 
 
+def until(condition, timeout=10, what=None, step=0.1):
+    """Poll ``condition`` (a real process changes state on its own clock) until it returns
+    something true, and return that. After ``timeout`` s: fail saying ``what``, or, without
+    one, return its last (false) value for the caller to assert on."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            assert what is None, f"not within {timeout} s: {what}"
+            return value
+        time.sleep(step)
+
+
 def free_port(host="127.0.0.1"):
     """A TCP port nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
