@@ -45,8 +45,12 @@ def thread_names(pid):
 
     names = collections.Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/comm") as comm:
-            names[comm.read().strip()] += 1
+        # a thread may end between the listing and the read
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm:
+                names[comm.read().strip()] += 1
+        except FileNotFoundError:
+            continue
     return dict(names)
 
 
