@@ -1,7 +1,8 @@
 """The gRPC edge against the WebSocket edge, on one gateway: CPU per delivery and events lost.
 
     .venv/bin/python bench/grpc_vs_ws.py                      # 500 devices, 20 and 40 events/s, 3 repeats
-    .venv/bin/python bench/grpc_vs_ws.py --devices 500 --rates 20 --repeats 3 --seconds 5
+    .venv/bin/python bench/grpc_vs_ws.py --edges ws,grpc --rates 20 --repeats 3 --seconds 5
+    .venv/bin/python bench/grpc_vs_ws.py --tree /path/to/a/worktree/of/main   # the gateway of another checkout
 
 One `twistd chatgateway` (pinned to CPU 0) on a redis-server started on a free port,
 with the reference core (`twistd chatcore`) for the connects' SearchRooms; one room
@@ -9,8 +10,10 @@ whose one member is one profile; DEVICES devices of that profile (device ids d0,
 ...) connect over one edge at a time, from Python client processes on CPU 1 (with
 Redis, the core and this publisher): bench/fanout_client.py for WebSocket
 (chat.v1.proto), bench/grpc_client.py for gRPC Connect streams (a channel, so an
-HTTP/2 connection, per device). The edges take turns (ws, grpc, then grpc, ws, ...)
-so the gateway's CPU in a round is one edge's: its utime + stime from /proc/PID/stat
+HTTP/2 connection, per device). The rounds take turns (ws, grpc, ws-ref, grpc-ref, then
+the other way round, ...): the two edges of the gateway, then the bare references of both
+(bench/reference_server.py, bench/grpc_reference_server.py), each alone on CPU 0, so the
+CPU of a round is one edge's: the server's utime + stime from /proc/PID/stat
 (every thread, grpc's included) from the first publish until the clients' counts stop
 moving, divided by the deliveries counted. Events are PUBLISHed on the room's channel
 as the core publishes them (~200-byte ServerEvents, the send time as the id). Lost =
@@ -275,7 +278,7 @@ def step(server, redis_client, clients, devices, rate, seconds):
 
 
 def wait_disconnected(gateway, timeout=30):
-    """Until the gateway holds no device (its /readyz-adjacent metric is not needed: the sessions go at once)."""
+    """Until the gateway's /metrics counts no open connection (or ``timeout``)."""
     import urllib.request
 
     deadline = time.monotonic() + timeout
