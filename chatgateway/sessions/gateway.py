@@ -19,7 +19,7 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels, memberships
 from chatgateway.sessions import membership
-from chatgateway.sessions.fanout import Fanout
+from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries
 from chatgateway.telemetry.counts import GatewayCounts
@@ -38,6 +38,9 @@ DRAIN_RESERVE_MAX_SEC = 5.0
 # Devices are told to reconnect after a random delay below this, so they do not all
 # arrive at the remaining gateways at once.
 RECONNECT_SPREAD_SEC = 5.0
+# Longest a connect waits for its profile's channel to be subscribed before reading its rooms
+# (Redis slow or gone: the connect goes on, and the bus reports what was missed when it is back).
+WATCH_WAIT_SEC = 2.0
 
 
 class Gateway(service.Service):
@@ -68,6 +71,7 @@ class Gateway(service.Service):
         # connect is only emitted when it can be written.
         self._log_connects = config.log_level == "debug"
         self._gone_waiters = []  # Deferreds fired when no session is left (drain)
+        self._watchers = {}  # profile id -> [membership changes recorded for each opening session]
 
     # ------------------------------------------------------------ service
 
@@ -181,12 +185,19 @@ class Gateway(service.Service):
         and the result is None.
         """
         self._opening += 1
+        profile_id = claims.profile_id
+        # The profile's channel first, then its rooms: a change published after the read is
+        # received, and recorded here until the session can take it (_replay_changes).
+        changes = self._watch(profile_id)
         try:
-            rooms = await self.connect_rooms(claims.profile_id, token, device_id)
+            await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
+            rooms = await self.connect_rooms(profile_id, token, device_id)
         except BaseException:
+            self._unwatch(profile_id, changes)
             self._opened_none()
             raise
         if abandoned is not None and abandoned():
+            self._unwatch(profile_id, changes)
             self._opened_none()
             return None
         self._opening -= 1  # registered below, before anything else runs
@@ -194,8 +205,10 @@ class Gateway(service.Service):
         # The local limit holds at once; the store then enforces it across gateways.
         for older in self.registry.add(session):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
+        self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
         session.send(session.connected_event())
+        self._replay_changes(session, changes)
         self._register(session)
         if self.draining:
             session.drain(self.reconnect_hint())
@@ -207,6 +220,42 @@ class Gateway(service.Service):
                 rooms=len(rooms),
             )
         return session
+
+    def _watch(self, profile_id):
+        """A list that records the profile's membership changes (change, ServerEvent or None) while it opens."""
+        changes = []
+        self._watchers.setdefault(profile_id, []).append(changes)
+        return changes
+
+    def _unwatch(self, profile_id, changes):
+        watchers = self._watchers[profile_id]
+        watchers.remove(changes)
+        if not watchers:
+            del self._watchers[profile_id]
+        self.registry.unwatch_profile(profile_id)
+
+    def _replay_changes(self, session, changes):
+        """Apply to a new session what changed while it opened; its rooms may already say so
+        (each change is idempotent, and they come in publish order)."""
+        for change, event in changes:
+            session.apply_membership(change)
+            if event is not None:
+                self.fanout.deliver(EncodedEvent(event), [session])
+
+    def _within(self, d, seconds):
+        """A Deferred firing with ``d`` or after ``seconds``, whichever comes first (``d`` runs on)."""
+        done = defer.Deferred()
+        timer = self.clock.callLater(seconds, lambda: done.called or done.callback(None))
+
+        def fired(result):
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+            return result
+
+        d.addBoth(fired)
+        return done
 
     def _opened_none(self):
         """An opening ended without a session."""
@@ -358,7 +407,10 @@ class Gateway(service.Service):
             )
         return response
 
-    def apply_membership(self, change):
+    def apply_membership(self, change, event=None):
+        """Re-scope the profile's sessions (``event``: the ServerEvent it came in, from the bus)."""
+        for changes in self._watchers.get(change.profile_id, ()):
+            changes.append((change, event))
         for session in list(self.registry.profile_sessions(change.profile_id)):
             session.apply_membership(change)
 
