@@ -2,8 +2,9 @@
 
 A Gateway owns the local connection registry, the fan-out, and the clients
 of the core, the bus and the store. Edges (WebSocket, the gRPC stream)
-authenticate a device, then call ``open_session``; every Session calls back
-into ``forward``, ``publish`` and ``memberships``.
+authenticate a device, then call ``open_session``, which takes the device's
+rooms from the membership cache or the core (``connect_rooms``); every Session
+calls back into ``forward``, ``publish`` and ``memberships``.
 """
 
 import json
