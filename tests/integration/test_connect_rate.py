@@ -64,7 +64,9 @@ def answer(sock):
 def refused_total(port):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    found = re.search(r'chatgateway_server_connects_refused_total\{[^}]*chatgateway_transport="websocket"[^}]*\} (\S+)', text)
+    found = re.search(
+        r'chatgateway_server_connects_refused_total\{[^}]*chatgateway_transport="websocket"[^}]*\} (\S+)', text
+    )
     return float(found.group(1))
 
 
