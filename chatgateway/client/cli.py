@@ -21,6 +21,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from twisted.internet import defer, error, task
 
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.client import backoff
 from chatgateway.client.output import as_json, close_text, connect_text, err, format_event, out
 from chatgateway.client.wsclient import CallError, ClosedError, GatewayClient
 
@@ -38,11 +39,13 @@ EXIT_CLOSED = 3
 
 
 class Failed(Exception):
-    """An expected failure: one line for stderr and an exit status."""
+    """An expected failure: one line for stderr and an exit status (``closed``: the ClosedError
+    of a connection that did not open, if that was the cause)."""
 
-    def __init__(self, message, status):
+    def __init__(self, message, status, closed=None):
         super().__init__(message)
         self.status = status
+        self.closed = closed
 
 
 # ---------------------------------------------------------------- arguments
@@ -210,7 +213,8 @@ async def fetch_dev_token(reactor, url, profile, device, timeout):
             reading = readBody(response)
         body = await reading.addTimeout(timeout, reactor)
     except (error.ConnectError, error.DNSLookupError) as e:
-        raise Failed(f"cannot get a token from {url}: {connect_text(e)}", EXIT_NO_CONNECTION) from None
+        dropped = ClosedError(1006, connect_text(e))  # tail retries it as a dropped connection
+        raise Failed(f"cannot get a token from {url}: {connect_text(e)}", EXIT_NO_CONNECTION, dropped) from None
     except defer.TimeoutError:
         raise Failed(f"cannot get a token from {url}: no answer within {timeout:g}s", EXIT_NO_CONNECTION) from None
     if response.code != 200:
@@ -239,13 +243,14 @@ async def open_connection(reactor, args, default_device=DEFAULT_DEVICE):
     try:
         client = await GatewayClient.connect(args.url, token, device_id=device, reactor=reactor)
     except (error.ConnectError, error.DNSLookupError) as e:
-        raise Failed(f"cannot connect to {args.url}: {connect_text(e)}", EXIT_NO_CONNECTION) from None
+        dropped = ClosedError(1006, connect_text(e))  # no gateway there (yet): as a dropped connection
+        raise Failed(f"cannot connect to {args.url}: {connect_text(e)}", EXIT_NO_CONNECTION, dropped) from None
     except ClosedError as e:
-        raise Failed(f"cannot connect to {args.url}: refused: {close_text(e)}", EXIT_NO_CONNECTION) from None
+        raise Failed(f"cannot connect to {args.url}: refused: {close_text(e)}", EXIT_NO_CONNECTION, e) from None
     try:
         connected = await client.next_event("connected", timeout=args.timeout)
     except ClosedError as e:
-        raise Failed(f"the gateway refused the connection: {close_text(e)}", EXIT_NO_CONNECTION) from None
+        raise Failed(f"the gateway refused the connection: {close_text(e)}", EXIT_NO_CONNECTION, e) from None
     except BaseException:
         await _close(reactor, client)
         raise
@@ -371,15 +376,37 @@ async def cmd_history(reactor, args):
 
 
 async def cmd_tail(reactor, args):
-    client, connected = await open_connection(reactor, args, DEFAULT_TAIL_DEVICE)
-    stopping = False
+    """Print the room's messages until Ctrl-C. A connection the gateway closes with a reconnect
+    hint (1001, 1013), a refused upgrade (503, 429) and a dropped connection are reconnected
+    after the delay asked for, with full-jitter backoff (client/backoff.py)."""
+    tail = {"client": None, "stopping": False, "tailing": False}
 
     def stop():
-        nonlocal stopping
-        stopping = True
-        return _close_on_shutdown(reactor, client)
+        tail["stopping"] = True
+        return _close_on_shutdown(reactor, tail["client"]) if tail["client"] is not None else None
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
+    failures = 0
+    while True:
+        try:
+            await _tail(reactor, args, tail)
+        except (ClosedError, Failed) as e:
+            closed = e if isinstance(e, ClosedError) else e.closed
+            if tail["stopping"]:
+                return
+            failures = 0 if tail["tailing"] else failures + 1
+            delay = None if closed is None else backoff.reconnect_after(closed, failures)
+            if delay is None:
+                raise
+            err(f"connection closed: {close_text(closed)}; reconnecting in {delay:.1f}s")
+            tail["client"], tail["tailing"] = None, False
+            await task.deferLater(reactor, delay, lambda: None)
+
+
+async def _tail(reactor, args, tail):
+    """One connection of tail: until it closes (ClosedError, or Failed if it never opened)."""
+    client, connected = await open_connection(reactor, args, DEFAULT_TAIL_DEVICE)
+    tail["client"] = client
     try:
         # Asks the core again if the room is new to this connection; refused
         # with PERMISSION_DENIED when the profile is not a member.
@@ -388,18 +415,13 @@ async def cmd_tail(reactor, args):
         if others:
             await command(client, args.timeout, unsubscribe=pb.RoomsCommand(room_ids=others))
     except BaseException:
-        if not stopping:
+        if not tail["stopping"]:
             await _close(reactor, client)
         raise
     err(f"tailing room {args.room} as {connected.profile_id} (Ctrl-C to stop)")
+    tail["tailing"] = True
     while True:
-        try:
-            event = await client.next_event(timeout=None)
-        except ClosedError:
-            if stopping:
-                return
-            raise
-        line = tail_line(event, args.room, args.json)
+        line = tail_line(await client.next_event(timeout=None), args.room, args.json)
         if line is not None:
             out(line)
 

@@ -3,8 +3,14 @@ upgrades over MAX_CONNECTS_PER_SECOND, and a paced run at twice the rate, both c
 the HTTP status each socket gets. Nothing here asserts speed: the expected admissions are
 computed from the elapsed time measured, with generous bounds (the machine is shared)."""
 
+import os
+import queue
 import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
 
@@ -13,7 +19,7 @@ import pytest
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.auth.devtokens import mint_token
 from support.fakecore import FakeCore
-from support.processes import one_gateway
+from support.processes import REPO_ROOT, one_gateway
 from support.rawwebsocket import upgrade_request
 
 SECRET = "storm-control-secret-0123456789abcdef0123456"
@@ -101,3 +107,57 @@ def test_at_twice_the_rate_about_the_rate_is_let_in(gateway):
     assert statuses.count(503) == len(statuses) - admitted
     # A bucket refilling at 1/s would let in about BURST + 4 here; the rate lets in BURST + RATE x 4.
     assert 0.6 * (BURST + RATE * sent) <= admitted <= BURST + RATE * total + 1, (admitted, sent, total)
+
+
+def test_the_cli_tail_waits_out_a_503_and_then_connects(gateway):
+    # Keep the bucket empty with raw upgrades until tail has been refused, then let it in.
+    stop = threading.Event()
+
+    def hammer():
+        i = 0
+        while not stop.is_set():
+            try:
+                answer(send_upgrade(gateway.port, f"hammer-{i}"))
+            except (OSError, AssertionError):
+                pass
+            i += 1
+            time.sleep(0.005)
+
+    hammering = threading.Thread(target=hammer, daemon=True)
+    hammering.start()
+    time.sleep(1.5)  # the burst is spent
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "chatgateway.client.cli", "--url", f"ws://127.0.0.1:{gateway.port}/ws"]
+        + ["--secret", "--as", "tailer", "tail", "r1"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "JWT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in tail.stderr], daemon=True).start()
+
+    def next_line(timeout):
+        try:
+            return lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    try:
+        refused = next_line(30)
+        stop.set()
+        assert refused is not None and "HTTP 503: too many new connections" in refused, refused
+        delay = float(re.search(r"reconnecting in (\d+\.\d)s", refused).group(1))
+        assert 1 <= delay <= 60  # the Retry-After it was given (a whole number), or more
+        started = time.monotonic()
+        tailing = next_line(delay + 30)
+        assert tailing is not None and tailing.startswith("tailing room r1 as tailer"), tailing
+        assert time.monotonic() - started >= delay - 0.5  # it waited, it did not retry at once
+    finally:
+        stop.set()
+        os.killpg(tail.pid, signal.SIGINT)
+        assert tail.wait(30) == 0
+    hammering.join(10)
