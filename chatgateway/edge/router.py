@@ -87,9 +87,7 @@ class EdgeRouter(protocol.Factory):
     def __init__(self, site, devices, clock=None):
         self.site = site
         self.devices = devices  # the WebSocket factory: its connections count toward MAX_CONNECTIONS
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock  # of the refusals' linger
+        self.clock = clock if clock is not None else devices.gateway.clock  # of the refusals' linger
 
     def buildProtocol(self, addr):
         return _FirstRequestLine(self, addr)

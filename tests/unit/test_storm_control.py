@@ -209,3 +209,16 @@ def test_delays_are_spread_over_their_documented_ranges():
     tries = [reconnect.try_again_delay(rng) for _ in range(500)]
     assert reconnect.TRY_AGAIN_MIN_SEC <= min(tries) and max(tries) <= reconnect.TRY_AGAIN_SPREAD_SEC
     assert len({round(t, 1) for t in tries}) > 50
+
+
+def test_the_burst_defaults_to_one_seconds_worth_and_zero_turns_the_limit_off():
+    from chatgateway import config
+
+    base = {"JWT_SECRET": "s"}
+    assert config.load(base).max_connects_per_second == 1000 and config.load(base).connect_burst == 1000
+    assert config.load({**base, "MAX_CONNECTS_PER_SECOND": "7.5"}).connect_burst == 8
+    assert config.load({**base, "MAX_CONNECTS_PER_SECOND": "50", "CONNECT_BURST": "5"}).connect_burst == 5
+    off = config.load({**base, "MAX_CONNECTS_PER_SECOND": "0"})
+    assert ConnectRate(off.max_connects_per_second, off.connect_burst, task.Clock()).admit()
+    with pytest.raises(config.ConfigError):
+        config.load({**base, "MAX_CONNECTS_PER_SECOND": "-1"})
