@@ -15,6 +15,7 @@ from chatgateway.telemetry.names import (
     CLOSE_CODE,
     CONNECTION_CLOSES,
     CONNECTION_DURATION,
+    CONNECTS_REFUSED,
     CORE_CALLS_IN_FLIGHT,
     DEPENDENCY,
     DEPENDENCY_ERRORS,
@@ -117,6 +118,13 @@ def observe_counts(meter, counts):
             rate_limited,
             "{command}",
             "Commands refused by the per-connection rate limit (MAX_EVENTS_PER_SECOND).",
+        ),
+        (
+            meter.create_observable_counter,
+            CONNECTS_REFUSED,
+            _by_name(counts.connects_refused_counts, TRANSPORT),
+            "{connection}",
+            "New connections refused by the per-process connection rate (MAX_CONNECTS_PER_SECOND), by transport.",
         ),
         (
             meter.create_observable_counter,
