@@ -244,7 +244,9 @@ class Gateway(service.Service):
                 self.fanout.deliver(EncodedEvent(event), [session])
 
     def _within(self, d, seconds):
-        """A Deferred firing with ``d`` or after ``seconds``, whichever comes first (``d`` runs on)."""
+        """A Deferred firing (with None) when ``d`` does or after ``seconds``, whichever comes first."""
+        if d.called:
+            return defer.succeed(None)  # the channel was subscribed already (or the bus is in process)
         done = defer.Deferred()
         timer = self.clock.callLater(seconds, lambda: done.called or done.callback(None))
 
