@@ -15,13 +15,17 @@ def samples(port, host="127.0.0.1", timeout=5):
     return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
 
 
-def core_calls(port, host="127.0.0.1"):
-    """{method name (e.g. "SearchRooms"): calls the gateway made to the core so far}, over every status."""
+def core_calls(port, host="127.0.0.1", by_status=False):
+    """{method name (e.g. "SearchRooms"): calls the gateway made to the core so far}, over every
+    status; ``by_status``: keyed "SearchRooms OK", "SearchRooms UNAVAILABLE"... (calls the gateway
+    refused itself, with its circuit open or too many in flight, are counted too, UNAVAILABLE)."""
     calls = {}
     for name, labels, value in samples(port, host):
         if name == CORE_CALLS:
-            method = labels.get("rpc_method", "").rsplit("/", 1)[-1]
-            calls[method] = calls.get(method, 0) + int(value)
+            key = labels.get("rpc_method", "").rsplit("/", 1)[-1]
+            if by_status:
+                key += " " + labels.get("rpc_response_status_code", "")
+            calls[key] = calls.get(key, 0) + int(value)
     return calls
 
 

@@ -46,6 +46,7 @@ from support.rawwebsocket import RawWebSocket, upgrade_request
 
 RETRY_AFTER = re.compile(rb"^retry-after:[ \t]*([0-9]+(?:\.[0-9]+)?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 RECONNECT_IN = re.compile(r"reconnect in\s*([0-9]+(?:\.[0-9]+)?)\s*s", re.IGNORECASE)
+DIGITS = re.compile(r"\d+")
 STATUS = re.compile(r"^HTTP/1\.[01] (\d{3})")
 
 
@@ -101,6 +102,11 @@ class Connection(RawWebSocket):
         self.opened = False
         self.status = None  # HTTP status of a refused handshake
 
+    def upgraded(self):
+        if not self.device.fleet.hello:  # a server that sends nothing first: the 101 is the open
+            self.opened = True
+            self.device.opened()
+
     def refused(self, status):
         match = STATUS.match(status)
         self.status = int(match.group(1)) if match else 0
@@ -115,8 +121,10 @@ class Connection(RawWebSocket):
             self.device.opened()
 
     def closed_by_server(self, code):
-        codes = self.device.fleet.counts["close_codes"]
-        codes[str(code)] = codes.get(str(code), 0) + 1
+        counts = self.device.fleet.counts
+        counts["close_codes"][str(code)] = counts["close_codes"].get(str(code), 0) + 1
+        reason = f"{code} " + DIGITS.sub("N", self.close_reason)[:80]  # "reconnect in N.Ns": one entry
+        counts["close_reasons"][reason] = counts["close_reasons"].get(reason, 0) + 1
 
     def connectionLost(self, reason):
         self.device.ended(self)
@@ -218,6 +226,7 @@ class Fleet:
     def __init__(self, reactor, args):
         self.reactor = reactor
         self.base, self.cap, self.attempt_timeout = args.base, args.cap, args.attempt_timeout
+        self.hello = args.hello == "connected"
         self.targets = []
         for url in args.urls:
             parts = urlsplit(url)
@@ -261,6 +270,7 @@ class Fleet:
             "timeouts": 0,
             "refused": {},
             "close_codes": {},
+            "close_reasons": {},
             "retry_after": 0,
             "retry_after_max": 0.0,
             "told": 0,
@@ -324,6 +334,12 @@ async def main(reactor, argv):
     parser.add_argument("--base", type=float, default=1.0, help="backoff base (s)")
     parser.add_argument("--cap", type=float, default=30.0, help="backoff cap (s)")
     parser.add_argument("--attempt-timeout", type=float, default=30.0, help="s from TCP connect to `connected`")
+    parser.add_argument(
+        "--hello",
+        choices=("connected", "none"),
+        default="connected",
+        help="none: the 101 opens (bench/reference_server.py)",
+    )
     args = parser.parse_args(argv)
     fleet = Fleet(reactor, args)
     done = defer.Deferred()
