@@ -7,7 +7,8 @@ protobuf and any byte string must arrive unchanged):
 
 - a subscriber connection in pub/sub mode, which receives the messages of the
   channels this gateway has local connections for;
-- a normal connection for PUBLISH.
+- a normal connection for PUBLISH, and for the scripts of the membership cache
+  (chatgateway.bus.memberships: the cache lives where its changes are published).
 
 Channels asked for are remembered. When the subscriber connection is lost
 (Redis restarted, ``CLIENT KILL TYPE pubsub``, a dead peer found by the
@@ -40,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatgateway.bus import IEventBus
+from chatgateway.bus import IEventBus, memberships
 from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, ConnectionError, RedisConnection
 from chatgateway.redisconn.protocols import SubscriberProtocol
 from chatgateway.redisconn.uri import parse_uri
@@ -129,6 +130,20 @@ class RedisBus:
 
     def publish(self, channel, payload):
         return self.publisher.execute("PUBLISH", channel, payload).addCallback(lambda _: None)
+
+    # The membership cache lives here, in the Redis that publishes the changes: the
+    # contract's script updates it in the same step as the PUBLISH (chatgateway.bus.memberships).
+
+    def publish_membership(self, profile_id, room_id, change, payload):
+        d = memberships.publish_change(self.publisher.eval, profile_id, room_id, change, payload)
+        return d.addCallback(lambda _: None)
+
+    def cached_memberships(self, profile_id):
+        return self.publisher.eval(*memberships.read_call(profile_id)).addCallback(memberships.parse_read)
+
+    def cache_memberships(self, profile_id, rooms, version, ttl):
+        d = self.publisher.eval(*memberships.write_call(profile_id, rooms, version, ttl))
+        return d.addCallback(lambda written: bool(written))
 
     def stop(self):
         self._receiver = None

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
-from chatgateway.bus import channels
+from chatgateway.bus import channels, memberships
 from chatgateway.sessions import membership
 from chatgateway.sessions.fanout import Fanout
 from chatgateway.sessions.registry import ConnectionRegistry
@@ -150,17 +150,39 @@ class Gateway(service.Service):
         pages = await self.core.call("SearchRooms", pb.SearchRoomsRequest(page_size=MEMBERSHIP_PAGE), token, device_id)
         return [room.id for page in pages for room in page.data]
 
+    async def connect_rooms(self, profile_id, token, device_id):
+        """The rooms of a connecting device's profile: from the membership cache, else asked of
+        the core and cached (docs/architecture.md#membership-cache). A cache that cannot be
+        read is passed by: the core is asked."""
+        ttl = self.config.membership_cache_ttl_sec
+        if ttl <= 0:
+            return await self.memberships(token, device_id)
+        try:
+            cached = await self.bus.cached_memberships(profile_id)
+        except Exception:  # noqa: BLE001 - the bus counted and logged what failed; the core answers instead
+            self.counts.membership_lookup("error")
+            return await self.memberships(token, device_id)
+        if cached.rooms is not None:
+            self.counts.membership_lookup("hit")
+            return cached.rooms
+        self.counts.membership_lookup("miss")
+        rooms = await self.memberships(token, device_id)
+        # Written only if no change was published since the read (the bus's script checks).
+        self._quietly(self.bus.cache_memberships(profile_id, rooms, cached.version, ttl), "caching memberships")
+        return rooms
+
     async def open_session(self, transport, claims, token, device_id, abandoned=None):
         """Register an authenticated device and send it ``connected``.
 
-        Fails with CoreError when the core cannot tell the device's rooms. When
+        Its rooms come from the membership cache, or from the core (``connect_rooms``).
+        Fails with CoreError when the core, asked, cannot tell the device's rooms. When
         ``abandoned()`` says, once the rooms are known, that the device went away
         meanwhile, nothing is registered (no older session of the device is replaced)
         and the result is None.
         """
         self._opening += 1
         try:
-            rooms = await self.memberships(token, device_id)
+            rooms = await self.connect_rooms(claims.profile_id, token, device_id)
         except BaseException:
             self._opened_none()
             raise
@@ -341,5 +363,6 @@ class Gateway(service.Service):
             session.apply_membership(change)
 
     def publish(self, channel, event):
+        """Publish ``event``; a membership change by the contract (it updates the membership cache)."""
         codec.stamp(event, self.clock.seconds())
-        self._quietly(self.bus.publish(channel, event.SerializeToString()), f"publishing to {channel}")
+        self._quietly(memberships.publish_event(self.bus, channel, event), f"publishing to {channel}")
