@@ -7,7 +7,6 @@ into ``forward``, ``publish`` and ``memberships``.
 """
 
 import json
-import random
 import uuid
 
 import grpc
@@ -20,6 +19,8 @@ from chatgateway.api import codec
 from chatgateway.bus import channels, memberships
 from chatgateway.sessions import membership
 from chatgateway.sessions.fanout import Fanout
+from chatgateway.sessions.ratelimit import ConnectRate
+from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries
 from chatgateway.telemetry.counts import GatewayCounts
@@ -35,9 +36,6 @@ REPLACED_REASON = "replaced by a newer connection of this device"
 # devices' closes: dropping the stragglers, calls to the core, releasing metadata in the store.
 DRAIN_RESERVE_SHARE = 0.25
 DRAIN_RESERVE_MAX_SEC = 5.0
-# Devices are told to reconnect after a random delay below this, so they do not all
-# arrive at the remaining gateways at once.
-RECONNECT_SPREAD_SEC = 5.0
 
 
 class Gateway(service.Service):
@@ -56,6 +54,8 @@ class Gateway(service.Service):
         self.registry = ConnectionRegistry(bus, store, config.max_connections_per_device, self._quietly)
         self.token_expiries = TokenExpiries(self.clock)  # one timer for every session's token
         self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts)
+        # New connections of every edge, let in before their tokens are verified (storm control).
+        self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
         self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
@@ -118,7 +118,7 @@ class Gateway(service.Service):
 
     def reconnect_hint(self):
         """The close reason of a draining gateway: reconnect (elsewhere) after a random delay."""
-        return f"gateway draining: reconnect in {random.uniform(0, RECONNECT_SPREAD_SEC):.1f}s"
+        return hinted("gateway draining", drain_delay())
 
     def _sessions_gone(self, timeout):
         """A Deferred firing when no session is left (or opening), or after ``timeout`` seconds."""
