@@ -567,7 +567,7 @@ def main():
     parser.add_argument("--per-client", type=int, default=5000, help="devices per client process")
     parser.add_argument("--concurrency", type=int, default=48, help="first connects in flight, over all clients")
     parser.add_argument("--base", type=float, default=1.0, help="the devices' backoff base (s)")
-    parser.add_argument("--cap", type=float, default=30.0, help="the devices' backoff cap (s)")
+    parser.add_argument("--cap", type=float, default=60.0, help="the devices' backoff cap (s)")
     parser.add_argument("--sample", type=float, default=0.05, help="s between lag probes")
     parser.add_argument("--settle", type=float, default=3.0, help="s between all connected and the kill")
     parser.add_argument("--timeout", type=float, default=300.0, help="s to wait for every device to come back")

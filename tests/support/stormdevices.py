@@ -4,16 +4,17 @@ Runs in its own process. Each device i (profile PREFIX<i mod --profiles>, device
 ``storm<i div --profiles>``, its own JWT)
 connects to the first of ``--urls`` with the chat.v1.proto subprotocol (the handshake
 written by hand: support.rawwebsocket), waits for `connected` and holds the connection.
-Whenever a connection ends or an attempt fails, the device tries again:
+Whenever a connection ends or an attempt fails, the device tries again, as
+docs/protocol.md#reconnect-hints tells a client to:
 
-- the handshake refused with 503 or 429 and a ``Retry-After``: after that many seconds, to
-  the same URL (that server is up and said when; the gateway jitters it per client);
-- a close frame whose reason says ``reconnect in X s`` (1001 draining, 1013): after X s,
+- after full-jitter exponential backoff, uniform(0, min(cap, base * 2 ** n)) seconds for
+  its n-th failure since its last `connected`, but never sooner than the gateway asked:
+- a handshake refused with 503 or 429 and a ``Retry-After``: at least that many seconds,
+  to the same URL (that server is up and said when; the gateway jitters it per client);
+- a close frame whose reason says ``reconnect in X s`` (1001 draining, 1013): at least X s,
   to the next URL;
 - anything else (the gateway died: a reset, a refused TCP connect, no `connected` within
-  ``--attempt-timeout``): full-jitter exponential backoff, uniform(0, min(cap, base *
-  2 ** attempt)) seconds, to the next URL; ``attempt`` counts the failures since the
-  device's last `connected`.
+  ``--attempt-timeout``): the backoff alone, to the next URL.
 
 So when the first gateway dies, every device moves to the next URL after a jittered delay.
 Storm figures count from MARK (wall clock, so the driver can compare with when it killed).
@@ -45,7 +46,7 @@ from chatgateway.auth.devtokens import mint_token
 from support.rawwebsocket import RawWebSocket, upgrade_request
 
 RETRY_AFTER = re.compile(rb"^retry-after:[ \t]*([0-9]+(?:\.[0-9]+)?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
-RECONNECT_IN = re.compile(r"reconnect in\s*([0-9]+(?:\.[0-9]+)?)\s*s", re.IGNORECASE)
+RECONNECT_IN = re.compile(r"reconnect in (\d+(?:\.\d+)?) ?s")  # docs/protocol.md#reconnect-hints
 DIGITS = re.compile(r"\d+")
 STATUS = re.compile(r"^HTTP/1\.[01] (\d{3})")
 
@@ -62,24 +63,26 @@ def told_delay(reason):
     return float(match.group(1)) if match else None
 
 
-def full_jitter(attempt, base, cap, rng=random):
+def full_jitter(attempt, base, cap, rng=None):
     """Full-jitter exponential backoff: uniform over [0, min(cap, base * 2 ** attempt)]."""
-    return rng.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
+    return (rng or random).uniform(0, min(cap, base * 2 ** min(attempt, 30)))
 
 
-def next_try(status, head, close_reason, attempt, base, cap, rng=random):
-    """(delay in s, same URL?, how the delay was chosen) after a connection or an attempt ended.
+def next_try(status, head, close_reason, attempt, base, cap, rng=None):
+    """(delay in s, same URL?, what the gateway asked: "retry_after", "told" or "backoff" for
+    nothing) after the ``attempt``-th failure (0: the first) since the device's last `connected`.
 
     ``status`` is a refused handshake's HTTP status (else None), ``head`` its response head,
     ``close_reason`` the reason of the server's close frame ("" without one)."""
+    jitter = full_jitter(attempt, base, cap, rng)
     if status in (429, 503):
         seconds = retry_after(head)
         if seconds is not None:
-            return seconds, True, "retry_after"
+            return max(seconds, jitter), True, "retry_after"
     seconds = told_delay(close_reason)
     if seconds is not None:
-        return seconds, False, "told"
-    return full_jitter(attempt, base, cap, rng), False, "backoff"
+        return max(seconds, jitter), False, "told"
+    return jitter, False, "backoff"
 
 
 def summary(values):
@@ -213,8 +216,7 @@ class Device:
         fleet.counts[why] += 1
         if why == "retry_after":
             fleet.counts["retry_after_max"] = max(fleet.counts["retry_after_max"], delay)
-        if why == "backoff":
-            self.attempt += 1
+        self.attempt += 1
         if not same:
             self.url = (self.url + 1) % len(fleet.targets)
         fleet.reactor.callLater(delay, self.connect)
@@ -332,7 +334,7 @@ async def main(reactor, argv):
     parser.add_argument("--concurrency", type=int, default=32, help="first connects in flight")
     parser.add_argument("--source", help="local address to connect from (e.g. 127.0.0.2)")
     parser.add_argument("--base", type=float, default=1.0, help="backoff base (s)")
-    parser.add_argument("--cap", type=float, default=30.0, help="backoff cap (s)")
+    parser.add_argument("--cap", type=float, default=60.0, help="backoff cap (s)")
     parser.add_argument("--attempt-timeout", type=float, default=30.0, help="s from TCP connect to `connected`")
     parser.add_argument(
         "--hello",
