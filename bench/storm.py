@@ -9,6 +9,8 @@ for each system (the order alternates between repeats):
 
 - gateway: two `twistd chatgateway` on that Redis (CACHE_URI, the bus too), the core at
   the reference core;
+- gateway-uncached (not by default): the same, with the membership cache and the connection-rate
+  limit off (MEMBERSHIP_CACHE_TTL_SEC=0, MAX_CONNECTS_PER_SECOND=0): every connect asks the core;
 - reference: two bench/reference_server.py (bare Twisted + Autobahn, no auth, no core, no
   Redis writes), so the same client and backoff give the floor of what absorbing the
   reconnections costs.
@@ -66,6 +68,13 @@ from support.scrape import active_connections, calls_between, core_calls  # noqa
 
 SECRET = "bench-storm-secret-0123456789abcdef0123456"
 SERVER_CPU, LOAD_CPU = "0", "1"
+# The gateway systems and their settings: "gateway" as configured by default; "gateway-uncached"
+# without the membership cache and the connection-rate limit (every connect asks the core, no
+# 503s: how a gateway met a storm before issue #18).
+GATEWAYS = {
+    "gateway": {},
+    "gateway-uncached": {"MEMBERSHIP_CACHE_TTL_SEC": "0", "MAX_CONNECTS_PER_SECOND": "0"},
+}
 PREFIX = "storm"
 ROOM_EVENTS_QUIET_SEC = 2.0
 
@@ -248,6 +257,7 @@ def _start_servers(servers, system, redis_uri, core_port, log_dir, extra_env):
             # the devices come from a few loopback addresses, not from one each (docs/security.md)
             "MAX_UNAUTHENTICATED_PER_ADDRESS": "0",
             "MAX_CONNECTIONS": "25000",
+            **GATEWAYS[system],
             **extra_env,
         }
         server = Twistd(
@@ -260,7 +270,7 @@ def _start_servers(servers, system, redis_uri, core_port, log_dir, extra_env):
         )
         _started.append(server)
         servers.append(server.start())
-    if system == "gateway":
+    if system in GATEWAYS:
         for server in servers:
             until(lambda s=server: _ready(s.port), timeout=30, what=f"/readyz 200 on {server.port}")
     return servers
@@ -393,7 +403,7 @@ def storm(system, args, redis_client, redis_uri, core, log_dir):
     clients = probe = None
     try:
         probe_headers = {}
-        if system == "gateway":
+        if system in GATEWAYS:
             token = mint_token(SECRET, "storm-probe", device_id="probe", audience="service_chat_gateway", ttl=86400)
             probe_headers["Authorization"] = f"Bearer {token}"
         probe = LagProbe(second.port, "/?room=probe" if system == "reference" else "/ws", probe_headers, args.sample)
@@ -412,11 +422,11 @@ def storm(system, args, redis_client, redis_uri, core, log_dir):
                 "handshakes_per_second": round(connected / initial_seconds, 1),
             },
         }
-        if system == "gateway":
+        if system in GATEWAYS:
             result["initial"]["core_calls"] = core_calls(first.port)
             result["initial"]["active_connections"] = active_connections(first.port)
         time.sleep(args.settle)  # the connects' writes land, the first heartbeat passes
-        calls_before = core_calls(second.port, by_status=True) if system == "gateway" else {}
+        calls_before = core_calls(second.port, by_status=True) if system in GATEWAYS else {}
         cpu_before = {"server": cpu_seconds(second.pid), "core": cpu_seconds(core.pid)}
         commands_before = redis_commands(redis_client)
         marks = [float(line) for line in clients.command("MARK")]
@@ -433,7 +443,7 @@ def storm(system, args, redis_client, redis_uri, core, log_dir):
         time.sleep(1.0)  # the probe sees the tail, the server's last writes land
         stats = clients.stats()
         cpu_after = {"server": cpu_seconds(second.pid), "core": cpu_seconds(core.pid)}
-        calls = calls_between(core_calls(second.port, by_status=True), calls_before) if system == "gateway" else {}
+        calls = calls_between(core_calls(second.port, by_status=True), calls_before) if system in GATEWAYS else {}
         commands = redis_commands(redis_client) - commands_before
         recovery = done_at - killed_at
         refused, close_codes = {}, {}
@@ -476,7 +486,7 @@ def storm(system, args, redis_client, redis_uri, core, log_dir):
                 "lag": probe.figures(killed_at, done_at),
             }
         )
-        if system == "gateway":
+        if system in GATEWAYS:
             result["active_connections_after"] = active_connections(second.port) - 1  # the probe
         return result
     finally:
@@ -518,30 +528,37 @@ def summarize(runs, systems):
         figures["all_back"] = all(r["all_back"] for r in mine)
         figures["repeats"] = len(mine)
         summary[system] = figures
-    pairs = [
-        r
-        for r in runs
-        if "error" not in r.get("gateway", {"error": 1}) and "error" not in r.get("reference", {"error": 1})
-    ]
-    if pairs:
-        summary["ratios"] = {
-            "recovery_time_gateway_over_reference": median(
-                [p["gateway"]["recovery_seconds"] / max(0.001, p["reference"]["recovery_seconds"]) for p in pairs]
+    ratios = {}
+    for system in systems:
+        if system not in GATEWAYS:
+            continue
+        pairs = [
+            r
+            for r in runs
+            if "error" not in r.get(system, {"error": 1}) and "error" not in r.get("reference", {"error": 1})
+        ]
+        if not pairs:
+            continue
+        ratios[system] = {
+            "recovery_time_over_reference": median(
+                [p[system]["recovery_seconds"] / max(0.001, p["reference"]["recovery_seconds"]) for p in pairs]
             ),
-            "reconnects_per_second_gateway_over_reference": median(
+            "reconnects_per_second_over_reference": median(
                 [
-                    p["gateway"]["reconnects_per_second"] / max(0.001, p["reference"]["reconnects_per_second"])
+                    p[system]["reconnects_per_second"] / max(0.001, p["reference"]["reconnects_per_second"])
                     for p in pairs
                 ]
             ),
-            "lag_peak_gateway_over_reference": median(
+            "lag_peak_over_reference": median(
                 [
-                    p["gateway"]["lag"]["peak_ms"] / p["reference"]["lag"]["peak_ms"]
+                    p[system]["lag"]["peak_ms"] / p["reference"]["lag"]["peak_ms"]
                     for p in pairs
-                    if p["gateway"]["lag"]["peak_ms"] and p["reference"]["lag"]["peak_ms"]
+                    if p[system]["lag"]["peak_ms"] and p["reference"]["lag"]["peak_ms"]
                 ]
             ),
         }
+    if ratios:
+        summary["ratios"] = ratios
     return summary
 
 
@@ -563,7 +580,7 @@ def main():
     parser.add_argument("--profiles", type=int, default=0, help="devices share this many profiles (0: one each)")
     parser.add_argument("--room-size", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--systems", default="reference,gateway")
+    parser.add_argument("--systems", default="reference,gateway", help="of reference, " + ", ".join(GATEWAYS))
     parser.add_argument("--per-client", type=int, default=5000, help="devices per client process")
     parser.add_argument("--concurrency", type=int, default=48, help="first connects in flight, over all clients")
     parser.add_argument("--base", type=float, default=1.0, help="the devices' backoff base (s)")
