@@ -72,6 +72,7 @@ class RedisBus:
         self._batch = []  # [command, [(channel, Deferred)]] runs, in the order asked
         self._flush_call = None
         self._channels = set()
+        self._confirming = {}  # channel -> [Deferred] of later subscribers, while its SUBSCRIBE is unconfirmed
         self._receiver = None
         self._reconnect_callbacks = []
         self.subscriber = RedisConnection(
@@ -111,14 +112,30 @@ class RedisBus:
         self._reconnect_callbacks.append(callback)
 
     def subscribe(self, channel):
+        """Fires once Redis confirmed the subscription (at once while disconnected: the channel
+        is subscribed on the next connection, and the gateway is told messages were missed)."""
         if channel in self._channels:
-            return defer.succeed(None)
+            waiting = self._confirming.get(channel)
+            if waiting is None:
+                return defer.succeed(None)
+            d = defer.Deferred()
+            waiting.append(d)  # asked again before the first SUBSCRIBE is confirmed: wait for it too
+            return d
         self._channels.add(channel)
         if self.subscriber.protocol is None:
             # Subscribed when the connection is (back) up; until then we miss messages.
             self.subscriber.needs_resync = True
             return defer.succeed(None)
-        return self._confirmed(self._queue("SUBSCRIBE", channel))
+        waiting = self._confirming[channel] = []
+
+        def confirmed(result):
+            if self._confirming.get(channel) is waiting:
+                del self._confirming[channel]
+            for d in waiting:
+                d.callback(None)
+            return result
+
+        return self._confirmed(self._queue("SUBSCRIBE", channel)).addBoth(confirmed)
 
     def unsubscribe(self, channel):
         if channel not in self._channels:

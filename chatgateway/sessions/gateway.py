@@ -2,8 +2,9 @@
 
 A Gateway owns the local connection registry, the fan-out, and the clients
 of the core, the bus and the store. Edges (WebSocket, the gRPC stream)
-authenticate a device, then call ``open_session``; every Session calls back
-into ``forward``, ``publish`` and ``memberships``.
+authenticate a device, then call ``open_session``, which takes the device's
+rooms from the membership cache or the core (``connect_rooms``); every Session
+calls back into ``forward``, ``publish`` and ``memberships``.
 """
 
 import json
@@ -18,7 +19,7 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels, memberships
 from chatgateway.sessions import membership
-from chatgateway.sessions.fanout import Fanout
+from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
@@ -36,6 +37,9 @@ REPLACED_REASON = "replaced by a newer connection of this device"
 # devices' closes: dropping the stragglers, calls to the core, releasing metadata in the store.
 DRAIN_RESERVE_SHARE = 0.25
 DRAIN_RESERVE_MAX_SEC = 5.0
+# Longest a connect waits for its profile's channel to be subscribed before reading its rooms
+# (Redis slow or gone: the connect goes on, and the bus reports what was missed when it is back).
+WATCH_WAIT_SEC = 2.0
 
 
 class Gateway(service.Service):
@@ -68,6 +72,7 @@ class Gateway(service.Service):
         # connect is only emitted when it can be written.
         self._log_connects = config.log_level == "debug"
         self._gone_waiters = []  # Deferreds fired when no session is left (drain)
+        self._watchers = {}  # profile id -> [membership changes recorded for each opening session]
 
     # ------------------------------------------------------------ service
 
@@ -181,12 +186,19 @@ class Gateway(service.Service):
         and the result is None.
         """
         self._opening += 1
+        profile_id = claims.profile_id
+        # The profile's channel first, then its rooms: a change published after the read is
+        # received, and recorded here until the session can take it (_replay_changes).
+        changes = self._watch(profile_id)
         try:
-            rooms = await self.connect_rooms(claims.profile_id, token, device_id)
+            await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
+            rooms = await self.connect_rooms(profile_id, token, device_id)
         except BaseException:
+            self._unwatch(profile_id, changes)
             self._opened_none()
             raise
         if abandoned is not None and abandoned():
+            self._unwatch(profile_id, changes)
             self._opened_none()
             return None
         self._opening -= 1  # registered below, before anything else runs
@@ -194,8 +206,10 @@ class Gateway(service.Service):
         # The local limit holds at once; the store then enforces it across gateways.
         for older in self.registry.add(session):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
+        self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
         session.send(session.connected_event())
+        self._replay_changes(session, changes)
         self._register(session)
         if self.draining:
             session.drain(self.reconnect_hint())
@@ -207,6 +221,44 @@ class Gateway(service.Service):
                 rooms=len(rooms),
             )
         return session
+
+    def _watch(self, profile_id):
+        """A list that records the profile's membership changes (change, ServerEvent or None) while it opens."""
+        changes = []
+        self._watchers.setdefault(profile_id, []).append(changes)
+        return changes
+
+    def _unwatch(self, profile_id, changes):
+        watchers = self._watchers[profile_id]
+        watchers.remove(changes)
+        if not watchers:
+            del self._watchers[profile_id]
+        self.registry.unwatch_profile(profile_id)
+
+    def _replay_changes(self, session, changes):
+        """Apply to a new session what changed while it opened; its rooms may already say so
+        (each change is idempotent, and they come in publish order)."""
+        for change, event in changes:
+            session.apply_membership(change)
+            if event is not None:
+                self.fanout.deliver(EncodedEvent(event), [session])
+
+    def _within(self, d, seconds):
+        """A Deferred firing (with None) when ``d`` does or after ``seconds``, whichever comes first."""
+        if d.called:
+            return defer.succeed(None)  # the channel was subscribed already (or the bus is in process)
+        done = defer.Deferred()
+        timer = self.clock.callLater(seconds, lambda: done.called or done.callback(None))
+
+        def fired(result):
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+            return result
+
+        d.addBoth(fired)
+        return done
 
     def _opened_none(self):
         """An opening ended without a session."""
@@ -358,7 +410,10 @@ class Gateway(service.Service):
             )
         return response
 
-    def apply_membership(self, change):
+    def apply_membership(self, change, event=None):
+        """Re-scope the profile's sessions (``event``: the ServerEvent it came in, from the bus)."""
+        for changes in self._watchers.get(change.profile_id, ()):
+            changes.append((change, event))
         for session in list(self.registry.profile_sessions(change.profile_id)):
             session.apply_membership(change)
 

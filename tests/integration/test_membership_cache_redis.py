@@ -111,3 +111,16 @@ async def test_a_read_with_redis_down_fails_at_once():
     down = RedisBus(make_config(f"redis://127.0.0.1:{free_port()}/0"), reactor)
     with pytest.raises(ConnectionError):
         await down.cached_memberships("alice")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_subscribe_of_a_channel_waits_for_redis_to_confirm_the_first(bus, redis_server):
+    # A connect subscribes its profile's channel before reading the cache: a second connect of the
+    # profile must not read before the subscription is in place either.
+    first = bus.subscribe(channels.profile("alice"))
+    second = bus.subscribe(channels.profile("alice"))
+    assert not second.called
+    await first
+    assert second.called
+    assert dict(redis_server.client().pubsub_numsub(channels.profile("alice")))[channels.profile("alice")] == 1
+    assert bus.subscribe(channels.profile("alice")).called

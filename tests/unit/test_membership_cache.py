@@ -11,6 +11,7 @@ from chatgateway.bus.memory import MemoryBus, MemoryHub
 from chatgateway.core.client import CoreError
 from chatgateway.redisconn.connection import ConnectionError
 from chatgateway.sessions import membership
+from chatgateway.sessions.gateway import WATCH_WAIT_SEC
 from support.wsharness import Harness
 
 TTL = 600
@@ -139,6 +140,47 @@ def test_a_removal_published_while_the_core_is_asked_is_not_resurrected(h):
     assert texts(fresh) == []
 
 
+def test_a_removal_published_while_a_device_opens_reaches_its_session(h):
+    h.core.rooms["alice"] = ["r1", "r2"]
+    answer = h.memberships_later()
+    phone = h.connect("alice/phone")
+    publish_change(h, "r1", "alice", Change.REMOVED)  # after the core read the rooms, before the answer came
+    answer.callback([pb.SearchRoomsResponse(data=[pb.Room(id="r1"), pb.Room(id="r2")])])
+    h.flush()
+    assert rooms_of(phone) == ["r1", "r2"]  # what the core said...
+    (removed,) = phone.of("subscription_event")  # ...then what changed since
+    assert removed.subscription_event.room_id == "r1"
+    room_event(h, "r1", "after the removal")
+    room_event(h, "r2", "still a member")
+    assert texts(phone) == ["still a member"]
+
+
+def test_the_profiles_channel_is_subscribed_before_its_rooms_are_read(h):
+    h.core.rooms["alice"] = ["r1", "r2"]
+    h.connect("alice/phone")
+    h.connections[0].server.sendClose(1000)
+    h.flush()
+    assert channels.profile("alice") not in h.hub.receivers
+    held = defer.Deferred()
+    h.gateway.bus.cached_memberships = lambda profile_id: held
+    laptop = h.connect("alice/laptop")
+    assert channels.profile("alice") in h.hub.receivers  # while the cache is read
+    # A removal published after the subscription, arriving before the read's (older) answer.
+    publish_change(h, "r1", "alice", Change.REMOVED)
+    held.callback(memberships.Cached(["r1", "r2"], None))
+    h.flush()
+    room_event(h, "r1", "after the removal")
+    assert texts(laptop) == []
+    assert [e.subscription_event.room_id for e in laptop.of("subscription_event")] == ["r1"]
+
+
+def test_an_opening_that_fails_leaves_no_subscription_behind(h):
+    h.core.call = lambda *args, **kwargs: defer.fail(CoreError(grpc.StatusCode.UNAVAILABLE, "down"))
+    c = h.connect("alice/phone")
+    assert c.closed[0] == 1013
+    assert channels.profile("alice") not in h.hub.receivers
+
+
 def test_an_answer_with_no_change_meanwhile_is_cached(h):
     h.core.rooms["alice"] = ["r1"]
     answer = h.memberships_later()
@@ -231,3 +273,14 @@ def test_publish_payload_follows_the_contract_only_for_membership_changes():
     assert hub.memberships.read("alice").rooms == ["r1"]
     memberships.publish_payload(bus, channels.profile("alice"), change.SerializeToString())
     assert hub.memberships.read("alice").rooms == []
+
+
+def test_a_subscription_redis_does_not_confirm_holds_a_connect_back_for_at_most_watch_wait_sec(h):
+    h.core.rooms["alice"] = ["r1"]
+    h.gateway.bus.subscribe = lambda channel: defer.Deferred()  # never confirmed
+    c = h.connect("alice/phone")
+    assert c.of("connected") == []
+    h.advance(WATCH_WAIT_SEC - 0.1)
+    assert c.of("connected") == []
+    h.advance(0.2)
+    assert rooms_of(c) == ["r1"]
