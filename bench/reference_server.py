@@ -45,12 +45,14 @@ def main(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)
+    # Twisted's default of 50 drops SYNs in a connect storm (bench/storm.py gives the gateway's)
+    parser.add_argument("--backlog", type=int, default=50, help="the listening socket's accept backlog")
     args = parser.parse_args(argv)
     devices = WebSocketServerFactory()
     devices.protocol = Device
     devices.rooms = {}
     devices.setProtocolOptions(autoPingInterval=0)
-    reactor.listenTCP(args.port, devices, interface="127.0.0.1")
+    reactor.listenTCP(args.port, devices, backlog=args.backlog, interface="127.0.0.1")
     parts = urlsplit(args.redis)
     subscribers = txredisapi.SubscriberFactory()
     subscribers.charset = None  # binary payloads

@@ -5,7 +5,9 @@ hand, and received frames are walked by their headers (server frames are unmaske
 and handed over as (opcode, buffer, start, length) without copying. Pings are
 answered with masked pongs (zero mask); a close frame closes the TCP connection.
 Subclasses implement ``upgraded()``, ``binary(buffer, start, length)``,
-``refused(status)`` and, when they care, ``closed_by_server(code)``.
+``refused(status)`` and, when they care, ``closed_by_server(code)``; a refusal's
+response head is in ``response_head`` (its headers, e.g. Retry-After), a close frame's
+reason in ``close_reason``.
 """
 
 import base64
@@ -76,6 +78,8 @@ class RawWebSocket(protocol.Protocol):
         self.request = request
         self.buffer = b""
         self.upgraded_yet = False
+        self.response_head = b""  # the refused handshake's status line and headers
+        self.close_reason = ""  # the reason of the server's close frame
 
     def connectionMade(self):
         self.transport.write(self.request)
@@ -89,6 +93,7 @@ class RawWebSocket(protocol.Protocol):
                 return
             status = buffer[: buffer.find(b"\r\n")]
             if b" 101 " not in status:
+                self.response_head = buffer[:end]
                 self.refused(status.decode(errors="replace"))
                 self.transport.loseConnection()
                 return
@@ -108,6 +113,7 @@ class RawWebSocket(protocol.Protocol):
             elif opcode == 9:  # ping: a masked pong (zero mask) with the same payload
                 self.transport.write(bytes([0x8A, 0x80 | length]) + b"\0\0\0\0" + buffer[start : start + length])
             elif opcode == 8:
+                self.close_reason = buffer[start + 2 : start + length].decode("utf-8", "replace")
                 self.closed_by_server(int.from_bytes(buffer[start : start + 2], "big") if length >= 2 else 1005)
                 self.transport.loseConnection()
             i = start + length
