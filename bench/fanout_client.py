@@ -141,6 +141,7 @@ async def main(reactor, argv):
     parser.add_argument("--first", type=int, default=0, help="index of the first profile")
     parser.add_argument("--secret", help="gateway: mint JWTs for profiles PREFIX<i>")
     parser.add_argument("--prefix", default="fan")
+    parser.add_argument("--profile", help="gateway: every device of this one profile (device ids d<index>)")
     parser.add_argument("--concurrency", type=int, default=24)
     parser.add_argument("--source", help="local address to connect from (e.g. 127.0.0.2)")
     args = parser.parse_args(argv)
@@ -158,9 +159,8 @@ async def main(reactor, argv):
     async def connect(index):
         headers = {}
         if args.secret:
-            token = mint_token(
-                args.secret, f"{args.prefix}{index}", device_id="b", audience="service_chat_gateway", ttl=86400
-            )
+            profile, device_id = (args.profile, f"d{index}") if args.profile else (f"{args.prefix}{index}", "b")
+            token = mint_token(args.secret, profile, device_id=device_id, audience="service_chat_gateway", ttl=86400)
             headers["Authorization"] = f"Bearer {token}"
         opened = defer.Deferred()
         device = Device(

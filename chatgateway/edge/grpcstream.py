@@ -89,12 +89,12 @@ class StreamWriter:
     one writer per attribute, so no lock.
     """
 
-    __slots__ = ("frames", "written", "wake", "end", "abort", "task", "unhandled", "credit")
+    __slots__ = ("frames", "written", "waiter", "end", "abort", "task", "unhandled", "credit")
 
     def __init__(self):
         self.frames = collections.deque()  # bytes, and the markers that resume the Outbox
         self.written = 0
-        self.wake = asyncio.Event()
+        self.waiter = None  # the future write_all awaits while nothing is to be written
         self.end = None  # End once the gateway closed the stream (after the frames before it)
         self.abort = None  # End that ends it at once (slow consumer, drain past its deadline)
         self.task = asyncio.current_task()
@@ -127,7 +127,11 @@ class StreamWriter:
             self.end = item
         else:
             self.frames.append(item)
-        self.wake.set()
+        waiter = self.waiter
+        if waiter is not None:  # a bare future: an asyncio.Event costs a deque and a loop lookup per wake-up
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def write_all(self, context):
         """Write the frames until the stream ends; returns the End."""
@@ -143,8 +147,8 @@ class StreamWriter:
                 elif self.end is not None:
                     return self.end
                 else:
-                    self.wake.clear()
-                    await self.wake.wait()
+                    self.waiter = self.task.get_loop().create_future()
+                    await self.waiter
         except asyncio.CancelledError:
             if self.abort is not None:
                 return self.abort

@@ -618,3 +618,53 @@ def test_device_abort_hands_an_immediate_end(fake_edge):
     stream.device.abort()
     end = [i for i in stream.items if isinstance(i, grpcstream.End)][-1]
     assert end.now and end.code == CloseCode.GOING_AWAY
+
+
+class RecordingLoop:
+    """The edge's loop as the reactor thread sees it: what is scheduled on it, run only when asked."""
+
+    def __init__(self):
+        self.scheduled = []
+
+    def call_soon_threadsafe(self, callback, *args):
+        self.scheduled.append((callback, args))
+
+    def run_scheduled(self):
+        scheduled, self.scheduled = self.scheduled, []
+        for callback, args in scheduled:
+            callback(*args)
+
+
+class CountingReactor:
+    def __init__(self):
+        self.calls = 0
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.calls += 1
+        f(*args, **kwargs)
+
+
+def test_a_fan_out_to_many_grpc_streams_is_one_thread_hop_and_one_encoding(harness):
+    loop = RecordingLoop()
+    fake_edge = FakeEdge(harness, handoff=grpcstream.Handoff(loop))
+    fake_edge.reactor = CountingReactor()
+    harness.core.rooms.update({f"p{i}": ["r1"] for i in range(200)})
+    writers = [Received() for _ in range(200)]
+    for i, writer in enumerate(writers):
+        writer.written = 0
+        grpcstream.GrpcDevice(fake_edge, writer, "").start(f"p{i}/phone")
+    loop.run_scheduled()  # the connected events
+    assert all(len(w.items) == 1 for w in writers)
+
+    first = pb.ServerEvent(id="e1", message=pb.RoomEvent(id="e1", room_id="r1", sender_id="carol"))
+    second = pb.ServerEvent(id="e2", message=pb.RoomEvent(id="e2", room_id="r1", sender_id="carol"))
+    harness.publish(channels.room("r1"), first)
+    assert len(loop.scheduled) == 1  # one hop for 200 streams
+    harness.publish(channels.room("r1"), second)
+    assert len(loop.scheduled) == 1  # not yet drained: the next fan-out rides on the same hop
+    loop.run_scheduled()
+    frames = [w.items[1:] for w in writers]
+    assert all(len(f) == 2 for f in frames)
+    assert all(f[0] is frames[0][0] and f[1] is frames[0][1] for f in frames)  # encoded once per event
+    assert [pb.ServerEvent.FromString(b).id for b in frames[0]] == ["e1", "e2"]
+    assert fake_edge.reactor.calls == 0  # and no hop back while nothing waits
