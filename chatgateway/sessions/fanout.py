@@ -18,6 +18,7 @@ case.
 
 import collections
 import uuid
+from contextlib import nullcontext
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -83,8 +84,9 @@ class _Queued:
 class Fanout:
     log = Logger()
 
-    def __init__(self, registry, on_membership, reactor, counts, max_backlog=MAX_BACKLOG):
+    def __init__(self, registry, on_membership, reactor, counts, max_backlog=MAX_BACKLOG, corked=nullcontext):
         self._registry = registry
+        self._corked = corked  # a chunk's frames for one device leave in one write (sessions.corking)
         self._on_membership = on_membership
         self._reactor = reactor
         self._counts = counts  # a GatewayCounts: deliveries are counted per event, not per recipient
@@ -145,7 +147,11 @@ class Fanout:
         if self._backlog > self.max_backlog:
             self._shed()
         if self._pumping is None:
-            self._pumping = self._reactor.callLater(0, self._pump)
+            self._pumping = self._reactor.callLater(0, self._corked_pump)
+
+    def _corked_pump(self):
+        with self._corked():
+            self._pump()
 
     def _pump(self):
         self._pumping = None
@@ -167,7 +173,7 @@ class Fanout:
             else:
                 item.served = end
         if queue:
-            self._pumping = self._reactor.callLater(0, self._pump)
+            self._pumping = self._reactor.callLater(0, self._corked_pump)
         elif self._noticed and self._reactor.seconds() - self._notice_window >= LOSS_NOTICE_INTERVAL_SEC:
             self._noticed = set()  # the window is over: let closed sessions go
 

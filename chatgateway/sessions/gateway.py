@@ -19,6 +19,7 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels
 from chatgateway.sessions import membership
+from chatgateway.sessions.corking import Cork
 from chatgateway.sessions.fanout import Fanout
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries
@@ -55,7 +56,9 @@ class Gateway(service.Service):
         self.counts = counts if counts is not None else GatewayCounts()
         self.registry = ConnectionRegistry(bus, store, config.max_connections_per_device, self._quietly)
         self.token_expiries = TokenExpiries(self.clock)  # one timer for every session's token
-        self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts)
+        # Frames for one device produced in one burst (a bus read, a fan-out chunk) leave in one write.
+        self.cork = Cork()
+        self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts, corked=self.cork.corked)
         self.addresses = []  # where devices reach this instance (set by the service tree)
         self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
@@ -74,7 +77,7 @@ class Gateway(service.Service):
     def startService(self):
         super().startService()
         self._started_at = self.clock.seconds()
-        self.bus.start(self.receive)
+        self.bus.start(self.receive, batch=self.cork.corked)
         self.bus.on_reconnect(self._bus_reconnected)
         self.store.on_reconnect(self._store_reconnected)
         self._quietly(self.bus.subscribe(self._control_channel), "subscribing to the control channel")
