@@ -65,6 +65,8 @@ ROOT = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(ROOT / "tests"))
 
+import segments  # noqa: E402  (bench/segments.py)
+
 from chatgateway.api import chat_pb2 as pb  # noqa: E402
 from chatgateway.api import chat_pb2_grpc  # noqa: E402
 from chatgateway.auth.devtokens import mint_token  # noqa: E402
@@ -164,6 +166,17 @@ def cpu_seconds(pid):
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_split(pid):
+    """(user, system) CPU seconds of ``pid`` and its threads."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def wait_port(port, process, timeout=30):
@@ -611,10 +624,13 @@ def measure(system, redis_client, clients, room, rate, seconds, members, kind="l
     _, drained_before = drain(clients)
     settled = system.settle()
     clients.command("RESET")
+    ports = sorted(set(system.ports))
+    segments_before = segments.snapshot(ports)
     sent = publish(redis_client, room, rate, seconds)
     in_window = sum(s["messages"] for s in clients.stats())
     stats, drained = drain(clients)  # the tail, so late deliveries count in the latencies
     delivered = sum(s["messages"] for s in stats)
+    sent_segments = segments.delta(segments_before, segments.snapshot(ports))
     p99 = max((s["p99_ms"] for s in stats if s["p99_ms"] is not None), default=None)
     step = {
         "kind": kind,
@@ -622,6 +638,7 @@ def measure(system, redis_client, clients, room, rate, seconds, members, kind="l
         "sent": sent,
         "delivered": delivered,
         "delivered_share": round(delivered / max(1, sent * members), 4),
+        "lost": max(0, sent * members - delivered),  # never delivered (shed, or to a device closed)
         "deliveries_per_second": round(in_window / seconds, 1),
         "expected_per_second": round(sent * members / seconds, 1),
         "p50_ms": max((s["p50_ms"] for s in stats if s["p50_ms"] is not None), default=None),
@@ -630,15 +647,27 @@ def measure(system, redis_client, clients, room, rate, seconds, members, kind="l
         "closed": sum(s["closed"] for s in stats),
         "drained": drained_before and drained,
         "not_events": sum(s.get("unparsed", 0) for s in stats),  # binary frames not from the publisher
+        # the kernel's counts over the devices' connections: data segments the server sent, and
+        # every segment the devices sent back (ACKs, pongs), per delivery
+        "tcp": sent_segments,
+        "segments_per_delivery": per_delivery(sent_segments, "server", "data_segs_out", delivered),
+        "device_segments_per_delivery": per_delivery(sent_segments, "peers", "segs_out", delivered),
     }
     if settled > 0.5:
         step["waited_for_ready_s"] = settled
     print(
         f"    {kind:9} {rate:>8} msg/s: {step['deliveries_per_second']:>10,.0f} deliveries/s "
-        f"({step['delivered_share']:.0%} delivered), p99 {p99} ms",
+        f"({step['delivered_share']:.0%} delivered, {step['lost']} lost), p99 {p99} ms, "
+        f"{step['segments_per_delivery']} segments/delivery",
         flush=True,
     )
     return step
+
+
+def per_delivery(counts, side, field, delivered):
+    if counts is None or not delivered:
+        return None
+    return round(counts[side][field] / delivered, 3)
 
 
 def meets_target(step):
@@ -693,6 +722,7 @@ def fanout(system, redis_client, core_port, members, options):
     try:
         pids = system.pids()
         cpu0 = {p: cpu_seconds(p) for p in pids}
+        sys0 = sum(cpu_split(p)[1] for p in pids)
         client_cpu0 = clients.cpu_seconds()
         ladder = LADDERS[members]
         steps = []
@@ -735,8 +765,14 @@ def fanout(system, redis_client, core_port, members, options):
         half_rate = max(0.5, round(saturation / 2 / members, 2))
         half = measure(system, redis_client, clients, room, half_rate, options.seconds, members, "half")
         server_cpu = {p: round(cpu_seconds(p) - c, 2) for p, c in cpu0.items()}
+        server_sys = sum(cpu_split(p)[1] for p in cpu0) - sys0
         client_cpu = clients.cpu_seconds() - client_cpu0
-        delivered = sum(s["delivered"] for s in [*steps, *bisection, half])
+        every = [*steps, *bisection, half]
+        delivered = sum(s["delivered"] for s in every)
+        best = max(steps, key=lambda s: s["deliveries_per_second"])
+        passing_steps = [s for s in [*steps, *bisection] if meets_target(s) and s["publish_rate"] == lo]
+        counted = [s for s in every if s.get("tcp")]
+        counted_deliveries = sum(s["delivered"] for s in counted)
         return {
             "members": members,
             "steps": steps,
@@ -753,6 +789,24 @@ def fanout(system, redis_client, core_port, members, options):
             "delivered": delivered,
             "server_cpu_us_per_delivery": round(sum(server_cpu.values()) / max(1, delivered) * 1e6, 2),
             "client_cpu_us_per_delivery": round(client_cpu / max(1, delivered) * 1e6, 2),
+            "server_sys_cpu_us_per_delivery": round(server_sys / max(1, delivered) * 1e6, 2),
+            # what a delivery costs the readers and the kernel: the clients' CPU (their reads, and the
+            # kernel's receive work charged to them) and the server's system time (its sends)
+            "reader_and_kernel_us_per_delivery": round((client_cpu + server_sys) / max(1, delivered) * 1e6, 2),
+            "lost": sum(s["lost"] for s in every),
+            "lost_at_saturation": best["lost"],
+            "lost_at_p99_rate": passing_steps[0]["lost"] if passing_steps else None,
+            "segments_per_delivery": round(
+                sum(s["tcp"]["server"]["data_segs_out"] for s in counted) / counted_deliveries, 3
+            )
+            if counted_deliveries
+            else None,
+            "device_segments_per_delivery": round(
+                sum(s["tcp"]["peers"]["segs_out"] for s in counted) / counted_deliveries, 3
+            )
+            if counted_deliveries
+            else None,
+            "segments_per_delivery_at_saturation": best["segments_per_delivery"],
             "handshake": clients.handshake_figures(members),
             "seconds": round(time.monotonic() - started, 1),
         }
@@ -836,7 +890,8 @@ def run_system(name, options, redis_server, redis_client, core, core_port, resul
                     f"{name} #{repeat} {members}: saturation {result['saturation_deliveries_per_second']:,.0f}/s, "
                     f"p99<=50ms up to {result['max_rate_p99_under_50ms']} msg/s, p99@half "
                     f"{result['half_saturation']['p99_ms']} ms, client CPU {result['client_cpu_seconds']} s vs "
-                    f"server {result['server_cpu_seconds']} s ({result['seconds']} s)",
+                    f"server {result['server_cpu_seconds']} s ({result['seconds']} s); lost at saturation "
+                    f"{result['lost_at_saturation']}, {result['segments_per_delivery']} segments/delivery",
                     flush=True,
                 )
         except Exception as e:
@@ -974,6 +1029,15 @@ def summarise(results):
                     2,
                 ),
                 "server_cpu_us_per_delivery": median_of(reps, "server_cpu_us_per_delivery"),
+                "client_cpu_us_per_delivery": median_of(reps, "client_cpu_us_per_delivery"),
+                "server_sys_cpu_us_per_delivery": median_of(reps, "server_sys_cpu_us_per_delivery"),
+                "reader_and_kernel_us_per_delivery": median_of(reps, "reader_and_kernel_us_per_delivery"),
+                "segments_per_delivery": median_of(reps, "segments_per_delivery"),
+                "segments_per_delivery_at_saturation": median_of(reps, "segments_per_delivery_at_saturation"),
+                "device_segments_per_delivery": median_of(reps, "device_segments_per_delivery"),
+                "lost_at_saturation": median_of(reps, "lost_at_saturation"),
+                "lost_at_p99_rate": median_of(reps, "lost_at_p99_rate"),
+                "lost": median_of(reps, "lost"),
                 "first_rate_over_50ms": median_of(reps, "first_rate_over_50ms"),
                 "repeats": len(reps),
             }
