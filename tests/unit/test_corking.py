@@ -226,3 +226,15 @@ def test_the_gateway_corks_what_its_bus_delivers_together(monkeypatch):
     h = Harness()
     assert batches == [h.gateway.cork.corked]
     h.stop()
+
+
+def test_a_room_larger_than_a_chunk_gets_a_burst_in_one_send_per_device(room, monkeypatch):
+    monkeypatch.setattr("chatgateway.sessions.fanout.CHUNK", 2)  # 3 devices: more than a chunk
+    h, devices = room
+    for n in range(4):
+        h.gateway.receive(channels.room("r1"), _event(n))
+    while h.gateway.fanout._pumping is not None:
+        h.clock.advance(0)
+    for _, connection in devices:
+        assert len(connection.sends) == 1
+        assert connection.received.count(b'"message"') == 4
