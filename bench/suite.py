@@ -253,15 +253,18 @@ def _tail(path, lines=20):
 class System:
     """One system under test: its processes, and how a device connects to a room."""
 
-    def __init__(self, name, redis_uri, core_port):
+    def __init__(self, name, redis_uri, core_port, trees=None):
         self.name = name
+        # "gateway@LABEL": the gateway of another checkout (--tree LABEL=PATH), run by its own virtualenv
+        self.kind, _, label = name.partition("@")
+        self.tree = Path((trees or {})[label]) if label else ROOT
         self.redis_uri = redis_uri
         self.core_port = core_port
         self.processes = []
         self.ports = []
         self.logs = []
-        self.workers = 2 if name == "gateway-2w" else 1
-        self.cpus = ALL_CPUS if name in ("gateway-2w", "2-gateways") else SERVER_CPU
+        self.workers = 2 if self.kind == "gateway-2w" else 1
+        self.cpus = ALL_CPUS if self.kind in ("gateway-2w", "2-gateways") else SERVER_CPU
 
     def start(self, timeout=60):
         env = {
@@ -297,17 +300,18 @@ class System:
                     port,
                 )
                 return self
-            count = 2 if self.name == "2-gateways" else 1
+            count = 2 if self.kind == "2-gateways" else 1
+            twistd = [str(self.tree / ".venv" / "bin" / "python"), *TWISTD[1:]] if self.tree != ROOT else list(TWISTD)
             for i in range(count):
                 port = free_port()
-                argv = [*TWISTD, "--nodaemon", "--pidfile=", "chatgateway", "--workers", str(self.workers)]
+                argv = [*twistd, "--nodaemon", "--pidfile=", "chatgateway", "--workers", str(self.workers)]
                 self._spawn(
                     pinned(self.cpus, argv),
                     {
                         **env,
                         "HTTP_PORT": str(port),
                         "GRPC_PORT": str(free_port()),
-                        "GATEWAY_ID": f"bench-{self.name}-{i}",
+                        "GATEWAY_ID": f"bench-{self.name.replace('@', '-')}-{i}",
                     },
                     port,
                 )
@@ -319,9 +323,9 @@ class System:
             raise
 
     def _spawn(self, argv, env, port):
-        log = OUT / f"{self.name}-{port}.log"
+        log = OUT / f"{self.name.replace('@', '-')}-{port}.log"
         with open(log, "wb") as f:
-            process = spawn(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+            process = spawn(argv, env=env, cwd=self.tree, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
         self.processes.append(process)
         self.ports.append(port)
         self.logs.append(log)
@@ -870,15 +874,14 @@ def median_of(runs, key):
     return statistics.median(values) if values else None
 
 
-def run_system(name, options, redis_server, redis_client, core, core_port, results):
-    runs = {"fanout": {}, "idle": {}, "errors": [], "placement": None}
-    results["systems"][name] = runs
-    for repeat in range(options.repeats):
+def run_system(name, options, redis_server, redis_client, core, core_port, results, repeats=None):
+    runs = results["systems"].setdefault(name, {"fanout": {}, "idle": {}, "errors": [], "placement": None})
+    for repeat in repeats if repeats is not None else range(options.repeats):
         if not options.rooms:
             break
         system = None
         try:
-            system = System(name, redis_server.uri, core_port).start()
+            system = System(name, redis_server.uri, core_port, options.trees).start()
             runs["placement"] = placement(system, options, core, redis_server)
             for members in options.rooms:
                 print(f"{name} #{repeat}: room of {members}", flush=True)
@@ -901,11 +904,13 @@ def run_system(name, options, redis_server, redis_client, core, core_port, resul
             if system is not None:
                 system.stop()
         save(results, options.out)
-    for repeat in range(options.idle_repeats):
+    for repeat in repeats if repeats is not None else range(options.idle_repeats):
         for count in options.idle:
             system = None
             try:
-                system = System(name, redis_server.uri, core_port).start()  # fresh: RSS from a clean baseline
+                system = System(
+                    name, redis_server.uri, core_port, options.trees
+                ).start()  # fresh: RSS from a clean baseline
                 result = idle(system, core_port, count, options)
                 runs["idle"].setdefault(str(count), []).append(result)
                 print(
@@ -940,7 +945,18 @@ def main():
     parser.add_argument("--tick-us", type=int, default=1000, help="C client: pause between its epoll rounds (us)")
     parser.add_argument("--concurrency", type=int, default=48, help="handshakes in flight, over all client processes")
     parser.add_argument("--out", default=str(OUT / "suite.json"))
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="another checkout (with its .venv), measured as system gateway@LABEL",
+    )
+    parser.add_argument(
+        "--interleave", action="store_true", help="run repeat r of every system before repeat r+1 (fan-out)"
+    )
     options = parser.parse_args()
+    options.trees = dict(tree.split("=", 1) for tree in options.tree)
     if options.quick:
         options.repeats, options.rooms, options.idle, options.seconds = 1, "100,1000", "1000", 2.0
     if options.idle_repeats is None:
@@ -990,8 +1006,16 @@ def main():
         wait_port(core_port, core)
         options.redis_client = redis_client
         options.others = {"core": core.pid, "redis": redis_server.process.pid}
-        for name in options.systems.split(","):
-            run_system(name, options, redis_server, redis_client, core, core_port, results)
+        names = options.systems.split(",")
+        # --interleave: repeat r of every system before repeat r + 1 of any, so load from
+        # elsewhere on the machine falls on every system alike
+        rounds = (
+            [(name, [r]) for r in range(options.repeats) for name in names]
+            if options.interleave
+            else [(name, None) for name in names]
+        )
+        for name, repeats in rounds:
+            run_system(name, options, redis_server, redis_client, core, core_port, results, repeats)
             results["seconds"] = round(time.monotonic() - started)
             save(results, options.out)  # a partial file survives an interrupted run
     finally:
