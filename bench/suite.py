@@ -65,6 +65,8 @@ ROOT = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(ROOT / "tests"))
 
+import segments  # noqa: E402  (bench/segments.py)
+
 from chatgateway.api import chat_pb2 as pb  # noqa: E402
 from chatgateway.api import chat_pb2_grpc  # noqa: E402
 from chatgateway.auth.devtokens import mint_token  # noqa: E402
@@ -166,6 +168,17 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_split(pid):
+    """(user, system) CPU seconds of ``pid`` and its threads."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def wait_port(port, process, timeout=30):
     import socket
 
@@ -240,15 +253,18 @@ def _tail(path, lines=20):
 class System:
     """One system under test: its processes, and how a device connects to a room."""
 
-    def __init__(self, name, redis_uri, core_port):
+    def __init__(self, name, redis_uri, core_port, trees=None):
         self.name = name
+        # "gateway@LABEL": the gateway of another checkout (--tree LABEL=PATH), run by its own virtualenv
+        self.kind, _, label = name.partition("@")
+        self.tree = Path((trees or {})[label]) if label else ROOT
         self.redis_uri = redis_uri
         self.core_port = core_port
         self.processes = []
         self.ports = []
         self.logs = []
-        self.workers = 2 if name == "gateway-2w" else 1
-        self.cpus = ALL_CPUS if name in ("gateway-2w", "2-gateways") else SERVER_CPU
+        self.workers = 2 if self.kind == "gateway-2w" else 1
+        self.cpus = ALL_CPUS if self.kind in ("gateway-2w", "2-gateways") else SERVER_CPU
 
     def start(self, timeout=60):
         env = {
@@ -286,17 +302,18 @@ class System:
                     port,
                 )
                 return self
-            count = 2 if self.name == "2-gateways" else 1
+            count = 2 if self.kind == "2-gateways" else 1
+            twistd = [str(self.tree / ".venv" / "bin" / "python"), *TWISTD[1:]] if self.tree != ROOT else list(TWISTD)
             for i in range(count):
                 port = free_port()
-                argv = [*TWISTD, "--nodaemon", "--pidfile=", "chatgateway", "--workers", str(self.workers)]
+                argv = [*twistd, "--nodaemon", "--pidfile=", "chatgateway", "--workers", str(self.workers)]
                 self._spawn(
                     pinned(self.cpus, argv),
                     {
                         **env,
                         "HTTP_PORT": str(port),
                         "GRPC_PORT": str(free_port()),
-                        "GATEWAY_ID": f"bench-{self.name}-{i}",
+                        "GATEWAY_ID": f"bench-{self.name.replace('@', '-')}-{i}",
                     },
                     port,
                 )
@@ -308,9 +325,9 @@ class System:
             raise
 
     def _spawn(self, argv, env, port):
-        log = OUT / f"{self.name}-{port}.log"
+        log = OUT / f"{self.name.replace('@', '-')}-{port}.log"
         with open(log, "wb") as f:
-            process = spawn(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+            process = spawn(argv, env=env, cwd=self.tree, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
         self.processes.append(process)
         self.ports.append(port)
         self.logs.append(log)
@@ -613,10 +630,13 @@ def measure(system, redis_client, clients, room, rate, seconds, members, kind="l
     _, drained_before = drain(clients)
     settled = system.settle()
     clients.command("RESET")
+    ports = sorted(set(system.ports))
+    segments_before = segments.snapshot(ports)
     sent = publish(redis_client, room, rate, seconds)
     in_window = sum(s["messages"] for s in clients.stats())
     stats, drained = drain(clients)  # the tail, so late deliveries count in the latencies
     delivered = sum(s["messages"] for s in stats)
+    sent_segments = segments.delta(segments_before, segments.snapshot(ports))
     p99 = max((s["p99_ms"] for s in stats if s["p99_ms"] is not None), default=None)
     step = {
         "kind": kind,
@@ -624,6 +644,7 @@ def measure(system, redis_client, clients, room, rate, seconds, members, kind="l
         "sent": sent,
         "delivered": delivered,
         "delivered_share": round(delivered / max(1, sent * members), 4),
+        "lost": max(0, sent * members - delivered),  # never delivered (shed, or to a device closed)
         "deliveries_per_second": round(in_window / seconds, 1),
         "expected_per_second": round(sent * members / seconds, 1),
         "p50_ms": max((s["p50_ms"] for s in stats if s["p50_ms"] is not None), default=None),
@@ -632,15 +653,27 @@ def measure(system, redis_client, clients, room, rate, seconds, members, kind="l
         "closed": sum(s["closed"] for s in stats),
         "drained": drained_before and drained,
         "not_events": sum(s.get("unparsed", 0) for s in stats),  # binary frames not from the publisher
+        # the kernel's counts over the devices' connections: data segments the server sent, and
+        # every segment the devices sent back (ACKs, pongs), per delivery
+        "tcp": sent_segments,
+        "segments_per_delivery": per_delivery(sent_segments, "server", "data_segs_out", delivered),
+        "device_segments_per_delivery": per_delivery(sent_segments, "peers", "segs_out", delivered),
     }
     if settled > 0.5:
         step["waited_for_ready_s"] = settled
     print(
         f"    {kind:9} {rate:>8} msg/s: {step['deliveries_per_second']:>10,.0f} deliveries/s "
-        f"({step['delivered_share']:.0%} delivered), p99 {p99} ms",
+        f"({step['delivered_share']:.0%} delivered, {step['lost']} lost), p99 {p99} ms, "
+        f"{step['segments_per_delivery']} segments/delivery",
         flush=True,
     )
     return step
+
+
+def per_delivery(counts, side, field, delivered):
+    if counts is None or not delivered:
+        return None
+    return round(counts[side][field] / delivered, 3)
 
 
 def meets_target(step):
@@ -695,6 +728,7 @@ def fanout(system, redis_client, core_port, members, options):
     try:
         pids = system.pids()
         cpu0 = {p: cpu_seconds(p) for p in pids}
+        sys0 = sum(cpu_split(p)[1] for p in pids)
         client_cpu0 = clients.cpu_seconds()
         ladder = LADDERS[members]
         steps = []
@@ -737,8 +771,14 @@ def fanout(system, redis_client, core_port, members, options):
         half_rate = max(0.5, round(saturation / 2 / members, 2))
         half = measure(system, redis_client, clients, room, half_rate, options.seconds, members, "half")
         server_cpu = {p: round(cpu_seconds(p) - c, 2) for p, c in cpu0.items()}
+        server_sys = sum(cpu_split(p)[1] for p in cpu0) - sys0
         client_cpu = clients.cpu_seconds() - client_cpu0
-        delivered = sum(s["delivered"] for s in [*steps, *bisection, half])
+        every = [*steps, *bisection, half]
+        delivered = sum(s["delivered"] for s in every)
+        best = max(steps, key=lambda s: s["deliveries_per_second"])
+        passing_steps = [s for s in [*steps, *bisection] if meets_target(s) and s["publish_rate"] == lo]
+        counted = [s for s in every if s.get("tcp")]
+        counted_deliveries = sum(s["delivered"] for s in counted)
         return {
             "members": members,
             "steps": steps,
@@ -755,6 +795,24 @@ def fanout(system, redis_client, core_port, members, options):
             "delivered": delivered,
             "server_cpu_us_per_delivery": round(sum(server_cpu.values()) / max(1, delivered) * 1e6, 2),
             "client_cpu_us_per_delivery": round(client_cpu / max(1, delivered) * 1e6, 2),
+            "server_sys_cpu_us_per_delivery": round(server_sys / max(1, delivered) * 1e6, 2),
+            # what a delivery costs the readers and the kernel: the clients' CPU (their reads, and the
+            # kernel's receive work charged to them) and the server's system time (its sends)
+            "reader_and_kernel_us_per_delivery": round((client_cpu + server_sys) / max(1, delivered) * 1e6, 2),
+            "lost": sum(s["lost"] for s in every),
+            "lost_at_saturation": best["lost"],
+            "lost_at_p99_rate": passing_steps[0]["lost"] if passing_steps else None,
+            "segments_per_delivery": round(
+                sum(s["tcp"]["server"]["data_segs_out"] for s in counted) / counted_deliveries, 3
+            )
+            if counted_deliveries
+            else None,
+            "device_segments_per_delivery": round(
+                sum(s["tcp"]["peers"]["segs_out"] for s in counted) / counted_deliveries, 3
+            )
+            if counted_deliveries
+            else None,
+            "segments_per_delivery_at_saturation": best["segments_per_delivery"],
             "handshake": clients.handshake_figures(members),
             "seconds": round(time.monotonic() - started, 1),
         }
@@ -818,15 +876,14 @@ def median_of(runs, key):
     return statistics.median(values) if values else None
 
 
-def run_system(name, options, redis_server, redis_client, core, core_port, results):
-    runs = {"fanout": {}, "idle": {}, "errors": [], "placement": None}
-    results["systems"][name] = runs
-    for repeat in range(options.repeats):
+def run_system(name, options, redis_server, redis_client, core, core_port, results, repeats=None):
+    runs = results["systems"].setdefault(name, {"fanout": {}, "idle": {}, "errors": [], "placement": None})
+    for repeat in repeats if repeats is not None else range(options.repeats):
         if not options.rooms:
             break
         system = None
         try:
-            system = System(name, redis_server.uri, core_port).start()
+            system = System(name, redis_server.uri, core_port, options.trees).start()
             runs["placement"] = placement(system, options, core, redis_server)
             for members in options.rooms:
                 print(f"{name} #{repeat}: room of {members}", flush=True)
@@ -838,7 +895,8 @@ def run_system(name, options, redis_server, redis_client, core, core_port, resul
                     f"{name} #{repeat} {members}: saturation {result['saturation_deliveries_per_second']:,.0f}/s, "
                     f"p99<=50ms up to {result['max_rate_p99_under_50ms']} msg/s, p99@half "
                     f"{result['half_saturation']['p99_ms']} ms, client CPU {result['client_cpu_seconds']} s vs "
-                    f"server {result['server_cpu_seconds']} s ({result['seconds']} s)",
+                    f"server {result['server_cpu_seconds']} s ({result['seconds']} s); lost at saturation "
+                    f"{result['lost_at_saturation']}, {result['segments_per_delivery']} segments/delivery",
                     flush=True,
                 )
         except Exception as e:
@@ -848,11 +906,13 @@ def run_system(name, options, redis_server, redis_client, core, core_port, resul
             if system is not None:
                 system.stop()
         save(results, options.out)
-    for repeat in range(options.idle_repeats):
+    for repeat in repeats if repeats is not None else range(options.idle_repeats):
         for count in options.idle:
             system = None
             try:
-                system = System(name, redis_server.uri, core_port).start()  # fresh: RSS from a clean baseline
+                system = System(
+                    name, redis_server.uri, core_port, options.trees
+                ).start()  # fresh: RSS from a clean baseline
                 result = idle(system, core_port, count, options)
                 runs["idle"].setdefault(str(count), []).append(result)
                 print(
@@ -887,7 +947,18 @@ def main():
     parser.add_argument("--tick-us", type=int, default=1000, help="C client: pause between its epoll rounds (us)")
     parser.add_argument("--concurrency", type=int, default=48, help="handshakes in flight, over all client processes")
     parser.add_argument("--out", default=str(OUT / "suite.json"))
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="another checkout (with its .venv), measured as system gateway@LABEL",
+    )
+    parser.add_argument(
+        "--interleave", action="store_true", help="run repeat r of every system before repeat r+1 (fan-out)"
+    )
     options = parser.parse_args()
+    options.trees = dict(tree.split("=", 1) for tree in options.tree)
     if options.quick:
         options.repeats, options.rooms, options.idle, options.seconds = 1, "100,1000", "1000", 2.0
     if options.idle_repeats is None:
@@ -937,8 +1008,16 @@ def main():
         wait_port(core_port, core)
         options.redis_client = redis_client
         options.others = {"core": core.pid, "redis": redis_server.process.pid}
-        for name in options.systems.split(","):
-            run_system(name, options, redis_server, redis_client, core, core_port, results)
+        names = options.systems.split(",")
+        # --interleave: repeat r of every system before repeat r + 1 of any, so load from
+        # elsewhere on the machine falls on every system alike
+        rounds = (
+            [(name, [r]) for r in range(options.repeats) for name in names]
+            if options.interleave
+            else [(name, None) for name in names]
+        )
+        for name, repeats in rounds:
+            run_system(name, options, redis_server, redis_client, core, core_port, results, repeats)
             results["seconds"] = round(time.monotonic() - started)
             save(results, options.out)  # a partial file survives an interrupted run
     finally:
@@ -976,6 +1055,15 @@ def summarise(results):
                     2,
                 ),
                 "server_cpu_us_per_delivery": median_of(reps, "server_cpu_us_per_delivery"),
+                "client_cpu_us_per_delivery": median_of(reps, "client_cpu_us_per_delivery"),
+                "server_sys_cpu_us_per_delivery": median_of(reps, "server_sys_cpu_us_per_delivery"),
+                "reader_and_kernel_us_per_delivery": median_of(reps, "reader_and_kernel_us_per_delivery"),
+                "segments_per_delivery": median_of(reps, "segments_per_delivery"),
+                "segments_per_delivery_at_saturation": median_of(reps, "segments_per_delivery_at_saturation"),
+                "device_segments_per_delivery": median_of(reps, "device_segments_per_delivery"),
+                "lost_at_saturation": median_of(reps, "lost_at_saturation"),
+                "lost_at_p99_rate": median_of(reps, "lost_at_p99_rate"),
+                "lost": median_of(reps, "lost"),
                 "first_rate_over_50ms": median_of(reps, "first_rate_over_50ms"),
                 "repeats": len(reps),
             }

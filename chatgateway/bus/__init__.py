@@ -10,6 +10,7 @@ updates in the same step (chatgateway.bus.memberships).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -27,8 +28,12 @@ Receiver = Callable[[str, bytes], object]
 class IEventBus(Interface):
     ready = Attribute("True while the bus can deliver (for /readyz).")
 
-    def start(receiver: Receiver) -> None:
-        """Begin delivering messages of subscribed channels to receiver(channel, payload)."""
+    def start(receiver: Receiver, batch: Callable[[], AbstractContextManager[object]] | None = None) -> None:
+        """Begin delivering messages of subscribed channels to receiver(channel, payload).
+
+        ``batch``: messages that arrive together (one read of a Redis connection) are
+        delivered inside one ``with batch():`` (the gateway's cork, sessions.corking).
+        """
 
     def subscribe(channel: str) -> Deferred[None]:
         """Receive this channel's messages. Returns a Deferred."""

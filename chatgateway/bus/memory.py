@@ -78,7 +78,8 @@ class MemoryBus:
         self._receiver = None
         self._channels = set()
 
-    def start(self, receiver):
+    def start(self, receiver, batch=None):
+        # Every publish is delivered alone, at once: a batch of one has nothing to coalesce.
         self._receiver = receiver
 
     def subscribe(self, channel):

@@ -101,9 +101,12 @@ class RedisBus:
     def channels(self):
         return frozenset(self._channels)
 
-    def start(self, receiver):
-        """Connect both connections in the background; messages go to receiver(channel, payload)."""
+    def start(self, receiver, batch=None):
+        """Connect both connections in the background; messages go to receiver(channel, payload),
+        those of one read of the subscriber connection inside one ``batch()``."""
         self._receiver = receiver
+        if batch is not None:
+            self.subscriber.batch = batch
         self.subscriber.start()
         self.publisher.start()
 

@@ -32,7 +32,7 @@ from chatgateway.api import codec
 from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard, over_connect_rate
 from chatgateway.edge.origins import OriginPolicy
 from chatgateway.sessions.opening import Opening, Reasons, bearer_token
-from chatgateway.sessions.outbox import Outbox, classify, direct_socket, unsent_bytes, write_now
+from chatgateway.sessions.outbox import Outbox, classify, direct_socket, unsent_bytes
 from chatgateway.sessions.ratelimit import TOO_MANY_CONNECTS, InboundBudget
 from chatgateway.sessions.session import CloseCode, ISessionTransport, error_detail
 
@@ -165,6 +165,7 @@ class DeviceProtocol(WebSocketServerProtocol):
         super().connectionLost(reason)
         if self._outbox is not None:
             self._outbox.close()  # whatever still waited is released with the connection
+        self.factory.cork.discard(self._socket)
         self._cancel_close_timer()
         if self._resume_timer is not None and self._resume_timer.active():
             self._resume_timer.cancel()
@@ -388,15 +389,20 @@ class DeviceProtocol(WebSocketServerProtocol):
             self._send_close(*self._closing)
 
     def _write_raw(self, data):
-        # Straight to the transport: Autobahn's sendData formats a debug line per call
-        # (~8 us, more than the rest of a delivery); frames need nothing else from it.
+        # Not through Autobahn's sendData (a debug line formatted per call, ~8 us); a plain
+        # TCP socket gets it at once, or with the rest of a burst (sessions.corking).
         if self._socket is not None:
-            write_now(self._socket, data)
+            self.factory.cork.write(self._socket, data)
         else:
             self.transport.write(data)
 
+    def sendData(self, data, sync=False, chopsize=None):
+        # Autobahn's own frames (close, pong) go after those a burst holds for this device.
+        self.factory.cork.release(self._socket)
+        super().sendData(data, sync, chopsize)
+
     def _unsent_bytes(self):
-        return unsent_bytes(self.transport)
+        return unsent_bytes(self.transport) + self.factory.cork.held(self._socket)
 
     def _slow_consumer(self):
         self.log.info(
@@ -452,6 +458,7 @@ class DeviceProtocol(WebSocketServerProtocol):
         """Drop the connection now (e.g. the drain's deadline passed)."""
         if self._outbox is not None:
             self._outbox.close()
+        self.factory.cork.discard(self._socket)
         self.dropConnection(abort=True)
 
 
@@ -461,6 +468,7 @@ class DeviceFactory(WebSocketServerFactory):
     def __init__(self, gateway, url=None):
         super().__init__(url)
         self.gateway = gateway
+        self.cork = gateway.cork  # frames of a burst, one write per device (sessions.corking)
         self.connections = set()  # every DeviceProtocol of this factory, from TCP takeover to loss
         config = gateway.config
         self.origins = OriginPolicy(config.allowed_origins)

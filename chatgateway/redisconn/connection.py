@@ -31,6 +31,8 @@ txredisapi 1.6 schedules reconnection on the global reactor; reply timeouts,
 the endpoint, health checks and logging use the reactor passed in.
 """
 
+import contextlib
+
 import txredisapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -89,6 +91,7 @@ class _Factory(txredisapi.RedisFactory):
     def buildProtocol(self, addr):
         p = super().buildProtocol(addr)
         p.reactor = self.owner.reactor
+        p.batch = self.owner.batch
         return p
 
     def addConnection(self, conn):
@@ -154,6 +157,8 @@ class RedisConnection:
         self.timeout = timeout
         self.prepare = prepare
         self.on_message = on_message or (lambda channel, message: None)
+        # What the pub/sub messages of one read are handled in (a context manager factory).
+        self.batch = contextlib.nullcontext
         self.last_message_at = float("-inf")  # when pub/sub last delivered a message
         self.stopping = False
         self.needs_resync = False

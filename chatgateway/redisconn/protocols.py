@@ -1,5 +1,7 @@
 """The txredisapi protocols of our connections: reading promptly, with judged reply timeouts."""
 
+import contextlib
+
 import txredisapi
 
 from chatgateway.redisconn.replywatch import JudgedReplyTimeouts
@@ -42,7 +44,14 @@ class RedisProtocol(JudgedReplyTimeouts, PromptReader, txredisapi.RedisProtocol)
 
 
 class SubscriberProtocol(JudgedReplyTimeouts, PromptReader, txredisapi.SubscriberProtocol):
-    """Hands every pub/sub message to the connection's ``on_message``."""
+    """Hands every pub/sub message to the connection's ``on_message``, the messages of one
+    read inside one ``batch()`` (the connection's: the gateway's cork, sessions.corking)."""
+
+    batch = contextlib.nullcontext
+
+    def dataReceived(self, data, unpause=False):
+        with self.batch():
+            super().dataReceived(data, unpause)
 
     def messageReceived(self, pattern, channel, message):
         owner = self.factory.owner

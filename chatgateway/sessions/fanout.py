@@ -6,6 +6,10 @@ fan-out yields to the reactor (so Twisted reads and flushes sockets between
 chunks): a fan-out larger than that, or one arriving after the budget is
 spent, waits in a queue, and the queue is worked off CHUNK deliveries per
 reactor turn in arrival order, so no recipient sees events reordered.
+Consecutive queued events with the same recipients (a room's burst) wait as
+one entry, up to MERGE_MAX, and each recipient is given all of them in turn:
+with the Cork (sessions.corking) they reach it in one write instead of one
+write per event, each in a different turn.
 
 The queue is bounded (docs/operations.md#overload): when more than
 ``max_backlog`` deliveries are owed, the oldest queued room events are
@@ -18,6 +22,7 @@ case.
 
 import collections
 import uuid
+from contextlib import nullcontext
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -30,6 +35,9 @@ from chatgateway.sessions.session import error_detail
 
 # Deliveries made before yielding to the reactor.
 CHUNK = 500
+# Queued events with the same recipients given to each recipient together, at most: the first
+# of them reaches the last recipient when the last does (docs/performance.md#corked-writes).
+MERGE_MAX = 8
 # Deliveries owed (recipients not yet served, over every queued event) beyond which
 # the oldest room events are dropped: about 2 s of work at ~40,000 deliveries/s.
 MAX_BACKLOG = 80_000
@@ -67,15 +75,15 @@ class EncodedEvent:
 
 
 class _Queued:
-    """An event waiting for (some of) its recipients."""
+    """Events waiting for (some of) their recipients, the same for each: given in order, per recipient."""
 
-    __slots__ = ("encoded", "recipients", "served", "started", "droppable", "notice")
+    __slots__ = ("events", "recipients", "served", "starts", "droppable", "notice")
 
     def __init__(self, encoded, recipients, started, droppable=False, notice=False):
-        self.encoded = encoded
+        self.events = [encoded]
         self.recipients = recipients
-        self.served = 0  # recipients[:served] have it
-        self.started = started
+        self.served = 0  # recipients[:served] have them
+        self.starts = [started]  # when each event arrived
         self.droppable = droppable
         self.notice = notice
 
@@ -83,8 +91,9 @@ class _Queued:
 class Fanout:
     log = Logger()
 
-    def __init__(self, registry, on_membership, reactor, counts, max_backlog=MAX_BACKLOG):
+    def __init__(self, registry, on_membership, reactor, counts, max_backlog=MAX_BACKLOG, corked=nullcontext):
         self._registry = registry
+        self._corked = corked  # a chunk's frames for one device leave in one write (sessions.corking)
         self._on_membership = on_membership
         self._reactor = reactor
         self._counts = counts  # a GatewayCounts: deliveries are counted per event, not per recipient
@@ -134,18 +143,36 @@ class Fanout:
         A ``droppable`` event may be shed (with a DATA_LOSS notice) while the backlog is over the bound.
         """
         count = len(recipients)
-        if not self._queue and self._spent + count <= CHUNK:
+        queue = self._queue
+        if not queue and self._spent + count <= CHUNK:
             self._spent += count
             for session in tuple(recipients):
                 session.deliver(encoded)
             self._counts.fanned_out(encoded.event, count, started)
             return
-        self._queue.append(_Queued(encoded, list(recipients), started, droppable))
+        recipients = list(recipients)
+        tail = queue[-1] if queue else None
+        if (
+            tail is not None
+            and not tail.served
+            and not tail.notice
+            and tail.droppable == droppable
+            and len(tail.events) < MERGE_MAX
+            and tail.recipients == recipients
+        ):
+            tail.events.append(encoded)
+            tail.starts.append(started)
+        else:
+            queue.append(_Queued(encoded, recipients, started, droppable))
         self._backlog += count
         if self._backlog > self.max_backlog:
             self._shed()
         if self._pumping is None:
-            self._pumping = self._reactor.callLater(0, self._pump)
+            self._pumping = self._reactor.callLater(0, self._corked_pump)
+
+    def _corked_pump(self):
+        with self._corked():
+            self._pump()
 
     def _pump(self):
         self._pumping = None
@@ -154,20 +181,30 @@ class Fanout:
         queue = self._queue
         while queue and budget > 0:
             item = queue[0]
-            encoded, recipients, start = item.encoded, item.recipients, item.served
-            end = min(len(recipients), start + budget)
-            for session in recipients[start:end]:
-                session.deliver(encoded)
-            budget -= end - start
+            events, recipients, start = item.events, item.recipients, item.served
+            width = len(events)
+            end = min(len(recipients), start + max(1, budget // width))
+            if width == 1:
+                encoded = events[0]
+                for session in recipients[start:end]:
+                    session.deliver(encoded)
+            else:
+                for session in recipients[start:end]:
+                    for encoded in events:
+                        session.deliver(encoded)
+            spent = (end - start) * width
+            budget -= spent
             if not item.notice:
-                self._backlog -= end - start
+                self._backlog -= spent
             if end == len(recipients):
                 queue.popleft()
-                self._counts.fanned_out(encoded.event, len(recipients), item.started, chunked=len(recipients) > CHUNK)
+                chunked = len(recipients) > CHUNK
+                for encoded, started in zip(events, item.starts, strict=True):
+                    self._counts.fanned_out(encoded.event, len(recipients), started, chunked=chunked)
             else:
                 item.served = end
         if queue:
-            self._pumping = self._reactor.callLater(0, self._pump)
+            self._pumping = self._reactor.callLater(0, self._corked_pump)
         elif self._noticed and self._reactor.seconds() - self._notice_window >= LOSS_NOTICE_INTERVAL_SEC:
             self._noticed = set()  # the window is over: let closed sessions go
 
@@ -190,28 +227,33 @@ class Fanout:
             if at is None:
                 break
             item = queue[at]
-            del queue[at]
+            encoded = item.events.pop(0)  # the oldest of the entry's events
+            item.starts.pop(0)
+            if not item.events:
+                del queue[at]
             count = len(item.recipients)
             self._backlog -= count
             events += 1
             deliveries += count
-            self._counts.fanout_dropped(item.encoded.event, count)
-            if item.encoded.policy[0] != TYPING:  # typing is ephemeral: nothing to catch up on
-                lost.extend(item.recipients)
+            self._counts.fanout_dropped(encoded.event, count)
+            # typing is ephemeral: nothing to catch up on
+            if encoded.policy[0] != TYPING and (not lost or lost[-1] is not item.recipients):
+                lost.append(item.recipients)
             if gap is None:
                 gap = at
         if not events:
             return
-        told = self._notify(lost, gap)
+        told = self._notify([session for recipients in lost for session in recipients], gap)
         self._warn(events, deliveries, told)
 
     def _oldest_droppable(self, start):
-        """Index of the oldest droppable queued event from ``start``, the newest excepted; or None."""
+        """Index of the entry of the oldest droppable queued event from ``start``, the newest
+        event excepted; or None."""
         queue = self._queue
         last = len(queue) - 1
-        for i in range(start, last):
+        for i in range(start, len(queue)):
             item = queue[i]
-            if item.droppable and not item.served:
+            if item.droppable and not item.served and (i < last or len(item.events) > 1):
                 return i
         return None
 

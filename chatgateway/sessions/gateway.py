@@ -19,6 +19,7 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels, memberships
 from chatgateway.sessions import membership
+from chatgateway.sessions.corking import Cork
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
@@ -57,7 +58,9 @@ class Gateway(service.Service):
         self.counts = counts if counts is not None else GatewayCounts()
         self.registry = ConnectionRegistry(bus, store, config.max_connections_per_device, self._quietly)
         self.token_expiries = TokenExpiries(self.clock)  # one timer for every session's token
-        self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts)
+        # Frames for one device produced in one burst (a bus read, a fan-out chunk) leave in one write.
+        self.cork = Cork()
+        self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts, corked=self.cork.corked)
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
@@ -79,7 +82,7 @@ class Gateway(service.Service):
     def startService(self):
         super().startService()
         self._started_at = self.clock.seconds()
-        self.bus.start(self.receive)
+        self.bus.start(self.receive, batch=self.cork.corked)
         self.bus.on_reconnect(self._bus_reconnected)
         self.store.on_reconnect(self._store_reconnected)
         self._quietly(self.bus.subscribe(self._control_channel), "subscribing to the control channel")

@@ -104,6 +104,7 @@ def write_now(connection, data):
     if (
         connection.connected
         and not connection.disconnecting
+        and not connection._aborting
         and not connection.dataBuffer
         and not connection._tempDataLen
     ):

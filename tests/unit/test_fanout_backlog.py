@@ -305,3 +305,43 @@ def test_a_websocket_device_sees_the_data_loss_error_in_place_of_the_dropped_eve
         assert events[1].error.status == "DATA_LOSS" and events[1].error.code == grpc.StatusCode.DATA_LOSS.value[0]
         assert [events[0].id, events[2].id] == ["m0", "m3"]
     h.stop()
+
+
+# ---------------------------------------------------------------- a burst, per recipient
+
+
+def test_queued_events_of_one_room_are_given_to_each_recipient_together_in_order():
+    w = World()
+    room = w.room("r", 1000)
+    for n in range(4):
+        w.message("r", f"e{n}")  # 1000 > CHUNK: all four wait
+    assert len(w.fanout._queue) == 1  # one entry: the same recipients
+    assert w.turn() == CHUNK
+    served = [s for s in room if s.got]
+    assert len(served) == CHUNK // 4 and all(s.got == ["e0", "e1", "e2", "e3"] for s in served)
+    w.settle()
+    assert got(room) == ["e0", "e1", "e2", "e3"]
+    assert w.fanout.backlog == 0
+
+
+def test_at_most_merge_max_events_wait_together():
+    w = World()
+    room = w.room("r", 1000)
+    for n in range(fanout.MERGE_MAX + 2):
+        w.message("r", f"e{n}")
+    assert [len(item.events) for item in w.fanout._queue] == [fanout.MERGE_MAX, 2]
+    w.settle()
+    assert got(room) == [f"e{n}" for n in range(fanout.MERGE_MAX + 2)]
+
+
+def test_events_for_other_recipients_wait_apart():
+    w = World()
+    room = w.room("r", 1000)
+    w.message("r", "e0")
+    w.typing("r", "t0", typist=room[0].profile_id)  # not for the typist: other recipients
+    w.message("r", "e1")
+    w.turn()  # e0 begun: nothing more joins it
+    w.message("r", "e2")
+    assert [[e.event.id for e in item.events] for item in w.fanout._queue] == [["e0"], ["t0"], ["e1", "e2"]]
+    w.settle()
+    assert room[0].got == ["e0", "e1", "e2"] and got(room[1:]) == ["e0", "t0", "e1", "e2"]

@@ -1,4 +1,5 @@
-"""Frames handed to the kernel at once on a plain TCP connection (chatgateway.sessions.outbox.write_now).
+"""Frames handed to the kernel at once on a plain TCP connection (chatgateway.sessions.outbox.write_now),
+or a burst of them in one send (chatgateway.sessions.corking.Cork).
 
 Real sockets on the real reactor: what the peer reads must be every byte, in order,
 whether the kernel takes a write whole, in part, or not at all.
@@ -11,6 +12,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
+from chatgateway.sessions.corking import Cork
 from chatgateway.sessions.outbox import direct_socket, write_now
 
 
@@ -102,3 +104,40 @@ async def test_a_closing_connection_is_written_as_twisted_would():
         assert await sink.done == b"late"  # Twisted flushes what was written before it closes
     finally:
         await port.stopListening()
+
+
+class RecordingSocket:
+    """The connection's real socket, with every send() recorded."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.sends = []
+
+    def send(self, data):
+        sent = self._sock.send(data)
+        self.sends.append(sent)
+        return sent
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_frames_is_one_send_and_a_lone_frame_goes_at_once():
+    frames = [b"frame %d;" % n for n in range(50)]
+    expected = b"lone;" + b"".join(frames)
+    port, client, server, sink = await _pair(len(expected))
+    recording = server.transport.socket = RecordingSocket(server.transport.socket)
+    try:
+        cork = Cork()
+        cork.write(server.transport, b"lone;")
+        assert recording.sends == [5]  # at once, in the call
+        with cork.corked():
+            for frame in frames:
+                cork.write(server.transport, frame)
+            assert recording.sends == [5]
+        assert recording.sends == [5, len(expected) - 5]  # 50 frames, one send
+        assert await sink.done == expected
+    finally:
+        server.transport.socket = recording._sock
+        await _unpair(port, client, server)
