@@ -290,6 +290,12 @@ SETTINGS = [
         "10",
         "Time an open circuit fails calls at once before one probe goes through.",
     ),
+    Setting(
+        "MEMBERSHIP_CACHE_TTL_SEC",
+        _number(0),
+        "600",
+        "A profile's rooms are cached this long after the core listed them, kept current by membership changes published on the bus; a connect of a cached profile asks the core nothing (0: always ask).",
+    ),
     Setting("DRAIN_TIMEOUT_SEC", _number(0), "30", "Longest a graceful stop may take."),
     Setting(
         "PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."
@@ -342,6 +348,7 @@ class Config:
     core_threads: int
     core_breaker_failures: int
     core_breaker_cooldown_sec: float
+    membership_cache_ttl_sec: float
     drain_timeout_sec: float
     publish_forwarded_events: bool
     core_db: str

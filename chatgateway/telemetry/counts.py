@@ -23,6 +23,9 @@ from chatgateway.telemetry.instruments import Instruments
 
 # The ``transport_name`` of the session transports of chatgateway.edge: their series exist from the start.
 TRANSPORTS = ("websocket", "grpc")
+# How a connect's membership cache lookup ended: the rooms were cached, were not (the core
+# was asked), or the cache could not be read (the core was asked).
+MEMBERSHIP_LOOKUP_RESULTS = ("hit", "miss", "error")
 # One fan-out in this many is timed into the fan-out duration histogram (chunked ones always are).
 FANOUT_SAMPLE_EVERY = 128
 
@@ -76,6 +79,7 @@ class GatewayCounts:
         self._dependency_errors = collections.defaultdict(int)  # (dependency, error type) -> count
         self._fanouts = 0
         self._dropped = collections.defaultdict(int, _kinds("message"))  # payload kind -> deliveries shed
+        self._lookups = _kinds(*MEMBERSHIP_LOOKUP_RESULTS)  # a connect's membership cache lookups, by result
 
     # ------------------------------------------------------------ what happens (reactor thread)
 
@@ -125,6 +129,10 @@ class GatewayCounts:
         """A failed operation on a dependency: "redis" or "core"; ``error_type`` is short and bounded."""
         self._dependency_errors[(dependency, str(error_type))] += 1
 
+    def membership_lookup(self, result):
+        """A connect looked its profile's rooms up in the membership cache: one of MEMBERSHIP_LOOKUP_RESULTS."""
+        self._lookups[result] += 1
+
     def session_opened(self, session):
         """A device's session is registered (Gateway.open_session)."""
         self._active[transport_name(session.transport)] += 1
@@ -161,6 +169,10 @@ class GatewayCounts:
     def dependency_error_counts(self):
         """{(dependency, error type): failed operations}."""
         return self._dependency_errors.copy()
+
+    def membership_lookup_counts(self):
+        """{result: membership cache lookups}: "hit", "miss" or "error"."""
+        return self._lookups.copy()
 
     def rate_limited_count(self):
         """Commands refused by the rate limit."""

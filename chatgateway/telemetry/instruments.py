@@ -21,6 +21,8 @@ from chatgateway.telemetry.names import (
     ERROR_TYPE,
     FANOUT_DROPPED,
     FANOUT_DURATION,
+    LOOKUP_RESULT,
+    MEMBERSHIP_LOOKUPS,
     MESSAGE_KIND,
     RATE_LIMITED,
     RECEIVED_MESSAGES,
@@ -117,6 +119,13 @@ def observe_counts(meter, counts):
             rate_limited,
             "{command}",
             "Commands refused by the per-connection rate limit (MAX_EVENTS_PER_SECOND).",
+        ),
+        (
+            meter.create_observable_counter,
+            MEMBERSHIP_LOOKUPS,
+            _by_name(counts.membership_lookup_counts, LOOKUP_RESULT),
+            "{lookup}",
+            "Membership cache lookups of connects, by result (hit: no core call; miss, error: the core was asked).",
         ),
         (
             meter.create_observable_counter,
