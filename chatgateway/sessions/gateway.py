@@ -17,11 +17,12 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
-from chatgateway.bus import channels, memberships
+from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
+from chatgateway.sessions.positions import RoomPositions
 from chatgateway.sessions.registry import ConnectionRegistry
-from chatgateway.sessions.session import CloseCode, Session, TokenExpiries
+from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -59,6 +60,9 @@ class Gateway(service.Service):
         self.registry = ConnectionRegistry(bus, store, config.max_connections_per_device, self._quietly)
         self.token_expiries = TokenExpiries(self.clock)  # one timer for every session's token
         self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts)
+        # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
+        self.positions = RoomPositions(bus, self.fanout.receive_event, self._events_lost, self.clock)
+        self.registry.room_released = self.positions.forget
         self.addresses = []  # where devices reach this instance (set by the service tree)
         self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
@@ -304,7 +308,7 @@ class Gateway(service.Service):
         if channel == self._control_channel:
             self._control(payload)
         else:
-            self.fanout.receive(channel, payload)
+            self.positions.receive(channel, payload)
 
     def _control(self, payload):
         try:
@@ -318,14 +322,28 @@ class Gateway(service.Service):
             session.close(code, reason)
 
     def _bus_reconnected(self):
-        """Pub/sub was down: events published meanwhile are gone. Tell every device."""
-        sessions = list(self.registry.sessions)
-        if sessions:
-            self.log.warn(
-                "event bus reconnected; {count} devices told events may have been missed", count=len(sessions)
-            )
-        for session in sessions:
-            session.send_error(grpc.StatusCode.DATA_LOSS, "the event bus was unavailable: events may have been missed")
+        """Pub/sub was down: events published meanwhile were not received. Each room with a
+        position reads them from its stream; a room without one (no event of it came since it
+        was subscribed) cannot tell what it missed, and its devices are told."""
+        blind = [room_id for room_id in self.registry.room_ids() if self.positions.position(room_id) is None]
+        self.log.info(
+            "event bus reconnected; reading the streams of the rooms, {blind} without a position told of a loss",
+            blind=len(blind),
+        )
+        self.positions.resync()
+        for room_id in blind:
+            self._events_lost(room_id)
+
+    def _events_lost(self, room_id):
+        """Tell the room's local devices that events may have been missed, in order with its events."""
+        sessions = self.registry.room_sessions(room_id)
+        if not sessions:
+            return
+        event = pb.ServerEvent(
+            id=uuid.uuid4().hex,
+            error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
+        )
+        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), sessions)
 
     def _store_reconnected(self):
         """The store came back and may have lost writes: rewrite every live connection."""
@@ -415,6 +433,7 @@ class Gateway(service.Service):
             session.apply_membership(change)
 
     def publish(self, channel, event):
-        """Publish ``event``; a membership change by the contract (it updates the membership cache)."""
+        """Publish ``event`` by the contracts: a room event gets its position and its place in the
+        room's stream, a membership change updates the membership cache (chatgateway.bus.roomstream)."""
         codec.stamp(event, self.clock.seconds())
-        self._quietly(memberships.publish_event(self.bus, channel, event), f"publishing to {channel}")
+        self._quietly(roomstream.publish_event(self.bus, channel, event), f"publishing to {channel}")
