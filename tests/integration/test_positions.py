@@ -63,7 +63,9 @@ def lose_one(redis, room_id, text):
     in the stream, PUBLISHed where no gateway listens."""
     event = pb.RoomEvent(id=unique("lost"), room_id=room_id, sender_id="core", type=pb.RoomEvent.SYSTEM)
     event.payload.update({"text": text})
-    script, keys, args = roomstream.publish_call(room_id, pb.ServerEvent(id=event.id, message=event).SerializeToString())
+    script, keys, args = roomstream.publish_call(
+        room_id, pb.ServerEvent(id=event.id, message=event).SerializeToString()
+    )
     args[0] = "chat:nowhere"
     redis.client(decode_responses=False).eval(script, len(keys), *keys, *args)
     return event.id
@@ -83,7 +85,11 @@ async def test_every_device_gets_every_event_once_in_order_through_killed_pubsub
     owner_id, member_id = unique("owner"), unique("member")
     owner = await connect(gateway, owner_id, "d")
     room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="positions", member_ids=[member_id]))).room
-    devices = [owner, await connect(gateway, member_id, "json"), await connect(gateway, member_id, "proto", codec.PROTO)]
+    devices = [
+        owner,
+        await connect(gateway, member_id, "json"),
+        await connect(gateway, member_id, "proto", codec.PROTO),
+    ]
     admin = redis.client()
     sent = []
     kills = 0
@@ -151,4 +157,3 @@ async def test_events_from_before_a_redis_restart_lost_with_it_are_reported_then
     assert member.pending("error") == []  # told once, for the lost stream only
     await owner.close()
     await member.close()
-
