@@ -2,12 +2,12 @@
 
 A Gateway owns the local connection registry, the fan-out, and the clients
 of the core, the bus and the store. Edges (WebSocket, the gRPC stream)
-authenticate a device, then call ``open_session``; every Session calls back
-into ``forward``, ``publish`` and ``memberships``.
+authenticate a device, then call ``open_session``, which takes the device's
+rooms from the membership cache or the core (``connect_rooms``); every Session
+calls back into ``forward``, ``publish`` and ``memberships``.
 """
 
 import json
-import random
 import uuid
 
 import grpc
@@ -21,6 +21,8 @@ from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
+from chatgateway.sessions.ratelimit import ConnectRate
+from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
 from chatgateway.telemetry.counts import GatewayCounts
@@ -36,9 +38,6 @@ REPLACED_REASON = "replaced by a newer connection of this device"
 # devices' closes: dropping the stragglers, calls to the core, releasing metadata in the store.
 DRAIN_RESERVE_SHARE = 0.25
 DRAIN_RESERVE_MAX_SEC = 5.0
-# Devices are told to reconnect after a random delay below this, so they do not all
-# arrive at the remaining gateways at once.
-RECONNECT_SPREAD_SEC = 5.0
 # Longest a connect waits for its profile's channel to be subscribed before reading its rooms
 # (Redis slow or gone: the connect goes on, and the bus reports what was missed when it is back).
 WATCH_WAIT_SEC = 2.0
@@ -63,6 +62,8 @@ class Gateway(service.Service):
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
         self.positions = RoomPositions(bus, self.fanout.receive_event, self._events_lost, self.clock)
         self.registry.room_released = self.positions.forget
+        # New connections of every edge, let in before their tokens are verified (storm control).
+        self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
         self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
@@ -126,7 +127,7 @@ class Gateway(service.Service):
 
     def reconnect_hint(self):
         """The close reason of a draining gateway: reconnect (elsewhere) after a random delay."""
-        return f"gateway draining: reconnect in {random.uniform(0, RECONNECT_SPREAD_SEC):.1f}s"
+        return hinted("gateway draining", drain_delay())
 
     def _sessions_gone(self, timeout):
         """A Deferred firing when no session is left (or opening), or after ``timeout`` seconds."""
@@ -247,7 +248,9 @@ class Gateway(service.Service):
                 self.fanout.deliver(EncodedEvent(event), [session])
 
     def _within(self, d, seconds):
-        """A Deferred firing with ``d`` or after ``seconds``, whichever comes first (``d`` runs on)."""
+        """A Deferred firing (with None) when ``d`` does or after ``seconds``, whichever comes first."""
+        if d.called:
+            return defer.succeed(None)  # the channel was subscribed already (or the bus is in process)
         done = defer.Deferred()
         timer = self.clock.callLater(seconds, lambda: done.called or done.callback(None))
 

@@ -76,6 +76,7 @@ class GatewayCounts:
         self._active = collections.defaultdict(int, _kinds(*TRANSPORTS, "other"))
         self._closes = collections.defaultdict(int)  # (transport, code) -> count; new keys are rare
         self._rate_limited = 0
+        self._connects_refused = collections.defaultdict(int, _kinds(*TRANSPORTS))
         self._dependency_errors = collections.defaultdict(int)  # (dependency, error type) -> count
         self._fanouts = 0
         self._dropped = collections.defaultdict(int, _kinds("message"))  # payload kind -> deliveries shed
@@ -125,6 +126,10 @@ class GatewayCounts:
         """A command refused by the per-connection rate limit."""
         self._rate_limited += 1
 
+    def connect_refused(self, transport):
+        """A new connection of ``transport`` ("websocket", "grpc") refused by MAX_CONNECTS_PER_SECOND."""
+        self._connects_refused[transport] += 1
+
     def dependency_error(self, dependency, error_type):
         """A failed operation on a dependency: "redis" or "core"; ``error_type`` is short and bounded."""
         self._dependency_errors[(dependency, str(error_type))] += 1
@@ -165,6 +170,10 @@ class GatewayCounts:
     def dropped_counts(self):
         """{payload kind: deliveries an overloaded fan-out dropped}."""
         return self._dropped.copy()
+
+    def connects_refused_counts(self):
+        """{transport: new connections refused by the connection rate}."""
+        return self._connects_refused.copy()
 
     def dependency_error_counts(self):
         """{(dependency, error type): failed operations}."""

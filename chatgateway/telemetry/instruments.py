@@ -15,6 +15,7 @@ from chatgateway.telemetry.names import (
     CLOSE_CODE,
     CONNECTION_CLOSES,
     CONNECTION_DURATION,
+    CONNECTS_REFUSED,
     CORE_CALLS_IN_FLIGHT,
     DEPENDENCY,
     DEPENDENCY_ERRORS,
@@ -126,6 +127,13 @@ def observe_counts(meter, counts):
             _by_name(counts.membership_lookup_counts, LOOKUP_RESULT),
             "{lookup}",
             "Membership cache lookups of connects, by result (hit: no core call; miss, error: the core was asked).",
+        ),
+        (
+            meter.create_observable_counter,
+            CONNECTS_REFUSED,
+            _by_name(counts.connects_refused_counts, TRANSPORT),
+            "{connection}",
+            "New connections refused by the per-process connection rate (MAX_CONNECTS_PER_SECOND), by transport.",
         ),
         (
             meter.create_observable_counter,

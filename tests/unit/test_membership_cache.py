@@ -11,6 +11,7 @@ from chatgateway.bus.memory import MemoryBus, MemoryHub
 from chatgateway.core.client import CoreError
 from chatgateway.redisconn.connection import ConnectionError
 from chatgateway.sessions import membership
+from chatgateway.sessions.gateway import WATCH_WAIT_SEC
 from support.wsharness import Harness
 
 TTL = 600
@@ -272,3 +273,14 @@ def test_publish_payload_follows_the_contract_only_for_membership_changes():
     assert hub.memberships.read("alice").rooms == ["r1"]
     memberships.publish_payload(bus, channels.profile("alice"), change.SerializeToString())
     assert hub.memberships.read("alice").rooms == []
+
+
+def test_a_subscription_redis_does_not_confirm_holds_a_connect_back_for_at_most_watch_wait_sec(h):
+    h.core.rooms["alice"] = ["r1"]
+    h.gateway.bus.subscribe = lambda channel: defer.Deferred()  # never confirmed
+    c = h.connect("alice/phone")
+    assert c.of("connected") == []
+    h.advance(WATCH_WAIT_SEC - 0.1)
+    assert c.of("connected") == []
+    h.advance(0.2)
+    assert rooms_of(c) == ["r1"]
