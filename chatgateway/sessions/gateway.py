@@ -328,11 +328,14 @@ class Gateway(service.Service):
         """Pub/sub was down: events published meanwhile were not received. Each room with a
         position reads them from its stream; a room without one (no event of it came since it
         was subscribed) cannot tell what it missed, and its devices are told."""
-        blind = [room_id for room_id in self.registry.room_ids() if self.positions.position(room_id) is None]
-        self.log.info(
-            "event bus reconnected; reading the streams of the rooms, {blind} without a position told of a loss",
-            blind=len(blind),
-        )
+        rooms = self.registry.room_ids()
+        blind = [room_id for room_id in rooms if self.positions.position(room_id) is None]
+        if rooms:  # at start (subscribed before the first connection) there is nothing to read
+            self.log.info(
+                "event bus reconnected; reading the streams of {count} rooms, {blind} without a position told of a loss",
+                count=len(rooms),
+                blind=len(blind),
+            )
         self.positions.resync()
         for room_id in blind:
             self._events_lost(room_id)
