@@ -70,6 +70,7 @@ import segments  # noqa: E402  (bench/segments.py)
 from chatgateway.api import chat_pb2 as pb  # noqa: E402
 from chatgateway.api import chat_pb2_grpc  # noqa: E402
 from chatgateway.auth.devtokens import mint_token  # noqa: E402
+from chatgateway.bus import roomstream  # noqa: E402
 from support.processes import TWISTD, free_port  # noqa: E402
 from support.redis import RedisServer  # noqa: E402
 
@@ -592,12 +593,29 @@ def event_bytes(room, sent_at):
     return pb.ServerEvent(id=f"{sent_at:.6f}", message=event).SerializeToString()
 
 
+# --positions: publish by the contract of room events (chatgateway.bus.roomstream's script:
+# positioned, kept in the room's stream) instead of a bare PUBLISH. Every system then receives
+# the same positioned bytes on the channel.
+PUBLISH_POSITIONS = False
+
+
 def publish(client, room, rate, seconds):
     """PUBLISH at ``rate`` per second for ``seconds`` (the messages due at once in one pipeline); the number sent."""
     channel = f"chat:room:{room}"
     start = time.time()
     sent = 0
     pipe = client.pipeline(transaction=False)
+    if PUBLISH_POSITIONS:
+        script, keys, args = roomstream.publish_call(room, b"")
+        sha = client.script_load(script)
+
+        def add(payload):
+            pipe.evalsha(sha, len(keys), *keys, args[0], payload, *args[2:])
+    else:
+
+        def add(payload):
+            pipe.publish(channel, payload)
+
     while True:
         elapsed = time.time() - start
         if elapsed >= seconds:
@@ -605,7 +623,7 @@ def publish(client, room, rate, seconds):
         due = int(elapsed * rate) + 1
         if due > sent:
             for _ in range(due - sent):
-                pipe.publish(channel, event_bytes(room, time.time()))
+                add(event_bytes(room, time.time()))
             pipe.execute()
             sent = due
         time.sleep(min(1.0 / rate, 0.002))
@@ -936,6 +954,9 @@ def main():
         "--quick", action="store_true", help="one repeat, rooms of 100 and 1,000, idle 1,000, 2 s steps"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--positions", action="store_true", help="publish room events by the contract (positioned, kept in a stream)"
+    )
     parser.add_argument("--idle-repeats", type=int, help="repeats of the idle steps (default: --repeats)")
     parser.add_argument("--systems", default="reference,gateway,gateway-2w,2-gateways")
     parser.add_argument("--rooms", default="100,1000,5000", help="room sizes for fan-out ('' for none)")
@@ -959,6 +980,8 @@ def main():
     )
     options = parser.parse_args()
     options.trees = dict(tree.split("=", 1) for tree in options.tree)
+    global PUBLISH_POSITIONS
+    PUBLISH_POSITIONS = options.positions
     if options.quick:
         options.repeats, options.rooms, options.idle, options.seconds = 1, "100,1000", "1000", 2.0
     if options.idle_repeats is None:

@@ -309,6 +309,18 @@ SETTINGS = [
         "600",
         "A profile's rooms are cached this long after the core listed them, kept current by membership changes published on the bus; a connect of a cached profile asks the core nothing (0: always ask).",
     ),
+    Setting(
+        "ROOM_STREAM_MAX_LEN",
+        _int(1),
+        "1000",
+        "Events kept per room in its stream on the events Redis (about: trimmed in whole nodes), to fill gaps of pub/sub.",
+    ),
+    Setting(
+        "ROOM_STREAM_MAX_AGE_SEC",
+        _number(1),
+        "86400",
+        "Longest an event is kept in its room's stream; an idle room's stream expires after it.",
+    ),
     Setting("DRAIN_TIMEOUT_SEC", _number(0), "30", "Longest a graceful stop may take."),
     Setting(
         "PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."
@@ -364,6 +376,8 @@ class Config:
     core_breaker_failures: int
     core_breaker_cooldown_sec: float
     membership_cache_ttl_sec: float
+    room_stream_max_len: int
+    room_stream_max_age_sec: float
     drain_timeout_sec: float
     publish_forwarded_events: bool
     core_db: str

@@ -180,7 +180,7 @@ class CallCommand(_message.Message):
     def __init__(self, method: _Optional[str] = ..., body: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class ServerEvent(_message.Message):
-    __slots__ = ("id", "timestamp", "connected", "message", "typing_event", "receipt_event", "presence_event", "command_result", "subscription_event", "error")
+    __slots__ = ("id", "timestamp", "connected", "message", "typing_event", "receipt_event", "presence_event", "command_result", "subscription_event", "error", "epoch", "offset")
     ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,8 @@ class ServerEvent(_message.Message):
     COMMAND_RESULT_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIPTION_EVENT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     id: str
     timestamp: _timestamp_pb2.Timestamp
     connected: Connected
@@ -201,7 +203,9 @@ class ServerEvent(_message.Message):
     command_result: CommandResult
     subscription_event: SubscriptionEvent
     error: ErrorDetail
-    def __init__(self, id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., message: _Optional[_Union[RoomEvent, _Mapping]] = ..., typing_event: _Optional[_Union[TypingEvent, _Mapping]] = ..., receipt_event: _Optional[_Union[ReceiptEvent, _Mapping]] = ..., presence_event: _Optional[_Union[PresenceEvent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., subscription_event: _Optional[_Union[SubscriptionEvent, _Mapping]] = ..., error: _Optional[_Union[ErrorDetail, _Mapping]] = ...) -> None: ...
+    epoch: str
+    offset: int
+    def __init__(self, id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., message: _Optional[_Union[RoomEvent, _Mapping]] = ..., typing_event: _Optional[_Union[TypingEvent, _Mapping]] = ..., receipt_event: _Optional[_Union[ReceiptEvent, _Mapping]] = ..., presence_event: _Optional[_Union[PresenceEvent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., subscription_event: _Optional[_Union[SubscriptionEvent, _Mapping]] = ..., error: _Optional[_Union[ErrorDetail, _Mapping]] = ..., epoch: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Connected(_message.Message):
     __slots__ = ("gateway_id", "session_id", "profile_id", "device_id", "heartbeat_interval_sec", "room_ids", "resume_token")

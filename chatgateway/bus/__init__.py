@@ -4,7 +4,9 @@ Two implementations of IEventBus: ``memory`` (one process, the embedded
 default) and ``redis`` (many instances). A bus hands every message of the
 channels it is subscribed to to one receiver, ``receiver(channel, payload)``.
 It also keeps the membership cache, which the publish of a membership change
-updates in the same step (chatgateway.bus.memberships).
+updates in the same step (chatgateway.bus.memberships), and each room's stream,
+to which the publish of a room event appends it with its position
+(chatgateway.bus.roomstream).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from chatgateway.bus.memberships import Cached
+    from chatgateway.bus.roomstream import StreamRead
     from chatgateway.config import Config
     from chatgateway.telemetry.counts import GatewayCounts
 
@@ -49,6 +52,14 @@ class IEventBus(Interface):
         profile's channel by the contract: the cached memberships are updated in the same step
         (chatgateway.bus.memberships)."""
 
+    def publish_room_event(room_id: str, payload: bytes) -> Deferred[None]:
+        """Publish a room event (a serialized ServerEvent, not typing) by the contract: it gets
+        the room's next position and a place in the room's stream (chatgateway.bus.roomstream)."""
+
+    def read_room_stream(room_id: str, after: int, count: int) -> Deferred[StreamRead]:
+        """Up to ``count`` events of the room's stream after offset ``after``, with the room's
+        epoch and last offset (chatgateway.bus.roomstream.StreamRead)."""
+
     def cached_memberships(profile_id: str) -> Deferred[Cached]:
         """The profile's cached room ids, or (on a miss) the version to cache the core's answer under."""
 
@@ -71,7 +82,9 @@ def make_bus(config: Config, reactor: Any, hub: Any = None, counts: GatewayCount
     if config.events_uri == "memory://":
         from chatgateway.bus.memory import MemoryBus
 
-        return MemoryBus(hub)
+        bus = MemoryBus(hub)
+        bus.hub.streams.limit(config.room_stream_max_len, config.room_stream_max_age_sec)
+        return bus
     from chatgateway.bus.redis import RedisBus
 
     return RedisBus(config, reactor, counts=counts)

@@ -1,12 +1,13 @@
 """In-process bus: the embedded default for a single instance."""
 
+import collections
 import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatgateway.bus import IEventBus, channels
+from chatgateway.bus import IEventBus, channels, roomstream
 from chatgateway.bus.memberships import PATCH, Cached
 
 
@@ -47,6 +48,43 @@ class MembershipCache:
             entry[0].discard(room_id)
 
 
+class RoomStreams:
+    """The in-process room streams: chatgateway.bus.roomstream's scripts on a counter and a
+    bounded deque per room (one thread: each call is as atomic as a script). The epoch of a
+    room is made when it first publishes; nothing here is ever lost, so it never changes."""
+
+    def __init__(self, now=time.time):
+        self._now = now
+        self.max_len = roomstream.MAX_LEN
+        self.max_age_sec = roomstream.MAX_AGE_SEC
+        self.rooms = {}  # room id -> [epoch, last offset, deque of (offset, time, payload)]
+
+    def limit(self, max_len, max_age_sec):
+        self.max_len, self.max_age_sec = max_len, max_age_sec
+
+    def append(self, room_id, payload):
+        """``payload`` with the room's next position, kept in its stream."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            room = self.rooms[room_id] = [roomstream.new_epoch(), 0, collections.deque()]
+        room[1] += 1
+        event = payload + roomstream.position_suffix(room[0], room[1])
+        now = self._now()
+        entries = room[2]
+        entries.append((room[1], now, event))
+        while len(entries) > self.max_len or entries[0][1] < now - self.max_age_sec:
+            entries.popleft()
+        return event
+
+    def read(self, room_id, after, count):
+        room = self.rooms.get(room_id)
+        if room is None:
+            return roomstream.StreamRead("", 0, [])
+        cutoff = self._now() - self.max_age_sec
+        events = [(offset, event) for offset, at, event in room[2] if offset > after and at >= cutoff]
+        return roomstream.StreamRead(room[0], room[1], events[:count])
+
+
 class MemoryHub:
     """The channels of one process; each MemoryBus on it is one subscriber.
 
@@ -59,7 +97,9 @@ class MemoryHub:
 
     def __init__(self, clock=None):
         self.receivers = {}  # channel -> [callable(channel, payload)]
-        self.memberships = MembershipCache(clock.seconds if clock is not None else time.time)
+        now = clock.seconds if clock is not None else time.time
+        self.memberships = MembershipCache(now)
+        self.streams = RoomStreams(now)
 
     def deliver(self, channel, payload):
         for receiver in tuple(self.receivers.get(channel, ())):
@@ -109,6 +149,13 @@ class MemoryBus:
         self.hub.memberships.changed(profile_id, room_id, change)
         self.hub.deliver(channels.profile(profile_id), payload)
         return defer.succeed(None)
+
+    def publish_room_event(self, room_id, payload):
+        self.hub.deliver(channels.room(room_id), self.hub.streams.append(room_id, payload))
+        return defer.succeed(None)
+
+    def read_room_stream(self, room_id, after, count=roomstream.READ_CHUNK):
+        return defer.succeed(self.hub.streams.read(room_id, after, count))
 
     def cached_memberships(self, profile_id):
         return defer.succeed(self.hub.memberships.read(profile_id))

@@ -7,15 +7,17 @@ protobuf and any byte string must arrive unchanged):
 
 - a subscriber connection in pub/sub mode, which receives the messages of the
   channels this gateway has local connections for;
-- a normal connection for PUBLISH, and for the scripts of the membership cache
-  (chatgateway.bus.memberships: the cache lives where its changes are published).
+- a normal connection for PUBLISH, for the scripts of the membership cache
+  (chatgateway.bus.memberships: the cache lives where its changes are published),
+  and for those of the room streams (chatgateway.bus.roomstream: publishing a room
+  event, reading a room's stream to fill a gap).
 
 Channels asked for are remembered. When the subscriber connection is lost
 (Redis restarted, ``CLIENT KILL TYPE pubsub``, a dead peer found by the
 health PING) it reconnects with capped backoff, subscribes to every
 remembered channel again, and only then counts as ready and calls the
-``on_reconnect`` callbacks: messages published meanwhile are lost (pub/sub
-keeps nothing), and the gateway tells its devices so they can catch up.
+``on_reconnect`` callbacks: messages published meanwhile are lost by pub/sub,
+and the gateway reads them from the rooms' streams (chatgateway.sessions.positions).
 
 ``publish`` fails at once while the publishing connection is down instead
 of queueing without bound; the caller logs it (the core's stored events stay
@@ -41,7 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatgateway.bus import IEventBus, memberships
+from chatgateway.bus import IEventBus, memberships, roomstream
 from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, ConnectionError, RedisConnection
 from chatgateway.redisconn.protocols import SubscriberProtocol
 from chatgateway.redisconn.uri import parse_uri
@@ -75,6 +77,8 @@ class RedisBus:
         self._confirming = {}  # channel -> [Deferred] of later subscribers, while its SUBSCRIBE is unconfirmed
         self._receiver = None
         self._reconnect_callbacks = []
+        self._stream_max_len = config.room_stream_max_len
+        self._stream_max_age_sec = config.room_stream_max_age_sec
         self.subscriber = RedisConnection(
             address,
             reactor,
@@ -157,6 +161,18 @@ class RedisBus:
     def publish_membership(self, profile_id, room_id, change, payload):
         d = memberships.publish_change(self.publisher.eval, profile_id, room_id, change, payload)
         return d.addCallback(lambda _: None)
+
+    # Room streams live here too: the contract's script appends a room event to its stream
+    # in the same step as the PUBLISH (chatgateway.bus.roomstream).
+
+    def publish_room_event(self, room_id, payload):
+        d = roomstream.publish_room_event(
+            self.publisher.eval, room_id, payload, self._stream_max_len, self._stream_max_age_sec
+        )
+        return d.addCallback(lambda _: None)
+
+    def read_room_stream(self, room_id, after, count=roomstream.READ_CHUNK):
+        return self.publisher.eval(*roomstream.read_call(room_id, after, count)).addCallback(roomstream.parse_read)
 
     def cached_memberships(self, profile_id):
         return self.publisher.eval(*memberships.read_call(profile_id)).addCallback(memberships.parse_read)

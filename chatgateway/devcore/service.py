@@ -3,14 +3,15 @@
 grpcio serves on its own threads; the model publishes from them through
 ``reactor.callFromThread`` so the bus is only touched on the reactor thread,
 in the order the model stored the events. Membership changes are published by
-the contract of chatgateway.bus.memberships (the cache updated in the same step).
+the contract of chatgateway.bus.memberships (the cache updated in the same step),
+room events by that of chatgateway.bus.roomstream (positioned, kept in the stream).
 """
 
 from twisted.application import service
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from chatgateway.bus import memberships
+from chatgateway.bus import roomstream
 from chatgateway.devcore.model import ChatModel
 from chatgateway.devcore.server import ChatCoreServicer, make_grpc_server
 
@@ -60,8 +61,9 @@ class CoreService(service.Service):
         self.reactor.callFromThread(self._publish_now, channel, payload)
 
     def _publish_now(self, channel, payload):
-        # By the contract: a membership change updates the membership cache as it is published.
-        d = memberships.publish_payload(self.bus, channel, payload)
+        # By the contracts: a room event gets its position and its place in the room's stream, a
+        # membership change updates the membership cache, as they are published.
+        d = roomstream.publish_payload(self.bus, channel, payload)
         if d is not None:
             d.addErrback(lambda failure: self.log.failure("publishing on {channel} failed", failure, channel=channel))
 

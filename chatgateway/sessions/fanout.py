@@ -121,6 +121,12 @@ class Fanout:
         except DecodeError:
             self.log.warn("dropped an unparsable event on {channel}", channel=channel)
             return
+        self.receive_event(channel, event, payload, started)
+
+    def receive_event(self, channel, event, payload, started=None):
+        """Deliver ``event`` (parsed from ``payload``) received on ``channel``."""
+        if started is None:
+            started = self._counts.clock()
         kind, _, key = channel.partition(":")[2].partition(":")
         if kind == "room":
             recipients = self._registry.room_sessions(key)

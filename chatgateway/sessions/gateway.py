@@ -17,14 +17,15 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
-from chatgateway.bus import channels, memberships
+from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
 from chatgateway.sessions.corking import Cork
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
+from chatgateway.sessions.positions import RoomPositions
 from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
-from chatgateway.sessions.session import CloseCode, Session, TokenExpiries
+from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -61,6 +62,9 @@ class Gateway(service.Service):
         # Frames for one device produced in one burst (a bus read, a fan-out chunk) leave in one write.
         self.cork = Cork()
         self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts, corked=self.cork.corked)
+        # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
+        self.positions = RoomPositions(bus, self.fanout.receive_event, self._events_lost, self.clock)
+        self.registry.room_released = self.positions.forget
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
@@ -310,7 +314,7 @@ class Gateway(service.Service):
         if channel == self._control_channel:
             self._control(payload)
         else:
-            self.fanout.receive(channel, payload)
+            self.positions.receive(channel, payload)
 
     def _control(self, payload):
         try:
@@ -324,14 +328,31 @@ class Gateway(service.Service):
             session.close(code, reason)
 
     def _bus_reconnected(self):
-        """Pub/sub was down: events published meanwhile are gone. Tell every device."""
-        sessions = list(self.registry.sessions)
-        if sessions:
-            self.log.warn(
-                "event bus reconnected; {count} devices told events may have been missed", count=len(sessions)
+        """Pub/sub was down: events published meanwhile were not received. Each room with a
+        position reads them from its stream; a room without one (no event of it came since it
+        was subscribed) cannot tell what it missed, and its devices are told."""
+        rooms = self.registry.room_ids()
+        blind = [room_id for room_id in rooms if self.positions.position(room_id) is None]
+        if rooms:  # at start (subscribed before the first connection) there is nothing to read
+            self.log.info(
+                "event bus reconnected; reading the streams of {count} rooms, {blind} without a position told of a loss",
+                count=len(rooms),
+                blind=len(blind),
             )
-        for session in sessions:
-            session.send_error(grpc.StatusCode.DATA_LOSS, "the event bus was unavailable: events may have been missed")
+        self.positions.resync()
+        for room_id in blind:
+            self._events_lost(room_id)
+
+    def _events_lost(self, room_id):
+        """Tell the room's local devices that events may have been missed, in order with its events."""
+        sessions = self.registry.room_sessions(room_id)
+        if not sessions:
+            return
+        event = pb.ServerEvent(
+            id=uuid.uuid4().hex,
+            error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
+        )
+        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), sessions)
 
     def _store_reconnected(self):
         """The store came back and may have lost writes: rewrite every live connection."""
@@ -421,6 +442,7 @@ class Gateway(service.Service):
             session.apply_membership(change)
 
     def publish(self, channel, event):
-        """Publish ``event``; a membership change by the contract (it updates the membership cache)."""
+        """Publish ``event`` by the contracts: a room event gets its position and its place in the
+        room's stream, a membership change updates the membership cache (chatgateway.bus.roomstream)."""
         codec.stamp(event, self.clock.seconds())
-        self._quietly(memberships.publish_event(self.bus, channel, event), f"publishing to {channel}")
+        self._quietly(roomstream.publish_event(self.bus, channel, event), f"publishing to {channel}")

@@ -23,6 +23,7 @@ class ConnectionRegistry:
         self._by_room = {}  # room_id -> {Session}
         self._by_profile = {}  # profile_id -> {Session}
         self._watched = {}  # profile_id -> sessions of it being opened (their channel stays subscribed)
+        self.room_released = None  # called with a room id when its last local session leaves
 
     def __len__(self):
         return len(self.sessions)
@@ -32,6 +33,10 @@ class ConnectionRegistry:
 
     def room_sessions(self, room_id):
         return self._by_room.get(room_id, ())
+
+    def room_ids(self):
+        """The rooms with local sessions (their channels are subscribed)."""
+        return list(self._by_room)
 
     def profile_sessions(self, profile_id):
         return self._by_profile.get(profile_id, ())
@@ -121,6 +126,8 @@ class ConnectionRegistry:
         members.discard(session)
         if not members:
             del index[key]
+            if index is self._by_room and self.room_released is not None:
+                self.room_released(key)
             if not (index is self._by_profile and key in self._watched):
                 self._write(self._bus.unsubscribe(channel_of(key)))
 
