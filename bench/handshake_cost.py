@@ -261,7 +261,9 @@ async def measure(options):
         profiles = [f"p{n}" for n in range(options.connects)]
         if options.memberships == "cached":
             # every profile connected once (other tokens): its memberships are in the store
-            warm = Round(gateway.factory, gateway.requests(options.connects, tokens(profiles, "warm")), 48, lambda: True)
+            warm = Round(
+                gateway.factory, gateway.requests(options.connects, tokens(profiles, "warm")), 48, lambda: True
+            )
             await warm.run()
             await warm.close()
         core_calls_before = gateway.core_calls
