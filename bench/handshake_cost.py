@@ -42,6 +42,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(HERE))
 
+import reference_server  # noqa: E402
 from autobahn.twisted.websocket import WebSocketServerFactory  # noqa: E402
 from twisted.internet import defer, reactor, task  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
@@ -55,8 +56,6 @@ from chatgateway.service import make_gateway_service  # noqa: E402
 from chatgateway.sessions.gateway import Gateway  # noqa: E402
 from support.processes import free_port  # noqa: E402
 from support.redis import RedisServer  # noqa: E402
-
-import reference_server  # noqa: E402
 
 SECRET = "bench-handshake-secret-0123456789abcdef0123"
 AUDIENCE = "service_chat_gateway"
