@@ -263,6 +263,8 @@ class System:
             # every load client connects from 127.0.0.1, and the idle runs hold up to 19,000
             "MAX_UNAUTHENTICATED_PER_ADDRESS": "0",
             "MAX_CONNECTIONS": "25000",
+            # handshakes/s measures what the process can open: no connection-rate limit
+            "MAX_CONNECTS_PER_SECOND": "0",
             "PYTHONUNBUFFERED": "1",
         }
         try:

@@ -7,6 +7,7 @@ problem before failing, so an operator sees all of them in one run.
 
 import collections
 import dataclasses
+import math
 import os
 import socket
 import uuid
@@ -270,6 +271,18 @@ SETTINGS = [
         "64",
         "Connections of one client address not yet authenticated (0: no cap); beyond it 429.",
     ),
+    Setting(
+        "MAX_CONNECTS_PER_SECOND",
+        _number(0),
+        "1000",
+        "New connections per second per process (0: no limit); beyond it /ws answers 503 with a jittered Retry-After, before any token is verified.",
+    ),
+    Setting(
+        "CONNECT_BURST",
+        _or_derived(_int(1)),
+        "",
+        "New connections let in at once above MAX_CONNECTS_PER_SECOND (default: one second's worth).",
+    ),
     Setting("ALLOWED_ORIGINS", _origins, "", "Comma-separated browser origins allowed (empty: any)."),
     Setting(
         "CORE_TIMEOUT_SEC",
@@ -289,6 +302,12 @@ SETTINGS = [
         _number(0.1),
         "10",
         "Time an open circuit fails calls at once before one probe goes through.",
+    ),
+    Setting(
+        "MEMBERSHIP_CACHE_TTL_SEC",
+        _number(0),
+        "600",
+        "A profile's rooms are cached this long after the core listed them, kept current by membership changes published on the bus; a connect of a cached profile asks the core nothing (0: always ask).",
     ),
     Setting("DRAIN_TIMEOUT_SEC", _number(0), "30", "Longest a graceful stop may take."),
     Setting(
@@ -337,11 +356,14 @@ class Config:
     send_buffer_bytes: int
     max_connections: int
     max_unauthenticated_per_address: int
+    max_connects_per_second: float
+    connect_burst: int
     allowed_origins: tuple[str, ...]
     core_timeout_sec: float
     core_threads: int
     core_breaker_failures: int
     core_breaker_cooldown_sec: float
+    membership_cache_ttl_sec: float
     drain_timeout_sec: float
     publish_forwarded_events: bool
     core_db: str
@@ -394,6 +416,8 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, objec
     if values["max_frames_per_second"] is None:
         # Every command is a frame; the rest is room for acks, pings and token refreshes.
         values["max_frames_per_second"] = values["max_events_per_second"] + 100
+    if values["connect_burst"] is None:
+        values["connect_burst"] = max(1, math.ceil(values["max_connects_per_second"]))
     if not values["grpc_interface"]:
         values["grpc_interface"] = values["http_interface"]
     if not values["gateway_id"]:

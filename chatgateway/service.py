@@ -284,7 +284,7 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
     counts = GatewayCounts(telemetry.instruments)  # the one everything below counts into
     telemetry.observe(counts)
     TelemetryService(telemetry, reactor).setServiceParent(root)  # stops last; flushes after the drain
-    hub = MemoryHub()
+    hub = MemoryHub(reactor)  # shared by the reference core of --dev: the bus and the membership cache
     store = make_store(config, reactor, counts)
     bus = make_bus(config, reactor, hub, counts)
     verifier = TokenVerifier(config, reactor)

@@ -3,17 +3,20 @@
 Two implementations of IEventBus: ``memory`` (one process, the embedded
 default) and ``redis`` (many instances). A bus hands every message of the
 channels it is subscribed to to one receiver, ``receiver(channel, payload)``.
+It also keeps the membership cache, which the publish of a membership change
+updates in the same step (chatgateway.bus.memberships).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from chatgateway.bus.memberships import Cached
     from chatgateway.config import Config
     from chatgateway.telemetry.counts import GatewayCounts
 
@@ -35,6 +38,18 @@ class IEventBus(Interface):
 
     def publish(channel: str, payload: bytes) -> Deferred[None]:
         """Send bytes to every subscriber of channel. Returns a Deferred."""
+
+    def publish_membership(profile_id: str, room_id: str, change: int, payload: bytes) -> Deferred[None]:
+        """Publish a membership change (a serialized ServerEvent with a SubscriptionEvent) on the
+        profile's channel by the contract: the cached memberships are updated in the same step
+        (chatgateway.bus.memberships)."""
+
+    def cached_memberships(profile_id: str) -> Deferred[Cached]:
+        """The profile's cached room ids, or (on a miss) the version to cache the core's answer under."""
+
+    def cache_memberships(profile_id: str, rooms: Sequence[str], version: str, ttl: float) -> Deferred[bool]:
+        """Cache the core's answer for ``ttl`` seconds, unless a change was published since the
+        read that gave ``version``. Fires with whether it was written."""
 
     def stop() -> Deferred[None]:
         """Release connections. Returns a Deferred."""

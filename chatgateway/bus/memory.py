@@ -1,23 +1,65 @@
 """In-process bus: the embedded default for a single instance."""
 
+import time
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatgateway.bus import IEventBus
+from chatgateway.bus import IEventBus, channels
+from chatgateway.bus.memberships import PATCH, Cached
+
+
+class MembershipCache:
+    """The in-process membership cache: the Redis scripts of chatgateway.bus.memberships
+    on dicts. Everything runs on one thread, so each call is as atomic as a script.
+
+    ``now()``: the clock TTLs are measured on. Entries past their TTL are dropped
+    when read; versions stay (one integer per profile that changed).
+    """
+
+    def __init__(self, now=time.time):
+        self._now = now
+        self.rooms = {}  # profile id -> (set of room ids, expires at)
+        self.versions = {}  # profile id -> changes published
+
+    def read(self, profile_id):
+        entry = self.rooms.get(profile_id)
+        if entry is not None:
+            if entry[1] > self._now():
+                return Cached(sorted(entry[0]), None)
+            del self.rooms[profile_id]
+        return Cached(None, str(self.versions.get(profile_id, 0)))
+
+    def write(self, profile_id, rooms, version, ttl):
+        if str(self.versions.get(profile_id, 0)) != version:
+            return False
+        self.rooms[profile_id] = (set(rooms), self._now() + ttl)
+        return True
+
+    def changed(self, profile_id, room_id, change):
+        self.versions[profile_id] = self.versions.get(profile_id, 0) + 1
+        entry = self.rooms.get(profile_id)
+        patch = PATCH.get(change, "")
+        if entry is not None and patch == "+":
+            entry[0].add(room_id)
+        elif entry is not None and patch == "-":
+            entry[0].discard(room_id)
 
 
 class MemoryHub:
     """The channels of one process; each MemoryBus on it is one subscriber.
 
-    The reference core and the gateway share one hub in development mode.
-    Delivery is synchronous, so publish order is delivery order.
+    The reference core and the gateway share one hub in development mode, and with it
+    the membership cache. Delivery is synchronous, so publish order is delivery order.
+    ``clock``: what the cache's TTLs are measured on (default: the system's time).
     """
 
     log = Logger()
 
-    def __init__(self):
+    def __init__(self, clock=None):
         self.receivers = {}  # channel -> [callable(channel, payload)]
+        self.memberships = MembershipCache(clock.seconds if clock is not None else time.time)
 
     def deliver(self, channel, payload):
         for receiver in tuple(self.receivers.get(channel, ())):
@@ -60,6 +102,18 @@ class MemoryBus:
     def publish(self, channel, payload):
         self.hub.deliver(channel, payload)
         return defer.succeed(None)
+
+    def publish_membership(self, profile_id, room_id, change, payload):
+        # The cache first, then delivery, in one call: no reader runs between them.
+        self.hub.memberships.changed(profile_id, room_id, change)
+        self.hub.deliver(channels.profile(profile_id), payload)
+        return defer.succeed(None)
+
+    def cached_memberships(self, profile_id):
+        return defer.succeed(self.hub.memberships.read(profile_id))
+
+    def cache_memberships(self, profile_id, rooms, version, ttl):
+        return defer.succeed(self.hub.memberships.write(profile_id, rooms, version, ttl))
 
     def stop(self):
         for channel in list(self._channels):

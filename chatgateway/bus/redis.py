@@ -7,7 +7,8 @@ protobuf and any byte string must arrive unchanged):
 
 - a subscriber connection in pub/sub mode, which receives the messages of the
   channels this gateway has local connections for;
-- a normal connection for PUBLISH.
+- a normal connection for PUBLISH, and for the scripts of the membership cache
+  (chatgateway.bus.memberships: the cache lives where its changes are published).
 
 Channels asked for are remembered. When the subscriber connection is lost
 (Redis restarted, ``CLIENT KILL TYPE pubsub``, a dead peer found by the
@@ -40,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatgateway.bus import IEventBus
+from chatgateway.bus import IEventBus, memberships
 from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, ConnectionError, RedisConnection
 from chatgateway.redisconn.protocols import SubscriberProtocol
 from chatgateway.redisconn.uri import parse_uri
@@ -71,6 +72,7 @@ class RedisBus:
         self._batch = []  # [command, [(channel, Deferred)]] runs, in the order asked
         self._flush_call = None
         self._channels = set()
+        self._confirming = {}  # channel -> [Deferred] of later subscribers, while its SUBSCRIBE is unconfirmed
         self._receiver = None
         self._reconnect_callbacks = []
         self.subscriber = RedisConnection(
@@ -110,14 +112,30 @@ class RedisBus:
         self._reconnect_callbacks.append(callback)
 
     def subscribe(self, channel):
+        """Fires once Redis confirmed the subscription (at once while disconnected: the channel
+        is subscribed on the next connection, and the gateway is told messages were missed)."""
         if channel in self._channels:
-            return defer.succeed(None)
+            waiting = self._confirming.get(channel)
+            if waiting is None:
+                return defer.succeed(None)
+            d = defer.Deferred()
+            waiting.append(d)  # asked again before the first SUBSCRIBE is confirmed: wait for it too
+            return d
         self._channels.add(channel)
         if self.subscriber.protocol is None:
             # Subscribed when the connection is (back) up; until then we miss messages.
             self.subscriber.needs_resync = True
             return defer.succeed(None)
-        return self._confirmed(self._queue("SUBSCRIBE", channel))
+        waiting = self._confirming[channel] = []
+
+        def confirmed(result):
+            if self._confirming.get(channel) is waiting:
+                del self._confirming[channel]
+            for d in waiting:
+                d.callback(None)
+            return result
+
+        return self._confirmed(self._queue("SUBSCRIBE", channel)).addBoth(confirmed)
 
     def unsubscribe(self, channel):
         if channel not in self._channels:
@@ -129,6 +147,20 @@ class RedisBus:
 
     def publish(self, channel, payload):
         return self.publisher.execute("PUBLISH", channel, payload).addCallback(lambda _: None)
+
+    # The membership cache lives here, in the Redis that publishes the changes: the
+    # contract's script updates it in the same step as the PUBLISH (chatgateway.bus.memberships).
+
+    def publish_membership(self, profile_id, room_id, change, payload):
+        d = memberships.publish_change(self.publisher.eval, profile_id, room_id, change, payload)
+        return d.addCallback(lambda _: None)
+
+    def cached_memberships(self, profile_id):
+        return self.publisher.eval(*memberships.read_call(profile_id)).addCallback(memberships.parse_read)
+
+    def cache_memberships(self, profile_id, rooms, version, ttl):
+        d = self.publisher.eval(*memberships.write_call(profile_id, rooms, version, ttl))
+        return d.addCallback(lambda written: bool(written))
 
     def stop(self):
         self._receiver = None

@@ -14,17 +14,15 @@ connection.
 import argparse
 import json
 import os
-import re
-import sys
-import time
 import traceback
 import warnings
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from google.protobuf import json_format
 from twisted.internet import defer, error, task
 
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.client import backoff
+from chatgateway.client.output import as_json, close_text, connect_text, err, format_event, out
 from chatgateway.client.wsclient import CallError, ClosedError, GatewayClient
 
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
@@ -41,11 +39,13 @@ EXIT_CLOSED = 3
 
 
 class Failed(Exception):
-    """An expected failure: one line for stderr and an exit status."""
+    """An expected failure: one line for stderr and an exit status (``closed``: the ClosedError
+    of a connection that did not open, if that was the cause)."""
 
-    def __init__(self, message, status):
+    def __init__(self, message, status, closed=None):
         super().__init__(message)
         self.status = status
+        self.closed = closed
 
 
 # ---------------------------------------------------------------- arguments
@@ -155,19 +155,19 @@ async def run(reactor, args):
     try:
         await COMMANDS[args.command](reactor, args)
     except Failed as e:
-        _err(f"error: {e}")
+        err(f"error: {e}")
         raise SystemExit(e.status) from None
     except CallError as e:
-        _err(f"error: {e.detail.status}: {e.detail.message}")
+        err(f"error: {e.detail.status}: {e.detail.message}")
         raise SystemExit(EXIT_CALL_ERROR) from None
     except ClosedError as e:
-        _err(f"error: the gateway closed the connection: {_close_text(e)}")
+        err(f"error: the gateway closed the connection: {close_text(e)}")
         raise SystemExit(EXIT_CLOSED) from None
     except defer.TimeoutError:
-        _err(f"error: no answer from the gateway within {args.timeout:g}s")
+        err(f"error: no answer from the gateway within {args.timeout:g}s")
         raise SystemExit(EXIT_NO_CONNECTION) from None
     except Exception:
-        _err("error: unexpected failure (a bug in chatgateway-client):")
+        err("error: unexpected failure (a bug in chatgateway-client):")
         traceback.print_exc()
         raise SystemExit(EXIT_CALL_ERROR) from None
 
@@ -213,7 +213,8 @@ async def fetch_dev_token(reactor, url, profile, device, timeout):
             reading = readBody(response)
         body = await reading.addTimeout(timeout, reactor)
     except (error.ConnectError, error.DNSLookupError) as e:
-        raise Failed(f"cannot get a token from {url}: {_connect_text(e)}", EXIT_NO_CONNECTION) from None
+        dropped = ClosedError(1006, connect_text(e))  # tail retries it as a dropped connection
+        raise Failed(f"cannot get a token from {url}: {connect_text(e)}", EXIT_NO_CONNECTION, dropped) from None
     except defer.TimeoutError:
         raise Failed(f"cannot get a token from {url}: no answer within {timeout:g}s", EXIT_NO_CONNECTION) from None
     if response.code != 200:
@@ -242,13 +243,14 @@ async def open_connection(reactor, args, default_device=DEFAULT_DEVICE):
     try:
         client = await GatewayClient.connect(args.url, token, device_id=device, reactor=reactor)
     except (error.ConnectError, error.DNSLookupError) as e:
-        raise Failed(f"cannot connect to {args.url}: {_connect_text(e)}", EXIT_NO_CONNECTION) from None
+        dropped = ClosedError(1006, connect_text(e))  # no gateway there (yet): as a dropped connection
+        raise Failed(f"cannot connect to {args.url}: {connect_text(e)}", EXIT_NO_CONNECTION, dropped) from None
     except ClosedError as e:
-        raise Failed(f"cannot connect to {args.url}: refused: {_close_text(e)}", EXIT_NO_CONNECTION) from None
+        raise Failed(f"cannot connect to {args.url}: refused: {close_text(e)}", EXIT_NO_CONNECTION, e) from None
     try:
         connected = await client.next_event("connected", timeout=args.timeout)
     except ClosedError as e:
-        raise Failed(f"the gateway refused the connection: {_close_text(e)}", EXIT_NO_CONNECTION) from None
+        raise Failed(f"the gateway refused the connection: {close_text(e)}", EXIT_NO_CONNECTION, e) from None
     except BaseException:
         await _close(reactor, client)
         raise
@@ -284,7 +286,7 @@ async def command(client, timeout, **fields):
 
 async def cmd_token(reactor, args):
     token = await dev_token(reactor, args, args.token_profile, args.token_device or args.device or DEFAULT_DEVICE)
-    _out(json.dumps({"token": token}) if args.json else token)
+    out(json.dumps({"token": token}) if args.json else token)
 
 
 async def cmd_rooms(reactor, args):
@@ -295,7 +297,7 @@ def rooms_create(args):
     async def work(client, connected):
         request = pb.CreateRoomRequest(id=args.id, name=args.name, description=args.description, member_ids=args.member)
         response = await client.call("CreateRoom", request, args.timeout)
-        _out(_json(response) if args.json else response.room.id)
+        out(as_json(response) if args.json else response.room.id)
 
     return work
 
@@ -308,10 +310,10 @@ def rooms_list(args):
             responses = await client.call("SearchRooms", request, args.timeout)
             for response in responses:
                 if args.json:
-                    _out(_json(response))
+                    out(as_json(response))
                 else:
                     for room in response.data:
-                        _out(f"{room.id}\t{room.name}")
+                        out(f"{room.id}\t{room.name}")
             cursor = responses[-1].next_cursor if responses else ""
             if not cursor or cursor in seen:
                 return
@@ -327,10 +329,10 @@ def rooms_join(args):
         )
         response = await client.call("AddRoomSubscriptions", request, args.timeout)
         if args.json:
-            _out(_json(response))
+            out(as_json(response))
         else:
             for subscription in response.subscriptions:
-                _out(f"{subscription.profile_id}\t{','.join(subscription.roles)}")
+                out(f"{subscription.profile_id}\t{','.join(subscription.roles)}")
 
     return work
 
@@ -341,10 +343,10 @@ def rooms_leave(args):
         request = pb.RemoveRoomSubscriptionsRequest(room_id=args.room, profile_ids=profiles)
         response = await client.call("RemoveRoomSubscriptions", request, args.timeout)
         if args.json:
-            _out(_json(response))
+            out(as_json(response))
         else:
             for profile in response.removed_profile_ids:
-                _out(profile)
+                out(profile)
 
     return work
 
@@ -355,7 +357,7 @@ ROOMS_COMMANDS = {"create": rooms_create, "list": rooms_list, "join": rooms_join
 async def cmd_send(reactor, args):
     async def work(client, connected):
         event = await client.send_message(args.room, " ".join(args.text), args.timeout)
-        _out(_json(event) if args.json else event.id)
+        out(as_json(event) if args.json else event.id)
 
     await one_shot(reactor, args, work)
 
@@ -365,24 +367,46 @@ async def cmd_history(reactor, args):
         request = pb.GetHistoryRequest(room_id=args.room, limit=args.limit, direction=pb.GetHistoryRequest.BACKWARD)
         response = await client.call("GetHistory", request, args.timeout)
         if args.json:
-            _out(_json(response))
+            out(as_json(response))
             return
         for event in reversed(response.events):
-            _out(format_event(event))
+            out(format_event(event))
 
     await one_shot(reactor, args, work)
 
 
 async def cmd_tail(reactor, args):
-    client, connected = await open_connection(reactor, args, DEFAULT_TAIL_DEVICE)
-    stopping = False
+    """Print the room's messages until Ctrl-C. A connection the gateway closes with a reconnect
+    hint (1001, 1013), a refused upgrade (503, 429) and a dropped connection are reconnected
+    after the delay asked for, with full-jitter backoff (client/backoff.py)."""
+    tail = {"client": None, "stopping": False, "tailing": False}
 
     def stop():
-        nonlocal stopping
-        stopping = True
-        return _close_on_shutdown(reactor, client)
+        tail["stopping"] = True
+        return _close_on_shutdown(reactor, tail["client"]) if tail["client"] is not None else None
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
+    failures = 0
+    while True:
+        try:
+            await _tail(reactor, args, tail)
+        except (ClosedError, Failed) as e:
+            closed = e if isinstance(e, ClosedError) else e.closed
+            if tail["stopping"]:
+                return
+            failures = 0 if tail["tailing"] else failures + 1
+            delay = None if closed is None else backoff.reconnect_after(closed, failures)
+            if delay is None:
+                raise
+            err(f"connection closed: {close_text(closed)}; reconnecting in {delay:.1f}s")
+            tail["client"], tail["tailing"] = None, False
+            await task.deferLater(reactor, delay, lambda: None)
+
+
+async def _tail(reactor, args, tail):
+    """One connection of tail: until it closes (ClosedError, or Failed if it never opened)."""
+    client, connected = await open_connection(reactor, args, DEFAULT_TAIL_DEVICE)
+    tail["client"] = client
     try:
         # Asks the core again if the room is new to this connection; refused
         # with PERMISSION_DENIED when the profile is not a member.
@@ -391,20 +415,15 @@ async def cmd_tail(reactor, args):
         if others:
             await command(client, args.timeout, unsubscribe=pb.RoomsCommand(room_ids=others))
     except BaseException:
-        if not stopping:
+        if not tail["stopping"]:
             await _close(reactor, client)
         raise
-    _err(f"tailing room {args.room} as {connected.profile_id} (Ctrl-C to stop)")
+    err(f"tailing room {args.room} as {connected.profile_id} (Ctrl-C to stop)")
+    tail["tailing"] = True
     while True:
-        try:
-            event = await client.next_event(timeout=None)
-        except ClosedError:
-            if stopping:
-                return
-            raise
-        line = tail_line(event, args.room, args.json)
+        line = tail_line(await client.next_event(timeout=None), args.room, args.json)
         if line is not None:
-            _out(line)
+            out(line)
 
 
 def _close_on_shutdown(reactor, client):
@@ -418,76 +437,18 @@ def _ignore_timeout(failure):
     failure.trap(defer.TimeoutError)
 
 
-def tail_line(event, room_id, as_json):
-    """What tail prints for one ServerEvent (None: nothing)."""
+def tail_line(event, room_id, raw):
+    """What tail prints for one ServerEvent (None: nothing); ``raw``: its proto3 JSON."""
     which = event.WhichOneof("payload")
     if which == "message" and event.message.room_id == room_id:
-        return _json(event) if as_json else format_event(event.message, event.timestamp)
-    if as_json and which in ("typing_event", "receipt_event"):
+        return as_json(event) if raw else format_event(event.message, event.timestamp)
+    if raw and which in ("typing_event", "receipt_event"):
         if getattr(event, which).room_id == room_id:
-            return _json(event)
+            return as_json(event)
     return None
 
 
 COMMANDS = {"token": cmd_token, "rooms": cmd_rooms, "send": cmd_send, "tail": cmd_tail, "history": cmd_history}
-
-
-# ---------------------------------------------------------------- output
-
-
-def format_event(event, fallback_time=None):
-    """HH:MM:SS sender: text (local time of sending)."""
-    stamp = event.sent_at if event.HasField("sent_at") else fallback_time
-    seconds = stamp.seconds if stamp is not None else 0
-    clock = time.strftime("%H:%M:%S", time.localtime(seconds)) if seconds else "--:--:--"
-    return f"{clock} {event.sender_id}: {event_text(event)}"
-
-
-def event_text(event):
-    if event.redacted:
-        return "[redacted]"
-    fields = json_format.MessageToDict(event.payload) if event.HasField("payload") else {}
-    edited = " (edited)" if event.edited else ""
-    if event.type == pb.RoomEvent.TEXT and isinstance(fields.get("text"), str):
-        return fields["text"] + edited
-    kind = pb.RoomEvent.Type.Name(event.type)
-    return f"[{kind}] {json.dumps(fields, sort_keys=True, separators=(',', ':'))}{edited}"
-
-
-def _json(message):
-    return json_format.MessageToJson(message, indent=None)
-
-
-def _out(line):
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _err(line):
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
-def _close_text(closed):
-    reason = closed.reason or ""
-    refused = _UPGRADE_FAILED.search(reason)
-    if refused:
-        return f"HTTP {refused['status']}: {refused['why']}"
-    return f"{closed.code} {reason}".strip() if closed.code is not None else reason or "no reason given"
-
-
-# Autobahn's close reason when the server answered the handshake with an HTTP error.
-_UPGRADE_FAILED = re.compile(r"upgrade failed \[(?P<status>\d+)\]: (?P<why>[^\"]*)")
-
-
-def _connect_text(failure):
-    if isinstance(failure, error.ConnectionRefusedError):
-        return "connection refused (is the gateway running?)"
-    if isinstance(failure, error.DNSLookupError):
-        return "unknown host"
-    if isinstance(failure, error.TimeoutError):
-        return "connection timed out"
-    return str(failure) or type(failure).__name__
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from chatgateway.core.client import METHODS
 
 
 class ClosedError(Exception):
-    """The connection closed (or never opened); code and reason say why."""
+    """The connection closed (or never opened); code and reason say why, and ``retry_after``
+    the seconds of a refused upgrade's Retry-After (None without one)."""
 
-    def __init__(self, code, reason):
+    def __init__(self, code, reason, retry_after=None):
         super().__init__(f"connection closed: {code} {reason}")
         self.code = code
         self.reason = reason
+        self.retry_after = retry_after
 
 
 class CallError(Exception):
@@ -42,7 +44,14 @@ class _Protocol(WebSocketClientProtocol):
         self.factory.client._received(payload, isBinary)
 
     def onClose(self, wasClean, code, reason):
-        self.factory.client._closed(code, reason)
+        self.factory.client._closed(
+            code, reason, _seconds((getattr(self, "http_headers", None) or {}).get("retry-after"))
+        )
+
+
+def _seconds(value):
+    """A Retry-After of whole seconds (an HTTP date is not used by the gateway): None otherwise."""
+    return float(value) if value and value.strip().isdigit() else None
 
 
 class GatewayClient:
@@ -114,14 +123,14 @@ class GatewayClient:
                 return
         self._events.append(event)
 
-    def _closed(self, code, reason):
+    def _closed(self, code, reason, retry_after=None):
         self.close_code, self.close_reason = code, reason
-        error = ClosedError(code, reason)
+        error = ClosedError(code, reason, retry_after)
         if not self._open.called:
             self._open.errback(error)
         waiters, self._waiters = self._waiters, []
         for _, d in waiters:
-            d.errback(ClosedError(code, reason))
+            d.errback(ClosedError(code, reason, retry_after))
         if not self.closed.called:
             self.closed.callback((code, reason))
 

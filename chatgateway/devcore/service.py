@@ -2,13 +2,15 @@
 
 grpcio serves on its own threads; the model publishes from them through
 ``reactor.callFromThread`` so the bus is only touched on the reactor thread,
-in the order the model stored the events.
+in the order the model stored the events. Membership changes are published by
+the contract of chatgateway.bus.memberships (the cache updated in the same step).
 """
 
 from twisted.application import service
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from chatgateway.bus import memberships
 from chatgateway.devcore.model import ChatModel
 from chatgateway.devcore.server import ChatCoreServicer, make_grpc_server
 
@@ -58,7 +60,8 @@ class CoreService(service.Service):
         self.reactor.callFromThread(self._publish_now, channel, payload)
 
     def _publish_now(self, channel, payload):
-        d = self.bus.publish(channel, payload)
+        # By the contract: a membership change updates the membership cache as it is published.
+        d = memberships.publish_payload(self.bus, channel, payload)
         if d is not None:
             d.addErrback(lambda failure: self.log.failure("publishing on {channel} failed", failure, channel=channel))
 

@@ -131,7 +131,7 @@ class GrpcEdge(service.Service):
         # for the others; the closes reach the loop first (both call_soon_threadsafe).
         for device in list(self.devices):
             if device.session is None:
-                device.close(CloseCode.GOING_AWAY, "gateway shutting down")
+                device.close(CloseCode.GOING_AWAY, self.gateway.reconnect_hint())
         asyncio.run_coroutine_threadsafe(self._shutdown(self.config.drain_timeout_sec), self._loop)
         return self._thread_ended
 

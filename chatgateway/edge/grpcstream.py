@@ -27,8 +27,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from chatgateway.api import codec
+from chatgateway.edge.limits import over_connect_rate
 from chatgateway.sessions.opening import Opening, Reasons
 from chatgateway.sessions.outbox import Outbox, buffer_size, classify
+from chatgateway.sessions.ratelimit import TOO_MANY_CONNECTS
+from chatgateway.sessions.reconnect import hinted
 from chatgateway.sessions.session import CloseCode, ISessionTransport
 
 # A WebSocket close code (docs/protocol.md#heartbeats-and-close-codes) -> the gRPC status a stream ends with.
@@ -210,7 +213,9 @@ class GrpcDevice:
     def start(self, token):
         self.edge.devices.add(self)
         if self.edge.stopping or getattr(self.gateway, "draining", False):
-            self.close(CloseCode.GOING_AWAY, "gateway shutting down")
+            self.close(CloseCode.GOING_AWAY, self.gateway.reconnect_hint())
+        elif over_connect_rate(self.gateway, self):  # storm control, before the token is verified
+            self.close(CloseCode.TRY_AGAIN_LATER, hinted(TOO_MANY_CONNECTS, self.gateway.connects.retry_after()))
         else:
             self._opening.start(token)
 

@@ -107,7 +107,7 @@ def build_http_factory(gateway, checks, mint=None, clock=None, devices=None, tel
     config = gateway.config
     site = build_site(gateway, checks, mint, devices, telemetry)
     return ConnectionLimits(
-        EdgeRouter(site, site.devices),
+        EdgeRouter(site, site.devices, clock if clock is not None else gateway.clock),
         clock if clock is not None else gateway.clock,
         config.max_unauthenticated_per_address,
         config.handshake_timeout_sec,

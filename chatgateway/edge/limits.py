@@ -18,6 +18,10 @@ that no single request can see:
   through the Site on any path under /ws, after keep-alive requests or not);
   one that would pass the cap is refused with 429. 0 turns the cap off.
 
+And one limit of the process: MAX_CONNECTS_PER_SECOND new connections (and
+CONNECT_BURST at once) of either edge, asked before anything of their sign-in is
+done (``over_connect_rate``; docs/security.md#storm-control).
+
 The address is the TCP peer's: behind a proxy that does not preserve client
 addresses, every client shares the proxy's address (raise the cap, or use a
 layer-4 load balancer that keeps client IPs).
@@ -45,7 +49,16 @@ def http_refusal(status, reason, retry_after=RETRY_AFTER_SEC):
     return head + body
 
 
-class _Refused(protocol.Protocol):
+def over_connect_rate(gateway, transport):
+    """Whether a new connection of ``transport`` (its class or itself) is over the gateway's
+    MAX_CONNECTS_PER_SECOND: then it is counted, and to be refused (503, or 1013 on gRPC)."""
+    if gateway.connects.admit():
+        return False
+    gateway.counts.connect_refused(transport.transport_name)
+    return True
+
+
+class Refused(protocol.Protocol):
     """Answers one canned response, then ends the connection.
 
     What the client sends meanwhile is read and discarded: closing a socket with
@@ -162,7 +175,7 @@ class ConnectionLimits(WrappingFactory):
 
     def buildProtocol(self, addr):
         if not self.admits(_host(addr)):
-            return _Refused(http_refusal(429, "Too Many Requests"), self.clock)
+            return Refused(http_refusal(429, "Too Many Requests"), self.clock)
         return super().buildProtocol(addr)
 
     def admits(self, host):

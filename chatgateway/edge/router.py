@@ -9,6 +9,10 @@ reactor per connect, a tenth of what a whole connect costs it. Everything
 else, ``/ws/...`` and other methods included, goes to the Site as before, which
 still serves a WebSocket there through WebSocketResource.
 
+An upgrade over MAX_CONNECTS_PER_SECOND is refused here, with 503 and a jittered
+Retry-After, before Autobahn parses its headers and long before its token is verified
+(docs/security.md#storm-control): a refusal costs a fraction of an upgrade.
+
 Only the first request of a connection is routed: the Site keeps a plain HTTP
 connection for its keep-alive requests, and an upgraded one never speaks HTTP
 again.
@@ -16,7 +20,8 @@ again.
 
 from twisted.internet import protocol
 
-from chatgateway.edge.limits import Guard
+from chatgateway.edge.limits import Guard, Refused, http_refusal, over_connect_rate
+from chatgateway.sessions.ratelimit import TOO_MANY_CONNECTS
 
 # A request line longer than this without its end goes to the Site, which refuses it.
 MAX_REQUEST_LINE = 16384
@@ -52,11 +57,17 @@ class _FirstRequestLine(protocol.Protocol):
         router, transport = self._router, self.transport
         # The Guard's handshake timeout keeps running until the request's headers are in:
         # the Site or the WebSocket protocol (onConnect) tells it.
-        factory = router.devices if websocket else router.site
-        successor = factory.buildProtocol(self._address)
-        if successor is None:
-            transport.loseConnection()
-            return
+        devices = router.devices
+        if websocket and over_connect_rate(devices.gateway, devices.protocol):
+            retry_after = devices.gateway.connects.retry_after()
+            successor = Refused(http_refusal(503, TOO_MANY_CONNECTS, retry_after), router.clock)
+        else:
+            successor = (devices if websocket else router.site).buildProtocol(self._address)
+            if successor is None:
+                transport.loseConnection()
+                return
+            if websocket:
+                successor.rate_checked = True
         if isinstance(transport, Guard):
             transport.wrappedProtocol = successor
         else:
@@ -73,9 +84,10 @@ class EdgeRouter(protocol.Factory):
 
     noisy = False
 
-    def __init__(self, site, devices):
+    def __init__(self, site, devices, clock=None):
         self.site = site
         self.devices = devices  # the WebSocket factory: its connections count toward MAX_CONNECTIONS
+        self.clock = clock if clock is not None else devices.gateway.clock  # of the refusals' linger
 
     def buildProtocol(self, addr):
         return _FirstRequestLine(self, addr)

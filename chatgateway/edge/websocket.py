@@ -13,7 +13,8 @@ OVER_BUDGET_CLOSE_SEC is closed with 1008),
 permessage-deflate declined (no decompression bombs; one encoding per event),
 Autobahn's open- and close-handshake timeouts (HANDSHAKE_TIMEOUT_SEC,
 CLOSE_TIMEOUT_SEC), AUTH_TIMEOUT_SEC for first-frame auth, MAX_CONNECTIONS per
-process (HTTP 503), and while the gateway drains, new handshakes get 503 too.
+process (HTTP 503), and while the gateway drains, new handshakes get 503 too, as do those
+over MAX_CONNECTS_PER_SECOND (docs/security.md#storm-control), with a jittered Retry-After.
 """
 
 import pprint
@@ -28,11 +29,11 @@ from autobahn.websocket.types import ConnectionDeny
 from zope.interface import implementer
 
 from chatgateway.api import codec
-from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard
+from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard, over_connect_rate
 from chatgateway.edge.origins import OriginPolicy
 from chatgateway.sessions.opening import Opening, Reasons, bearer_token
 from chatgateway.sessions.outbox import Outbox, classify, direct_socket, unsent_bytes, write_now
-from chatgateway.sessions.ratelimit import InboundBudget
+from chatgateway.sessions.ratelimit import TOO_MANY_CONNECTS, InboundBudget
 from chatgateway.sessions.session import CloseCode, ISessionTransport, error_detail
 
 # How the close reasons of a device that did not sign in name what it sends.
@@ -125,6 +126,7 @@ class DeviceProtocol(WebSocketServerProtocol):
     # below LOG_LEVEL=debug, where a twisted Logger would build and filter each event.
     log = txaio.make_logger()  # type: ignore[attr-defined]  # bound at run time by txaio.use_twisted()
     transport_name = "websocket"
+    rate_checked = False  # the router let this upgrade in under MAX_CONNECTS_PER_SECOND already
 
     # Our state in slots: Autobahn's own attributes alone nearly fill the instance
     # dict's 128 entries once the handshake is forgotten (see _forget_handshake).
@@ -169,8 +171,9 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._resume_timer = None
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
-        if code in (429, 503):
-            responseHeaders = [*(responseHeaders or []), ("Retry-After", str(RETRY_AFTER_SEC))]
+        if code in (429, 503):  # a 503 refuses by load: its devices come back spread out
+            retry_after = self.gateway.connects.retry_after() if code == 503 else RETRY_AFTER_SEC
+            responseHeaders = [*(responseHeaders or []), ("Retry-After", str(retry_after))]
         super().failHandshake(reason, code, responseHeaders)
 
     @property
@@ -183,6 +186,8 @@ class DeviceProtocol(WebSocketServerProtocol):
         # Every upgrade reaches this, by the router or through the Site: the one place it is counted.
         if isinstance(self.transport, Guard) and not self.transport.upgrade_received():
             raise ConnectionDeny(429, "too many unauthenticated connections from this address")
+        if not self.rate_checked and over_connect_rate(self.gateway, self):  # an upgrade through the Site
+            raise ConnectionDeny(503, TOO_MANY_CONNECTS)
         refusal = self.factory.refusal()
         if refusal is not None:
             raise ConnectionDeny(503, refusal)

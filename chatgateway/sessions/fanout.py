@@ -121,7 +121,7 @@ class Fanout:
         elif kind == "profile":
             # Applied now, whatever becomes of the delivery: it changes what this gateway routes.
             if event.HasField("subscription_event"):
-                self._on_membership(event.subscription_event)
+                self._on_membership(event.subscription_event, event)
             recipients = self._registry.profile_sessions(key)
         else:
             return

@@ -2,12 +2,12 @@
 
 A Gateway owns the local connection registry, the fan-out, and the clients
 of the core, the bus and the store. Edges (WebSocket, the gRPC stream)
-authenticate a device, then call ``open_session``; every Session calls back
-into ``forward``, ``publish`` and ``memberships``.
+authenticate a device, then call ``open_session``, which takes the device's
+rooms from the membership cache or the core (``connect_rooms``); every Session
+calls back into ``forward``, ``publish`` and ``memberships``.
 """
 
 import json
-import random
 import uuid
 
 import grpc
@@ -17,9 +17,11 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
-from chatgateway.bus import channels
+from chatgateway.bus import channels, memberships
 from chatgateway.sessions import membership
-from chatgateway.sessions.fanout import Fanout
+from chatgateway.sessions.fanout import EncodedEvent, Fanout
+from chatgateway.sessions.ratelimit import ConnectRate
+from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries
 from chatgateway.telemetry.counts import GatewayCounts
@@ -35,9 +37,9 @@ REPLACED_REASON = "replaced by a newer connection of this device"
 # devices' closes: dropping the stragglers, calls to the core, releasing metadata in the store.
 DRAIN_RESERVE_SHARE = 0.25
 DRAIN_RESERVE_MAX_SEC = 5.0
-# Devices are told to reconnect after a random delay below this, so they do not all
-# arrive at the remaining gateways at once.
-RECONNECT_SPREAD_SEC = 5.0
+# Longest a connect waits for its profile's channel to be subscribed before reading its rooms
+# (Redis slow or gone: the connect goes on, and the bus reports what was missed when it is back).
+WATCH_WAIT_SEC = 2.0
 
 
 class Gateway(service.Service):
@@ -56,6 +58,8 @@ class Gateway(service.Service):
         self.registry = ConnectionRegistry(bus, store, config.max_connections_per_device, self._quietly)
         self.token_expiries = TokenExpiries(self.clock)  # one timer for every session's token
         self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts)
+        # New connections of every edge, let in before their tokens are verified (storm control).
+        self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
         self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
@@ -68,6 +72,7 @@ class Gateway(service.Service):
         # connect is only emitted when it can be written.
         self._log_connects = config.log_level == "debug"
         self._gone_waiters = []  # Deferreds fired when no session is left (drain)
+        self._watchers = {}  # profile id -> [membership changes recorded for each opening session]
 
     # ------------------------------------------------------------ service
 
@@ -118,7 +123,7 @@ class Gateway(service.Service):
 
     def reconnect_hint(self):
         """The close reason of a draining gateway: reconnect (elsewhere) after a random delay."""
-        return f"gateway draining: reconnect in {random.uniform(0, RECONNECT_SPREAD_SEC):.1f}s"
+        return hinted("gateway draining", drain_delay())
 
     def _sessions_gone(self, timeout):
         """A Deferred firing when no session is left (or opening), or after ``timeout`` seconds."""
@@ -150,21 +155,50 @@ class Gateway(service.Service):
         pages = await self.core.call("SearchRooms", pb.SearchRoomsRequest(page_size=MEMBERSHIP_PAGE), token, device_id)
         return [room.id for page in pages for room in page.data]
 
+    async def connect_rooms(self, profile_id, token, device_id):
+        """The rooms of a connecting device's profile: from the membership cache, else asked of
+        the core and cached (docs/architecture.md#membership-cache). A cache that cannot be
+        read is passed by: the core is asked."""
+        ttl = self.config.membership_cache_ttl_sec
+        if ttl <= 0:
+            return await self.memberships(token, device_id)
+        try:
+            cached = await self.bus.cached_memberships(profile_id)
+        except Exception:  # noqa: BLE001 - the bus counted and logged what failed; the core answers instead
+            self.counts.membership_lookup("error")
+            return await self.memberships(token, device_id)
+        if cached.rooms is not None:
+            self.counts.membership_lookup("hit")
+            return cached.rooms
+        self.counts.membership_lookup("miss")
+        rooms = await self.memberships(token, device_id)
+        # Written only if no change was published since the read (the bus's script checks).
+        self._quietly(self.bus.cache_memberships(profile_id, rooms, cached.version, ttl), "caching memberships")
+        return rooms
+
     async def open_session(self, transport, claims, token, device_id, abandoned=None):
         """Register an authenticated device and send it ``connected``.
 
-        Fails with CoreError when the core cannot tell the device's rooms. When
+        Its rooms come from the membership cache, or from the core (``connect_rooms``).
+        Fails with CoreError when the core, asked, cannot tell the device's rooms. When
         ``abandoned()`` says, once the rooms are known, that the device went away
         meanwhile, nothing is registered (no older session of the device is replaced)
         and the result is None.
         """
         self._opening += 1
+        profile_id = claims.profile_id
+        # The profile's channel first, then its rooms: a change published after the read is
+        # received, and recorded here until the session can take it (_replay_changes).
+        changes = self._watch(profile_id)
         try:
-            rooms = await self.memberships(token, device_id)
+            await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
+            rooms = await self.connect_rooms(profile_id, token, device_id)
         except BaseException:
+            self._unwatch(profile_id, changes)
             self._opened_none()
             raise
         if abandoned is not None and abandoned():
+            self._unwatch(profile_id, changes)
             self._opened_none()
             return None
         self._opening -= 1  # registered below, before anything else runs
@@ -172,8 +206,10 @@ class Gateway(service.Service):
         # The local limit holds at once; the store then enforces it across gateways.
         for older in self.registry.add(session):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
+        self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
         session.send(session.connected_event())
+        self._replay_changes(session, changes)
         self._register(session)
         if self.draining:
             session.drain(self.reconnect_hint())
@@ -185,6 +221,44 @@ class Gateway(service.Service):
                 rooms=len(rooms),
             )
         return session
+
+    def _watch(self, profile_id):
+        """A list that records the profile's membership changes (change, ServerEvent or None) while it opens."""
+        changes = []
+        self._watchers.setdefault(profile_id, []).append(changes)
+        return changes
+
+    def _unwatch(self, profile_id, changes):
+        watchers = self._watchers[profile_id]
+        watchers.remove(changes)
+        if not watchers:
+            del self._watchers[profile_id]
+        self.registry.unwatch_profile(profile_id)
+
+    def _replay_changes(self, session, changes):
+        """Apply to a new session what changed while it opened; its rooms may already say so
+        (each change is idempotent, and they come in publish order)."""
+        for change, event in changes:
+            session.apply_membership(change)
+            if event is not None:
+                self.fanout.deliver(EncodedEvent(event), [session])
+
+    def _within(self, d, seconds):
+        """A Deferred firing (with None) when ``d`` does or after ``seconds``, whichever comes first."""
+        if d.called:
+            return defer.succeed(None)  # the channel was subscribed already (or the bus is in process)
+        done = defer.Deferred()
+        timer = self.clock.callLater(seconds, lambda: done.called or done.callback(None))
+
+        def fired(result):
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+            return result
+
+        d.addBoth(fired)
+        return done
 
     def _opened_none(self):
         """An opening ended without a session."""
@@ -336,10 +410,14 @@ class Gateway(service.Service):
             )
         return response
 
-    def apply_membership(self, change):
+    def apply_membership(self, change, event=None):
+        """Re-scope the profile's sessions (``event``: the ServerEvent it came in, from the bus)."""
+        for changes in self._watchers.get(change.profile_id, ()):
+            changes.append((change, event))
         for session in list(self.registry.profile_sessions(change.profile_id)):
             session.apply_membership(change)
 
     def publish(self, channel, event):
+        """Publish ``event``; a membership change by the contract (it updates the membership cache)."""
         codec.stamp(event, self.clock.seconds())
-        self._quietly(self.bus.publish(channel, event.SerializeToString()), f"publishing to {channel}")
+        self._quietly(memberships.publish_event(self.bus, channel, event), f"publishing to {channel}")

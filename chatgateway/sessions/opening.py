@@ -15,7 +15,8 @@ The rules:
   must carry ``auth_token``, and AUTH_TIMEOUT_SEC runs until a token is
   verified; a late, missing or refused token is closed with 4401;
 - a core that refuses the token closes with 4401, a core that cannot list the
-  device's rooms with 1013 (chatgateway.sessions.gateway.open_session);
+  device's rooms with 1013 (chatgateway.sessions.gateway.open_session), its reason
+  ending in a jittered reconnect hint (chatgateway.sessions.reconnect);
 - requests that arrive while the token is verified and the session opens wait,
   at most MAX_PENDING_REQUESTS (more is abuse: 1008), and go to the new session
   in order, their auth_token cleared (it was consumed);
@@ -30,6 +31,7 @@ from twisted.internet import defer
 
 from chatgateway.auth.tokens import AuthError
 from chatgateway.core.client import CoreError
+from chatgateway.sessions.reconnect import hinted, try_again_delay
 from chatgateway.sessions.session import CloseCode
 
 # Requests a device may send while its session is being opened; more is abuse.
@@ -62,10 +64,12 @@ def close_after_failed_open(transport, failure, log):
     elif failure.check(CoreError) and failure.value.code == grpc.StatusCode.UNAUTHENTICATED:
         transport.close(CloseCode.UNAUTHENTICATED, f"core refused the token: {failure.value.message}")
     elif failure.check(CoreError):
-        transport.close(CloseCode.TRY_AGAIN_LATER, f"core unavailable: {failure.value.message}")
+        transport.close(
+            CloseCode.TRY_AGAIN_LATER, hinted(f"core unavailable: {failure.value.message}", try_again_delay())
+        )
     else:
         log.failure("opening a session failed", failure)
-        transport.close(CloseCode.TRY_AGAIN_LATER, "internal error")
+        transport.close(CloseCode.TRY_AGAIN_LATER, hinted("internal error", try_again_delay()))
 
 
 class Reasons:

@@ -22,6 +22,7 @@ class ConnectionRegistry:
         self._by_device = {}  # (profile_id, device_id) -> [Session], oldest first
         self._by_room = {}  # room_id -> {Session}
         self._by_profile = {}  # profile_id -> {Session}
+        self._watched = {}  # profile_id -> sessions of it being opened (their channel stays subscribed)
 
     def __len__(self):
         return len(self.sessions)
@@ -70,6 +71,22 @@ class ConnectionRegistry:
             self._by_device.pop(key, None)
             self._write(self._store.disconnected(session.meta()))
 
+    def watch_profile(self, profile_id):
+        """Subscribe the profile's channel for a session of it about to open, before its rooms are
+        read, so no membership change published after the read is missed. A Deferred that fires
+        (with None, failures logged) once subscribed; ``unwatch_profile`` when the opening ends."""
+        self._watched[profile_id] = self._watched.get(profile_id, 0) + 1
+        d = self._bus.subscribe(channels.profile(profile_id))
+        self._write(d)
+        return d
+
+    def unwatch_profile(self, profile_id):
+        left = self._watched.pop(profile_id) - 1
+        if left:
+            self._watched[profile_id] = left
+        elif profile_id not in self._by_profile:
+            self._write(self._bus.unsubscribe(channels.profile(profile_id)))
+
     def join(self, session, room_ids):
         """Deliver these rooms to the session too."""
         added = [r for r in room_ids if r not in session.rooms]
@@ -104,7 +121,8 @@ class ConnectionRegistry:
         members.discard(session)
         if not members:
             del index[key]
-            self._write(self._bus.unsubscribe(channel_of(key)))
+            if not (index is self._by_profile and key in self._watched):
+                self._write(self._bus.unsubscribe(channel_of(key)))
 
     def _write(self, d):
         # Store and bus writes never hold up delivery.

@@ -23,6 +23,9 @@ from chatgateway.telemetry.instruments import Instruments
 
 # The ``transport_name`` of the session transports of chatgateway.edge: their series exist from the start.
 TRANSPORTS = ("websocket", "grpc")
+# How a connect's membership cache lookup ended: the rooms were cached, were not (the core
+# was asked), or the cache could not be read (the core was asked).
+MEMBERSHIP_LOOKUP_RESULTS = ("hit", "miss", "error")
 # One fan-out in this many is timed into the fan-out duration histogram (chunked ones always are).
 FANOUT_SAMPLE_EVERY = 128
 
@@ -73,9 +76,11 @@ class GatewayCounts:
         self._active = collections.defaultdict(int, _kinds(*TRANSPORTS, "other"))
         self._closes = collections.defaultdict(int)  # (transport, code) -> count; new keys are rare
         self._rate_limited = 0
+        self._connects_refused = collections.defaultdict(int, _kinds(*TRANSPORTS))
         self._dependency_errors = collections.defaultdict(int)  # (dependency, error type) -> count
         self._fanouts = 0
         self._dropped = collections.defaultdict(int, _kinds("message"))  # payload kind -> deliveries shed
+        self._lookups = _kinds(*MEMBERSHIP_LOOKUP_RESULTS)  # a connect's membership cache lookups, by result
 
     # ------------------------------------------------------------ what happens (reactor thread)
 
@@ -121,9 +126,17 @@ class GatewayCounts:
         """A command refused by the per-connection rate limit."""
         self._rate_limited += 1
 
+    def connect_refused(self, transport):
+        """A new connection of ``transport`` ("websocket", "grpc") refused by MAX_CONNECTS_PER_SECOND."""
+        self._connects_refused[transport] += 1
+
     def dependency_error(self, dependency, error_type):
         """A failed operation on a dependency: "redis" or "core"; ``error_type`` is short and bounded."""
         self._dependency_errors[(dependency, str(error_type))] += 1
+
+    def membership_lookup(self, result):
+        """A connect looked its profile's rooms up in the membership cache: one of MEMBERSHIP_LOOKUP_RESULTS."""
+        self._lookups[result] += 1
 
     def session_opened(self, session):
         """A device's session is registered (Gateway.open_session)."""
@@ -158,9 +171,17 @@ class GatewayCounts:
         """{payload kind: deliveries an overloaded fan-out dropped}."""
         return self._dropped.copy()
 
+    def connects_refused_counts(self):
+        """{transport: new connections refused by the connection rate}."""
+        return self._connects_refused.copy()
+
     def dependency_error_counts(self):
         """{(dependency, error type): failed operations}."""
         return self._dependency_errors.copy()
+
+    def membership_lookup_counts(self):
+        """{result: membership cache lookups}: "hit", "miss" or "error"."""
+        return self._lookups.copy()
 
     def rate_limited_count(self):
         """Commands refused by the rate limit."""

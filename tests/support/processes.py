@@ -1,6 +1,7 @@
 """Real processes for integration tests: free ports and twistd plugins."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -42,8 +43,32 @@ def until(condition, timeout=10, what=None, step=0.1):
         time.sleep(step)
 
 
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(n) for n in f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ports handed to servers come from below the kernel's ephemeral range: a port picked from
+# inside it (bind to 0) may be taken by some client's outgoing connection before the server
+# started for it binds it, and the test then fails on an address in use.
+_EPHEMERAL_LOW = _ephemeral_range()[0]
+_PORTS = random.Random(os.getpid())
+
+
 def free_port(host="127.0.0.1"):
-    """A TCP port nothing listens on right now."""
+    """A TCP port nothing listens on right now, outside the kernel's ephemeral range."""
+    for _ in range(200):
+        port = _PORTS.randrange(max(1024, _EPHEMERAL_LOW - 12000), _EPHEMERAL_LOW)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

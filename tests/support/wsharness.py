@@ -128,6 +128,11 @@ class FakeCore:
                 for m in request.members
             ]
             return defer.succeed(pb.AddRoomSubscriptionsResponse(subscriptions=subs))
+        if method == "RemoveRoomSubscriptions":
+            removed = [p for p in request.profile_ids if request.room_id in self.rooms.get(p, [])]
+            for member in removed:
+                self.rooms[member].remove(request.room_id)
+            return defer.succeed(pb.RemoveRoomSubscriptionsResponse(removed_profile_ids=removed))
         if method == "GetHistory":
             return defer.fail(CoreError(grpc.StatusCode.NOT_FOUND, f"room {request.room_id} not found"))
         return defer.fail(CoreError(grpc.StatusCode.UNIMPLEMENTED, method))
@@ -215,7 +220,7 @@ class Harness:
         if _shared is None:
             clock = task.Clock()
             clock.advance(1_000_000)
-            _shared = (clock, FakeCore(), MemoryHub(), MemoryStore())
+            _shared = (clock, FakeCore(), MemoryHub(clock), MemoryStore())
         self._shared = _shared
         self.clock, self.core, self.hub, self.store = _shared
         self.gateway = Gateway(
@@ -297,7 +302,9 @@ class Harness:
 
     def memberships_later(self):
         """The core answers the next SearchRooms with the returned Deferred (fire it with the pages);
-        later calls are answered at once again."""
+        later calls are answered at once again. The membership cache is emptied, so the next
+        connect asks the core."""
+        self.hub.memberships.rooms.clear()
         held = defer.Deferred()
         call = self.core.call
 

@@ -94,7 +94,8 @@ class World:
         self.memberships = []
         self.logged = []
         self.counts = counts if counts is not None else GatewayCounts()
-        self.fanout = Fanout(self.registry, self.memberships.append, self.clock, self.counts, max_backlog=max_backlog)
+        on_membership = lambda change, event: self.memberships.append(change)  # noqa: E731
+        self.fanout = Fanout(self.registry, on_membership, self.clock, self.counts, max_backlog=max_backlog)
         self.fanout.log = Logger(observer=self.logged.append)
 
     def room(self, room_id, size):

@@ -10,6 +10,7 @@ from zope.interface import implementer
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.core.client import CoreError
 from chatgateway.edge import grpcstream, websocket
+from chatgateway.sessions import reconnect
 from chatgateway.sessions.opening import MAX_PENDING_REQUESTS, Opening, Reasons, bearer_token
 from chatgateway.sessions.session import CloseCode, ISessionTransport
 from chatgateway.store import device_entry
@@ -146,7 +147,22 @@ def test_a_core_that_refuses_or_cannot_answer_closes_the_device(h, error, closed
     h.core.call = lambda *a, **k: defer.fail(error)
     d = Device(h)
     d.opening.start("alice")
-    assert d.transport.closed == closed and d.sessions == []
+    code, reason = d.transport.closed
+    assert (code, reason.split(": reconnect in ")[0]) == closed and d.sessions == []
+
+
+@pytest.mark.parametrize("error", [CoreError(grpc.StatusCode.UNAVAILABLE, "down"), RuntimeError("bug")])
+def test_a_1013_tells_each_device_its_own_reconnect_delay(h, error):
+    h.core.call = lambda *a, **k: defer.fail(error)
+    delays = []
+    for i in range(20):
+        d = Device(h)
+        d.opening.start(f"alice/d{i}")
+        code, reason = d.transport.closed
+        assert code == CloseCode.TRY_AGAIN_LATER and reason.rsplit(": ", 1)[1].startswith("reconnect in ")
+        delays.append(reconnect.reconnect_delay(reason))
+    assert all(reconnect.TRY_AGAIN_MIN_SEC <= x <= reconnect.TRY_AGAIN_SPREAD_SEC for x in delays)
+    assert len(set(delays)) > 5  # jittered per device
 
 
 def test_the_device_id_is_the_claims_then_the_first_requests_then_the_handshakes_then_default(h):
