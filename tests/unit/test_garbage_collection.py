@@ -2,7 +2,7 @@
 
 import gc
 
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 
 from chatgateway import config
 from chatgateway.service import GC_YOUNG_THRESHOLD, GarbageCollection, make_gateway_service
@@ -22,7 +22,7 @@ def test_startup_objects_are_frozen_and_young_collections_are_rarer_until_the_st
 
 
 def test_the_gateway_process_tunes_the_collector_before_anything_else_starts():
-    root = make_gateway_service(config.load({"CACHE_URI": "memory://", "JWT_SECRET": "x" * 32}), MemoryReactor())
+    root = make_gateway_service(config.load({"CACHE_URI": "memory://", "JWT_SECRET": "x" * 32}), MemoryReactorClock())
     first = next(iter(root))
     assert isinstance(first, GarbageCollection)
     assert first._young == GC_YOUNG_THRESHOLD > gc.get_threshold()[0]
