@@ -259,12 +259,18 @@ async def measure(options):
         await gateway.start()
         profiles = [f"p{n}" for n in range(options.connects)]
         if options.memberships == "cached":
-            # every profile connected once (other tokens): its memberships are in the store
+            # every profile connected once (other tokens), the core's answer stood in for:
+            # the profiles' memberships are cached; the timed rounds must not need the core
+            async def stand_in(token, device_id):
+                return [ROOM]
+
+            gateway.gateway.memberships = stand_in
             warm = Round(
                 gateway.factory, gateway.requests(options.connects, tokens(profiles, "warm")), 48, lambda: True
             )
             await warm.run()
             await warm.close()
+            del gateway.gateway.memberships
         core_calls_before = gateway.core_calls
         for r in range(options.rounds):
             order = (reference, gateway) if r % 2 == 0 else (gateway, reference)
@@ -315,7 +321,7 @@ def main(argv=None):
     parser.add_argument(
         "--memberships",
         choices=("cached", "stub"),
-        default="stub",
+        default="cached",
         help="cached: the store's membership cache, warmed first; stub: answered without a round trip",
     )
     parser.add_argument(
@@ -331,7 +337,7 @@ def main(argv=None):
         finally:
             reactor.stop()
 
-    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(run()).addErrback(outcome.setdefault, "error"))
+    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(run()).addErrback(lambda f: outcome.setdefault("error", f)))
     reactor.run()
     if "error" in outcome:
         outcome["error"].printTraceback()
