@@ -337,7 +337,9 @@ def main(argv=None):
         finally:
             reactor.stop()
 
-    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(run()).addErrback(lambda f: outcome.setdefault("error", f)))
+    reactor.callWhenRunning(
+        lambda: defer.Deferred.fromCoroutine(run()).addErrback(lambda f: outcome.setdefault("error", f))
+    )
     reactor.run()
     if "error" in outcome:
         outcome["error"].printTraceback()
