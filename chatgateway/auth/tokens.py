@@ -14,7 +14,9 @@ checked against an RSA public key and an RS256 token never against the secret.
 ``jwk`` and ``x5c`` headers are ignored. Time claims are checked against the injected
 clock (PyJWT reads the wall clock itself), with JWT_LEEWAY_SEC of skew.
 
-A token verified before skips PyJWT's decoding and signature check
+An HS256 token of the common shape is verified by chatgateway.auth.hs256, which
+accepts only what PyJWT would; every other token goes through PyJWT. A token
+verified before skips PyJWT's decoding and signature check
 (chatgateway.auth.tokencache); its time claims are still checked on each use, and
 its key must still be the one found for it.
 """
@@ -33,7 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatgateway.auth import ITokenVerifier
+from chatgateway.auth import ITokenVerifier, hs256
 from chatgateway.auth.jwks import JWKS_ALGORITHMS, JwksKeys, SigningKey, fetch_url
 from chatgateway.auth.tokencache import VerifiedTokens
 
@@ -82,13 +84,23 @@ class _CheckedKeyHMAC(HMACAlgorithm):
         return prepared
 
 
-def _decoder():
-    """A PyJWT of our own whose HS256 remembers the checked secret."""
+def _decoder(hs256):
+    """A PyJWT of our own whose HS256 (``hs256``, a _CheckedKeyHMAC) remembers the checked secret."""
     decoder = jwt.PyJWT()
     # PyJWT takes no algorithms of its own; its PyJWS does (register_algorithm).
     decoder._jws.unregister_algorithm("HS256")
-    decoder._jws.register_algorithm("HS256", _CheckedKeyHMAC())
+    decoder._jws.register_algorithm("HS256", hs256)
     return decoder
+
+
+def _hmac_key(hs256, secret):
+    """JWT_SECRET as the bytes HS256 signs with, if PyJWT accepts it as an HMAC key; else None."""
+    if secret is None:
+        return None
+    try:
+        return hs256.prepare_key(secret)
+    except Exception:  # a PEM or JWK in disguise: PyJWT refuses it on every decode, and says why
+        return None
 
 
 def _unverified_header(token):
@@ -139,7 +151,9 @@ class TokenVerifier:
             cooldown=float(config.jwks_refetch_cooldown_sec),
             timeout=float(config.core_timeout_sec),
         )
-        self._decoder = _decoder()
+        hs256 = _CheckedKeyHMAC()
+        self._decoder = _decoder(hs256)
+        self._hmac_key = _hmac_key(hs256, self._secret)
         self._verified = VerifiedTokens()
 
     # -- public API ------------------------------------------------------------------
@@ -219,6 +233,10 @@ class TokenVerifier:
 
     def _signature_and_claims(self, token, key, alg):
         """PyJWT's checks: signature, algorithm, audience, issuer, required claims. Returns the payload."""
+        if alg == "HS256" and key is self._secret and self._hmac_key is not None:
+            payload = hs256.verified_payload(token, self._hmac_key, self._audience, self._issuer)
+            if payload is not None:
+                return payload  # PyJWT would accept it as it is: no need to ask it
         try:
             payload = self._decoder.decode(
                 token,

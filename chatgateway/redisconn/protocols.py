@@ -39,11 +39,40 @@ class PromptReader:
                 super().dataReceived(rest)
 
 
-class RedisProtocol(JudgedReplyTimeouts, PromptReader, txredisapi.RedisProtocol):
+class LeanCommands:
+    """Mixin for txredisapi protocols: commands encoded as txredisapi encodes them, in one pass.
+
+    txredisapi makes each argument and its length go through its generic encoder and a
+    bytearray: ~0.7 us per argument, ~12 us for a connect's ``open_connection`` script.
+    Here str, bytes and int arguments (all the gateway sends) are formatted at once;
+    anything else still goes through txredisapi's encoder, errors included.
+    """
+
+    def _build_command(self, *args, **kwargs):
+        parts = [b"*%d\r\n" % len(args)]
+        charset, errors, encode = self.charset, self.errors, self._encode_value
+        for arg in args:
+            kind = type(arg)
+            if kind is bytes:
+                data = arg
+            elif kind is str and charset is not None:
+                try:
+                    data = arg.encode(charset, errors)
+                except UnicodeEncodeError:
+                    data = encode(arg)  # raises txredisapi's InvalidData, with its message
+            elif kind is int:
+                data = b"%d" % arg
+            else:
+                data = encode(arg)
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(parts)
+
+
+class RedisProtocol(JudgedReplyTimeouts, PromptReader, LeanCommands, txredisapi.RedisProtocol):
     """txredisapi's protocol, reading promptly, with judged reply timeouts."""
 
 
-class SubscriberProtocol(JudgedReplyTimeouts, PromptReader, txredisapi.SubscriberProtocol):
+class SubscriberProtocol(JudgedReplyTimeouts, PromptReader, LeanCommands, txredisapi.SubscriberProtocol):
     """Hands every pub/sub message to the connection's ``on_message``, the messages of one
     read inside one ``batch()`` (the connection's: the gateway's cork, sessions.corking)."""
 
