@@ -93,6 +93,16 @@ def decode_event(payload, is_binary):
     return event
 
 
+def parse_server_event(payload):
+    """A serialized ServerEvent (bus payload, stream entry) parsed; None when it does not parse."""
+    event = pb.ServerEvent()
+    try:
+        event.ParseFromString(payload)
+    except DecodeError:
+        return None
+    return event
+
+
 def stamp(event, now):
     """Set the event's timestamp to ``now`` (seconds since the epoch) and return it."""
     event.timestamp.FromNanoseconds(int(now * 1e9))

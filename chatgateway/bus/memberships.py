@@ -34,9 +34,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from google.protobuf.message import DecodeError
-
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
 from chatgateway.bus import IEventBus, channels
 
 # Marks a cached set: present even when the profile has no room (room ids are never empty).
@@ -164,10 +163,8 @@ def publish_event(bus: IEventBus, channel: str, event: pb.ServerEvent, payload: 
 def publish_payload(bus: IEventBus, channel: str, payload: bytes) -> Any:
     """``publish_event`` for a serialized ServerEvent (parsed only on a profile channel)."""
     if channel.startswith(channels.profile("")):
-        event = pb.ServerEvent()
-        try:
-            event.ParseFromString(payload)
-        except DecodeError:
+        event = codec.parse_server_event(payload)
+        if event is None:
             return bus.publish(channel, payload)
         return publish_event(bus, channel, event, payload)
     return bus.publish(channel, payload)

@@ -36,9 +36,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from google.protobuf.message import DecodeError
-
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
 from chatgateway.bus import IEventBus, channels, memberships
 
 MAX_LEN = 1000  # the defaults of ROOM_STREAM_MAX_LEN and ROOM_STREAM_MAX_AGE_SEC
@@ -186,10 +185,8 @@ def publish_payload(bus: IEventBus, channel: str, payload: bytes) -> Any:
     """``publish_event`` for a serialized ServerEvent (parsed only on room and profile channels)."""
     if _room_of(channel) is None:
         return memberships.publish_payload(bus, channel, payload)
-    event = pb.ServerEvent()
-    try:
-        event.ParseFromString(payload)
-    except DecodeError:
+    event = codec.parse_server_event(payload)
+    if event is None:
         return bus.publish(channel, payload)
     return publish_event(bus, channel, event, payload)
 

@@ -25,7 +25,6 @@ import uuid
 from contextlib import nullcontext
 
 import grpc
-from google.protobuf.message import DecodeError
 from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
@@ -115,10 +114,8 @@ class Fanout:
     def receive(self, channel, payload):
         """Bus receiver: deliver one serialized ServerEvent."""
         started = self._counts.clock()
-        event = pb.ServerEvent()
-        try:
-            event.ParseFromString(payload)
-        except DecodeError:
+        event = codec.parse_server_event(payload)
+        if event is None:
             self.log.warn("dropped an unparsable event on {channel}", channel=channel)
             return
         self.receive_event(channel, event, payload, started)

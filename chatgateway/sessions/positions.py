@@ -18,11 +18,10 @@ room starts again from that event. Events without a position (typing, a core tha
 not follow the contract) pass unchecked.
 """
 
-from google.protobuf.message import DecodeError
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from chatgateway.api import chat_pb2 as pb
+from chatgateway.api import codec
 from chatgateway.bus import channels
 from chatgateway.bus.roomstream import READ_CHUNK
 
@@ -70,10 +69,8 @@ class RoomPositions:
 
     def receive(self, channel, payload):
         """Bus receiver for event channels: parse, check the position, deliver."""
-        event = pb.ServerEvent()
-        try:
-            event.ParseFromString(payload)
-        except DecodeError:
+        event = codec.parse_server_event(payload)
+        if event is None:
             self.log.warn("dropped an unparsable event on {channel}", channel=channel)
             return
         offset = event.offset
@@ -157,10 +154,8 @@ class RoomPositions:
         for offset, payload in events:
             if offset <= room.offset:
                 continue
-            event = pb.ServerEvent()
-            try:
-                event.ParseFromString(payload)
-            except DecodeError:
+            event = codec.parse_server_event(payload)
+            if event is None:
                 self.log.warn("skipped an unparsable event in the stream of room {room}", room=room_id)
                 continue
             room.offset = offset
