@@ -49,6 +49,7 @@ from suite import (  # noqa: E402
     SECRET,
     SERVER_CPU,
     TWISTD,
+    ClientProcesses,
     _cleanup,
     _Lines,
     _sigterm,
@@ -148,12 +149,12 @@ class Reference:
         kill_tree(self.process)
 
 
-class Clients:
+class Clients(ClientProcesses):
     """DEVICES devices of PROFILE over one edge, spread over client processes on the load CPU."""
 
     def __init__(self, edge, server, devices, processes, shared_channel=False):
+        super().__init__()
         self.edge = edge
-        self.processes, self.lines = [], []
         size = -(-devices // processes)
         log = open(OUT / "grpc_vs_ws-clients.log", "ab")
         try:
@@ -178,37 +179,14 @@ class Clients:
                 )
                 self.processes.append(process)
                 self.lines.append(_Lines(process.stdout))
-            self.connected = sum(int(lines.read("READY", 300, p).split()[1]) for p, lines in self._each())
+            self.connected = sum(
+                int(lines.read("READY", 300, p).split()[1]) for p, lines in zip(self.processes, self.lines, strict=True)
+            )
         except BaseException:
             self.stop()
             raise
         finally:
             log.close()
-
-    def _each(self):
-        return zip(self.processes, self.lines, strict=True)
-
-    def command(self, word, timeout=60):
-        for p in self.processes:
-            p.stdin.write(word + "\n")
-            p.stdin.flush()
-        return [lines.read(word, timeout, p) for p, lines in self._each()]
-
-    def stats(self):
-        return [json.loads(line.split(" ", 1)[1]) for line in self.command("STATS")]
-
-    def cpu(self):
-        return sum(cpu_seconds(p.pid) for p in self.processes)
-
-    def stop(self):
-        for p in self.processes:
-            try:
-                p.stdin.write("QUIT\n")
-                p.stdin.flush()
-                p.wait(30)
-            except Exception:
-                pass
-            kill_tree(p, timeout=1)
 
 
 def publish(client, rate, seconds):
@@ -246,10 +224,10 @@ def settled(clients, quiet=1.0, timeout=60):
 def step(server, redis_client, clients, devices, rate, seconds):
     settled(clients, quiet=0.5)
     clients.command("RESET")
-    cpu0, client_cpu0, started = server.cpu(), clients.cpu(), time.monotonic()
+    cpu0, client_cpu0, started = server.cpu(), clients.cpu_seconds(), time.monotonic()
     sent = publish(redis_client, rate, seconds)
     stats = settled(clients)
-    cpu, client_cpu, elapsed = server.cpu() - cpu0, clients.cpu() - client_cpu0, time.monotonic() - started
+    cpu, client_cpu, elapsed = server.cpu() - cpu0, clients.cpu_seconds() - client_cpu0, time.monotonic() - started
     delivered = sum(s["messages"] for s in stats)
     expected = sent * devices
     result = {

@@ -9,10 +9,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
+from suite import ready
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import chat_pb2_grpc
@@ -147,7 +147,7 @@ def _start_servers(servers, system, redis_uri, core_port, log_dir, extra_env):
         servers.append(server.start())
     if system in GATEWAYS:
         for server in servers:
-            until(lambda s=server: _ready(s.port), timeout=30, what=f"/readyz 200 on {server.port}")
+            until(lambda s=server: ready(s.port), timeout=30, what=f"/readyz 200 on {server.port}")
     return servers
 
 
@@ -193,14 +193,6 @@ def _accepts(port):
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
         return True
     except OSError:
-        return False
-
-
-def _ready(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
-            return answer.status == 200
-    except Exception:
         return False
 
 

@@ -483,12 +483,42 @@ class _Lines:
                 return line.strip()
 
 
-class Clients:
+class ClientProcesses:
+    """Load client processes that follow the control-line contract (bench/README.md): a
+    command word on stdin, answered by a line starting with it on stdout."""
+
+    def __init__(self):
+        self.processes = []
+        self.lines = []
+
+    def command(self, word, timeout=60):
+        for p in self.processes:
+            p.stdin.write(word + "\n")
+            p.stdin.flush()
+        return [lines.read(word, timeout, p) for p, lines in zip(self.processes, self.lines, strict=True)]
+
+    def stats(self):
+        return [json.loads(line.split(" ", 1)[1]) for line in self.command("STATS")]
+
+    def cpu_seconds(self):
+        return sum(cpu_seconds(p.pid) for p in self.processes)
+
+    def stop(self):
+        for p in self.processes:
+            try:
+                p.stdin.write("QUIT\n")
+                p.stdin.flush()
+                p.wait(30)
+            except Exception:
+                pass
+            kill_tree(p, timeout=1)
+
+
+class Clients(ClientProcesses):
     """Receiving devices spread over client processes pinned to the client CPU(s)."""
 
     def __init__(self, system, room, count, prefix, options, round_name=""):
-        self.processes = []
-        self.lines = []
+        super().__init__()
         gateway = system.name != "reference"
         parts = max(len(system.ports), math.ceil(count / MAX_PER_CLIENT))
         size = math.ceil(count / parts)
@@ -565,28 +595,6 @@ class Clients:
                     "p99": max(s["p99"] for _, s in parts),
                 }
         return figures
-
-    def command(self, word, timeout=60):
-        for p in self.processes:
-            p.stdin.write(word + "\n")
-            p.stdin.flush()
-        return [lines.read(word, timeout, p) for p, lines in zip(self.processes, self.lines, strict=True)]
-
-    def stats(self):
-        return [json.loads(line.split(" ", 1)[1]) for line in self.command("STATS")]
-
-    def cpu_seconds(self):
-        return sum(cpu_seconds(p.pid) for p in self.processes)
-
-    def stop(self):
-        for p in self.processes:
-            try:
-                p.stdin.write("QUIT\n")
-                p.stdin.flush()
-                p.wait(30)
-            except Exception:
-                pass
-            kill_tree(p, timeout=1)
 
 
 # --------------------------------------------------------------------------- measurements
