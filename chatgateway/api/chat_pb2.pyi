@@ -45,7 +45,7 @@ class RoomSubscription(_message.Message):
     def __init__(self, room_id: _Optional[str] = ..., profile_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., joined_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RoomEvent(_message.Message):
-    __slots__ = ("id", "room_id", "sender_id", "type", "payload", "sent_at", "edited", "redacted", "replaces_event_id", "relates_to_event_id")
+    __slots__ = ("id", "room_id", "sender_id", "type", "payload", "sent_at", "edited", "redacted", "replaces_event_id", "relates_to_event_id", "epoch", "offset")
     class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         TYPE_UNSPECIFIED: _ClassVar[RoomEvent.Type]
@@ -80,6 +80,8 @@ class RoomEvent(_message.Message):
     REDACTED_FIELD_NUMBER: _ClassVar[int]
     REPLACES_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     RELATES_TO_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     id: str
     room_id: str
     sender_id: str
@@ -90,7 +92,9 @@ class RoomEvent(_message.Message):
     redacted: bool
     replaces_event_id: str
     relates_to_event_id: str
-    def __init__(self, id: _Optional[str] = ..., room_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., type: _Optional[_Union[RoomEvent.Type, str]] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., edited: _Optional[bool] = ..., redacted: _Optional[bool] = ..., replaces_event_id: _Optional[str] = ..., relates_to_event_id: _Optional[str] = ...) -> None: ...
+    epoch: str
+    offset: int
+    def __init__(self, id: _Optional[str] = ..., room_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., type: _Optional[_Union[RoomEvent.Type, str]] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., edited: _Optional[bool] = ..., redacted: _Optional[bool] = ..., replaces_event_id: _Optional[str] = ..., relates_to_event_id: _Optional[str] = ..., epoch: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("code", "status", "message", "meta")
@@ -112,24 +116,42 @@ class ErrorDetail(_message.Message):
     def __init__(self, code: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("auth_token", "device_id", "resume_token", "ack", "command")
+    __slots__ = ("auth_token", "device_id", "resume_token", "ack", "command", "positions")
     AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     auth_token: str
     device_id: str
     resume_token: str
     ack: Ack
     command: ClientCommand
-    def __init__(self, auth_token: _Optional[str] = ..., device_id: _Optional[str] = ..., resume_token: _Optional[str] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., command: _Optional[_Union[ClientCommand, _Mapping]] = ...) -> None: ...
+    positions: _containers.RepeatedCompositeFieldContainer[RoomPosition]
+    def __init__(self, auth_token: _Optional[str] = ..., device_id: _Optional[str] = ..., resume_token: _Optional[str] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., command: _Optional[_Union[ClientCommand, _Mapping]] = ..., positions: _Optional[_Iterable[_Union[RoomPosition, _Mapping]]] = ...) -> None: ...
+
+class RoomPosition(_message.Message):
+    __slots__ = ("room_id", "epoch", "offset")
+    ROOM_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    room_id: str
+    epoch: str
+    offset: int
+    def __init__(self, room_id: _Optional[str] = ..., epoch: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("event_id",)
+    __slots__ = ("event_id", "room_id", "epoch", "offset")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROOM_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     event_id: str
-    def __init__(self, event_id: _Optional[str] = ...) -> None: ...
+    room_id: str
+    epoch: str
+    offset: int
+    def __init__(self, event_id: _Optional[str] = ..., room_id: _Optional[str] = ..., epoch: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ClientCommand(_message.Message):
     __slots__ = ("request_id", "room_event", "typing", "read_marker", "subscribe", "unsubscribe", "call")
@@ -180,7 +202,7 @@ class CallCommand(_message.Message):
     def __init__(self, method: _Optional[str] = ..., body: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class ServerEvent(_message.Message):
-    __slots__ = ("id", "timestamp", "connected", "message", "typing_event", "receipt_event", "presence_event", "command_result", "subscription_event", "error", "epoch", "offset")
+    __slots__ = ("id", "timestamp", "connected", "message", "typing_event", "receipt_event", "presence_event", "command_result", "subscription_event", "error", "gap", "epoch", "offset")
     ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +213,7 @@ class ServerEvent(_message.Message):
     COMMAND_RESULT_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIPTION_EVENT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     id: str
@@ -203,12 +226,13 @@ class ServerEvent(_message.Message):
     command_result: CommandResult
     subscription_event: SubscriptionEvent
     error: ErrorDetail
+    gap: GapEvent
     epoch: str
     offset: int
-    def __init__(self, id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., message: _Optional[_Union[RoomEvent, _Mapping]] = ..., typing_event: _Optional[_Union[TypingEvent, _Mapping]] = ..., receipt_event: _Optional[_Union[ReceiptEvent, _Mapping]] = ..., presence_event: _Optional[_Union[PresenceEvent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., subscription_event: _Optional[_Union[SubscriptionEvent, _Mapping]] = ..., error: _Optional[_Union[ErrorDetail, _Mapping]] = ..., epoch: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., message: _Optional[_Union[RoomEvent, _Mapping]] = ..., typing_event: _Optional[_Union[TypingEvent, _Mapping]] = ..., receipt_event: _Optional[_Union[ReceiptEvent, _Mapping]] = ..., presence_event: _Optional[_Union[PresenceEvent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., subscription_event: _Optional[_Union[SubscriptionEvent, _Mapping]] = ..., error: _Optional[_Union[ErrorDetail, _Mapping]] = ..., gap: _Optional[_Union[GapEvent, _Mapping]] = ..., epoch: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Connected(_message.Message):
-    __slots__ = ("gateway_id", "session_id", "profile_id", "device_id", "heartbeat_interval_sec", "room_ids", "resume_token")
+    __slots__ = ("gateway_id", "session_id", "profile_id", "device_id", "heartbeat_interval_sec", "room_ids", "resume_token", "resumed")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +240,7 @@ class Connected(_message.Message):
     HEARTBEAT_INTERVAL_SEC_FIELD_NUMBER: _ClassVar[int]
     ROOM_IDS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     session_id: str
     profile_id: str
@@ -223,7 +248,22 @@ class Connected(_message.Message):
     heartbeat_interval_sec: int
     room_ids: _containers.RepeatedScalarFieldContainer[str]
     resume_token: str
-    def __init__(self, gateway_id: _Optional[str] = ..., session_id: _Optional[str] = ..., profile_id: _Optional[str] = ..., device_id: _Optional[str] = ..., heartbeat_interval_sec: _Optional[int] = ..., room_ids: _Optional[_Iterable[str]] = ..., resume_token: _Optional[str] = ...) -> None: ...
+    resumed: bool
+    def __init__(self, gateway_id: _Optional[str] = ..., session_id: _Optional[str] = ..., profile_id: _Optional[str] = ..., device_id: _Optional[str] = ..., heartbeat_interval_sec: _Optional[int] = ..., room_ids: _Optional[_Iterable[str]] = ..., resume_token: _Optional[str] = ..., resumed: _Optional[bool] = ...) -> None: ...
+
+class GapEvent(_message.Message):
+    __slots__ = ("room_id", "epoch", "first_offset", "last_offset", "reason")
+    ROOM_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    room_id: str
+    epoch: str
+    first_offset: int
+    last_offset: int
+    reason: str
+    def __init__(self, room_id: _Optional[str] = ..., epoch: _Optional[str] = ..., first_offset: _Optional[int] = ..., last_offset: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class TypingEvent(_message.Message):
     __slots__ = ("room_id", "profile_id", "typing")
@@ -310,7 +350,7 @@ class SendEventResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[RoomEvent, _Mapping]] = ...) -> None: ...
 
 class GetHistoryRequest(_message.Message):
-    __slots__ = ("room_id", "cursor", "limit", "direction")
+    __slots__ = ("room_id", "cursor", "limit", "direction", "after_epoch", "after_offset")
     class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         BACKWARD: _ClassVar[GetHistoryRequest.Direction]
@@ -321,11 +361,15 @@ class GetHistoryRequest(_message.Message):
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    AFTER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    AFTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
     room_id: str
     cursor: str
     limit: int
     direction: GetHistoryRequest.Direction
-    def __init__(self, room_id: _Optional[str] = ..., cursor: _Optional[str] = ..., limit: _Optional[int] = ..., direction: _Optional[_Union[GetHistoryRequest.Direction, str]] = ...) -> None: ...
+    after_epoch: str
+    after_offset: int
+    def __init__(self, room_id: _Optional[str] = ..., cursor: _Optional[str] = ..., limit: _Optional[int] = ..., direction: _Optional[_Union[GetHistoryRequest.Direction, str]] = ..., after_epoch: _Optional[str] = ..., after_offset: _Optional[int] = ...) -> None: ...
 
 class GetHistoryResponse(_message.Message):
     __slots__ = ("events", "next_cursor")
