@@ -68,11 +68,22 @@ class LeanCommands:
         return b"".join(parts)
 
 
-class RedisProtocol(JudgedReplyTimeouts, PromptReader, LeanCommands, txredisapi.RedisProtocol):
+class ReportsLoss:
+    """Mixin for txredisapi protocols: the reason a connection was lost is handed to its
+    RedisConnection (txredisapi drops it), so a TLS handshake refused is logged as such."""
+
+    def connectionLost(self, reason):
+        owner = getattr(self.factory, "owner", None)
+        if owner is not None:
+            owner.lost_because(self, reason)
+        return super().connectionLost(reason)
+
+
+class RedisProtocol(ReportsLoss, JudgedReplyTimeouts, PromptReader, LeanCommands, txredisapi.RedisProtocol):
     """txredisapi's protocol, reading promptly, with judged reply timeouts."""
 
 
-class SubscriberProtocol(JudgedReplyTimeouts, PromptReader, LeanCommands, txredisapi.SubscriberProtocol):
+class SubscriberProtocol(ReportsLoss, JudgedReplyTimeouts, PromptReader, LeanCommands, txredisapi.SubscriberProtocol):
     """Hands every pub/sub message to the connection's ``on_message``, the messages of one
     read inside one ``batch()`` (the connection's: the gateway's cork, sessions.corking)."""
 

@@ -81,6 +81,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, RedisConnection, all_replies
+from chatgateway.redisconn.tls import TLSSettings
 from chatgateway.redisconn.uri import parse_uri
 from chatgateway.store import (
     INSTANCES_KEY,
@@ -265,7 +266,12 @@ class RedisStore:
         self._own = {config.gateway_id}
         self._reconnect_callbacks = []
         self.redis = RedisConnection(
-            parse_uri(config.cache_uri), reactor, "store", timeout=timeout, clock=clock, counts=counts
+            parse_uri(config.cache_uri, TLSSettings.of(config)),
+            reactor,
+            "store",
+            timeout=timeout,
+            clock=clock,
+            counts=counts,
         )
         self.redis.on_ready(self._back)
 
