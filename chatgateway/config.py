@@ -188,7 +188,7 @@ SETTINGS = [
         "CACHE_URI",
         _store_uri,
         "memory://",
-        "Connection metadata store: memory:// (one instance), redis://host:port/db, rediss:// (TLS) or unix:///path.",
+        "Connection metadata store: memory:// (one instance), redis://host:port/db, rediss:// (TLS), unix:///path, or redis+cluster://host:port,host:port (rediss+cluster:// with TLS).",
     ),
     Setting("EVENTS_URI", _store_uri, "", "Event bus; defaults to CACHE_URI."),
     Setting(

@@ -97,3 +97,25 @@ class SubscriberProtocol(ReportsLoss, JudgedReplyTimeouts, PromptReader, LeanCom
         owner = self.factory.owner
         owner.last_message_at = owner.clock.seconds()
         owner.on_message(channel, message)
+
+
+class ShardedSubscriberProtocol(SubscriberProtocol):
+    """Sharded pub/sub (Redis 7: SSUBSCRIBE, ``smessage``), one connection per primary of a cluster.
+
+    Redis confirms SSUBSCRIBE/SUNSUBSCRIBE per channel, as SUBSCRIBE; it also sends a
+    ``sunsubscribe`` nobody asked for when the channel's slot leaves this node (the node
+    became a replica, or the slot moved): that goes to ``on_dropped(channel)``.
+    """
+
+    on_dropped = staticmethod(lambda channel: None)
+
+    def replyReceived(self, reply):
+        if isinstance(reply, list) and len(reply) == 3:
+            kind = reply[0]
+            if kind in (b"smessage", "smessage"):
+                self.messageReceived(None, reply[1], reply[2])
+                return
+            if kind in (b"sunsubscribe", "sunsubscribe") and not self.replyQueue.waiting:
+                self.on_dropped(reply[1])
+                return
+        super().replyReceived(reply)

@@ -71,7 +71,7 @@ def store_uri(text):
     if urlsplit(text).scheme not in SCHEMES:
         raise ValueError(
             f"unknown scheme {urlsplit(text).scheme!r}: use memory://, redis://host:port/db, "
-            "rediss://host:port/db or unix:///path"
+            "rediss://host:port/db, unix:///path or redis+cluster://host:port,host:port"
         )
     try:
         parse_uri(text)
