@@ -232,7 +232,15 @@ async def test_a_primary_killed_during_traffic_every_published_event_is_delivere
         return all(set(ids) <= got for ids in publisher.published.values())
 
     for device in devices:
-        await wait_until(lambda device=device: complete(device), 40)
+        try:
+            await wait_until(lambda device=device: complete(device), 40)
+        except AssertionError:
+            missing = {
+                r: [i for i in ids if i not in {m[0] for m in room_messages(device, r)}]
+                for r, ids in publisher.published.items()
+            }
+            logs = "\n".join(g.log_tail(60) for g in deployment.gateways)
+            raise AssertionError(f"missing {missing} on {device.connected.connected.gateway_id}\n{logs}") from None
     for device in devices:
         for room in rooms:
             messages = room_messages(device, room)
@@ -243,10 +251,19 @@ async def test_a_primary_killed_during_traffic_every_published_event_is_delivere
             assert len({m[1] for m in messages}) == 1  # one epoch: the stream survived the failover
         errors = [(e.error.status, e.error.message) for e in device.pending("error")]
         assert errors == [], (errors, rooms, [shard_of(deployment, r) for r in rooms])  # no DATA_LOSS
-    # delivery through the core goes on after the failover
-    sent = await owner.send_message(victim_room, "after the failover")
-    for device in devices[1:]:
-        await device.next_event("message", lambda e: e.message.id == sent.id, timeout=10)
+
+    # Delivery through the core goes on once the core's own bus found the new primary (a
+    # publish of the core during the failover fails and is lost: the documented loss).
+    async def delivered():
+        sent = await owner.send_message(victim_room, "after the failover")
+        try:
+            for device in devices[1:]:
+                await device.next_event("message", lambda e: e.message.id == sent.id, timeout=2)
+            return True
+        except defer.TimeoutError:
+            return False
+
+    await wait_until(delivered, 30, interval=0.2)
     logs = "\n".join(g.log_text() for g in deployment.gateways)
     assert "reading the streams" in logs or "filled" in logs
     for device in devices:
