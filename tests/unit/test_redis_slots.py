@@ -12,7 +12,7 @@ def test_crc16_and_slots_match_the_cluster_specification():
     assert crc16(b"123456789") == 0x31C3  # the reference value of CRC16-XMODEM
     assert key_slot("123456789") == 12739
     assert key_slot("{user1000}.following") == key_slot("{user1000}.followers") == key_slot("user1000")
-    assert key_slot("foo{}{bar}") == key_slot("foo{}{bar}".encode())  # an empty tag: the whole key
+    assert key_slot("foo{}{bar}") == key_slot(b"foo{}{bar}")  # an empty tag: the whole key
     assert key_slot("foo{{bar}}zap") == key_slot("{bar")
     assert key_slot("foo{bar}{zap}") == key_slot("bar")
 
