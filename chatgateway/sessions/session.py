@@ -175,6 +175,10 @@ class Session:
         "_bucket",
         "_refreshes",
         "_expires_at",
+        "delivered",
+        "catching",
+        "behind",
+        "_behind_timer",
     )
 
     def __init__(self, gateway, transport, claims, token, device_id, member_rooms):
@@ -193,6 +197,13 @@ class Session:
         self._bucket = None  # the rate limit's TokenBucket, made by the first command (it starts full)
         self._refreshes = None  # MAX_TOKEN_REFRESHES_PER_MINUTE's TokenBucket, made by the first refresh
         self._expires_at = None  # of the token, while TokenExpiries watches it
+        # Per room, the position (room id, epoch, offset) of the last room event given to this
+        # device; the rooms catching up (sessions.catchup: their live events are held); whether
+        # its outbox is full (room events are not fed to it until it drains: sessions.behind).
+        self.delivered = {}
+        self.catching = {}
+        self.behind = False
+        self._behind_timer = None
         gateway.token_expiries.schedule(self, claims.valid_until)
 
     # ------------------------------------------------------------ lifecycle
@@ -260,8 +271,50 @@ class Session:
             self.gateway.counts.sent(event)
 
     def deliver(self, encoded):
-        if not self.closed:
+        """A live event of the fan-out. A room event is given once and in order by position:
+        one at or below the device's position is dropped, one beyond the next starts a
+        catch-up (docs/architecture.md#catch-up); while its room catches up it is held."""
+        if self.closed:
+            return
+        position = encoded.position
+        if position is None:
             self.transport.send_encoded(encoded)
+            return
+        room_id = position[0]
+        catching = self.catching
+        if catching and room_id in catching:
+            catching[room_id].live(encoded)
+            return
+        last = self.delivered.get(room_id)
+        if last is not None and last[1] == position[1] and position[2] != last[2] + 1:
+            if position[2] > last[2]:
+                self.gateway.catchups.hole(self, last, encoded)
+            return  # at or below: given already
+        if not self.behind:
+            self.transport.send_encoded(encoded)
+            if not self.behind:
+                self.delivered[room_id] = position
+                return
+        self.gateway.catchups.fall_behind(self, position, last)
+
+    def give(self, encoded):
+        """A catch-up's event (sessions.catchup); False when it did not fit (the device fell behind)."""
+        if self.closed or self.behind:
+            return False
+        self.transport.send_encoded(encoded)
+        return not self.behind
+
+    def catch_up(self, room_id, epoch, offset):
+        """Give this device every event of the room after (epoch, offset), in order, then live
+        events with no gap and no duplicate at the seam. A Deferred fired when the room is live
+        again. Call it before the session gets live events of the room (in the turn it is
+        registered): what it was given live before counts as given."""
+        return self.gateway.catchups.start(self, room_id, epoch, offset)
+
+    def position(self, room_id):
+        """(epoch, offset) of the last event of the room given to this device, or None."""
+        last = self.delivered.get(room_id)
+        return None if last is None else (last[1], last[2])
 
     def reply(self, request_id, error=None, body=None, more=False):
         result = pb.CommandResult(request_id=request_id, more=more)

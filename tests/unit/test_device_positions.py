@@ -104,7 +104,7 @@ def test_a_redis_hash_reads_back_as_positions():
 @pytest.fixture
 def harness(monkeypatch):
     monkeypatch.setattr(gateway_module, "Session", CatchingSession)
-    CatchingSession.caught, CatchingSession.delivered = [], {}
+    CatchingSession.caught, CatchingSession.given = [], {}
     harness = Harness(HEARTBEAT_INTERVAL_SEC=10)
     harness.core.rooms["alice"] = ["r1"]
     yield harness
@@ -118,13 +118,13 @@ def test_the_gateway_writes_positions_once_per_heartbeat_and_at_the_close(harnes
     records.save = lambda batch: saves.append(batch) or save(batch)
     c = harness.connect("alice/phone")
     (session,) = harness.gateway.registry.sessions
-    CatchingSession.delivered[session.id] = {"r1": ("e", 1)}
+    CatchingSession.given[session.id] = {"r1": ("e", 1)}
     harness.advance(9)
     assert saves == []  # not before the heartbeat
-    CatchingSession.delivered[session.id] = {"r1": ("e", 4)}
+    CatchingSession.given[session.id] = {"r1": ("e", 4)}
     harness.advance(1)
     assert saves == [{("alice", "phone"): {"r1": ("e", 4)}}]
-    CatchingSession.delivered[session.id] = {"r1": ("e", 6)}
+    CatchingSession.given[session.id] = {"r1": ("e", 6)}
     harness.advance(5)
     assert len(saves) == 1  # at most once per heartbeat interval
     c.client.sendClose()

@@ -51,20 +51,20 @@ class CatchingSession(Session):
 
     __slots__ = ()
     caught = []  # (session id, room, epoch, offset), every instance's
-    delivered = {}  # session id -> {room: (epoch, offset)}
+    given = {}  # session id -> {room: (epoch, offset)}
 
     def catch_up(self, room_id, epoch, offset):
         self.caught.append((self.device_id, room_id, epoch, offset))
         return defer.succeed(None)
 
     def position(self, room_id):
-        return self.delivered.get(self.id, {}).get(room_id)
+        return self.given.get(self.id, {}).get(room_id)
 
 
 @pytest.fixture
 def harness(monkeypatch):
     monkeypatch.setattr(gateway_module, "Session", CatchingSession)
-    CatchingSession.caught, CatchingSession.delivered = [], {}
+    CatchingSession.caught, CatchingSession.given = [], {}
     harness = Harness()
     harness.core.rooms["alice"] = ["r1", "r2"]
     yield harness
