@@ -70,7 +70,7 @@ class Device:
 
     def __init__(self):
         self.events = []
-        self.full = False
+        self.room = None  # room events the outbox takes before it is full (None: no end)
         self.session = None
         self.closed = None
 
@@ -78,9 +78,11 @@ class Device:
         self.events.append(event)
 
     def send_encoded(self, encoded):
-        if self.full:
-            self.session.fell_behind()
-            return
+        if self.room is not None and encoded.position is not None:
+            if self.room <= 0:
+                self.session.fell_behind()
+                return
+            self.room -= 1
         self.events.append(encoded.event)
 
     def ping(self):
@@ -340,3 +342,65 @@ def test_a_position_of_another_epoch_takes_that_epoch_from_the_core_then_the_new
     h.run()
     assert [(e.epoch, e.offset) for e in device.events] == [(old, 5), (old, 6)] + [(h.epoch(), n) for n in (1, 2, 3)]
     assert session.position(ROOM) == (h.epoch(), 3) and session.catching == {}
+
+
+def test_a_device_whose_outbox_is_full_falls_behind_then_catches_up_when_it_drains():
+    h = Harness()
+    session, device = h.session()
+    h.publish(3)
+    device.room = 0  # its outbox is full
+    h.publish(4)  # 4 does not fit: behind; 5..7 are not even tried
+    assert session.behind and device.offsets() == [1, 2, 3] and device.closed is None
+    assert session.catching[ROOM].behind
+    device.room = None
+    session.drained()
+    h.run()
+    assert device.offsets() == list(range(1, 8)) and not session.behind and session.catching == {}
+    h.publish(1)
+    assert device.offsets() == list(range(1, 9))
+    assert h.gateway.counts.behind_count() == 1
+
+
+def test_the_behind_and_catch_up_cycle_repeats_until_the_device_is_live_again():
+    h = Harness()
+    session, device = h.session()
+    h.publish(2)
+    device.room = 0
+    h.publish(20)  # behind at 2
+    for _ in range(6):  # it drains a little at a time: 3 events fit per drain
+        device.room = 3
+        session.drained()
+        h.run()
+        h.publish(1)  # live traffic meanwhile
+    device.room = None
+    session.drained()
+    h.run()
+    assert device.offsets() == list(range(1, 29))  # each once, in order
+    assert session.catching == {} and not session.behind
+    assert h.gateway.counts.behind_count() == 7
+
+
+def test_a_device_behind_that_never_drains_is_closed_4429():
+    h = Harness(BEHIND_DRAIN_SEC=10)
+    session, device = h.session()
+    h.publish(1)
+    device.room = 0
+    h.publish(1)
+    h.clock.advance(9)
+    assert device.closed is None
+    h.clock.advance(1)
+    assert device.closed[0] == 4429 and session.closed
+
+
+def test_a_device_that_drains_in_time_is_not_closed():
+    h = Harness(BEHIND_DRAIN_SEC=10)
+    session, device = h.session()
+    h.publish(1)
+    device.room = 0
+    h.publish(1)
+    h.clock.advance(5)
+    device.room = None
+    session.drained()
+    h.clock.advance(20)
+    h.run()
+    assert device.closed is None and device.offsets() == [1, 2]
