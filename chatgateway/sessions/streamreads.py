@@ -66,11 +66,14 @@ class History(NamedTuple):
 class _Window:
     """Events of offsets after+1 .. top of one epoch, contiguous: events[i] has offset after+1+i."""
 
-    __slots__ = ("epoch", "after", "events", "used", "timer")
+    __slots__ = ("epoch", "after", "floor", "events", "used", "timer")
 
-    def __init__(self, epoch, events):
+    def __init__(self, epoch, events, floor=None):
         self.epoch = epoch
         self.after = events[0][0] - 1
+        # The lowest offset asked for after which the stream held nothing before the window
+        # (a read after ``floor`` began at after + 1): a later read after it would give the same.
+        self.floor = self.after if floor is None else min(floor, self.after)
         self.events = []
         self.extend(events)
         self.used = 0.0
@@ -81,8 +84,8 @@ class _Window:
         return self.after + len(self.events)
 
     def since(self, after, count):
-        """Up to ``count`` events after ``after`` (which lies in the window)."""
-        start = after - self.after
+        """Up to ``count`` events after ``after`` (from floor to top)."""
+        start = max(0, after - self.after)
         return self.events[start : start + count]
 
     def extend(self, events):
@@ -100,6 +103,7 @@ class _Window:
         if excess > 0:
             del self.events[:excess]
             self.after += excess
+            self.floor = self.after
 
 
 def room_event(room_id, payload):
@@ -143,7 +147,7 @@ class StreamReads:
         """A Deferred Slice: events of the room after ``after`` (of ``epoch``), from the window
         when it holds them, else from a stream read shared with every session asking."""
         window = self._windows.get(room_id)
-        if window is not None and window.epoch == epoch and window.after <= after < window.top:
+        if window is not None and window.epoch == epoch and window.floor <= after < window.top:
             window.used = self._clock.seconds()
             return defer.succeed(Slice(epoch, window.top, window.since(after, READ_CHUNK)))
         waiting = self._reading.setdefault(room_id, {})
@@ -164,7 +168,7 @@ class StreamReads:
         waiters = self._take(room_id, start)
         events = [(offset, encoded) for offset, payload in read.events if (encoded := room_event(room_id, payload))]
         if events and read.epoch:
-            self._remember(room_id, read.epoch, events)
+            self._remember(room_id, read.epoch, events, start)
         cut = len(read.events) >= READ_CHUNK
         for after, epoch, d in waiters:
             mine = [item for item in events if item[0] > after]
@@ -185,21 +189,21 @@ class StreamReads:
             self._reading.pop(room_id, None)
         return waiters
 
-    def _remember(self, room_id, epoch, events):
+    def _remember(self, room_id, epoch, events, start):
         """Keep a read's events in the room's window: joined to it when they touch, else instead."""
         window = self._windows.get(room_id)
         first, last = events[0][0], events[-1][0]
         if window is not None and window.epoch == epoch and first <= window.top + 1 and last >= window.after:
             if first <= window.after:  # before the window (and reaching it): the read first
-                older = _Window(epoch, [item for item in events if item[0] <= window.after])
+                older = _Window(epoch, [item for item in events if item[0] <= window.after], start)
                 if older.top == window.after:
                     window.events = older.events + window.events
-                    window.after = older.after
+                    window.after, window.floor = older.after, older.floor
             window.extend(events)
         else:
             if window is not None and window.timer is not None and window.timer.active():
                 window.timer.cancel()
-            window = self._windows[room_id] = _Window(epoch, events)
+            window = self._windows[room_id] = _Window(epoch, events, start)
             window.timer = self._clock.callLater(WINDOW_IDLE_SEC, self._idle, room_id, window)
         window.used = self._clock.seconds()
         window.trim()

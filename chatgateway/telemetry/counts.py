@@ -86,6 +86,7 @@ class GatewayCounts:
         self._lookups = _kinds(*MEMBERSHIP_LOOKUP_RESULTS)  # a connect's membership cache lookups, by result
         self._catchup_reads = _kinds(*CATCHUP_SOURCES)  # reads made for catch-up and gap fills, by source
         self._gaps = 0  # gap events sent to devices
+        self._behind = 0  # times a device fell behind (its outbox full of room events)
 
     # ------------------------------------------------------------ what happens (reactor thread)
 
@@ -151,6 +152,10 @@ class GatewayCounts:
         """A device was sent a GapEvent: events of a room that neither the stream nor the core held."""
         self._gaps += 1
 
+    def fell_behind(self):
+        """A device's outbox was full: it is fed no room events until it drains (then catches up)."""
+        self._behind += 1
+
     def session_opened(self, session):
         """A device's session is registered (Gateway.open_session)."""
         self._active[transport_name(session.transport)] += 1
@@ -199,6 +204,10 @@ class GatewayCounts:
     def catchup_read_counts(self):
         """{source: reads}: "stream" (READ_ROOM calls) and "core" (GetHistory pages) made to fill gaps."""
         return self._catchup_reads.copy()
+
+    def behind_count(self):
+        """Times a device fell behind."""
+        return self._behind
 
     def gaps_sent_count(self):
         """GapEvents sent to devices."""

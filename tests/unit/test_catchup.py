@@ -3,6 +3,7 @@ of a room after a position, merged exactly at the seam with the live events that
 meanwhile; holes in a session's own delivery; reads shared by many sessions; what the
 stream no longer holds asked of the core; gap events for what neither holds."""
 
+import grpc
 from twisted.internet import defer, task
 
 from chatgateway import config
@@ -69,7 +70,7 @@ class Device:
 
     def __init__(self):
         self.events = []
-        self.full = False
+        self.room = None  # room events the outbox takes before it is full (None: no end)
         self.session = None
         self.closed = None
 
@@ -77,9 +78,11 @@ class Device:
         self.events.append(event)
 
     def send_encoded(self, encoded):
-        if self.full:
-            self.session.fell_behind()
-            return
+        if self.room is not None and encoded.position is not None:
+            if self.room <= 0:
+                self.session.fell_behind()
+                return
+            self.room -= 1
         self.events.append(encoded.event)
 
     def ping(self):
@@ -272,3 +275,132 @@ def test_catch_up_is_paced_so_the_reactor_keeps_turning():
     assert all(device.offsets() == list(range(1, 301)) for _, device in sessions)
     assert sum(per_turn) == 6000 and max(per_turn) <= 600  # about fanout.CHUNK a turn, not 6,000 at once
     assert len(per_turn) >= 10
+
+
+def keep_in_core(h, offsets, room=ROOM):
+    """The core's history holds the messages of these offsets, with their positions."""
+    for offset in offsets:
+        h.core.kept[offset] = pb.RoomEvent(id=f"e{offset}", room_id=room, epoch=h.epoch(room), offset=offset)
+
+
+def test_what_the_stream_no_longer_holds_comes_from_the_core_once_for_every_session():
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(20, live=False)  # the stream keeps 16..20
+    keep_in_core(h, range(1, 21))
+    sessions = [h.session(f"p{i}") for i in range(30)]
+    for session, _ in sessions:
+        session.catch_up(ROOM, h.epoch(), 2)
+    h.run(200)
+    for session, device in sessions:
+        assert device.offsets() == list(range(3, 21)) and device.gaps() == []
+        assert session.catching == {}
+    assert h.reads() == {"stream": 1, "core": 1}
+    assert [r.after_offset for _, r, _ in h.core.calls] == [2]
+    request = h.core.calls[0][1]
+    assert request.direction == pb.GetHistoryRequest.FORWARD and request.after_epoch == h.epoch()
+
+
+def test_what_neither_the_stream_nor_the_core_holds_is_a_gap_event_with_its_positions():
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(20, live=False)  # the stream keeps 16..20
+    keep_in_core(h, [3, 4, 5, 9, 10])  # the core lost 6..8 and 11..15
+    session, device = h.session()
+    session.catch_up(ROOM, h.epoch(), 2)
+    h.run()
+    kinds = [("gap", e.gap.first_offset, e.gap.last_offset) if e.HasField("gap") else e.offset for e in device.events]
+    assert kinds == [3, 4, 5, ("gap", 6, 8), 9, 10, ("gap", 11, 15), 16, 17, 18, 19, 20]
+    gap = next(e.gap for e in device.events if e.HasField("gap"))
+    assert gap.room_id == ROOM and gap.epoch == h.epoch() and gap.reason
+    assert h.gateway.counts.gaps_sent_count() == 2
+    h.publish(1)
+    assert device.offsets()[-1] == 21 and session.catching == {}
+
+
+def test_a_core_that_cannot_answer_leaves_a_gap_naming_the_range_and_why():
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(20, live=False)
+    h.core.fail = grpc.StatusCode.UNAVAILABLE
+    session, device = h.session()
+    session.catch_up(ROOM, h.epoch(), 2)
+    h.run()
+    assert device.gaps() == [(3, 15)]
+    assert "UNAVAILABLE" in next(e.gap.reason for e in device.events if e.HasField("gap"))
+    assert device.offsets() == [16, 17, 18, 19, 20]
+
+
+def test_a_position_of_another_epoch_takes_that_epoch_from_the_core_then_the_new_stream():
+    h = Harness()
+    h.publish(3, live=False)
+    old = "0ld0ld0ld0ld0ld0"
+    for offset in (5, 6):
+        h.core.kept[offset] = pb.RoomEvent(id=f"old{offset}", room_id=ROOM, epoch=old, offset=offset)
+    session, device = h.session()
+    session.catch_up(ROOM, old, 4)
+    h.run()
+    assert [(e.epoch, e.offset) for e in device.events] == [(old, 5), (old, 6)] + [(h.epoch(), n) for n in (1, 2, 3)]
+    assert session.position(ROOM) == (h.epoch(), 3) and session.catching == {}
+
+
+def test_a_device_whose_outbox_is_full_falls_behind_then_catches_up_when_it_drains():
+    h = Harness()
+    session, device = h.session()
+    h.publish(3)
+    device.room = 0  # its outbox is full
+    h.publish(4)  # 4 does not fit: behind; 5..7 are not even tried
+    assert session.behind and device.offsets() == [1, 2, 3] and device.closed is None
+    assert session.catching[ROOM].behind
+    device.room = None
+    session.drained()
+    h.run()
+    assert device.offsets() == list(range(1, 8)) and not session.behind and session.catching == {}
+    h.publish(1)
+    assert device.offsets() == list(range(1, 9))
+    assert h.gateway.counts.behind_count() == 1
+
+
+def test_the_behind_and_catch_up_cycle_repeats_until_the_device_is_live_again():
+    h = Harness()
+    session, device = h.session()
+    h.publish(2)
+    device.room = 0
+    h.publish(20)  # behind at 2
+    for _ in range(6):  # it drains a little at a time: 3 events fit per drain
+        device.room = 3
+        session.drained()
+        h.run()
+        h.publish(1)  # live traffic meanwhile
+    device.room = None
+    session.drained()
+    h.run()
+    assert device.offsets() == list(range(1, 29))  # each once, in order
+    assert session.catching == {} and not session.behind
+    assert h.gateway.counts.behind_count() == 7
+
+
+def test_a_device_behind_that_never_drains_is_closed_4429():
+    h = Harness(BEHIND_DRAIN_SEC=10)
+    session, device = h.session()
+    h.publish(1)
+    device.room = 0
+    h.publish(1)
+    h.clock.advance(9)
+    assert device.closed is None
+    h.clock.advance(1)
+    assert device.closed[0] == 4429 and session.closed
+
+
+def test_a_device_that_drains_in_time_is_not_closed():
+    h = Harness(BEHIND_DRAIN_SEC=10)
+    session, device = h.session()
+    h.publish(1)
+    device.room = 0
+    h.publish(1)
+    h.clock.advance(5)
+    device.room = None
+    session.drained()
+    h.clock.advance(20)
+    h.run()
+    assert device.closed is None and device.offsets() == [1, 2]
