@@ -200,9 +200,9 @@ class Session:
             catching[room_id].live(encoded)
             return
         last = self.delivered.get(room_id)
-        if last is not None and last[1] == position[1] and position[2] != last[2] + 1:
-            if position[2] > last[2]:
-                self.gateway.catchups.hole(self, last, encoded)
+        if last is not None and (position[2] != last[2] + 1 or position[1] != last[1]):
+            if position[2] > last[2] or position[1] != last[1]:
+                self.gateway.catchups.hole(self, last, encoded)  # (another epoch: the stream was lost)
             return  # at or below: given already
         if not self.behind:
             self.transport.send_encoded(encoded)
