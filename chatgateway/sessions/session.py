@@ -240,7 +240,10 @@ class Session:
         if self.closed or self.behind:
             return False
         self.transport.send_encoded(encoded)
-        return not self.behind
+        if self.behind:
+            return False
+        self.gateway.counts.sent(encoded.event)
+        return True
 
     def catch_up(self, room_id, epoch, offset):
         """Give this device every event of the room after (epoch, offset), in order, then live
@@ -381,7 +384,7 @@ class Session:
         self.reply(request_id)
 
     def _cmd_unsubscribe(self, request_id, rooms):
-        self.gateway.registry.leave(self, [r for r in rooms.room_ids if r])
+        self._leave([r for r in rooms.room_ids if r])
         self.reply(request_id)
 
     async def _cmd_call(self, request_id, call):
@@ -421,7 +424,13 @@ class Session:
                 self.gateway.registry.join(self, [change.room_id])
         elif change.change == Change.REMOVED:
             self.member_rooms.discard(change.room_id)
-            self.gateway.registry.leave(self, [change.room_id])
+            self._leave([change.room_id])
+
+    def _leave(self, room_ids):
+        """Stop delivering these rooms; their positions go (a room joined again starts from the join)."""
+        for room_id in self.gateway.registry.leave(self, room_ids):
+            self.delivered.pop(room_id, None)
+            self.catching.pop(room_id, None)
 
 
 class CommandError(Exception):

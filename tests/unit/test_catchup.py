@@ -456,3 +456,22 @@ def test_a_room_the_gateways_fill_found_trimmed_is_caught_up_per_session_from_th
     h.run()
     assert device.offsets() == list(range(1, 14))
     assert device.gaps() == [] and errors(device) == []
+
+
+def test_a_room_left_while_catching_up_gives_nothing_more_and_a_room_joined_again_starts_from_the_join():
+    h = Harness()
+    h.publish(10, live=False)
+    session, device = h.session()
+    h.bus.hold = True
+    live = session.catch_up(ROOM, h.epoch(), 0)
+    removed = pb.SubscriptionEvent(room_id=ROOM, profile_id="p", change=pb.SubscriptionEvent.Change.REMOVED)
+    session.apply_membership(removed)
+    h.bus.answer()
+    h.run()
+    assert device.offsets() == [] and live.called and session.catching == {}
+    h.bus.hold = False
+    h.publish(3)  # while away from the room
+    added = pb.SubscriptionEvent(room_id=ROOM, profile_id="p", change=pb.SubscriptionEvent.Change.ADDED)
+    session.apply_membership(added)
+    h.publish(1)
+    assert device.offsets() == [14]
