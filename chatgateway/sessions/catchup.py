@@ -163,6 +163,18 @@ class CatchUps:
         entry = session.catching[room_id] = _Entry(session, room_id, epoch, start)
         entry.behind = True
 
+    def shed(self, position, recipients):
+        """The overloaded fan-out dropped the room event at ``position`` before giving it to
+        ``recipients``: each catches up from its own position in the room."""
+        room_id, epoch, offset = position
+        for session in recipients:
+            if session.closed or room_id in session.catching:
+                continue  # a catching room reads on to the gateway's live position anyway
+            last = session.delivered.get(room_id)
+            start = last[2] if last is not None and last[1] == epoch else offset - 1
+            entry = session.catching[room_id] = _Entry(session, room_id, epoch, start)
+            self._next(entry)
+
     def drained(self, session):
         """The outbox of ``session`` drained: its rooms that fell behind catch up."""
         for entry in list(session.catching.values()):

@@ -77,6 +77,7 @@ class Gateway(service.Service):
         # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
         pacer = Pacer(self.clock, self.cork.corked)
         self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
+        self.fanout.on_shed = self.catchups.shed
         # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
         ttl = config.resume_positions_ttl_sec
         tokens = ResumeTokens(token_secret(config), ttl, self.clock)
@@ -373,15 +374,24 @@ class Gateway(service.Service):
             self._events_lost(room_id)
 
     def _events_lost(self, room_id):
-        """Tell the room's local devices that events may have been missed, in order with its events."""
-        sessions = self.registry.room_sessions(room_id)
-        if not sessions:
+        """Events of the room may have been missed (the gateway's fill could not tell them, the
+        stream was lost): each local session with a position in the room catches up from it
+        (docs/architecture.md#catch-up); one without (it got no event of the room yet) is
+        told, in order with its events (DATA_LOSS)."""
+        blind = []
+        for session in list(self.registry.room_sessions(room_id)):
+            last = session.delivered.get(room_id)
+            if last is not None:
+                self.catchups.start(session, room_id, last[1], last[2])
+            elif room_id not in session.catching:
+                blind.append(session)
+        if not blind:
             return
         event = pb.ServerEvent(
             id=uuid.uuid4().hex,
             error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
         )
-        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), sessions)
+        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), blind)
 
     def _room_released(self, room_id):
         """The room's last local session left: its position and catch-up window mean nothing any more."""
