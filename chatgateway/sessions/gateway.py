@@ -17,7 +17,6 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
-from chatgateway.auth.resumetokens import ResumeTokens, token_secret
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
 from chatgateway.sessions.catchup import CatchUps, Pacer
@@ -31,7 +30,6 @@ from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.resume import Resumption
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
 from chatgateway.sessions.streamreads import StreamReads
-from chatgateway.store.resumepositions import make_resume_positions
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -79,9 +77,7 @@ class Gateway(service.Service):
         self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
         self.fanout.on_shed = self.catchups.shed
         # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
-        ttl = config.resume_positions_ttl_sec
-        tokens = ResumeTokens(token_secret(config), ttl, self.clock)
-        self.resumption = Resumption(tokens, make_resume_positions(store, ttl, self.clock), self.positions.position)
+        self.resumption = Resumption.of(config, store, self.clock, self.positions.position)
         self.device_positions = DevicePositions(self.resumption.records, self.clock)
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
