@@ -236,6 +236,7 @@ class Gateway(service.Service):
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
         planned, resume_token, notice = self.resumption.prepare(session, resume, record)
+        self.counts.resume_opened("token_ignored" if notice is not None else "resumed" if planned else "live")
         session.send(session.connected_event(resume_token, resumed=bool(planned)))
         if notice is not None:
             session.send(notice)

@@ -214,3 +214,10 @@ def test_resume_info_sent_after_the_session_opened_is_ignored(harness):
     c.send(pb.StreamRequest(positions=[pb.RoomPosition(room_id="r1", epoch="e", offset=2)]))
     harness.flush()
     assert CatchingSession.caught == [] and c.closed is None
+
+
+def test_opens_are_counted_by_how_their_resume_went(harness):
+    harness.connect("alice/phone")
+    first_frame(harness, positions=[pb.RoomPosition(room_id="r1", epoch="e", offset=1)])
+    first_frame(harness, resume_token="r1.forged.token")
+    assert harness.gateway.counts.resume_counts() == {"resumed": 1, "live": 1, "token_ignored": 1}
