@@ -71,6 +71,7 @@ class Gateway(service.Service):
         self.fanout.observe = self.reads.observe
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
         self.positions = RoomPositions(self.reads, self.fanout.receive_event, self._events_lost, self.clock)
+        self.reads.live_position = self.positions.position
         self.registry.room_released = self._room_released
         # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
         pacer = Pacer(self.clock, self.cork.corked)

@@ -475,3 +475,14 @@ def test_a_room_left_while_catching_up_gives_nothing_more_and_a_room_joined_agai
     session.apply_membership(added)
     h.publish(1)
     assert device.offsets() == [14]
+
+
+def test_sessions_at_the_gateways_live_position_catch_up_without_a_read():
+    h = Harness()
+    watcher, _ = h.session("w")
+    h.publish(5)  # the gateway's live delivery is at 5
+    h.bus.hold = True
+    sessions = [h.session(f"p{i}") for i in range(50)]
+    done = [s.catch_up(ROOM, h.epoch(), 5) for s, _ in sessions]
+    assert all(d.called for d in done) and h.bus.reads == []
+    assert h.reads()["stream"] == 0
