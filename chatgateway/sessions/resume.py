@@ -24,6 +24,7 @@ starts from.
 import uuid
 
 import grpc
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
@@ -32,6 +33,8 @@ from chatgateway.store.resumepositions import make_resume_positions, merged
 
 # Explicit positions read from one request; more are ignored (a device has them in its record).
 MAX_EXPLICIT_POSITIONS = 10_000
+# Longest a connect waits for the device's server-side record (a slow store): then it goes on without.
+RECORD_WAIT_SEC = 2.0
 
 
 class ResumeRequest:
@@ -93,27 +96,39 @@ class Resumption:
 
     log = Logger()
 
-    def __init__(self, tokens, records, room_position):
+    def __init__(self, tokens, records, room_position, clock):
         self.tokens = tokens
         self.records = records
         self._room_position = room_position
+        self._clock = clock
 
     @classmethod
     def of(cls, config, store, clock, room_position):
         """The gateway's: tokens with the shared key, records beside its store, both kept
         RESUME_POSITIONS_TTL_SEC."""
         ttl = config.resume_positions_ttl_sec
-        return cls(
-            ResumeTokens(token_secret(config), ttl, clock), make_resume_positions(store, ttl, clock), room_position
-        )
+        tokens = ResumeTokens(token_secret(config), ttl, clock)
+        return cls(tokens, make_resume_positions(store, ttl, clock), room_position, clock)
 
     async def record(self, profile_id, device_id):
-        """The device's server-side record; {} when it cannot be read (the resume goes on without it)."""
-        try:
-            return await self.records.load(profile_id, device_id)
-        except Exception as e:  # noqa: BLE001 - a store outage must not stop a connect
-            self.log.warn("reading the resume positions of {device} failed: {error}", device=device_id, error=e)
-            return {}
+        """The device's server-side record; {} when it cannot be read within RECORD_WAIT_SEC
+        (the resume goes on without it)."""
+        outcome = defer.Deferred()  # not a timeout on the read itself: a store's command is not cancelled
+        timer = self._clock.callLater(RECORD_WAIT_SEC, lambda: outcome.called or outcome.callback(None))
+
+        def arrived(result):
+            if timer.active():
+                timer.cancel()
+            if not outcome.called:
+                outcome.callback([result])  # a Failure too, as a value
+
+        self.records.load(profile_id, device_id).addBoth(arrived)
+        answer = await outcome
+        if answer is not None and isinstance(answer[0], dict):
+            return answer[0]
+        why = "no answer in time" if answer is None else answer[0].getErrorMessage()
+        self.log.warn("reading the resume positions of {device} failed: {error}", device=device_id, error=why)
+        return {}
 
     def prepare(self, session, request, record):
         """The plan of a session that just opened, the token its ``connected`` carries, and the

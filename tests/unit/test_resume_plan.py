@@ -221,3 +221,13 @@ def test_opens_are_counted_by_how_their_resume_went(harness):
     first_frame(harness, positions=[pb.RoomPosition(room_id="r1", epoch="e", offset=1)])
     first_frame(harness, resume_token="r1.forged.token")
     assert harness.gateway.counts.resume_counts() == {"resumed": 1, "live": 1, "token_ignored": 1}
+
+
+def test_a_record_that_does_not_come_leaves_the_connect_to_go_on_after_a_while(harness):
+    from chatgateway.sessions.resume import RECORD_WAIT_SEC
+
+    harness.gateway.resumption.records.load = lambda p, d: defer.Deferred()  # a store that never answers
+    c = harness.connect("alice/phone")
+    assert c.of("connected") == []
+    harness.advance(RECORD_WAIT_SEC)
+    assert not connected_of(c).resumed
