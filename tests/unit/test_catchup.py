@@ -486,3 +486,26 @@ def test_sessions_at_the_gateways_live_position_catch_up_without_a_read():
     done = [s.catch_up(ROOM, h.epoch(), 5) for s, _ in sessions]
     assert all(d.called for d in done) and h.bus.reads == []
     assert h.reads()["stream"] == 0
+
+
+def test_a_thousand_devices_a_hundred_events_behind_in_ten_rooms_cost_ten_stream_reads_and_no_core_call():
+    h = Harness()
+    rooms = [f"room{i}" for i in range(10)]
+    for room in rooms:
+        h.publish(150, live=False, room=room)
+    h.bus.hold = True
+    devices = []
+    for i in range(1000):
+        room = rooms[i % 10]
+        session, device = h.session(f"p{i}", rooms=[room])
+        devices.append((session, device, room, session.catch_up(room, h.epoch(room), 50)))
+        if i == 500:
+            while h.bus.reads:  # the first reads answer while the rest still arrive
+                h.bus.answer()
+            h.run(5)
+    while h.bus.reads:
+        h.bus.answer()
+    h.run(1000)
+    assert all(live.called for *_, live in devices)
+    assert all(device.offsets() == list(range(51, 151)) for _, device, _, _ in devices)
+    assert h.reads() == {"stream": 10, "core": 0}
