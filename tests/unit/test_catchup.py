@@ -75,6 +75,11 @@ class Device:
         self.closed = None
 
     def send_event(self, event):
+        if event.HasField("gap") and self.room is not None:  # a gap waits as room events do
+            if self.room <= 0:
+                self.session.fell_behind()
+                return
+            self.room -= 1
         self.events.append(event)
 
     def send_encoded(self, encoded):
@@ -509,3 +514,19 @@ def test_a_thousand_devices_a_hundred_events_behind_in_ten_rooms_cost_ten_stream
     assert all(live.called for *_, live in devices)
     assert all(device.offsets() == list(range(51, 151)) for _, device, _, _ in devices)
     assert h.reads() == {"stream": 10, "core": 0}
+
+
+def test_a_gap_event_that_does_not_fit_waits_for_the_drain_like_the_events_it_stands_for():
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(20, live=False)  # the stream keeps 16..20; the core has nothing
+    session, device = h.session()
+    device.room = 0
+    session.catch_up(ROOM, h.epoch(), 2)
+    h.run()
+    assert device.events == [] and session.behind and device.closed is None
+    device.room = None
+    session.drained()
+    h.run()
+    assert device.gaps() == [(3, 15)] and device.offsets() == [16, 17, 18, 19, 20]
+    assert session.catching == {} and h.gateway.counts.gaps_sent_count() == 1
