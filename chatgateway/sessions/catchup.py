@@ -261,6 +261,10 @@ class CatchUps:
                 items.append((offset - 1, None, (expected, offset - 1, NOT_HELD)))
             items.append((offset, encoded, None))
             expected = offset + 1
+        if not history.complete and history.events:
+            # More than one answer holds: give this much, then ask on from where it ended.
+            self._give(entry, items, None, lambda: self._from_core(entry, until, next_epoch, then_events, top))
+            return
         if until is not None and expected <= until:
             items.append((until, None, (expected, until, history.failed or NOT_HELD)))
         elif until is None and history.failed:

@@ -530,3 +530,33 @@ def test_a_gap_event_that_does_not_fit_waits_for_the_drain_like_the_events_it_st
     h.run()
     assert device.gaps() == [(3, 15)] and device.offsets() == [16, 17, 18, 19, 20]
     assert session.catching == {} and h.gateway.counts.gaps_sent_count() == 1
+
+
+def test_sessions_at_different_positions_beyond_the_stream_share_the_cores_answer():
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(20, live=False)
+    keep_in_core(h, range(1, 21))
+    sessions = [h.session(f"p{i}") for i in range(10)]
+    for i, (session, _) in enumerate(sessions):
+        session.catch_up(ROOM, h.epoch(), 2 + i)  # 2..11: all inside the first one's range
+    h.run(100)
+    for i, (_, device) in enumerate(sessions):
+        assert device.offsets() == list(range(3 + i, 21)) and device.gaps() == []
+    assert h.reads()["core"] == 1
+
+
+def test_a_range_longer_than_one_answer_of_the_core_is_asked_on_from_where_it_ended(monkeypatch):
+    from chatgateway.sessions import streamreads
+
+    monkeypatch.setattr(streamreads, "HISTORY_PAGE", 4)
+    monkeypatch.setattr(streamreads, "HISTORY_MAX_PAGES", 2)
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(40, live=False)  # the stream keeps 36..40
+    keep_in_core(h, range(1, 41))
+    session, device = h.session()
+    session.catch_up(ROOM, h.epoch(), 0)
+    h.run(100)
+    assert device.offsets() == list(range(1, 41)) and device.gaps() == []
+    assert h.reads()["core"] >= 35 // 4
