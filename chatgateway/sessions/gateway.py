@@ -79,7 +79,7 @@ class Gateway(service.Service):
         self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
         self.fanout.on_shed = self.catchups.shed
         # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
-        self.resumption = Resumption.of(config, store, self.clock, self.positions.position)
+        self.resumption = Resumption.of(config, store, self.clock, self.positions.position, self.counts)
         self.device_positions = DevicePositions(self.resumption.records, self.clock)
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
@@ -233,12 +233,12 @@ class Gateway(service.Service):
         self._opening -= 1  # registered below, before anything else runs
         session = Session(self, transport, claims, token, device_id, rooms)
         # The local limit holds at once; the store then enforces it across gateways.
-        for older in self.registry.add(session):
+        replaced = self.registry.add(session)
+        for older in replaced:
             older.close(CloseCode.REPLACED, REPLACED_REASON)
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
-        planned, resume_token, notice = self.resumption.prepare(session, resume, record)
-        self.counts.resume_opened("token_ignored" if notice is not None else "resumed" if planned else "live")
+        planned, resume_token, notice = self.resumption.prepare(session, resume, record, replaced)
         session.send(session.connected_event(resume_token, resumed=bool(planned)))
         if notice is not None:
             session.send(notice)

@@ -96,19 +96,20 @@ class Resumption:
 
     log = Logger()
 
-    def __init__(self, tokens, records, room_position, clock):
+    def __init__(self, tokens, records, room_position, clock, counts):
         self.tokens = tokens
         self.records = records
         self._room_position = room_position
         self._clock = clock
+        self._counts = counts  # chatgateway.telemetry.counts.GatewayCounts
 
     @classmethod
-    def of(cls, config, store, clock, room_position):
+    def of(cls, config, store, clock, room_position, counts):
         """The gateway's: tokens with the shared key, records beside its store, both kept
         RESUME_POSITIONS_TTL_SEC."""
         ttl = config.resume_positions_ttl_sec
         tokens = ResumeTokens(token_secret(config), ttl, clock)
-        return cls(tokens, make_resume_positions(store, ttl, clock), room_position, clock)
+        return cls(tokens, make_resume_positions(store, ttl, clock), room_position, clock, counts)
 
     async def record(self, profile_id, device_id):
         """The device's server-side record; {} when it cannot be read within RECORD_WAIT_SEC
@@ -130,10 +131,19 @@ class Resumption:
         self.log.warn("reading the resume positions of {device} failed: {error}", device=device_id, error=why)
         return {}
 
-    def prepare(self, session, request, record):
+    def prepare(self, session, request, record, replaced=()):
         """The plan of a session that just opened, the token its ``connected`` carries, and the
-        notice to send after it (or None): (plan, token, notice)."""
+        notice to send after it (or None): (plan, token, notice). ``replaced``: the device's
+        sessions on this gateway it replaces (a reconnect after a blink): what they were given
+        counts as the record's, being newer than its last write."""
         request = request or ResumeRequest()
+        if replaced:
+            record = dict(record)
+            for older in replaced:
+                for room_id in older.rooms:
+                    given = older.position(room_id)
+                    if given is not None:
+                        record[room_id] = merged(record.get(room_id), given)
         token_positions, notice = {}, None
         if request.token:
             try:
@@ -153,6 +163,7 @@ class Resumption:
                 position = self._room_position(room_id)
                 if position is not None:
                     starts[room_id] = position
+        self._counts.resume_opened("token_ignored" if notice is not None else "resumed" if planned else "live")
         return planned, self.tokens.issue(session.profile_id, session.device_id, starts), notice
 
     def start(self, session, planned):

@@ -231,3 +231,13 @@ def test_a_record_that_does_not_come_leaves_the_connect_to_go_on_after_a_while(h
     assert c.of("connected") == []
     harness.advance(RECORD_WAIT_SEC)
     assert not connected_of(c).resumed
+
+
+def test_a_reconnect_that_replaces_a_session_of_this_gateway_resumes_from_what_that_one_was_given(harness):
+    first = harness.connect("alice/phone")  # its connection then goes silent (a network blink)
+    (older,) = harness.gateway.registry.sessions
+    CatchingSession.given[older.id] = {"r1": ("e", 12)}  # given, and never written to the record
+    harness.connect("alice/phone")
+    harness.flush()
+    assert first.closed is not None  # replaced: 4001
+    assert CatchingSession.caught == [("phone", "r1", "e", 12)]
