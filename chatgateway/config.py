@@ -192,24 +192,11 @@ SETTINGS = [
     ),
     Setting("EVENTS_URI", _store_uri, "", "Event bus; defaults to CACHE_URI."),
     Setting(
-        "REDIS_TLS_CA_FILE",
-        _text,
-        "",
-        "rediss://: PEM file of the CAs that sign Redis's certificate (default: the system's trust store).",
+        "REDIS_TLS_CA_FILE", _text, "", "rediss://: PEM file of the CAs of Redis's certificate (default: the system's)."
     ),
-    Setting(
-        "REDIS_TLS_CERT_FILE",
-        _text,
-        "",
-        "rediss://: PEM client certificate, with REDIS_TLS_KEY_FILE (tls-auth-clients).",
-    ),
+    Setting("REDIS_TLS_CERT_FILE", _text, "", "rediss://: PEM client certificate, with REDIS_TLS_KEY_FILE."),
     Setting("REDIS_TLS_KEY_FILE", _text, "", "rediss://: PEM private key of REDIS_TLS_CERT_FILE."),
-    Setting(
-        "REDIS_TLS_VERIFY",
-        _bool,
-        "true",
-        "rediss://: verify Redis's certificate and host name (false: encrypted, not authenticated).",
-    ),
+    Setting("REDIS_TLS_VERIFY", _bool, "true", "rediss://: verify Redis's certificate and host name (false: do not)."),
     Setting(
         "OAUTH2_ISSUER",
         _text,
@@ -265,6 +252,12 @@ SETTINGS = [
         _int(1024),
         "1048576",
         "Outbound bytes buffered per connection before it is a slow consumer.",
+    ),
+    Setting(
+        "BEHIND_DRAIN_SEC",
+        _number(0),
+        "30",
+        "Longest a device whose outbox is full (behind) may take to drain before it is closed 4429.",
     ),
     Setting(
         "MAX_CONNECTIONS",
@@ -328,6 +321,18 @@ SETTINGS = [
         "86400",
         "Longest an event is kept in its room's stream; an idle room's stream expires after it.",
     ),
+    Setting(
+        "RESUME_TOKEN_SECRET",
+        _text,
+        "",
+        "Key of the resume tokens in connected, shared by every gateway (default: derived from JWT_SECRET, else random per gateway).",
+    ),
+    Setting(
+        "RESUME_POSITIONS_TTL_SEC",
+        _number(1),
+        "86400",
+        "How long a device's last positions are kept server-side after their last write, and how long a resume token is valid.",
+    ),
     Setting("DRAIN_TIMEOUT_SEC", _number(0), "30", "Longest a graceful stop may take."),
     Setting(
         "PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."
@@ -377,6 +382,7 @@ class Config:
     close_timeout_sec: float
     max_message_bytes: int
     send_buffer_bytes: int
+    behind_drain_sec: float
     max_connections: int
     max_unauthenticated_per_address: int
     max_connects_per_second: float
@@ -389,6 +395,8 @@ class Config:
     membership_cache_ttl_sec: float
     room_stream_max_len: int
     room_stream_max_age_sec: float
+    resume_token_secret: str
+    resume_positions_ttl_sec: float
     drain_timeout_sec: float
     publish_forwarded_events: bool
     core_db: str

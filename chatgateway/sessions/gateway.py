@@ -19,13 +19,17 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
+from chatgateway.sessions.catchup import CatchUps, Pacer
 from chatgateway.sessions.corking import Cork
+from chatgateway.sessions.devicepositions import DevicePositions
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
 from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
+from chatgateway.sessions.resume import Resumption
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
+from chatgateway.sessions.streamreads import StreamReads
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -62,9 +66,21 @@ class Gateway(service.Service):
         # Frames for one device produced in one burst (a bus read, a fan-out chunk) leave in one write.
         self.cork = Cork()
         self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts, corked=self.cork.corked)
+        # Reads of the rooms' streams and of the core's history, shared by every session (and counted).
+        self.reads = StreamReads(bus, core, self.counts, self.clock)
+        self.fanout.observe = self.reads.observe
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
-        self.positions = RoomPositions(bus, self.fanout.receive_event, self._events_lost, self.clock)
-        self.registry.room_released = self.positions.forget
+        self.positions = RoomPositions(self.reads, self.fanout.receive_event, self._events_lost, self.clock)
+        self.reads.live_position = self.positions.position
+        self.reads.subscribed = self._room_subscribed
+        self.registry.room_released = self._room_released
+        # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
+        pacer = Pacer(self.clock, self.cork.corked)
+        self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
+        self.fanout.on_shed = self.catchups.shed
+        # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
+        self.resumption = Resumption.of(config, store, self.clock, self.positions.position, self.counts)
+        self.device_positions = DevicePositions(self.resumption.records, self.clock)
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
@@ -126,7 +142,9 @@ class Gateway(service.Service):
             await self._sessions_gone(reserve / 2)
             for session in list(self.registry.sessions):
                 session.closed_by_transport()  # a transport that could not be dropped: forget it
+        await self.device_positions.flush()  # the closed devices' last positions, before the store stops
         self.fanout.stop()
+        self.catchups.pacer.stop()
 
     def reconnect_hint(self):
         """The close reason of a draining gateway: reconnect (elsewhere) after a random delay."""
@@ -183,10 +201,12 @@ class Gateway(service.Service):
         self._quietly(self.bus.cache_memberships(profile_id, rooms, cached.version, ttl), "caching memberships")
         return rooms
 
-    async def open_session(self, transport, claims, token, device_id, abandoned=None):
+    async def open_session(self, transport, claims, token, device_id, abandoned=None, resume=None):
         """Register an authenticated device and send it ``connected``.
 
         Its rooms come from the membership cache, or from the core (``connect_rooms``).
+        ``resume`` (a chatgateway.sessions.resume.ResumeRequest) and the device's server-side
+        positions say where it catches up from in each of its rooms.
         Fails with CoreError when the core, asked, cannot tell the device's rooms. When
         ``abandoned()`` says, once the rooms are known, that the device went away
         meanwhile, nothing is registered (no older session of the device is replaced)
@@ -198,8 +218,10 @@ class Gateway(service.Service):
         # received, and recorded here until the session can take it (_replay_changes).
         changes = self._watch(profile_id)
         try:
+            record = defer.Deferred.fromCoroutine(self.resumption.record(profile_id, device_id))  # meanwhile
             await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
             rooms = await self.connect_rooms(profile_id, token, device_id)
+            record = await record
         except BaseException:
             self._unwatch(profile_id, changes)
             self._opened_none()
@@ -211,12 +233,18 @@ class Gateway(service.Service):
         self._opening -= 1  # registered below, before anything else runs
         session = Session(self, transport, claims, token, device_id, rooms)
         # The local limit holds at once; the store then enforces it across gateways.
-        for older in self.registry.add(session):
+        replaced = self.registry.add(session)
+        for older in replaced:
             older.close(CloseCode.REPLACED, REPLACED_REASON)
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
-        session.send(session.connected_event())
+        planned, resume_token, notice = self.resumption.prepare(session, resume, record, replaced)
+        session.send(session.connected_event(resume_token, resumed=bool(planned)))
+        if notice is not None:
+            session.send(notice)
         self._replay_changes(session, changes)
+        # In this turn still: no live event of its rooms can reach the session before its catch-up starts.
+        self.resumption.start(session, planned)
         self._register(session)
         if self.draining:
             session.drain(self.reconnect_hint())
@@ -274,6 +302,7 @@ class Gateway(service.Service):
             self._check_gone()
 
     def session_closed(self, session):
+        self.device_positions.closed(session)
         self.registry.remove(session)
         self.counts.session_closed(session)
         self._quietly(
@@ -329,13 +358,13 @@ class Gateway(service.Service):
 
     def _bus_reconnected(self):
         """Pub/sub was down: events published meanwhile were not received. Each room with a
-        position reads them from its stream; a room without one (no event of it came since it
-        was subscribed) cannot tell what it missed, and its devices are told."""
+        position reads them from its stream; in a room without one (no event of it came since
+        it was subscribed) each device catches up from its own position (``_events_lost``)."""
         rooms = self.registry.room_ids()
         blind = [room_id for room_id in rooms if self.positions.position(room_id) is None]
         if rooms:  # at start (subscribed before the first connection) there is nothing to read
             self.log.info(
-                "event bus reconnected; reading the streams of {count} rooms, {blind} without a position told of a loss",
+                "event bus reconnected; reading the streams of {count} rooms ({blind} without a position: per device)",
                 count=len(rooms),
                 blind=len(blind),
             )
@@ -344,15 +373,35 @@ class Gateway(service.Service):
             self._events_lost(room_id)
 
     def _events_lost(self, room_id):
-        """Tell the room's local devices that events may have been missed, in order with its events."""
-        sessions = self.registry.room_sessions(room_id)
-        if not sessions:
+        """Events of the room may have been missed (the gateway's fill could not tell them, the
+        stream was lost): each local session with a position in the room catches up from it
+        (docs/architecture.md#catch-up); one without (it got no event of the room yet) is
+        told, in order with its events (DATA_LOSS)."""
+        blind = []
+        for session in list(self.registry.room_sessions(room_id)):
+            last = session.delivered.get(room_id)
+            if last is not None:
+                self.catchups.start(session, room_id, last[1], last[2])
+            elif room_id not in session.catching:
+                blind.append(session)
+        if not blind:
             return
         event = pb.ServerEvent(
             id=uuid.uuid4().hex,
             error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
         )
-        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), sessions)
+        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), blind)
+
+    def _room_subscribed(self, room_id):
+        """Fires once the room's channel is subscribed (at once when no local session has it)."""
+        if not self.registry.room_sessions(room_id):
+            return defer.succeed(None)
+        return self.bus.subscribe(channels.room(room_id))
+
+    def _room_released(self, room_id):
+        """The room's last local session left: its position and catch-up window mean nothing any more."""
+        self.positions.forget(room_id)
+        self.reads.forget(room_id)
 
     def _store_reconnected(self):
         """The store came back and may have lost writes: rewrite every live connection."""
@@ -405,10 +454,13 @@ class Gateway(service.Service):
             session.transport.ping()
             session.last_heartbeat = now
             alive.append(session.meta())
+            self.device_positions.note(session)
         if end < len(sessions):
             self.clock.callLater(0, self._sweep, sessions, end, now, deadline, alive)
-        elif alive:
-            self._quietly(self.store.refresh(alive), "refreshing metadata")
+        else:
+            self.device_positions.flush()  # one batch per sweep: at most a write per heartbeat per device
+            if alive:
+                self._quietly(self.store.refresh(alive), "refreshing metadata")
 
     # ------------------------------------------------------------ shared operations
 

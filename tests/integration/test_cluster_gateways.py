@@ -6,6 +6,7 @@ import json
 
 import pytest
 import pytest_twisted
+import test_resume_gateways as resume_gateways
 from twisted.internet import defer, reactor, task, threads
 
 from chatgateway.api import chat_pb2 as pb
@@ -18,7 +19,8 @@ from support.chat import fence, unique, wait_until
 from support.processes import Twistd, free_port
 from support.rediscluster import RedisCluster
 
-SECRET = "cluster-test-secret-0123456789abcdef0123"
+# The secret of test_resume_gateways, whose resume scenario runs here too.
+SECRET = resume_gateways.SECRET
 
 
 def token(profile, device=None):
@@ -167,6 +169,32 @@ async def test_a_membership_change_on_one_gateway_rescopes_the_profile_on_the_ot
     assert r.get(f"gateway:memberships:{{chat:profile:{joiner_id}}}:version") is not None
     await owner.close()
     await joiner.close()
+
+
+def check_resumed_exactly_once(first, second, sent, reconnected):
+    before = resume_gateways.BEFORE
+    assert reconnected.resumed and reconnected.gateway_id == "gw-1"
+    assert [m[0] for m in first] == sent[:before]
+    assert [m[0] for m in second] == sent[before:]  # every event it missed, once, in order
+    offsets = [m[2] for m in first + second]
+    assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+    assert len({m[1] for m in first + second}) == 1
+
+
+@pytest.mark.parametrize("how", ["token and position", "the server-side record"])
+@pytest_twisted.ensureDeferred
+async def test_a_device_resumes_on_the_other_gateway(deployment, how):
+    # test_resume_gateways' scenario: leave gw-0, events go on, come back on gw-1 while events
+    # keep coming; the positions record is on the cluster (one script per device there).
+    def with_token(first, connected, room_id):
+        _, epoch, offset = resume_gateways.messages(first, room_id)[-1]
+        return {"resume_token": connected.resume_token, "positions": {room_id: (epoch, offset)}}
+
+    def with_nothing(first, connected, room_id):
+        return {}
+
+    resume_with = with_token if how == "token and position" else with_nothing
+    check_resumed_exactly_once(*await resume_gateways.scenario((deployment.redis, deployment.gateways), resume_with))
 
 
 class ContractPublisher:
