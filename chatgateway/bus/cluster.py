@@ -24,12 +24,17 @@ from zope.interface import implementer
 
 from chatgateway.bus import IEventBus, memberships, roomstream
 from chatgateway.bus.redis import RedisBus
-from chatgateway.redisconn.cluster import ClusterConnection, CrossSlotError
+from chatgateway.redisconn.cluster import ClusterConnection, CrossSlotError, redirect_of
 from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, ConnectionError
 from chatgateway.redisconn.protocols import ShardedSubscriberProtocol
 from chatgateway.redisconn.slots import key_slot
 from chatgateway.redisconn.tls import TLSSettings
 from chatgateway.redisconn.uri import parse_uri
+
+# A channel whose SSUBSCRIBE met MOVED (or that Redis unsubscribed) is subscribed again
+# after this long, at most this many times, each after reading the slot map again.
+RESUBSCRIBE_DELAY_SEC = 0.1
+RESUBSCRIBE_ATTEMPTS = 20
 
 
 @implementer(IEventBus)
@@ -136,14 +141,29 @@ class ClusterBus(RedisBus):
             self.subscriber.needs_resync = True
             return defer.succeed(None)
         d = defer.maybeDeferred(protocol.execute_command, command, channel, apply_timeout=False)
+        if command == "SSUBSCRIBE":
+            d.addErrback(self._moved, channel)
         return self._confirmed(d)
 
     def _resubscribe_node(self, protocol, node):
         """On each new connection to a primary: SSUBSCRIBE the remembered channels of its slots."""
         protocol.on_dropped = self._dropped
         mine = sorted(c for c in self._channels if self.subscriber.node_of(key_slot(c)) == node)
-        sent = [protocol.execute_command("SSUBSCRIBE", channel, apply_timeout=False) for channel in mine]
+        sent = [
+            protocol.execute_command("SSUBSCRIBE", channel, apply_timeout=False).addErrback(self._moved, channel)
+            for channel in mine
+        ]
         return defer.gatherResults(sent, consumeErrors=True)
+
+    def _moved(self, failure, channel, attempt=0):
+        """SSUBSCRIBE answered MOVED (our map is stale): read the map again, subscribe there."""
+        if redirect_of(failure.value) is None:
+            return failure
+        if attempt < RESUBSCRIBE_ATTEMPTS:
+            self.subscriber.needs_resync = True
+            self.subscriber.refresh()
+            self._reactor.callLater(RESUBSCRIBE_DELAY_SEC, self._again, channel, attempt + 1)
+        return None
 
     def _dropped(self, channel):
         """Redis unsubscribed us (the slot left that node): subscribe again where it is now."""
@@ -151,9 +171,16 @@ class ClusterBus(RedisBus):
         if channel not in self._channels:
             return
         self.subscriber.needs_resync = True
-        self._channels.discard(channel)
-        self._reactor.callLater(0.1, self._again, channel)
+        self.subscriber.refresh()
+        self._reactor.callLater(RESUBSCRIBE_DELAY_SEC, self._again, channel, 0)
 
-    def _again(self, channel):
-        if self._receiver is not None and channel not in self._channels:
-            self.subscribe(channel).addErrback(lambda f: None if f.check(ConnectionError) else f)
+    def _again(self, channel, attempt):
+        """SSUBSCRIBE ``channel`` where the map puts it now; then fill the gap (messages were missed)."""
+        conn = self.subscriber.connection_of(key_slot(channel))
+        protocol = conn.protocol if conn is not None else None
+        if self._receiver is None or channel not in self._channels or protocol is None:
+            return  # unsubscribed meanwhile, or resubscribed with the node's connection
+        d = defer.maybeDeferred(protocol.execute_command, "SSUBSCRIBE", channel, apply_timeout=False)
+        d.addCallback(lambda _: self._back(True))
+        d.addErrback(self._moved, channel, attempt)
+        d.addErrback(lambda f: None if f.check(ConnectionError) else self.log.failure("resubscribing failed", f))

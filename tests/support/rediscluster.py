@@ -113,6 +113,32 @@ class RedisCluster:
         running = {node.port for node in self.running()}
         return all(m == maps[0] for m in maps) and all(port in running for _, _, port in maps[0])
 
+    def node_id(self, node):
+        with node.client(socket_timeout=2) as c:
+            return c.execute_command("CLUSTER", "MYID")
+
+    def start_migrating(self, slot, target):
+        """Mark ``slot`` as moving from its primary to ``target``: keys not yet moved get ASK."""
+        source = self.node_of_slot(slot)
+        with target.client() as t, source.client() as s:
+            t.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
+        return source
+
+    def finish_migrating(self, slot, source, target):
+        """Move the slot's keys to ``target`` and give it the slot (clients on the old map get MOVED)."""
+        with source.client() as s:
+            while True:
+                keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                s.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        target_id = self.node_id(target)
+        for node in self.primaries():
+            with node.client() as c:
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_healthy()
+
     def kill_primary_of(self, slot):
         """SIGKILL the primary of ``slot`` (its replica takes over within a few node timeouts)."""
         node = self.node_of_slot(slot)
