@@ -14,18 +14,25 @@ Room, profile and control channels alike.
   as after a restart of one Redis.
 - A ``sunsubscribe`` Redis sends unasked (the slot left that node) subscribes the
   channel again where the slot map now puts it, and counts as a gap.
+- A room event or membership change whose shard has no ready primary (failing over; the
+  other nodes answer CLUSTERDOWN meanwhile) is not failed at once: it waits, with the later publishes of the same channel behind it
+  (their order is kept), and is sent when the promoted replica answers, within
+  PUBLISH_WAIT_SEC. Only publishes refused before being sent wait: one lost in flight
+  with the primary may or may not have been applied, and is failed rather than sent twice.
 - The room streams and the membership cache use the cluster forms of their keys
   (hash-tagged with their channel: one slot per script) and publish with SPUBLISH
   (``cluster=True`` of chatgateway.bus.roomstream and chatgateway.bus.memberships).
 """
 
+import collections
+
 from twisted.internet import defer
 from zope.interface import implementer
 
-from chatgateway.bus import IEventBus, memberships, roomstream
+from chatgateway.bus import IEventBus, channels, memberships, roomstream
 from chatgateway.bus.redis import RedisBus
 from chatgateway.redisconn.cluster import ClusterConnection, CrossSlotError, redirect_of
-from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, ConnectionError
+from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, ConnectionError, NotConnected
 from chatgateway.redisconn.protocols import ShardedSubscriberProtocol
 from chatgateway.redisconn.slots import key_slot
 from chatgateway.redisconn.tls import TLSSettings
@@ -35,6 +42,10 @@ from chatgateway.redisconn.uri import parse_uri
 # after this long, at most this many times, each after reading the slot map again.
 RESUBSCRIBE_DELAY_SEC = 0.1
 RESUBSCRIBE_ATTEMPTS = 20
+# A publish waits this long at most for its shard's primary (a failover takes a few seconds),
+# trying again every PUBLISH_RETRY_SEC.
+PUBLISH_WAIT_SEC = 15.0
+PUBLISH_RETRY_SEC = 0.2
 
 
 @implementer(IEventBus)
@@ -48,6 +59,7 @@ class ClusterBus(RedisBus):
         self._reconnect_callbacks = []
         self._batch = []
         self._flush_call = None
+        self._waiting = {}  # channel -> deque of [send, Deferred, deadline] while its shard fails over
         self._stream_max_len = config.room_stream_max_len
         self._stream_max_age_sec = config.room_stream_max_age_sec
         self.publisher = ClusterConnection(
@@ -99,11 +111,15 @@ class ClusterBus(RedisBus):
 
     def publish_membership(self, profile_id, room_id, change, payload):
         call = memberships.change_call(profile_id, room_id, change, payload, cluster=True)
-        return self._eval_with_channel(call).addCallback(lambda _: None)
+        return self._in_order(channels.profile(profile_id), lambda: self._eval_with_channel(call)).addCallback(
+            lambda _: None
+        )
 
     def publish_room_event(self, room_id, payload):
+        # One epoch per publish call (a new epoch is used only if the room has none).
         call = roomstream.publish_call(room_id, payload, self._stream_max_len, self._stream_max_age_sec, cluster=True)
-        return self._eval_with_channel(call).addCallback(roomstream.parse_published)
+        d = self._in_order(channels.room(room_id), lambda: self._eval_with_channel(call))
+        return d.addCallback(roomstream.parse_published)
 
     def read_room_stream(self, room_id, after, count=roomstream.READ_CHUNK):
         call = roomstream.read_call(room_id, after, count, cluster=True)
@@ -121,6 +137,46 @@ class ClusterBus(RedisBus):
         return defer.gatherResults([self.subscriber.stop(), self.publisher.stop()], consumeErrors=True)
 
     # ------------------------------------------------------------ internals
+
+    def _in_order(self, channel, send):
+        """``send()`` now, or behind the publishes of ``channel`` that wait for their shard."""
+        queue = self._waiting.get(channel)
+        if queue is not None:
+            d = defer.Deferred()
+            queue.append([send, d, self._reactor.seconds() + PUBLISH_WAIT_SEC])
+            return d
+        return send().addErrback(self._refused, channel, send)
+
+    def _refused(self, failure, channel, send):
+        if not _not_sent(failure) or self._receiver is None:
+            return failure
+        # Not sent (the shard's primary is gone): wait for the new one, ahead of what follows.
+        d = defer.Deferred()
+        self._waiting[channel] = collections.deque([[send, d, self._reactor.seconds() + PUBLISH_WAIT_SEC]])
+        self._reactor.callLater(PUBLISH_RETRY_SEC, self._retry, channel)
+        return d
+
+    def _retry(self, channel):
+        queue = self._waiting.get(channel)
+        if not queue:
+            self._waiting.pop(channel, None)
+            return
+        send, d, deadline = queue[0]
+
+        def sent(result):
+            queue.popleft()
+            d.callback(result)
+            self._retry(channel)
+
+        def failed(failure):
+            if _not_sent(failure) and self._reactor.seconds() < deadline and self._receiver is not None:
+                self._reactor.callLater(PUBLISH_RETRY_SEC, self._retry, channel)
+                return
+            queue.popleft()
+            d.errback(failure)
+            self._retry(channel)
+
+        send().addCallbacks(sent, failed)
 
     def _eval_with_channel(self, call):
         """A publish script: its channel (ARGV[1]) must be in its keys' slot, or SPUBLISH
@@ -184,3 +240,11 @@ class ClusterBus(RedisBus):
         d.addCallback(lambda _: self._back(True))
         d.addErrback(self._moved, channel, attempt)
         d.addErrback(lambda f: None if f.check(ConnectionError) else self.log.failure("resubscribing failed", f))
+
+
+def _not_sent(failure):
+    """Whether a publish failed without being applied: refused before it was sent, or refused
+    by the cluster (CLUSTERDOWN while a slot has no primary, TRYAGAIN during a migration)."""
+    if failure.check(NotConnected):
+        return True
+    return str(failure.value).startswith(("CLUSTERDOWN", "TRYAGAIN"))

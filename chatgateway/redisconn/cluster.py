@@ -35,7 +35,13 @@ import re
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, ConnectionError, RedisConnection, all_replies
+from chatgateway.redisconn.connection import (
+    REDIS_TIMEOUT_SEC,
+    ConnectionError,
+    NotConnected,
+    RedisConnection,
+    all_replies,
+)
 from chatgateway.redisconn.protocols import RedisProtocol
 from chatgateway.redisconn.slots import SLOTS, key_slot
 
@@ -249,7 +255,7 @@ class ClusterConnection:
         conn = self.nodes.get(name) if name is not None else None
         if conn is None:
             self._needs_resync = True
-            raise ConnectionError(f"redis {self.name}: no node serves slot {slot} yet")
+            raise NotConnected(f"redis {self.name}: no node serves slot {slot} yet")
         return conn
 
     def _redirected(self, failure, slot, call, raw, redirects):
