@@ -24,7 +24,7 @@ Room, profile and control channels alike.
   (``cluster=True`` of chatgateway.bus.roomstream and chatgateway.bus.memberships).
 """
 
-import collections
+import bisect
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -59,7 +59,8 @@ class ClusterBus(RedisBus):
         self._reconnect_callbacks = []
         self._batch = []
         self._flush_call = None
-        self._waiting = {}  # channel -> deque of [send, Deferred, deadline] while its shard fails over
+        self._waiting = {}  # channel -> [(call number, send, Deferred, deadline)] while its shard fails over
+        self._calls = 0
         self._stream_max_len = config.room_stream_max_len
         self._stream_max_age_sec = config.room_stream_max_age_sec
         self.publisher = ClusterConnection(
@@ -140,20 +141,26 @@ class ClusterBus(RedisBus):
 
     def _in_order(self, channel, send):
         """``send()`` now, or behind the publishes of ``channel`` that wait for their shard."""
-        queue = self._waiting.get(channel)
-        if queue is not None:
-            d = defer.Deferred()
-            queue.append([send, d, self._reactor.seconds() + PUBLISH_WAIT_SEC])
-            return d
-        return send().addErrback(self._refused, channel, send)
+        self._calls += 1
+        seq = self._calls
+        if channel in self._waiting:
+            return self._wait(channel, seq, send)
+        return send().addErrback(self._refused, channel, seq, send)
 
-    def _refused(self, failure, channel, send):
+    def _refused(self, failure, channel, seq, send):
         if not _not_sent(failure) or self._receiver is None:
             return failure
-        # Not sent (the shard's primary is gone): wait for the new one, ahead of what follows.
+        # Not applied (the shard's primary is gone): wait for the new one.
+        return self._wait(channel, seq, send)
+
+    def _wait(self, channel, seq, send):
+        """Queue a publish by the order it was asked in (one sent earlier may be refused later)."""
         d = defer.Deferred()
-        self._waiting[channel] = collections.deque([[send, d, self._reactor.seconds() + PUBLISH_WAIT_SEC]])
-        self._reactor.callLater(PUBLISH_RETRY_SEC, self._retry, channel)
+        queue = self._waiting.get(channel)
+        if queue is None:
+            queue = self._waiting[channel] = []
+            self._reactor.callLater(PUBLISH_RETRY_SEC, self._retry, channel)
+        bisect.insort(queue, (seq, send, d, self._reactor.seconds() + PUBLISH_WAIT_SEC), key=lambda e: e[0])
         return d
 
     def _retry(self, channel):
@@ -161,10 +168,11 @@ class ClusterBus(RedisBus):
         if not queue:
             self._waiting.pop(channel, None)
             return
-        send, d, deadline = queue[0]
+        entry = queue[0]
+        _, send, d, deadline = entry
 
         def sent(result):
-            queue.popleft()
+            queue.remove(entry)  # not pop(0): one refused late may have been put in front meanwhile
             d.callback(result)
             self._retry(channel)
 
@@ -172,7 +180,7 @@ class ClusterBus(RedisBus):
             if _not_sent(failure) and self._reactor.seconds() < deadline and self._receiver is not None:
                 self._reactor.callLater(PUBLISH_RETRY_SEC, self._retry, channel)
                 return
-            queue.popleft()
+            queue.remove(entry)
             d.errback(failure)
             self._retry(channel)
 
