@@ -19,6 +19,7 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
+from chatgateway.sessions.catchup import CatchUps, Pacer
 from chatgateway.sessions.corking import Cork
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
@@ -26,6 +27,7 @@ from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
+from chatgateway.sessions.streamreads import StreamReads
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -62,9 +64,17 @@ class Gateway(service.Service):
         # Frames for one device produced in one burst (a bus read, a fan-out chunk) leave in one write.
         self.cork = Cork()
         self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts, corked=self.cork.corked)
+        # Reads of the rooms' streams and of the core's history, shared by every session (and counted).
+        self.reads = StreamReads(bus, core, self.counts, self.clock)
+        self.fanout.observe = self.reads.observe
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
-        self.positions = RoomPositions(bus, self.fanout.receive_event, self._events_lost, self.clock)
-        self.registry.room_released = self.positions.forget
+        self.positions = RoomPositions(self.reads, self.fanout.receive_event, self._events_lost, self.clock)
+        self.reads.live_position = self.positions.position
+        self.registry.room_released = self._room_released
+        # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
+        pacer = Pacer(self.clock, self.cork.corked)
+        self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
+        self.fanout.on_shed = self.catchups.shed
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
@@ -127,6 +137,7 @@ class Gateway(service.Service):
             for session in list(self.registry.sessions):
                 session.closed_by_transport()  # a transport that could not be dropped: forget it
         self.fanout.stop()
+        self.catchups.pacer.stop()
 
     def reconnect_hint(self):
         """The close reason of a draining gateway: reconnect (elsewhere) after a random delay."""
@@ -344,15 +355,29 @@ class Gateway(service.Service):
             self._events_lost(room_id)
 
     def _events_lost(self, room_id):
-        """Tell the room's local devices that events may have been missed, in order with its events."""
-        sessions = self.registry.room_sessions(room_id)
-        if not sessions:
+        """Events of the room may have been missed (the gateway's fill could not tell them, the
+        stream was lost): each local session with a position in the room catches up from it
+        (docs/architecture.md#catch-up); one without (it got no event of the room yet) is
+        told, in order with its events (DATA_LOSS)."""
+        blind = []
+        for session in list(self.registry.room_sessions(room_id)):
+            last = session.delivered.get(room_id)
+            if last is not None:
+                self.catchups.start(session, room_id, last[1], last[2])
+            elif room_id not in session.catching:
+                blind.append(session)
+        if not blind:
             return
         event = pb.ServerEvent(
             id=uuid.uuid4().hex,
             error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
         )
-        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), sessions)
+        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), blind)
+
+    def _room_released(self, room_id):
+        """The room's last local session left: its position and catch-up window mean nothing any more."""
+        self.positions.forget(room_id)
+        self.reads.forget(room_id)
 
     def _store_reconnected(self):
         """The store came back and may have lost writes: rewrite every live connection."""
