@@ -321,6 +321,18 @@ SETTINGS = [
         "86400",
         "Longest an event is kept in its room's stream; an idle room's stream expires after it.",
     ),
+    Setting(
+        "RESUME_TOKEN_SECRET",
+        _text,
+        "",
+        "Key of the resume tokens in connected, shared by every gateway (default: derived from JWT_SECRET, else random per process).",
+    ),
+    Setting(
+        "RESUME_POSITIONS_TTL_SEC",
+        _number(1),
+        "86400",
+        "How long a device's last positions are kept server-side after their last write, and how long a resume token is valid.",
+    ),
     Setting("DRAIN_TIMEOUT_SEC", _number(0), "30", "Longest a graceful stop may take."),
     Setting(
         "PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."
@@ -378,6 +390,8 @@ class Config:
     membership_cache_ttl_sec: float
     room_stream_max_len: int
     room_stream_max_age_sec: float
+    resume_token_secret: str
+    resume_positions_ttl_sec: float
     drain_timeout_sec: float
     publish_forwarded_events: bool
     core_db: str

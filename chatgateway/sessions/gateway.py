@@ -17,15 +17,19 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
+from chatgateway.auth.resumetokens import ResumeTokens, token_secret
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
 from chatgateway.sessions.corking import Cork
+from chatgateway.sessions.devicepositions import DevicePositions
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
 from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
+from chatgateway.sessions.resume import Resumption
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
+from chatgateway.store.resumepositions import make_resume_positions
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -65,6 +69,11 @@ class Gateway(service.Service):
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
         self.positions = RoomPositions(bus, self.fanout.receive_event, self._events_lost, self.clock)
         self.registry.room_released = self.positions.forget
+        # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
+        ttl = config.resume_positions_ttl_sec
+        tokens = ResumeTokens(token_secret(config), ttl, self.clock)
+        self.resumption = Resumption(tokens, make_resume_positions(store, ttl, self.clock), self.positions.position)
+        self.device_positions = DevicePositions(self.resumption.records, self.clock)
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
@@ -126,6 +135,7 @@ class Gateway(service.Service):
             await self._sessions_gone(reserve / 2)
             for session in list(self.registry.sessions):
                 session.closed_by_transport()  # a transport that could not be dropped: forget it
+        await self.device_positions.flush()  # the closed devices' last positions, before the store stops
         self.fanout.stop()
 
     def reconnect_hint(self):
@@ -183,10 +193,12 @@ class Gateway(service.Service):
         self._quietly(self.bus.cache_memberships(profile_id, rooms, cached.version, ttl), "caching memberships")
         return rooms
 
-    async def open_session(self, transport, claims, token, device_id, abandoned=None):
+    async def open_session(self, transport, claims, token, device_id, abandoned=None, resume=None):
         """Register an authenticated device and send it ``connected``.
 
         Its rooms come from the membership cache, or from the core (``connect_rooms``).
+        ``resume`` (a chatgateway.sessions.resume.ResumeRequest) and the device's server-side
+        positions say where it catches up from in each of its rooms.
         Fails with CoreError when the core, asked, cannot tell the device's rooms. When
         ``abandoned()`` says, once the rooms are known, that the device went away
         meanwhile, nothing is registered (no older session of the device is replaced)
@@ -198,8 +210,10 @@ class Gateway(service.Service):
         # received, and recorded here until the session can take it (_replay_changes).
         changes = self._watch(profile_id)
         try:
+            record = defer.Deferred.fromCoroutine(self.resumption.record(profile_id, device_id))  # meanwhile
             await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
             rooms = await self.connect_rooms(profile_id, token, device_id)
+            record = await record
         except BaseException:
             self._unwatch(profile_id, changes)
             self._opened_none()
@@ -215,8 +229,13 @@ class Gateway(service.Service):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
-        session.send(session.connected_event())
+        planned, resume_token, notice = self.resumption.prepare(session, resume, record)
+        session.send(session.connected_event(resume_token, resumed=bool(planned)))
+        if notice is not None:
+            session.send(notice)
         self._replay_changes(session, changes)
+        # In this turn still: no live event of its rooms can reach the session before its catch-up starts.
+        self.resumption.start(session, planned)
         self._register(session)
         if self.draining:
             session.drain(self.reconnect_hint())
@@ -274,6 +293,7 @@ class Gateway(service.Service):
             self._check_gone()
 
     def session_closed(self, session):
+        self.device_positions.closed(session)
         self.registry.remove(session)
         self.counts.session_closed(session)
         self._quietly(
@@ -405,10 +425,13 @@ class Gateway(service.Service):
             session.transport.ping()
             session.last_heartbeat = now
             alive.append(session.meta())
+            self.device_positions.note(session)
         if end < len(sessions):
             self.clock.callLater(0, self._sweep, sessions, end, now, deadline, alive)
-        elif alive:
-            self._quietly(self.store.refresh(alive), "refreshing metadata")
+        else:
+            self.device_positions.flush()  # one batch per sweep: at most a write per heartbeat per device
+            if alive:
+                self._quietly(self.store.refresh(alive), "refreshing metadata")
 
     # ------------------------------------------------------------ shared operations
 

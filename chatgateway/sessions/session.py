@@ -208,7 +208,7 @@ class Session:
             gateway_id=self.gateway.config.gateway_id,
         )
 
-    def connected_event(self):
+    def connected_event(self, resume_token="", resumed=False):
         return pb.ServerEvent(
             id=uuid.uuid4().hex,
             connected=pb.Connected(
@@ -218,7 +218,8 @@ class Session:
                 device_id=self.device_id,
                 heartbeat_interval_sec=max(1, round(self.gateway.config.heartbeat_interval_sec)),
                 room_ids=sorted(self.rooms),
-                # resume_token stays empty: resuming a session is not implemented (README).
+                resume_token=resume_token,  # chatgateway.sessions.resume
+                resumed=resumed,
             ),
         )
 
@@ -284,8 +285,9 @@ class Session:
         which = request.WhichOneof("payload")
         if which == "command":
             self._command(request.command)
-        # Acks are accepted; delivery is at-most-once until resumable catch-up exists
-        # (docs/architecture.md#positions-publish-contract-membership-cache).
+        elif which == "ack":
+            # Its position goes to the device's server-side record (docs/architecture.md#resume).
+            self.gateway.device_positions.acked(self, request.ack)
 
     def _refresh_token(self, token):
         if self._refreshes is None:
