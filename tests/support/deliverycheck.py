@@ -64,7 +64,7 @@ class Report:
         lines = [f"delivery check: {self.counts()}"]
         for (profile, room), finding in list(self.findings.items())[:limit]:
             parts = [
-                f"{name} {len(values)}: {_runs(values[:first]) if name == 'missing' else values[:first]}"
+                f"{name} {len(values)}: {_runs(values, first) if name == 'missing' else values[:first]}"
                 for name, values in vars(finding).items()
                 if values
             ]
@@ -75,8 +75,8 @@ class Report:
         return "\n".join(lines)
 
 
-def _runs(numbers):
-    """[3, 4, 5, 9] -> "3-5, 9": missing events come in runs."""
+def _runs(numbers, first):
+    """[3, 4, 5, 9] -> "3-5, 9" (the ``first`` runs): missing events come in runs."""
     out, start, prev = [], None, None
     for n in sorted(numbers):
         if start is None:
@@ -88,7 +88,7 @@ def _runs(numbers):
             start = prev = n
     if start is not None:
         out.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ", ".join(out)
+    return ", ".join(out[:first]) + (", ..." if len(out) > first else "")
 
 
 def check_room(records, sent, uncertain=()):

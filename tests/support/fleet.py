@@ -21,6 +21,8 @@ stdin/stdout, one line each:
     -> READY <n> {json}      every device received its first `connected`
     <- STATS                 -> STATS {json}   (see Fleet.stats)
     <- DUMP <path>           -> DUMPED <path>  every device's records, as JSON (Fleet.dump)
+    <- AWAY                  -> AWAY <unix time>  every connection cut (no close frame), none reconnects
+    <- BACK <url index>      -> BACK <unix time>  every device connects to that URL at once
     <- QUIT
 
     python tests/support/fleet.py --urls ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws \\
@@ -114,7 +116,7 @@ class Device:
         self.profile = profile
         self.token = token
         self.use_token, self.use_positions = use_token, use_positions
-        self.url = index % len(fleet.targets)  # spread over the URLs at first
+        self.url = index % len(fleet.targets) if fleet.spread else 0
         self.attempt = 0
         self.connection = None
         self.pending = None
@@ -146,6 +148,7 @@ class Device:
         self.rooms.setdefault(message.room_id, []).append([epoch, event.offset, int(number)])
         self.last[message.room_id] = (message.id, epoch, event.offset)
         self.fleet.events += 1
+        self.fleet.last_event = time.time()
 
     def ack(self):
         connection = self.connection
@@ -160,7 +163,7 @@ class Device:
 
     def connect(self):
         fleet = self.fleet
-        if fleet.quitting:
+        if fleet.quitting or fleet.away or self.connection is not None:
             return
         fleet.attempts += 1
         host, path, endpoint = fleet.targets[self.url]
@@ -207,7 +210,7 @@ class Device:
         if connection.opened:
             fleet.connected -= 1
             fleet.lost += 1
-        if fleet.quitting:
+        if fleet.quitting or fleet.away:
             return
         delay, same, _ = next_try(
             connection.status, connection.response_head, connection.close_reason, self.attempt, fleet.base, fleet.cap
@@ -233,6 +236,7 @@ class Fleet:
     def __init__(self, reactor, args):
         self.reactor = reactor
         self.base, self.cap, self.attempt_timeout = args.base, args.cap, args.attempt_timeout
+        self.spread = args.start == "spread"
         self.targets = []
         for url in args.urls:
             parts = urlsplit(url)
@@ -243,8 +247,9 @@ class Fleet:
             profile = f"{args.prefix}{i}"
             token = mint_token(args.secret, profile, device_id="d", audience="service_chat_gateway", ttl=86400)
             self.devices.append(Device(self, i, profile, token, *resume_with(args.resume, i)))
-        self.quitting = False
+        self.quitting = self.away = False
         self.connected = self.lost = self.attempts = self.events = 0
+        self.last_event = None  # unix time of the latest room event recorded
         self.close_codes = {}
 
     def stats(self):
@@ -258,6 +263,7 @@ class Fleet:
             "gaps": sum(len(d.gaps) for d in self.devices),
             "errors": sum(len(d.errors) for d in self.devices),
             "close_codes": self.close_codes,
+            "last_event": self.last_event,
             "time": time.time(),
         }
 
@@ -269,11 +275,28 @@ class Fleet:
         for device in self.devices:
             device.ack()
 
-    def quit(self):
-        self.quitting = True
+    def cut(self):
         for device in self.devices:
             if device.connection is not None and device.connection.transport is not None:
                 device.connection.transport.abortConnection()
+
+    def leave(self):
+        """Every device's connection is cut (TCP closed, no close frame), and none reconnects."""
+        self.away = True
+        self.cut()
+
+    def back(self, url):
+        """Every device connects to ``url`` (an index of --urls) at once."""
+        self.away = False
+        for device in self.devices:
+            if device.connection is None:
+                device.url = url
+                device.attempt = 0
+                device.connect()
+
+    def quit(self):
+        self.quitting = True
+        self.cut()
 
 
 class Control(LineReceiver):
@@ -289,6 +312,13 @@ class Control(LineReceiver):
         elif command == "DUMP":
             self.fleet.dump(argument)
             self.sendLine(f"DUMPED {argument}".encode())
+        elif command == "AWAY":
+            self.fleet.leave()
+            self.sendLine(f"AWAY {time.time():.6f}".encode())
+        elif command == "BACK":
+            at = time.time()
+            self.fleet.back(int(argument))
+            self.sendLine(f"BACK {at:.6f}".encode())
         elif command == "QUIT":
             self.stop()
 
@@ -309,6 +339,12 @@ async def main(reactor, argv):
     parser.add_argument("--first", type=int, default=0, help="index of the first device")
     parser.add_argument("--prefix", default="fleet")
     parser.add_argument("--resume", choices=RESUME_MODES, default="mixed")
+    parser.add_argument(
+        "--start",
+        choices=("spread", "first"),
+        default="spread",
+        help="device i starts on URL i mod n, or all on the first",
+    )
     parser.add_argument("--acks", type=float, default=1.0, help="s between acknowledgements (0: none)")
     parser.add_argument("--concurrency", type=int, default=32, help="first connects in flight")
     parser.add_argument("--base", type=float, default=0.5, help="backoff base (s)")

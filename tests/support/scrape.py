@@ -36,3 +36,22 @@ def active_connections(port, host="127.0.0.1"):
 def calls_between(after, before):
     """{method: calls made between two core_calls() readings}, methods with none left out."""
     return {m: n - before.get(m, 0) for m, n in after.items() if n != before.get(m, 0)}
+
+
+CATCHUP_READS = "chatgateway_catchup_reads_total"
+
+
+def by_label(port, metric, label, host="127.0.0.1"):
+    """{value of ``label``: the sum of ``metric``'s samples with it} (e.g. catch-up reads by source)."""
+    found = {}
+    for name, labels, value in samples(port, host):
+        if name == metric:
+            key = labels.get(label, "")
+            found[key] = found.get(key, 0) + int(value)
+    return found
+
+
+def catchup_reads(port, host="127.0.0.1"):
+    """{"stream": room stream reads, "core": GetHistory pages} the gateway made to catch devices
+    up or fill gaps (docs/observability.md#metrics)."""
+    return by_label(port, CATCHUP_READS, "chatgateway_catchup_source", host)
