@@ -260,6 +260,12 @@ SETTINGS = [
         "Outbound bytes buffered per connection before it is a slow consumer.",
     ),
     Setting(
+        "BEHIND_DRAIN_SEC",
+        _number(0),
+        "30",
+        "Longest a device whose outbox is full (behind) may take to drain before it is closed 4429.",
+    ),
+    Setting(
         "MAX_CONNECTIONS",
         _int(1),
         "10000",
@@ -378,6 +384,7 @@ class Config:
     close_timeout_sec: float
     max_message_bytes: int
     send_buffer_bytes: int
+    behind_drain_sec: float
     max_connections: int
     max_unauthenticated_per_address: int
     max_connects_per_second: float

@@ -52,9 +52,10 @@ class IEventBus(Interface):
         profile's channel by the contract: the cached memberships are updated in the same step
         (chatgateway.bus.memberships)."""
 
-    def publish_room_event(room_id: str, payload: bytes) -> Deferred[None]:
+    def publish_room_event(room_id: str, payload: bytes) -> Deferred[tuple[str, int]]:
         """Publish a room event (a serialized ServerEvent, not typing) by the contract: it gets
-        the room's next position and a place in the room's stream (chatgateway.bus.roomstream)."""
+        the room's next position and a place in the room's stream (chatgateway.bus.roomstream).
+        Fires with that position, (epoch, offset): the reference core stores it with the event."""
 
     def read_room_stream(room_id: str, after: int, count: int) -> Deferred[StreamRead]:
         """Up to ``count`` events of the room's stream after offset ``after``, with the room's

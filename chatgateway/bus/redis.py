@@ -169,7 +169,7 @@ class RedisBus:
         d = roomstream.publish_room_event(
             self.publisher.eval, room_id, payload, self._stream_max_len, self._stream_max_age_sec
         )
-        return d.addCallback(lambda _: None)
+        return d.addCallback(roomstream.parse_published)
 
     def read_room_stream(self, room_id, after, count=roomstream.READ_CHUNK):
         return self.publisher.eval(*roomstream.read_call(room_id, after, count)).addCallback(roomstream.parse_read)

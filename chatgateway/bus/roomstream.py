@@ -154,6 +154,12 @@ def publish_room_event(
     return eval(*publish_call(room_id, payload, max_len, max_age_sec))
 
 
+def parse_published(reply: Sequence[Any]) -> tuple[str, int]:
+    """PUBLISH_ROOM's reply as the position it gave, (epoch, offset)."""
+    epoch = reply[1].decode("ascii", "replace") if isinstance(reply[1], bytes) else str(reply[1])
+    return epoch, int(reply[0])
+
+
 def read_call(room_id: str, after: int, count: int = READ_CHUNK) -> tuple[str, list[str], list[Any]]:
     return READ_ROOM, [position_key(room_id), stream_key(room_id)], [after, count]
 

@@ -274,6 +274,7 @@ class GrpcDevice:
     def _session_opened(self, session):
         """The Opening's hand-over: messages go to ``session`` from now on."""
         self.session = session
+        self._outbox.follow(session)
         self._opening = None
 
     # ------------------------------------------------------------ ISessionTransport

@@ -42,9 +42,8 @@ REASONS = Reasons("frame")
 PING_FRAME = b"\x89\x00"
 # WebSocket close reasons are limited to 123 bytes of UTF-8.
 MAX_REASON_BYTES = 123
-# What Autobahn keeps of the opening handshake for the connection's lifetime; it
-# reads them only while the handshake runs (the Authorization header alone is
-# ~300 bytes per connection).
+# What Autobahn keeps of the opening handshake for the connection's lifetime; it reads
+# them only while the handshake runs (the Authorization header alone is ~300 bytes).
 HANDSHAKE_ATTRIBUTES = (
     "http_headers",
     "http_headers_cnt",
@@ -222,6 +221,7 @@ class DeviceProtocol(WebSocketServerProtocol):
     def _session_opened(self, session):
         """The Opening's hand-over: frames go to ``session`` from now on."""
         self.session = session
+        self._outbox.follow(session)
         if isinstance(self.transport, Guard):
             self.transport.authenticated()
         self._forget_handshake()

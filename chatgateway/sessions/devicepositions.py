@@ -35,9 +35,7 @@ class DevicePositions:
 
     def note(self, session):
         """Add what moved of the session's positions to the next batch."""
-        position = getattr(session, "position", None)  # the catch-up engine's (Session.position)
-        if position is None:
-            return
+        position = session.position
         current = {}
         for room_id in session.rooms:
             delivered = position(room_id)

@@ -50,11 +50,14 @@ LOSS_MESSAGE = "the gateway fell behind: events may have been missed"
 class EncodedEvent:
     """One ServerEvent and its frames, encoded on first use per format."""
 
-    __slots__ = ("event", "payload", "_frames", "_policy")
+    __slots__ = ("event", "payload", "position", "_frames", "_policy")
 
-    def __init__(self, event, payload=None):
+    def __init__(self, event, payload=None, position=None):
         self.event = event
         self.payload = payload
+        # (room id, epoch, offset) of a room event with a position, else None: what a
+        # Session checks to deliver each room's events once and in order (sessions.catchup).
+        self.position = position
         self._frames = {}
         self._policy = None
 
@@ -105,6 +108,7 @@ class Fanout:
         self._notice_window = float("-inf")
         self._warned_at = None
         self._unreported = [0, 0, 0]  # events, deliveries dropped and devices told since the last warning
+        self.observe = None  # observe(room_id, encoded): every positioned room event received
 
     @property
     def backlog(self):
@@ -137,8 +141,14 @@ class Fanout:
             recipients = self._registry.profile_sessions(key)
         else:
             return
+        if kind == "room" and event.offset:
+            encoded = EncodedEvent(event, payload, (key, event.epoch, event.offset))
+            if self.observe is not None:
+                self.observe(key, encoded)  # the catch-up window of the room (sessions.streamreads)
+        else:
+            encoded = EncodedEvent(event, payload)
         if recipients:
-            self.deliver(EncodedEvent(event, payload), recipients, started, droppable=kind == "room")
+            self.deliver(encoded, recipients, started, droppable=kind == "room")
 
     def deliver(self, encoded, recipients, started=None, droppable=False):
         """Deliver ``encoded`` to ``recipients`` now, or queue it behind earlier events.

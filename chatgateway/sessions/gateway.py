@@ -20,6 +20,7 @@ from chatgateway.api import codec
 from chatgateway.auth.resumetokens import ResumeTokens, token_secret
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
+from chatgateway.sessions.catchup import CatchUps, Pacer
 from chatgateway.sessions.corking import Cork
 from chatgateway.sessions.devicepositions import DevicePositions
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
@@ -29,6 +30,7 @@ from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.resume import Resumption
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
+from chatgateway.sessions.streamreads import StreamReads
 from chatgateway.store.resumepositions import make_resume_positions
 from chatgateway.telemetry.counts import GatewayCounts
 
@@ -66,9 +68,15 @@ class Gateway(service.Service):
         # Frames for one device produced in one burst (a bus read, a fan-out chunk) leave in one write.
         self.cork = Cork()
         self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts, corked=self.cork.corked)
+        # Reads of the rooms' streams and of the core's history, shared by every session (and counted).
+        self.reads = StreamReads(bus, core, self.counts, self.clock)
+        self.fanout.observe = self.reads.observe
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
-        self.positions = RoomPositions(bus, self.fanout.receive_event, self._events_lost, self.clock)
-        self.registry.room_released = self.positions.forget
+        self.positions = RoomPositions(self.reads, self.fanout.receive_event, self._events_lost, self.clock)
+        self.registry.room_released = self._room_released
+        # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
+        pacer = Pacer(self.clock, self.cork.corked)
+        self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
         # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
         ttl = config.resume_positions_ttl_sec
         tokens = ResumeTokens(token_secret(config), ttl, self.clock)
@@ -137,6 +145,7 @@ class Gateway(service.Service):
                 session.closed_by_transport()  # a transport that could not be dropped: forget it
         await self.device_positions.flush()  # the closed devices' last positions, before the store stops
         self.fanout.stop()
+        self.catchups.pacer.stop()
 
     def reconnect_hint(self):
         """The close reason of a draining gateway: reconnect (elsewhere) after a random delay."""
@@ -373,6 +382,11 @@ class Gateway(service.Service):
             error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
         )
         self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), sessions)
+
+    def _room_released(self, room_id):
+        """The room's last local session left: its position and catch-up window mean nothing any more."""
+        self.positions.forget(room_id)
+        self.reads.forget(room_id)
 
     def _store_reconnected(self):
         """The store came back and may have lost writes: rewrite every live connection."""

@@ -123,8 +123,6 @@ class Resumption:
                 )
                 notice = ignored_notice(e)
         planned = plan(session.member_rooms, request.positions, token_positions, record)
-        if not hasattr(session, "catch_up"):  # a session without the catch-up engine resumes nothing
-            planned = {}
         starts = dict(planned)
         for room_id in session.member_rooms:
             if room_id not in starts:

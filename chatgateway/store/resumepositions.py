@@ -136,8 +136,12 @@ class RedisResumePositions:
 
 
 def make_resume_positions(store, ttl_sec, clock):
-    """The records beside ``store``: on its Redis, or in process for the in-memory store."""
+    """The records beside ``store``: on its Redis, or in process for the in-memory store (one
+    set of records per store, so gateways sharing a store in one process share them)."""
     redis = getattr(store, "redis", None)
     if redis is not None:
         return RedisResumePositions(redis, ttl_sec)
-    return MemoryResumePositions(ttl_sec, clock)
+    records = getattr(store, "resume_positions", None)
+    if records is None:
+        records = store.resume_positions = MemoryResumePositions(ttl_sec, clock)
+    return records
