@@ -4,7 +4,8 @@ doubled or reordered while gateways are killed, drained, stopped and cut off fro
 Real processes: one redis-server, `twistd chatcore` publishing by the contract, two
 `twistd chatgateway` (gw-0 with one process, gw-1 with `--workers 2`), 200 devices
 (support/fleet.py: 199 in one process, 1 alone in another so that it can be frozen) each
-in 2 of 20 rooms, and a publisher (support/corepublisher.py) sending numbered events
+in 2 of 20 rooms, resuming with their token and their positions (a token or the
+gateway's record alone is not exactly-once: docs/protocol.md#acks), and a publisher (support/corepublisher.py) sending numbered events
 through the core over gRPC all along. Meanwhile, in this order:
 
 1. ``CLIENT KILL TYPE pubsub``: every gateway process loses its subscriptions at once;
@@ -85,7 +86,7 @@ class Run:
                 "--prefix",
                 PREFIX,
                 "--resume",
-                "mixed",
+                "both",
             ],
             log_path=self.tmp_path / f"fleet-{first}.log",
         )

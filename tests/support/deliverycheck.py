@@ -33,6 +33,7 @@ class Report:
     gaps: dict = field(default_factory=dict)  # profile -> gap events it was sent
     errors: dict = field(default_factory=dict)  # profile -> errors it was sent
     strays: dict = field(default_factory=dict)  # profile -> rooms it got events of and is not in
+    histories: dict = field(default_factory=dict)  # profile -> its connections (fleet.py), faulty ones
 
     @property
     def complete(self):
@@ -69,10 +70,29 @@ class Report:
                 if values
             ]
             lines.append(f"  {profile} room {room}: " + "; ".join(parts))
+            if profile in self.histories:
+                lines.append(f"    its connections: {_history(self.histories[profile], room)}")
         for name, table in (("gaps", self.gaps), ("errors", self.errors), ("strays", self.strays)):
             for profile, values in list(table.items())[:limit]:
                 lines.append(f"  {profile} {name}: {values[:first]}")
         return "\n".join(lines)
+
+
+def _history(history, room):
+    """A device's connections, short: "open gw-1 resumed token @44; end 1001; ..." (@: the
+    offset it sent for ``room``), times in seconds from its first."""
+    if not history:
+        return "none"
+    start, out = history[0][0], []
+    for entry in history:
+        at = f"{entry[0] - start:.1f}s"
+        if entry[1] == "open":
+            _, _, gateway, resumed, token, positions = entry
+            sent = ("token " if token else "") + (f"@{positions[room]}" if room in positions else "")
+            out.append(f"{at} open {gateway}{' resumed' if resumed else ''} {sent}".rstrip())
+        else:
+            out.append(f"{at} end {entry[2] or 'no close'}")
+    return "; ".join(out)
 
 
 def _runs(numbers, first):
@@ -133,6 +153,7 @@ def check(expected_rooms, published, dump):
             finding = check_room(records, sent.get(room, ()), uncertain.get(room, ()))
             if finding:
                 report.findings[(profile, room)] = finding
+                report.histories[profile] = device.get("history", [])
         strays = sorted(set(held) - set(rooms))
         if strays:
             report.strays[profile] = strays

@@ -3,6 +3,7 @@
 all on free ports, with rooms made through the core's gRPC API."""
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from chatgateway.auth.devtokens import mint_token
 from support.processes import Twistd, children_of, free_port, until
 from support.redis import RedisServer
 
+NOTABLE = re.compile(r"#(warn|error|critical)\]|Traceback|Error:")
 OWNER = "fleet-owner"  # the profile that makes the rooms and publishes into them
 
 
@@ -106,8 +108,14 @@ class Deployment:
         self.redis.cleanup()
         return codes
 
-    def logs(self, lines=40):
-        return "\n".join(f"--- gw-{i}\n{g.log_tail(lines)}" for i, g in enumerate(self.gateways))
+    def logs(self, lines=20):
+        """The last warnings and errors of each gateway's log (its info lines left out)."""
+        out = []
+        for i, gateway in enumerate(self.gateways):
+            notable = [line for line in gateway.log_text().splitlines() if NOTABLE.search(line)]
+            out.append(f"--- gw-{i}: {len(notable)} warnings and errors, the last {lines}:")
+            out.extend(notable[-lines:])
+        return "\n".join(out)
 
 
 def _alive(pid):

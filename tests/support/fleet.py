@@ -73,6 +73,7 @@ class Connection(RawWebSocket):
         self.device = device
         self.opened = False
         self.status = None  # HTTP status of a refused handshake
+        self.close_code = None  # of the server's close frame
 
     def upgraded(self):
         self.transport.write(client_frame(self.device.sign_in().SerializeToString()))
@@ -99,6 +100,7 @@ class Connection(RawWebSocket):
             self.device.errors.append([event.error.status, event.error.message[:200]])
 
     def closed_by_server(self, code):
+        self.close_code = code
         codes = self.device.fleet.close_codes
         reason = f"{code} " + DIGITS.sub("N", self.close_reason)[:80]
         codes[reason] = codes.get(reason, 0) + 1
@@ -131,6 +133,10 @@ class Device:
         self.room_ids = []  # of the last `connected`
         self.connects = 0
         self.resumed = 0  # `connected` frames that said resumed
+        # [unix time, "open", gateway, resumed, sent token?, {room: offset sent}] and
+        # [unix time, "end", close code (None: no close frame)]: where the seams are
+        self.history = []
+        self.sent = (False, {})  # what the last sign-in resumed with
 
     def sign_in(self):
         request = pb.StreamRequest(auth_token=self.token)
@@ -139,6 +145,7 @@ class Device:
         if self.connects and self.use_positions:
             for room_id, (_, epoch, offset) in sorted(self.last.items()):
                 request.positions.add(room_id=room_id, epoch=epoch, offset=offset)
+        self.sent = (bool(request.resume_token), {p.room_id: p.offset for p in request.positions})
         return request
 
     def record(self, event):
@@ -195,6 +202,8 @@ class Device:
         self.resumed += bool(connected.resumed)
         self.resume_token = connected.resume_token
         self.room_ids = sorted(connected.room_ids)
+        token, positions = self.sent
+        self.history.append([round(time.time(), 3), "open", connected.gateway_id, connected.resumed, token, positions])
         self.fleet.connected += 1
         if not self.first.called:
             self.first.callback(self)
@@ -210,6 +219,7 @@ class Device:
         if connection.opened:
             fleet.connected -= 1
             fleet.lost += 1
+            self.history.append([round(time.time(), 3), "end", connection.close_code])
         if fleet.quitting or fleet.away:
             return
         delay, same, _ = next_try(
@@ -229,6 +239,7 @@ class Device:
             "errors": self.errors,
             "connects": self.connects,
             "resumed": self.resumed,
+            "history": self.history,
         }
 
 
