@@ -7,7 +7,7 @@ client process, all on the first gateway). Each repeat: every device's connectio
 (the gateway keeps its positions at the disconnect); 100 events per room are sent through
 the core (tests/support/corepublisher.py, SendEvent over gRPC); then every device
 connects to the other gateway at once and resumes (``--resume``: its resume token, its
-positions, or a third each of token / positions / both). Reported per repeat: the time from
+positions, both (the default), or a third each of token / positions / both). Reported per repeat: the time from
 the reconnect to the last event caught up, the stream reads and GetHistory pages of the
 resuming gateway (its /metrics, chatgateway_catchup_reads_total) and every call it made to
 the core meanwhile; at the end, the delivery check of every device's records (each event of
@@ -90,7 +90,7 @@ def main():
     parser.add_argument("--behind", type=int, default=100, help="events per room sent while the devices are away")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--wait", type=float, default=120, help="longest wait for a repeat's catch-up (s)")
-    parser.add_argument("--resume", choices=("token", "positions", "both", "mixed"), default="mixed")
+    parser.add_argument("--resume", choices=("token", "positions", "both", "mixed"), default="both")
     parser.add_argument("--out", default=str(OUT / "resume.json"))
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
