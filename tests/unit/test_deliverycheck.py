@@ -2,7 +2,7 @@
 
 from chatgateway.api import chat_pb2 as pb
 from support.deliverycheck import check, check_room
-from support.fleet import client_frame, resume_with
+from support.fleet import Device, client_frame, resume_with
 from support.rawwebsocket import frame_header
 
 
@@ -97,3 +97,36 @@ def test_mixed_resume_spreads_the_kinds_over_the_devices():
     assert [resume_with("mixed", i) for i in range(3)] == [(True, False), (False, True), (True, True)]
     assert resume_with("none", 4) == (False, False)
     assert resume_with("both", 4) == (True, True)
+
+
+class FakeFleet:
+    targets = [("h:1", "/ws", None), ("h:2", "/ws", None)]
+    spread = True
+    events = 0
+    last_event = None
+    connected = 0
+
+
+def test_a_device_signs_in_bare_first_then_resumes_with_its_token_and_last_positions():
+    device = Device(FakeFleet(), 3, "p3", "jwt", use_token=True, use_positions=True)
+    assert device.url == 1  # spread: device i starts on URL i mod 2
+    assert device.sign_in() == pb.StreamRequest(auth_token="jwt")
+    device.opened(pb.Connected(gateway_id="gw-0", resume_token="r1", room_ids=["b", "a"]))
+    for room, offset, n in (("a", 7, 0), ("a", 8, 1), ("b", 3, 0)):
+        event = pb.ServerEvent(id=f"{room}{n}", epoch="e", offset=offset)
+        event.message.room_id, event.message.id = room, f"{room}{n}"
+        event.message.payload.update({"n": n})
+        device.record(event)
+    assert device.rooms == {"a": [["e", 7, 0], ["e", 8, 1]], "b": [["e", 3, 0]]}
+    request = device.sign_in()
+    assert request.resume_token == "r1"
+    assert [(p.room_id, p.epoch, p.offset) for p in request.positions] == [("a", "e", 8), ("b", "e", 3)]
+    assert device.history[0][1:] == ["open", "gw-0", False, False, {}]
+
+
+def test_a_token_only_device_sends_no_positions():
+    device = Device(FakeFleet(), 0, "p0", "jwt", use_token=True, use_positions=False)
+    device.opened(pb.Connected(resume_token="r1"))
+    device.last["a"] = ("x", "e", 5)
+    request = device.sign_in()
+    assert request.resume_token == "r1" and not request.positions
