@@ -97,21 +97,9 @@ def _host_port(text: str) -> str:
 
 
 def _store_uri(text: str) -> str:
-    text = text.strip()
-    if text in ("", "memory://"):
-        return "memory://"
-    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(
-            f"unknown scheme {urlsplit(text).scheme!r}: use memory://, redis://host:port/db or unix:///path"
-        )
-    from chatgateway.redisconn.uri import parse_uri
+    from chatgateway.redisconn.uri import store_uri
 
-    try:
-        parse_uri(text)
-    except ValueError as e:
-        # parse_uri names the URI itself; the caller's line already does.
-        raise ValueError(str(e).split(": ", 1)[-1]) from None
-    return text
+    return store_uri(text)
 
 
 def _http_url(text: str) -> str:
@@ -200,9 +188,28 @@ SETTINGS = [
         "CACHE_URI",
         _store_uri,
         "memory://",
-        "Connection metadata store: memory:// (one instance) or redis://host:port/db.",
+        "Connection metadata store: memory:// (one instance), redis://host:port/db, rediss:// (TLS), unix:///path, or redis+cluster://host:port,host:port (rediss+cluster:// with TLS).",
     ),
     Setting("EVENTS_URI", _store_uri, "", "Event bus; defaults to CACHE_URI."),
+    Setting(
+        "REDIS_TLS_CA_FILE",
+        _text,
+        "",
+        "rediss://: PEM file of the CAs that sign Redis's certificate (default: the system's trust store).",
+    ),
+    Setting(
+        "REDIS_TLS_CERT_FILE",
+        _text,
+        "",
+        "rediss://: PEM client certificate, with REDIS_TLS_KEY_FILE (tls-auth-clients).",
+    ),
+    Setting("REDIS_TLS_KEY_FILE", _text, "", "rediss://: PEM private key of REDIS_TLS_CERT_FILE."),
+    Setting(
+        "REDIS_TLS_VERIFY",
+        _bool,
+        "true",
+        "rediss://: verify Redis's certificate and host name (false: encrypted, not authenticated).",
+    ),
     Setting(
         "OAUTH2_ISSUER",
         _text,
@@ -365,6 +372,10 @@ class Config:
     max_token_refreshes_per_minute: int
     cache_uri: str
     events_uri: str
+    redis_tls_ca_file: str
+    redis_tls_cert_file: str
+    redis_tls_key_file: str
+    redis_tls_verify: bool
     oauth2_issuer: str
     oauth2_jwt_verify_audience: str
     oauth2_jwks_uri: str
@@ -485,6 +496,14 @@ def _cross_checks(given: Mapping[str, Any]) -> Iterator[str]:
                 f"OAUTH2_ISSUER={values['oauth2_issuer']!r}: discovery needs an http(s) URL; "
                 "set OAUTH2_JWKS_URI or JWT_SECRET"
             )
+    yield from _tls_checks(values)
     client = [values["oauth2_token_endpoint"] or "", values["jwt_client_id"], values["jwt_client_secret"]]
     if any(client) and not all(client):
         yield "OAUTH2_TOKEN_ENDPOINT, JWT_CLIENT_ID and JWT_CLIENT_SECRET go together: set all three or none"
+
+
+def _tls_checks(values: Mapping[str, Any]) -> Iterator[str]:
+    """With a rediss:// URI, the TLS files must be readable and parse now, not at the first connect."""
+    from chatgateway.redisconn.tls import config_problems
+
+    yield from config_problems(values)
