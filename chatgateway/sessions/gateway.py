@@ -19,13 +19,16 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
+from chatgateway.sessions.calls import CallSignals
 from chatgateway.sessions.corking import Cork
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
+from chatgateway.sessions.presence import Presence
 from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
+from chatgateway.sessions.sharedlimits import SharedLimits
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -68,6 +71,9 @@ class Gateway(service.Service):
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
+        self.presence = Presence(self)  # leases of the local devices; presenceEvents to fellow members
+        self.calls = CallSignals(self)  # call signals relayed on the callees' profile channels
+        self.limits = SharedLimits(config, store, self.clock, self.counts)  # per profile and per room
         self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
         self._heartbeat.clock = self.clock
@@ -218,6 +224,7 @@ class Gateway(service.Service):
         session.send(session.connected_event())
         self._replay_changes(session, changes)
         self._register(session)
+        self.presence.arrived(session)
         if self.draining:
             session.drain(self.reconnect_hint())
         if self._log_connects:
@@ -280,6 +287,7 @@ class Gateway(service.Service):
             self.store.release_device(session.profile_id, session.device_id, self.config.gateway_id, session.id),
             "releasing a device",
         )
+        self.presence.departed(session)
         if self.draining:
             self._check_gone()
 
@@ -386,6 +394,7 @@ class Gateway(service.Service):
         now = self.clock.seconds()
         sessions = list(self.registry.sessions)
         self._sweep(sessions, 0, now, now - self.config.connection_timeout_sec, [])
+        self.presence.tick(sessions)
         self._announce()
         self._ticks += 1
         if self._ticks % REAP_EVERY_TICKS == 0:

@@ -214,7 +214,8 @@ class Harness:
     """
 
     def __init__(self, _shared=None, counts=None, **settings):
-        env = {"JWT_SECRET": "unit-test-secret", "GATEWAY_ID": "gw-test"}
+        # No presenceEvents unless a test asks (PRESENCE_MAX_ROOM_SIZE): the fan-out tests count every frame.
+        env = {"JWT_SECRET": "unit-test-secret", "GATEWAY_ID": "gw-test", "PRESENCE_MAX_ROOM_SIZE": "0"}
         env.update({k: str(v) for k, v in settings.items()})
         self.config = config.load(env)
         if _shared is None:
