@@ -4,7 +4,8 @@ Besides the per-connection limit (MAX_EVENTS_PER_SECOND, in process): every comm
 profile, from any of its devices on any gateway, counts against PROFILE_EVENTS_PER_SECOND;
 every event sent into a room (a message, typing, a read marker, a forwarded SendEvent),
 from anyone anywhere, against ROOM_EVENTS_PER_SECOND. Each check is one GCRA script in the
-store's Redis (chatgateway.store.gcra), in process with CACHE_URI=memory://. A refusal is
+store's Redis (chatgateway.store.gcra; a command's two limits in one script, counting
+against both or neither), in process with CACHE_URI=memory://. A refusal is
 RESOURCE_EXHAUSTED with ``retry_after_ms`` in the error's meta.
 
 When the store cannot answer, the command is let in (fail open) and a warning is logged at
@@ -86,28 +87,22 @@ class SharedLimits:
         return self._check(checks)
 
     def _check(self, checks):
-        wanted = [(kind, key) for kind, key in checks if self._rates[kind][0] > 0]
-        if not wanted:
+        limits = [(kind, key, *self._rates[kind]) for kind, key in checks if self._rates[kind][0] > 0]
+        if not limits:
             return defer.succeed(None)
-        # The checks run side by side (one round trip); the first refusal wins.
-        results = [self._one(kind, key) for kind, key in wanted]
-        d = defer.gatherResults(results, consumeErrors=True)
+        d = defer.maybeDeferred(self._gcra.check, limits)
+        d.addCallbacks(self._decided, self._fail_open, errbackArgs=([kind for kind, *_ in limits],))
+        return d
 
-        def decided(waits):
-            for (kind, _), wait in zip(wanted, waits, strict=True):
-                if wait > 0:
-                    self._counts.limit_refused(kind)
-                    raise LimitExceeded(kind, wait)
+    def _decided(self, outcome):
+        kind, wait = outcome
+        if kind is not None:
+            self._counts.limit_refused(kind)
+            raise LimitExceeded(kind, wait)
 
-        return d.addCallback(decided)
-
-    def _one(self, kind, key):
-        rate, burst = self._rates[kind]
-        d = defer.maybeDeferred(self._gcra.check, kind, key, rate, burst)
-        return d.addErrback(self._fail_open, kind)
-
-    def _fail_open(self, failure, kind):
-        self._counts.limit_unchecked(kind)
+    def _fail_open(self, failure, kinds):
+        for kind in kinds:
+            self._counts.limit_unchecked(kind)
         self._unchecked += 1
         now = self._clock.seconds()
         if self._warned_at is None or now - self._warned_at >= WARN_EVERY_SEC:
@@ -118,4 +113,4 @@ class SharedLimits:
             )
             self._warned_at = now
             self._unchecked = 0
-        return 0.0
+        return None

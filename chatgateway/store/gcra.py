@@ -9,7 +9,9 @@ limit is full again), so an idle profile or room costs Redis nothing.
 
     gateway:limit:{kind}:{id}   string: TAT in milliseconds of Redis TIME   PEXPIRE until TAT
 
-The time is Redis's own (TIME), so gateways' clocks never matter.
+The time is Redis's own (TIME), so gateways' clocks never matter. The limits of one command
+(its profile's and its room's) are checked in one script: it counts against both or neither,
+so a command refused by one limit does not use up the other.
 """
 
 from twisted.internet import defer
@@ -19,19 +21,25 @@ def limit_key(kind, key):
     return f"gateway:limit:{kind}:{key}"
 
 
-# KEYS: the limit's key. ARGV: interval (ms), burst (events).
-# Returns {1, 0} when let in, {0, retry after (ms)} when refused.
+# KEYS: the limits' keys. ARGV: for each, its interval (ms) and burst (events).
+# Returns {0, 0} when let in by every limit (each then counts the event), else {n, retry after
+# (ms)} for the first limit n (1-based) that refuses it (and none counts it).
 CHECK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local next_tat = tat + interval
-local wait = next_tat - burst * interval - now
-if wait > 0 then return {0, math.ceil(wait)} end
-redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX', math.max(1, math.ceil(next_tat - now)))
-return {1, 0}
+local next_tats = {}
+for i = 1, #KEYS do
+  local interval, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  local wait = tat + interval - burst * interval - now
+  if wait > 0 then return {i, math.ceil(wait)} end
+  next_tats[i] = tat + interval
+end
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], string.format('%.3f', next_tats[i]), 'PX', math.max(1, math.ceil(next_tats[i] - now)))
+end
+return {0, 0}
 """
 
 
@@ -41,10 +49,21 @@ class RedisGcra:
     def __init__(self, redis):
         self.redis = redis
 
-    def check(self, kind, key, rate, burst):
-        """Deferred: 0.0 when let in, else the seconds to wait before retrying; fails when Redis does."""
-        d = self.redis.eval(CHECK, [limit_key(kind, key)], [f"{1000.0 / rate:.6f}", burst])
-        return d.addCallback(lambda reply: 0.0 if int(reply[0]) else int(reply[1]) / 1000.0)
+    def check(self, limits):
+        """``limits``: [(kind, key, rate, burst)], checked together: an event counts against all
+        of them or none. Deferred: (None, 0.0) when let in, else (the kind that refused it, the
+        seconds to wait before retrying); fails when Redis does."""
+        keys = [limit_key(kind, key) for kind, key, _, _ in limits]
+        args = []
+        for _, _, rate, burst in limits:
+            args += [f"{1000.0 / rate:.6f}", burst]
+        d = self.redis.eval(CHECK, keys, args)
+
+        def decided(reply):
+            refused = int(reply[0])
+            return (None, 0.0) if not refused else (limits[refused - 1][0], int(reply[1]) / 1000.0)
+
+        return d.addCallback(decided)
 
 
 class MemoryGcra:
@@ -54,17 +73,20 @@ class MemoryGcra:
         self.clock = clock
         self._tats = {}  # (kind, key) -> TAT (seconds)
 
-    def check(self, kind, key, rate, burst):
+    def check(self, limits):
         now = self.clock.seconds()
-        interval = 1.0 / rate
-        tat = max(self._tats.get((kind, key), now), now)
-        wait = tat + interval - burst * interval - now
-        if wait > 1e-9:
-            return defer.succeed(wait)
-        self._tats[(kind, key)] = tat + interval
+        next_tats = []
+        for kind, key, rate, burst in limits:
+            interval = 1.0 / rate
+            tat = max(self._tats.get((kind, key), now), now)
+            wait = tat + interval - burst * interval - now
+            if wait > 1e-9:
+                return defer.succeed((kind, wait))
+            next_tats.append(((kind, key), tat + interval))
+        self._tats.update(next_tats)
         if len(self._tats) > 10_000:
-            self._tats = {k: v for k, v in self._tats.items() if v > now}  # the full ones
-        return defer.succeed(0.0)
+            self._tats = {k: v for k, v in self._tats.items() if v > now}  # the others are full
+        return defer.succeed((None, 0.0))
 
 
 def make_gcra(store, clock):
