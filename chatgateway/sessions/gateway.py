@@ -449,6 +449,7 @@ class Gateway(service.Service):
             changes.append((change, event))
         for session in list(self.registry.profile_sessions(change.profile_id)):
             session.apply_membership(change)
+        self.presence.membership_changed(change)
 
     def publish(self, channel, event):
         """Publish ``event`` by the contracts: a room event gets its position and its place in the

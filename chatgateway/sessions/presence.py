@@ -64,6 +64,14 @@ class Presence:
         d = self.leases.depart(session.profile_id, session.device_id, session.id, self.grace_sec)
         self._gateway._quietly(d, "releasing a presence lease")
 
+    def membership_changed(self, change):
+        """A profile with devices here joined a room: the room is told when the profile goes offline."""
+        if change.change == pb.SubscriptionEvent.Change.ADDED and self._gateway.registry.profile_sessions(
+            change.profile_id
+        ):
+            d = self.leases.add_room(change.profile_id, change.room_id)
+            self._gateway._quietly(d, "adding a room to a presence lease")
+
     def tick(self, sessions):
         """Every heartbeat: renew the leases of ``sessions``, then sweep the lapsed ones (any gateway's)."""
         live = [s for s in sessions if not s.closed]

@@ -15,6 +15,7 @@ so a command refused by one limit does not use up the other.
 """
 
 from twisted.internet import defer
+from zope.interface import Interface, implementer
 
 
 def limit_key(kind, key):
@@ -43,6 +44,14 @@ return {0, 0}
 """
 
 
+class IRateChecks(Interface):
+    def check(limits):
+        """``limits``: [(kind, key, rate per second, burst)], checked together: an event counts
+        against all of them or none. Deferred: (None, 0.0) when let in, else (the kind that
+        refused it, the seconds to wait before retrying)."""
+
+
+@implementer(IRateChecks)
 class RedisGcra:
     """GCRA checks in Redis (through a RedisConnection's ``eval``)."""
 
@@ -50,9 +59,7 @@ class RedisGcra:
         self.redis = redis
 
     def check(self, limits):
-        """``limits``: [(kind, key, rate, burst)], checked together: an event counts against all
-        of them or none. Deferred: (None, 0.0) when let in, else (the kind that refused it, the
-        seconds to wait before retrying); fails when Redis does."""
+        """IRateChecks.check; fails when Redis does."""
         keys = [limit_key(kind, key) for kind, key, _, _ in limits]
         args = []
         for _, _, rate, burst in limits:
@@ -66,6 +73,7 @@ class RedisGcra:
         return d.addCallback(decided)
 
 
+@implementer(IRateChecks)
 class MemoryGcra:
     """The same checks in process (one instance), on ``clock``."""
 

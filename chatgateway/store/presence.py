@@ -36,6 +36,7 @@ import json
 from typing import Any
 
 from twisted.internet import defer
+from zope.interface import Interface, implementer
 
 from chatgateway.store import conn_key, room_key
 
@@ -228,6 +229,32 @@ class Sweep:
         self.offline = offline
 
 
+class IPresenceLeases(Interface):
+    """The leases of every gateway's connections, and the transitions they decide (the module docstring)."""
+
+    def arrive(profile_id, device_id, session_id, rooms, lease_sec, max_room_size):
+        """Take a connection's lease. Deferred: the rooms to tell if the profile came online, else None."""
+
+    def depart(profile_id, device_id, session_id, grace_sec):
+        """A connection closed: its lease becomes a departed one lapsing after ``grace_sec``."""
+
+    def add_room(profile_id, room_id):
+        """The profile joined ``room_id``: tell it too when the profile goes offline."""
+
+    def renew(leases, lease_sec):
+        """Renew [(profile id, device id, session id)]. Deferred: those that were gone (to arrive again)."""
+
+    def sweep(max_room_size):
+        """Drop lapsed leases. Deferred: a Sweep (profiles online, profiles gone offline with their rooms to tell)."""
+
+    def room(room_id, max_room_size):
+        """Deferred: the RoomPresence of a room."""
+
+    def devices(profile_id):
+        """Deferred: the set of the profile's devices with a live (not departed) lease."""
+
+
+@implementer(IPresenceLeases)
 class RedisPresence:
     """Leases in the store's Redis (through its RedisConnection: ``execute``/``eval``)."""
 
@@ -245,6 +272,11 @@ class RedisPresence:
         keys = [presence_key(profile_id), INDEX_KEY]
         d = self.redis.eval(DEPART, keys, [profile_id, lease_member(device_id, session_id), _ms(grace_sec)])
         return d.addCallback(lambda _: None)
+
+    def add_room(self, profile_id, room_id):
+        """A profile with a lease joined a room: tell it too when the profile goes offline."""
+        key = presence_rooms_key(profile_id)
+        return self.redis.pipeline([("SADD", key, room_id), ("EXPIRE", key, KEY_TTL_SEC)]).addCallback(lambda _: None)
 
     def renew(self, leases, lease_sec):
         """``leases``: [(profile id, device id, session id)]. Deferred: the leases that were gone."""
@@ -294,6 +326,7 @@ def _ms(seconds):
     return max(0, int(round(seconds * 1000)))
 
 
+@implementer(IPresenceLeases)
 class MemoryPresence:
     """The same leases in process, on ``clock``, beside a MemoryStore (its room sets and
     connection metadata); the state lives on the store so every gateway of the process shares it."""
@@ -332,6 +365,11 @@ class MemoryPresence:
         member = lease_member(device_id, session_id)
         if leases.pop(member, None) is not None:
             leases[DEPARTED + member] = self.clock.seconds() + grace_sec
+        return defer.succeed(None)
+
+    def add_room(self, profile_id, room_id):
+        if profile_id in self.leases:
+            self.rooms.setdefault(profile_id, set()).add(room_id)
         return defer.succeed(None)
 
     def renew(self, leases, lease_sec):
