@@ -1,4 +1,4 @@
-"""The Connect protocol on HTTP_PORT: the ten forwarded methods as plain HTTP.
+"""The Connect protocol on HTTP_PORT: the ten forwarded methods as plain HTTP, and GetPresence.
 
 ``POST /chat.v1.ChatService/<Method>`` (https://connectrpc.com/docs/protocol):
 
@@ -21,7 +21,9 @@
   any); preflight ``OPTIONS`` requests are answered for allowed origins.
 
 Runs on the reactor thread like the rest of twisted.web; calls go through
-chatgateway.sessions.forwarding, the path the gRPC unary RPCs take.
+chatgateway.sessions.forwarding, the path the gRPC unary RPCs take. ``GetPresence``
+(docs/protocol.md#presence) is the gateway's own, answered by
+chatgateway.sessions.presence.get_presence with the same codecs and errors.
 """
 
 import functools

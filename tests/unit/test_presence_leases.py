@@ -188,3 +188,16 @@ def test_memory_leases_tell_devices_in_their_grace_apart_from_connected_ones():
     clock.advance(6)
     sweep = leases.sweep(10).result
     assert (sweep.online, [p for p, _ in sweep.offline]) == (0, ["bob"])
+
+
+def test_a_room_joined_while_online_is_told_when_the_profile_goes_offline(h):
+    from chatgateway.sessions import membership
+
+    h.core.rooms["erin"] = ["r5"]
+    erin = h.connect("erin/phone")
+    bob = h.connect("bob/phone")
+    h.core.rooms["bob"].append("r5")
+    h.gateway.apply_membership(membership.event("r5", "bob", pb.SubscriptionEvent.Change.ADDED))
+    close(h, bob)
+    h.run_for(GRACE + HEARTBEAT)
+    assert presence(erin) == [("bob", OFFLINE, "r5")]
