@@ -369,6 +369,8 @@ class Gateway(service.Service):
         for session in sessions:
             self._register(session)
         self._announce()
+        for session in sessions:  # after the registration their leases hang on
+            self.presence.arrived(session)
 
     def _announce(self):
         info = {
@@ -394,8 +396,8 @@ class Gateway(service.Service):
         now = self.clock.seconds()
         sessions = list(self.registry.sessions)
         self._sweep(sessions, 0, now, now - self.config.connection_timeout_sec, [])
-        self.presence.tick(sessions)
         self._announce()
+        self.presence.tick()
         self._ticks += 1
         if self._ticks % REAP_EVERY_TICKS == 0:
             self._reap()

@@ -13,7 +13,6 @@ import uuid
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
@@ -21,7 +20,7 @@ from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import CoreError
-from chatgateway.store.presence import LEASE_HEARTBEATS, make_presence
+from chatgateway.store.presence import make_presence, offline_bound_sec
 
 Status = pb.PresenceEvent.Status
 
@@ -33,7 +32,7 @@ class Presence:
         self._gateway = gateway
         config = gateway.config
         self.leases = make_presence(gateway.store, gateway.clock)
-        self.lease_sec = LEASE_HEARTBEATS * config.heartbeat_interval_sec
+        self.gateway_id = config.gateway_id
         self.grace_sec = config.presence_grace_sec
         self.max_room_size = config.presence_max_room_size
         self.online_profiles = 0  # across gateways, as the last sweep counted
@@ -41,19 +40,19 @@ class Presence:
 
     @property
     def offline_bound_sec(self):
-        """Longest a device of a dead gateway stays online: its lease, then one sweep interval."""
-        return self.lease_sec + self._gateway.config.heartbeat_interval_sec
+        """Longest a device of a dead gateway stays online: its registration's TTL, then one sweep."""
+        return offline_bound_sec(self._gateway.config.heartbeat_interval_sec)
 
     # ------------------------------------------------------------ hooks of the gateway
 
     def arrived(self, session):
-        """A session is registered: take its lease; tell its rooms if its profile came online."""
+        """A session is registered (or rewritten): take its lease; tell its rooms if its profile came online."""
         d = self.leases.arrive(
             session.profile_id,
             session.device_id,
             session.id,
+            self.gateway_id,
             sorted(session.member_rooms),
-            self.lease_sec,
             self.max_room_size,
         )
         d.addCallback(lambda rooms: rooms and self._announce(session.profile_id, Status.ONLINE, rooms))
@@ -61,7 +60,7 @@ class Presence:
 
     def departed(self, session):
         """A session closed: its lease lasts the grace period more (a reconnect keeps the profile online)."""
-        d = self.leases.depart(session.profile_id, session.device_id, session.id, self.grace_sec)
+        d = self.leases.depart(session.profile_id, session.device_id, session.id, self.gateway_id, self.grace_sec)
         self._gateway._quietly(d, "releasing a presence lease")
 
     def membership_changed(self, change):
@@ -72,23 +71,14 @@ class Presence:
             d = self.leases.add_room(change.profile_id, change.room_id)
             self._gateway._quietly(d, "adding a room to a presence lease")
 
-    def tick(self, sessions):
-        """Every heartbeat: renew the leases of ``sessions``, then sweep the lapsed ones (any gateway's)."""
-        live = [s for s in sessions if not s.closed]
-        leases = [(s.profile_id, s.device_id, s.id) for s in live]
-        d = self.leases.renew(leases, self.lease_sec) if leases else defer.succeed([])
-        d.addCallback(self._rearrive, {s.id: s for s in live})
-        self._gateway._quietly(d, "renewing presence leases")
+    def tick(self):
+        """Every heartbeat: sweep the leases (any gateway's) that lapsed or whose gateway died.
+
+        Live leases need no renewal: they last as long as this gateway's registration, which
+        the heartbeat renews (chatgateway.store.presence)."""
         swept = self.leases.sweep(self.max_room_size)
         swept.addCallback(self._swept)
         self._gateway._quietly(swept, "sweeping presence leases")
-
-    def _rearrive(self, gone, sessions):
-        """Leases the store no longer had (lost, or lapsed while it was away): taken again."""
-        for _, _, session_id in gone:
-            session = sessions.get(session_id)
-            if session is not None and not session.closed:
-                self.arrived(session)
 
     def _swept(self, sweep):
         self.online_profiles = sweep.online

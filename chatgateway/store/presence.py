@@ -1,30 +1,35 @@
 """Presence from leases: who is online, across gateways (docs/architecture.md#presence).
 
-Each live connection holds a lease in its profile's sorted set, scored by when it lapses,
-in milliseconds of the store's clock (Redis TIME: the gateways' clocks never matter):
+Each live connection holds a lease in its profile's sorted set. A live lease lasts as long
+as its gateway's registration, the TTL'd ``gateway:instance:{gatewayID}`` key the gateway
+renews every heartbeat (chatgateway.store.redis): nothing per connection is written while
+it stays connected. A closed connection's lease is replaced by a departed one, lapsing
+PRESENCE_GRACE_SEC later (milliseconds of Redis TIME, so the gateways' clocks never matter):
 
-    gateway:presence:{profileID}        ZSET lease member -> lapse time (ms)    EXPIRE rooms_ttl, renewed
-    gateway:presence-rooms:{profileID}  SET of the rooms its connections were   the same
-                                        in when they arrived (whom to tell)
-    gateway:presence-index              ZSET profile id -> its earliest lapse   entries removed by the sweep
-                                        (what the sweep reads)
+    gateway:presence:{profileID}          ZSET lease member -> +inf (live) or its lapse (ms)
+    gateway:presence-rooms:{profileID}    SET of the rooms to tell when the profile goes offline
+    gateway:presence-gw:{gatewayID}       SET of JSON [profileID, member]: the gateway's live leases
+    gateway:presence-gateways             SET of the gateway ids holding live leases
+    gateway:presence-index                ZSET profile id -> its earliest finite lapse (the sweep's work)
+    gateway:presence-online               SET of the profiles online (for the metric)
 
-A lease member is JSON ``[device_id, session_id]``. A connection that closes replaces its
-lease by ``"~"`` + that JSON, lapsing PRESENCE_GRACE_SEC later: the profile stays online
-through a reconnect within the grace (no offline/online pair, on any gateway), but the
-device no longer counts as reachable for calls.
+None has a TTL: each is emptied by the sweep (a gateway that comes back cleans up after
+those that died). A lease member is JSON ``[device_id, session_id]``, ``"~"`` + that when
+departed: the profile stays online through a reconnect within the grace (no offline/online
+pair, on any gateway), but the device no longer counts as reachable for calls.
 
 Every transition is decided inside one script, so two gateways never both announce it:
 
-- ``arrive``: a lease added to a set with no live lease -> the profile came online.
-- ``sweep`` (every gateway, every heartbeat): the profiles whose earliest lease lapsed lose
-  their lapsed leases; one left with none went offline (its rooms set is read and deleted).
-- ``renew`` (every heartbeat) pushes the live leases' lapse on; a lease that is gone (the
-  store lost it, or it lapsed while the gateway could not renew it) is reported, and the
-  gateway makes its connection arrive again.
+- ``arrive``: a lease added to a set with no unlapsed lease -> the profile came online.
+- ``sweep`` (every gateway, every heartbeat): the live leases of each gateway whose
+  registration has expired lapse at once; then the profiles whose earliest lapse is past
+  lose their lapsed leases, and one left with none went offline (its rooms set is read and
+  deleted).
 
-So a device of a gateway that dies goes offline when its lease lapses plus at most one
-sweep interval: within LEASE_HEARTBEATS + 1 heartbeat intervals.
+So the devices of a gateway that dies go offline once its registration expires, max(10 s,
+3 × HEARTBEAT_INTERVAL_SEC), plus at most one sweep interval. A gateway whose leases were
+lost (Redis restarted empty) takes them again when the store tells it to rewrite its
+connections (``arrive`` is idempotent).
 
 Rooms to tell are the profile's rooms with at most ``max_room_size`` connected devices
 (SCARD of gateway:room:{roomID}); the others get no presence events (docs/protocol.md#presence).
@@ -33,25 +38,21 @@ Rooms to tell are the profile's rooms with at most ``max_room_size`` connected d
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
-from chatgateway.store import conn_key, room_key
+from chatgateway.store import conn_key, instance_key, room_key
 
 CONN_PREFIX = conn_key("", "")[:-1]  # "gateway:conn:" + "profileID:deviceID"
-
-# A lease lasts this many heartbeat intervals: two renewals in a row may be late or fail.
-LEASE_HEARTBEATS = 3
-# Profiles a sweep looks at per call (the rest wait for the next one).
-SWEEP_BATCH = 200
-# Leases renewed per script call.
-RENEW_CHUNK = 500
-# The presence keys outlive a lease by this much when nobody sweeps (every gateway gone).
-KEY_TTL_SEC = 3600
+# Of a dead gateway's leases, and of the profiles due, what one sweep handles (the rest: the next).
+SWEEP_BATCH = 500
 DEPARTED = "~"
 INDEX_KEY = "gateway:presence-index"
+GATEWAYS_KEY = "gateway:presence-gateways"
+ONLINE_KEY = "gateway:presence-online"
 
 
 def presence_key(profile_id: str) -> str:
@@ -62,8 +63,16 @@ def presence_rooms_key(profile_id: str) -> str:
     return f"gateway:presence-rooms:{profile_id}"
 
 
+def gateway_leases_key(gateway_id: str) -> str:
+    return f"gateway:presence-gw:{gateway_id}"
+
+
 def lease_member(device_id: str, session_id: str) -> str:
     return json.dumps([device_id, session_id], separators=(",", ":"))
+
+
+def gateway_entry(profile_id: str, member: str) -> str:
+    return json.dumps([profile_id, member], separators=(",", ":"))
 
 
 def lease_device(member: str) -> str | None:
@@ -75,6 +84,11 @@ def lease_device(member: str) -> str | None:
     except (ValueError, TypeError):
         return None
     return device_id if isinstance(device_id, str) else None
+
+
+def offline_bound_sec(heartbeat_interval_sec: float) -> float:
+    """Longest a device of a dead gateway stays online: its registration's TTL, then one sweep."""
+    return max(10, math.ceil(3 * heartbeat_interval_sec)) + heartbeat_interval_sec
 
 
 _FUNCTIONS = """
@@ -89,89 +103,82 @@ local function tell(rooms, max_size, out)
   end
   return out
 end
-local function reindex(index, key, profile)
-  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  if first[2] then redis.call('ZADD', index, first[2], profile) else redis.call('ZREM', index, profile) end
-end
 """
 
-# KEYS: presence key, rooms key, index. ARGV: profile, member, lease ms, key TTL, max room size, room ids.
+# KEYS: presence key, rooms key, the gateway's leases, the gateways set, the online set.
+# ARGV: profile, member, gateway id, gateway entry, max room size, room ids.
 # Returns {1, rooms to tell...} when the profile came online, else {0}.
 ARRIVE = (
     _FUNCTIONS
     + """
-local now = now_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local was = redis.call('ZCARD', KEYS[1])
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+local was = redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')
+redis.call('ZADD', KEYS[1], '+inf', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('SADD', KEYS[5], ARGV[1])
 local rooms = {}
 for i = 6, #ARGV do
   redis.call('SADD', KEYS[2], ARGV[i])
   table.insert(rooms, ARGV[i])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-if #rooms > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
-reindex(KEYS[3], KEYS[1], ARGV[1])
 if was > 0 then return {0} end
 return tell(rooms, tonumber(ARGV[5]), {1})
 """
 )
 
-# KEYS: presence key, index. ARGV: profile, member, grace ms.
+# KEYS: presence key, the gateway's leases, index. ARGV: profile, member, grace ms, gateway entry.
 DEPART = (
     _FUNCTIONS
     + """
 if redis.call('ZREM', KEYS[1], ARGV[2]) == 1 then
-  redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[3]), '~' .. ARGV[2])
+  local lapse = now_ms() + tonumber(ARGV[3])
+  redis.call('ZADD', KEYS[1], lapse, '~' .. ARGV[2])
+  redis.call('ZADD', KEYS[3], 'LT', lapse, ARGV[1])
 end
-reindex(KEYS[2], KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[4])
 return 1
 """
 )
 
-# KEYS: the presence key of each lease, then the index. ARGV: lease ms, key TTL, then each lease's
-# profile and member. Returns the (1-based) numbers of the leases that were gone.
-RENEW = (
-    _FUNCTIONS
-    + """
-local now = now_ms()
-local lapse, ttl, index = now + tonumber(ARGV[1]), ARGV[2], KEYS[#KEYS]
-local gone = {}
-for i = 1, #KEYS - 1 do
-  local profile, member = ARGV[2 * i + 1], ARGV[2 * i + 2]
-  local score = redis.call('ZSCORE', KEYS[i], member)
-  if score and tonumber(score) > now then
-    redis.call('ZADD', KEYS[i], lapse, member)
-    redis.call('EXPIRE', KEYS[i], ttl)
-    redis.call('EXPIRE', 'gateway:presence-rooms:' .. profile, ttl)
-    reindex(index, KEYS[i], profile)
-  else
-    table.insert(gone, i)
-  end
-end
-return gone
-"""
-)
-
-# KEYS: index. ARGV: max room size, batch.
-# Returns {profiles online (with a lease, live or in its grace), {profile, room to tell...}...}.
+# KEYS: index, gateways set, online set. ARGV: max room size, batch.
+# Returns {profiles online, {{profile, room to tell...}...}}.
 SWEEP = (
     _FUNCTIONS
     + """
-local now = now_ms()
+local now, batch = now_ms(), tonumber(ARGV[2])
+for _, gateway in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('EXISTS', 'gateway:instance:' .. gateway) == 0 then
+    local leases = 'gateway:presence-gw:' .. gateway
+    for _, entry in ipairs(redis.call('SPOP', leases, batch)) do
+      local ok, pair = pcall(cjson.decode, entry)
+      if ok and type(pair) == 'table' and type(pair[1]) == 'string' and type(pair[2]) == 'string' then
+        local key = 'gateway:presence:' .. pair[1]
+        if redis.call('ZSCORE', key, pair[2]) then
+          redis.call('ZADD', key, now - 1, pair[2])
+          redis.call('ZADD', KEYS[1], 'LT', now - 1, pair[1])
+        end
+      end
+    end
+    if redis.call('SCARD', leases) == 0 then redis.call('SREM', KEYS[2], gateway) end
+  end
+end
 local offline = {}
-for _, profile in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
+for _, profile in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, batch)) do
   local key, rooms_key = 'gateway:presence:' .. profile, 'gateway:presence-rooms:' .. profile
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  if redis.call('ZCARD', key) == 0 then
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if not first[2] then
     table.insert(offline, tell(redis.call('SMEMBERS', rooms_key), tonumber(ARGV[1]), {profile}))
     redis.call('DEL', key, rooms_key)
     redis.call('ZREM', KEYS[1], profile)
+    redis.call('SREM', KEYS[3], profile)
+  elseif first[2] == 'inf' then
+    redis.call('ZREM', KEYS[1], profile)
   else
-    reindex(KEYS[1], key, profile)
+    redis.call('ZADD', KEYS[1], first[2], profile)
   end
 end
-return {redis.call('ZCARD', KEYS[1]), offline}
+return {redis.call('SCARD', KEYS[3]), offline}
 """
 )
 
@@ -199,7 +206,7 @@ return out
 """
 )
 
-# KEYS: presence key. Returns its live lease members.
+# KEYS: presence key. Returns its unlapsed lease members.
 DEVICES = (
     _FUNCTIONS
     + """
@@ -232,20 +239,18 @@ class Sweep:
 class IPresenceLeases(Interface):
     """The leases of every gateway's connections, and the transitions they decide (the module docstring)."""
 
-    def arrive(profile_id, device_id, session_id, rooms, lease_sec, max_room_size):
-        """Take a connection's lease. Deferred: the rooms to tell if the profile came online, else None."""
+    def arrive(profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+        """Take a connection's lease (again: idempotent). Deferred: the rooms to tell if the
+        profile came online, else None."""
 
-    def depart(profile_id, device_id, session_id, grace_sec):
+    def depart(profile_id, device_id, session_id, gateway_id, grace_sec):
         """A connection closed: its lease becomes a departed one lapsing after ``grace_sec``."""
 
     def add_room(profile_id, room_id):
         """The profile joined ``room_id``: tell it too when the profile goes offline."""
 
-    def renew(leases, lease_sec):
-        """Renew [(profile id, device id, session id)]. Deferred: those that were gone (to arrive again)."""
-
     def sweep(max_room_size):
-        """Drop lapsed leases. Deferred: a Sweep (profiles online, profiles gone offline with their rooms to tell)."""
+        """Lapse the leases of dead gateways, drop lapsed ones. Deferred: a Sweep."""
 
     def room(room_id, max_room_size):
         """Deferred: the RoomPresence of a room."""
@@ -256,44 +261,35 @@ class IPresenceLeases(Interface):
 
 @implementer(IPresenceLeases)
 class RedisPresence:
-    """Leases in the store's Redis (through its RedisConnection: ``execute``/``eval``)."""
+    """Leases in the store's Redis (through its RedisConnection)."""
 
     def __init__(self, redis: Any):
         self.redis = redis
 
-    def arrive(self, profile_id, device_id, session_id, rooms, lease_sec, max_room_size):
-        """Deferred: the rooms to tell if the profile came online, else None."""
-        keys = [presence_key(profile_id), presence_rooms_key(profile_id), INDEX_KEY]
-        args = [profile_id, lease_member(device_id, session_id), _ms(lease_sec), KEY_TTL_SEC, max_room_size, *rooms]
+    def arrive(self, profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+        member = lease_member(device_id, session_id)
+        keys = [
+            presence_key(profile_id),
+            presence_rooms_key(profile_id),
+            gateway_leases_key(gateway_id),
+            GATEWAYS_KEY,
+            ONLINE_KEY,
+        ]
+        args = [profile_id, member, gateway_id, gateway_entry(profile_id, member), max_room_size, *rooms]
         d = self.redis.eval(ARRIVE, keys, args)
         return d.addCallback(lambda reply: [_text(r) for r in reply[1:]] if int(reply[0]) else None)
 
-    def depart(self, profile_id, device_id, session_id, grace_sec):
-        keys = [presence_key(profile_id), INDEX_KEY]
-        d = self.redis.eval(DEPART, keys, [profile_id, lease_member(device_id, session_id), _ms(grace_sec)])
-        return d.addCallback(lambda _: None)
+    def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
+        member = lease_member(device_id, session_id)
+        keys = [presence_key(profile_id), gateway_leases_key(gateway_id), INDEX_KEY]
+        args = [profile_id, member, max(0, round(grace_sec * 1000)), gateway_entry(profile_id, member)]
+        return self.redis.eval(DEPART, keys, args).addCallback(lambda _: None)
 
     def add_room(self, profile_id, room_id):
-        """A profile with a lease joined a room: tell it too when the profile goes offline."""
-        key = presence_rooms_key(profile_id)
-        return self.redis.pipeline([("SADD", key, room_id), ("EXPIRE", key, KEY_TTL_SEC)]).addCallback(lambda _: None)
-
-    def renew(self, leases, lease_sec):
-        """``leases``: [(profile id, device id, session id)]. Deferred: the leases that were gone."""
-        leases = list(leases)
-        calls = []
-        for start in range(0, len(leases), RENEW_CHUNK):
-            chunk = leases[start : start + RENEW_CHUNK]
-            keys = [presence_key(p) for p, _, _ in chunk] + [INDEX_KEY]
-            args: list[Any] = [_ms(lease_sec), KEY_TTL_SEC]
-            for profile_id, device_id, session_id in chunk:
-                args += [profile_id, lease_member(device_id, session_id)]
-            calls.append(self.redis.eval(RENEW, keys, args).addCallback(_gone_of, chunk))
-        d = defer.gatherResults(calls, consumeErrors=True) if calls else defer.succeed([])
-        return d.addCallback(lambda parts: [lease for part in parts for lease in part])
+        return self.redis.execute("SADD", presence_rooms_key(profile_id), room_id).addCallback(lambda _: None)
 
     def sweep(self, max_room_size):
-        d = self.redis.eval(SWEEP, [INDEX_KEY], [max_room_size, SWEEP_BATCH])
+        d = self.redis.eval(SWEEP, [INDEX_KEY, GATEWAYS_KEY, ONLINE_KEY], [max_room_size, SWEEP_BATCH])
 
         def parsed(reply):
             online, offline = reply
@@ -313,58 +309,48 @@ class RedisPresence:
         return d.addCallback(parsed)
 
     def devices(self, profile_id):
-        """Deferred: the set of the profile's devices with a live lease (connected now)."""
         d = self.redis.eval(DEVICES, [presence_key(profile_id)], [])
         return d.addCallback(lambda members: {d for d in (lease_device(_text(m)) for m in members) if d})
 
 
-def _gone_of(numbers, chunk):
-    return [chunk[int(i) - 1] for i in numbers or ()]
-
-
-def _ms(seconds):
-    return max(0, int(round(seconds * 1000)))
-
-
 @implementer(IPresenceLeases)
 class MemoryPresence:
-    """The same leases in process, on ``clock``, beside a MemoryStore (its room sets and
-    connection metadata); the state lives on the store so every gateway of the process shares it."""
+    """The same leases in process, on ``clock``, beside a MemoryStore (its room sets, connection
+    metadata and instance entries); the state lives on the store, so every gateway of the
+    process shares it."""
 
     def __init__(self, store: Any, clock: Any):
         self.store = store
         self.clock = clock
         if not hasattr(store, "presence_leases"):
-            store.presence_leases = {}  # profile -> {member: lapse (seconds)}
+            store.presence_leases = {}  # profile -> {member: lapse (seconds; inf: live)}
             store.presence_rooms = {}  # profile -> set of room ids
+            store.presence_gateways = {}  # gateway id -> {(profile, member)}
         self.leases = store.presence_leases
         self.rooms = store.presence_rooms
-
-    def _live(self, profile_id, now):
-        leases = self.leases.get(profile_id, {})
-        for member in [m for m, lapse in leases.items() if lapse <= now]:
-            del leases[member]
-        return leases
+        self.gateways = store.presence_gateways
 
     def _tell(self, rooms, max_room_size):
         if max_room_size <= 0:
             return []
         return sorted(r for r in rooms if len(self.store.sets.get(room_key(r), ())) <= max_room_size)
 
-    def arrive(self, profile_id, device_id, session_id, rooms, lease_sec, max_room_size):
+    def arrive(self, profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
         now = self.clock.seconds()
-        leases = self._live(profile_id, now)
-        was = len(leases)
-        leases[lease_member(device_id, session_id)] = now + lease_sec
-        self.leases[profile_id] = leases
+        leases = self.leases.setdefault(profile_id, {})
+        was = any(lapse > now for lapse in leases.values())
+        member = lease_member(device_id, session_id)
+        leases[member] = math.inf
+        self.gateways.setdefault(gateway_id, set()).add((profile_id, member))
         self.rooms.setdefault(profile_id, set()).update(rooms)
         return defer.succeed(None if was else self._tell(rooms, max_room_size))
 
-    def depart(self, profile_id, device_id, session_id, grace_sec):
+    def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
         leases = self.leases.get(profile_id, {})
         member = lease_member(device_id, session_id)
         if leases.pop(member, None) is not None:
             leases[DEPARTED + member] = self.clock.seconds() + grace_sec
+        self.gateways.get(gateway_id, set()).discard((profile_id, member))
         return defer.succeed(None)
 
     def add_room(self, profile_id, room_id):
@@ -372,24 +358,18 @@ class MemoryPresence:
             self.rooms.setdefault(profile_id, set()).add(room_id)
         return defer.succeed(None)
 
-    def renew(self, leases, lease_sec):
-        now = self.clock.seconds()
-        gone = []
-        for lease in leases:
-            profile_id, device_id, session_id = lease
-            held = self.leases.get(profile_id, {})
-            member = lease_member(device_id, session_id)
-            if held.get(member, 0) > now:
-                held[member] = now + lease_sec
-            else:
-                gone.append(lease)
-        return defer.succeed(gone)
-
     def sweep(self, max_room_size):
         now = self.clock.seconds()
+        for gateway_id in [g for g in self.gateways if instance_key(g) not in self.store.values]:
+            for profile_id, member in self.gateways.pop(gateway_id):
+                if member in self.leases.get(profile_id, {}):
+                    self.leases[profile_id][member] = now
         offline = []
         for profile_id in sorted(self.leases):
-            if not self._live(profile_id, now):
+            leases = self.leases[profile_id]
+            for member in [m for m, lapse in leases.items() if lapse <= now]:
+                del leases[member]
+            if not leases:
                 del self.leases[profile_id]
                 offline.append((profile_id, self._tell(self.rooms.pop(profile_id, ()), max_room_size)))
         return defer.succeed(Sweep(len(self.leases), offline))

@@ -7,12 +7,13 @@ import pytest
 import pytest_twisted
 
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.store.presence import offline_bound_sec
 from support.chat import unique
 from support.twogateways import HEARTBEAT_SEC, TwoGateways, token
 
 GRACE_SEC = 3
-# A dead gateway's devices are offline within 4 heartbeats (docs/protocol.md#presence).
-BOUND_SEC = 4 * HEARTBEAT_SEC
+# A dead gateway's devices are offline once its registration expires, plus one sweep (docs/protocol.md#presence).
+BOUND_SEC = offline_bound_sec(HEARTBEAT_SEC)
 ONLINE, OFFLINE = pb.PresenceEvent.ONLINE, pb.PresenceEvent.OFFLINE
 
 

@@ -43,18 +43,22 @@ def test_both_implementations_provide_their_interfaces():
 
 @pytest_twisted.ensureDeferred
 async def test_online_once_offline_after_the_grace_and_the_rooms_to_tell_by_size(store, redis_server):
+    await store.instance_alive("gw-a", {"started": 0, "addresses": [], "connections": 0})
     leases = RedisPresence(store.redis)
     for n in range(3):
         await connect(store, f"crowd{n}", "phone", ["big"])
     await connect(store, "bob", "phone", ["small", "big"])
-    assert await leases.arrive("bob", "phone", "s1", ["small", "big"], 30, 3) == ["small"]  # big: 4 devices
-    assert await leases.arrive("bob", "laptop", "s2", ["small"], 30, 3) is None  # online already
+    assert await leases.arrive("bob", "phone", "s1", "gw-a", ["small", "big"], 3) == ["small"]  # big: 4 devices
+    assert await leases.arrive("bob", "laptop", "s2", "gw-a", ["small"], 3) is None  # online already
+    assert await leases.arrive("bob", "laptop", "s2", "gw-a", ["small"], 3) is None  # again: idempotent
     assert await leases.devices("bob") == {"phone", "laptop"}
-    await leases.depart("bob", "phone", "s1", 0.3)
+    assert (await leases.sweep(3)).offline == []  # live leases need no renewal
+    await leases.depart("bob", "phone", "s1", "gw-a", 0.3)
     assert await leases.devices("bob") == {"laptop"}
-    await leases.depart("bob", "laptop", "s2", 0.3)
+    await leases.depart("bob", "laptop", "s2", "gw-a", 0.3)
     assert await leases.devices("bob") == set()
-    assert (await leases.sweep(3)).offline == []  # in the grace: still online
+    sweep = await leases.sweep(3)
+    assert (sweep.online, sweep.offline) == (1, [])  # in the grace: still online
 
     gone = []
 
@@ -65,36 +69,37 @@ async def test_online_once_offline_after_the_grace_and_the_rooms_to_tell_by_size
     await wait_until(lambda: defer.ensureDeferred(offline()), timeout=5)
     assert gone == [("bob", ["small"])]
     client = redis_server.client()
-    assert not client.exists(presence_key("bob"), "gateway:presence-rooms:bob")
-    assert client.zcard(INDEX_KEY) == 0
+    assert not client.exists(presence_key("bob"), "gateway:presence-rooms:bob", "gateway:presence-gw:gw-a")
+    assert client.zcard(INDEX_KEY) == 0 and client.scard("gateway:presence-online") == 0
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_lapsed_lease_goes_offline_once_however_many_gateways_sweep(store):
+async def test_a_dead_gateways_devices_go_offline_once_however_many_gateways_sweep(store, redis_server):
+    await store.instance_alive("gw-a", {"started": 0, "addresses": [], "connections": 0})
     leases = RedisPresence(store.redis)
-    await leases.arrive("carol", "phone", "s1", ["r1"], 0.2, 10)
-
-    # Not renewed in time (as a dead gateway's): the renewal finds it gone...
-    await task.deferLater(reactor, 0.3, lambda: None)
-    assert await leases.renew([("carol", "phone", "s1")], 0.2) == [("carol", "phone", "s1")]
-    # ...and of sweeps racing from three gateways, exactly one reports it.
-    sweeps = await defer.gatherResults([leases.sweep(10) for _ in range(3)])
-    assert [p for s in sweeps for p, _ in s.offline] == ["carol"]
-    assert [s.online for s in sweeps] == [0, 0, 0]
+    await leases.arrive("carol", "phone", "s1", "gw-dead", ["r1"], 10)  # gw-dead: no registration
+    await leases.arrive("carol", "laptop", "s2", "gw-a", ["r1"], 10)
+    await leases.arrive("erin", "phone", "s3", "gw-dead", ["r1"], 10)
+    sweeps = await defer.gatherResults([leases.sweep(10) for _ in range(3)])  # racing from three gateways
+    assert [p for s in sweeps for p, _ in s.offline] == ["erin"]  # carol is still on gw-a
+    assert [s.online for s in sweeps] == [1, 1, 1]
+    assert await leases.devices("carol") == {"laptop"}
+    client = redis_server.client()
+    assert client.smembers("gateway:presence-gateways") == {"gw-a"}
+    assert not client.exists("gateway:presence-gw:gw-dead")
 
 
 @pytest_twisted.ensureDeferred
-async def test_renewals_keep_a_lease_and_a_room_answers_its_online_members(store):
+async def test_a_room_answers_its_online_members_or_their_count(store):
+    await store.instance_alive("gw-a", {"started": 0, "addresses": [], "connections": 0})
     leases = RedisPresence(store.redis)
     await connect(store, "alice", "phone", ["r1"])
     await connect(store, "dave", "phone", ["r1"])
-    await leases.arrive("alice", "phone", "s-alice-phone", ["r1"], 0.5, 10)
-    await leases.arrive("dave", "phone", "s-dave-phone", ["r1"], 0.3, 10)
-    for _ in range(4):  # 0.8 s: alice's lease would have lapsed without the renewals
-        assert await leases.renew([("alice", "phone", "s-alice-phone")], 0.5) == []
-        await task.deferLater(reactor, 0.2, lambda: None)
+    await leases.arrive("alice", "phone", "s-alice-phone", "gw-a", ["r1"], 10)
+    await leases.arrive("dave", "phone", "s-dave-phone", "gw-dead", ["r1"], 10)
+    await leases.sweep(10)
     found = await leases.room("r1", 10)
-    assert (found.count, found.profile_ids) == (1, ["alice"])  # dave's lease lapsed
+    assert (found.count, found.profile_ids) == (1, ["alice"])  # dave's gateway is dead
     counted = await leases.room("r1", 1)
     assert (counted.count, counted.profile_ids) == (2, None)  # above the size: the devices, counted
 

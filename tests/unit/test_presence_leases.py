@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.store import instance_key
 from chatgateway.store.memory import MemoryStore
 from chatgateway.store.presence import MemoryPresence
 from support.wsharness import Harness
@@ -110,10 +111,11 @@ def test_the_devices_of_a_gateway_that_died_go_offline_within_the_bound(h):
     assert presence(alice) == [("bob", ONLINE, "r1")]
     dead.gateway._heartbeat.stop()  # it renews nothing from now on, and closes nothing
     bound = h.gateway.presence.offline_bound_sec
-    assert bound == 4 * HEARTBEAT
-    h.run_for(bound - 2 * HEARTBEAT)  # within the lease: still online
-    assert presence(alice) == [("bob", ONLINE, "r1")]
+    assert bound == 3 * HEARTBEAT + HEARTBEAT  # its registration's TTL, then one sweep
     h.run_for(2 * HEARTBEAT)
+    assert presence(alice) == [("bob", ONLINE, "r1")]  # registered still: online
+    del h.store.values[instance_key("gw-dead")]  # its registration expires (a TTL in Redis)
+    h.run_for(HEARTBEAT)
     assert presence(alice) == [("bob", ONLINE, "r1"), ("bob", OFFLINE, "r1")]
 
 
@@ -126,12 +128,14 @@ def test_leases_are_renewed_every_heartbeat_so_a_live_device_never_lapses(h):
     assert h.gateway.counts.online_profiles() == 2
 
 
-def test_a_lease_the_store_lost_is_taken_again_and_told(h):
+def test_leases_the_store_lost_are_taken_again_when_it_asks_for_a_rewrite(h):
     alice = h.connect("alice/phone")
     h.connect("bob/phone")
-    h.store.presence_leases.clear()  # Redis flushed, say
-    h.run_for(HEARTBEAT)
+    h.store.presence_leases.clear()  # Redis restarted empty, say
+    h.gateway._store_reconnected()  # what the store calls then
     assert presence(alice) == [("bob", ONLINE, "r1"), ("bob", ONLINE, "r1")]
+    h.run_for(3 * HEARTBEAT)
+    assert len(presence(alice)) == 2
 
 
 def test_rooms_above_the_size_get_no_presence_events_and_a_count_only(h):
@@ -177,12 +181,15 @@ def test_memory_leases_tell_devices_in_their_grace_apart_from_connected_ones():
     from twisted.internet import task
 
     clock = task.Clock()
-    leases = MemoryPresence(MemoryStore(), clock)
-    assert leases.arrive("bob", "phone", "s1", ["r1"], 30, 10).result == ["r1"]  # came online: tell r1
-    assert leases.arrive("bob", "laptop", "s2", ["r1"], 30, 10).result is None
-    leases.depart("bob", "phone", "s1", 5)
+    store = MemoryStore()
+    store.instance_alive("gw", {})
+    leases = MemoryPresence(store, clock)
+    assert leases.arrive("bob", "phone", "s1", "gw", ["r1"], 10).result == ["r1"]  # came online: tell r1
+    assert leases.arrive("bob", "laptop", "s2", "gw", ["r1"], 10).result is None
+    assert leases.arrive("bob", "laptop", "s2", "gw", ["r1"], 10).result is None  # again: idempotent
+    leases.depart("bob", "phone", "s1", "gw", 5)
     assert leases.devices("bob").result == {"laptop"}
-    leases.depart("bob", "laptop", "s2", 5)
+    leases.depart("bob", "laptop", "s2", "gw", 5)
     assert leases.devices("bob").result == set()
     assert leases.sweep(10).result.offline == []  # in the grace: still online
     clock.advance(6)
