@@ -76,12 +76,21 @@ class Presence:
 
         Live leases need no renewal: they last as long as this gateway's registration, which
         the heartbeat renews (chatgateway.store.presence)."""
-        swept = self.leases.sweep(self.max_room_size)
+        swept = self.leases.sweep(self.max_room_size, self.gateway_id)
         swept.addCallback(self._swept)
         self._gateway._quietly(swept, "sweeping presence leases")
 
     def _swept(self, sweep):
         self.online_profiles = sweep.online
+        if sweep.reaped:
+            sessions = list(self._gateway.registry.sessions)
+            self.log.warn(
+                "another gateway lapsed this gateway's presence leases (its registration had expired);"
+                " taking {count} again",
+                count=len(sessions),
+            )
+            for session in sessions:
+                self.arrived(session)
         for profile_id, rooms in sweep.offline:
             if rooms:
                 self._announce(profile_id, Status.OFFLINE, rooms)

@@ -12,8 +12,9 @@ PRESENCE_GRACE_SEC later (milliseconds of Redis TIME, so the gateways' clocks ne
     gateway:presence-gateways             SET of the gateway ids holding live leases
     gateway:presence-index                ZSET profile id -> its earliest finite lapse (the sweep's work)
     gateway:presence-online               SET of the profiles online (for the metric)
+    gateway:presence-reaped:{gatewayID}   a mark: another gateway lapsed its leases   1 day (the one TTL)
 
-None has a TTL: each is emptied by the sweep (a gateway that comes back cleans up after
+The others have no TTL: each is emptied by the sweep (a gateway that comes back cleans up after
 those that died). A lease member is JSON ``[device_id, session_id]``, ``"~"`` + that when
 departed: the profile stays online through a reconnect within the grace (no offline/online
 pair, on any gateway), but the device no longer counts as reachable for calls.
@@ -27,7 +28,9 @@ Every transition is decided inside one script, so two gateways never both announ
   deleted).
 
 So the devices of a gateway that dies go offline once its registration expires, max(10 s,
-3 × HEARTBEAT_INTERVAL_SEC), plus at most one sweep interval. A gateway whose leases were
+3 × HEARTBEAT_INTERVAL_SEC), plus at most one sweep interval. A gateway is never its own
+sweep's victim; one that was only late (a reactor stalled past its registration's TTL)
+finds the mark its reaper left, and takes its leases again. A gateway whose leases were
 lost (Redis restarted empty) takes them again when the store tells it to rewrite its
 connections (``arrive`` is idempotent).
 
@@ -140,14 +143,17 @@ return 1
 """
 )
 
-# KEYS: index, gateways set, online set. ARGV: max room size, batch.
-# Returns {profiles online, {{profile, room to tell...}...}}.
+# KEYS: index, gateways set, online set. ARGV: max room size, batch, the sweeping gateway's id.
+# Returns {profiles online, {{profile, room to tell...}...}, 1 if the sweeping gateway's own
+# leases were lapsed by another (its registration had expired: it takes them again)}.
 SWEEP = (
     _FUNCTIONS
     + """
-local now, batch = now_ms(), tonumber(ARGV[2])
+local now, batch, own = now_ms(), tonumber(ARGV[2]), ARGV[3]
+local reaped = redis.call('DEL', 'gateway:presence-reaped:' .. own)
 for _, gateway in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('EXISTS', 'gateway:instance:' .. gateway) == 0 then
+  if gateway ~= own and redis.call('EXISTS', 'gateway:instance:' .. gateway) == 0 then
+    redis.call('SET', 'gateway:presence-reaped:' .. gateway, '1', 'EX', 86400)
     local leases = 'gateway:presence-gw:' .. gateway
     for _, entry in ipairs(redis.call('SPOP', leases, batch)) do
       local ok, pair = pcall(cjson.decode, entry)
@@ -178,7 +184,7 @@ for _, profile in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMI
     redis.call('ZADD', KEYS[1], first[2], profile)
   end
 end
-return {redis.call('SCARD', KEYS[3]), offline}
+return {redis.call('SCARD', KEYS[3]), offline, reaped}
 """
 )
 
@@ -229,11 +235,13 @@ class RoomPresence:
 
 
 class Sweep:
-    """What a sweep found: ``online`` profiles in all, ``offline``: [(profile id, rooms to tell)]."""
+    """What a sweep found: ``online`` profiles in all, ``offline``: [(profile id, rooms to tell)];
+    ``reaped``: the sweeping gateway's own leases were lapsed by another gateway."""
 
-    def __init__(self, online: int, offline: list[tuple[str, list[str]]]):
+    def __init__(self, online: int, offline: list[tuple[str, list[str]]], reaped: bool = False):
         self.online = online
         self.offline = offline
+        self.reaped = reaped
 
 
 class IPresenceLeases(Interface):
@@ -249,8 +257,8 @@ class IPresenceLeases(Interface):
     def add_room(profile_id, room_id):
         """The profile joined ``room_id``: tell it too when the profile goes offline."""
 
-    def sweep(max_room_size):
-        """Lapse the leases of dead gateways, drop lapsed ones. Deferred: a Sweep."""
+    def sweep(max_room_size, gateway_id):
+        """By ``gateway_id``: lapse the leases of dead gateways, drop lapsed ones. Deferred: a Sweep."""
 
     def room(room_id, max_room_size):
         """Deferred: the RoomPresence of a room."""
@@ -288,12 +296,13 @@ class RedisPresence:
     def add_room(self, profile_id, room_id):
         return self.redis.execute("SADD", presence_rooms_key(profile_id), room_id).addCallback(lambda _: None)
 
-    def sweep(self, max_room_size):
-        d = self.redis.eval(SWEEP, [INDEX_KEY, GATEWAYS_KEY, ONLINE_KEY], [max_room_size, SWEEP_BATCH])
+    def sweep(self, max_room_size, gateway_id):
+        keys = [INDEX_KEY, GATEWAYS_KEY, ONLINE_KEY]
+        d = self.redis.eval(SWEEP, keys, [max_room_size, SWEEP_BATCH, gateway_id])
 
         def parsed(reply):
-            online, offline = reply
-            return Sweep(int(online), [(_text(o[0]), [_text(r) for r in o[1:]]) for o in offline])
+            online, offline, reaped = reply
+            return Sweep(int(online), [(_text(o[0]), [_text(r) for r in o[1:]]) for o in offline], bool(reaped))
 
         return d.addCallback(parsed)
 
@@ -326,9 +335,11 @@ class MemoryPresence:
             store.presence_leases = {}  # profile -> {member: lapse (seconds; inf: live)}
             store.presence_rooms = {}  # profile -> set of room ids
             store.presence_gateways = {}  # gateway id -> {(profile, member)}
+            store.presence_reaped = set()  # gateway ids whose leases another gateway lapsed
         self.leases = store.presence_leases
         self.rooms = store.presence_rooms
         self.gateways = store.presence_gateways
+        self.reaped = store.presence_reaped
 
     def _tell(self, rooms, max_room_size):
         if max_room_size <= 0:
@@ -358,10 +369,13 @@ class MemoryPresence:
             self.rooms.setdefault(profile_id, set()).add(room_id)
         return defer.succeed(None)
 
-    def sweep(self, max_room_size):
+    def sweep(self, max_room_size, gateway_id):
         now = self.clock.seconds()
-        for gateway_id in [g for g in self.gateways if instance_key(g) not in self.store.values]:
-            for profile_id, member in self.gateways.pop(gateway_id):
+        reaped = gateway_id in self.reaped
+        self.reaped.discard(gateway_id)
+        for dead in [g for g in self.gateways if g != gateway_id and instance_key(g) not in self.store.values]:
+            self.reaped.add(dead)
+            for profile_id, member in self.gateways.pop(dead):
                 if member in self.leases.get(profile_id, {}):
                     self.leases[profile_id][member] = now
         offline = []
@@ -372,7 +386,7 @@ class MemoryPresence:
             if not leases:
                 del self.leases[profile_id]
                 offline.append((profile_id, self._tell(self.rooms.pop(profile_id, ()), max_room_size)))
-        return defer.succeed(Sweep(len(self.leases), offline))
+        return defer.succeed(Sweep(len(self.leases), offline, reaped))
 
     def room(self, room_id, max_room_size):
         members = self.store.sets.get(room_key(room_id), set())

@@ -52,18 +52,18 @@ async def test_online_once_offline_after_the_grace_and_the_rooms_to_tell_by_size
     assert await leases.arrive("bob", "laptop", "s2", "gw-a", ["small"], 3) is None  # online already
     assert await leases.arrive("bob", "laptop", "s2", "gw-a", ["small"], 3) is None  # again: idempotent
     assert await leases.devices("bob") == {"phone", "laptop"}
-    assert (await leases.sweep(3)).offline == []  # live leases need no renewal
+    assert (await leases.sweep(3, "gw-a")).offline == []  # live leases need no renewal
     await leases.depart("bob", "phone", "s1", "gw-a", 0.3)
     assert await leases.devices("bob") == {"laptop"}
     await leases.depart("bob", "laptop", "s2", "gw-a", 0.3)
     assert await leases.devices("bob") == set()
-    sweep = await leases.sweep(3)
+    sweep = await leases.sweep(3, "gw-a")
     assert (sweep.online, sweep.offline) == (1, [])  # in the grace: still online
 
     gone = []
 
     async def offline():
-        gone[:] = (await leases.sweep(3)).offline
+        gone[:] = (await leases.sweep(3, "gw-a")).offline
         return bool(gone)
 
     await wait_until(lambda: defer.ensureDeferred(offline()), timeout=5)
@@ -80,7 +80,9 @@ async def test_a_dead_gateways_devices_go_offline_once_however_many_gateways_swe
     await leases.arrive("carol", "phone", "s1", "gw-dead", ["r1"], 10)  # gw-dead: no registration
     await leases.arrive("carol", "laptop", "s2", "gw-a", ["r1"], 10)
     await leases.arrive("erin", "phone", "s3", "gw-dead", ["r1"], 10)
-    sweeps = await defer.gatherResults([leases.sweep(10) for _ in range(3)])  # racing from three gateways
+    sweeps = await defer.gatherResults(
+        [leases.sweep(10, gw) for gw in ("gw-a", "gw-b", "gw-c")]
+    )  # racing from three gateways
     assert [p for s in sweeps for p, _ in s.offline] == ["erin"]  # carol is still on gw-a
     assert [s.online for s in sweeps] == [1, 1, 1]
     assert await leases.devices("carol") == {"laptop"}
@@ -97,7 +99,7 @@ async def test_a_room_answers_its_online_members_or_their_count(store):
     await connect(store, "dave", "phone", ["r1"])
     await leases.arrive("alice", "phone", "s-alice-phone", "gw-a", ["r1"], 10)
     await leases.arrive("dave", "phone", "s-dave-phone", "gw-dead", ["r1"], 10)
-    await leases.sweep(10)
+    await leases.sweep(10, "gw-a")
     found = await leases.room("r1", 10)
     assert (found.count, found.profile_ids) == (1, ["alice"])  # dave's gateway is dead
     counted = await leases.room("r1", 1)
@@ -117,3 +119,15 @@ async def test_gcra_in_redis_lets_the_burst_in_and_counts_a_command_against_both
     assert kind == "room"
     client = redis_server.client()
     assert 0 < client.pttl(limit_key("profile", "alice")) <= 4000  # expires once full again
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_that_was_only_late_learns_its_leases_were_lapsed(store):
+    leases = RedisPresence(store.redis)
+    await leases.arrive("frank", "phone", "s1", "gw-late", ["r1"], 10)  # its registration has expired
+    assert (await leases.sweep(10, "gw-late")).offline == []  # never its own sweep's victim
+    first = await leases.sweep(10, "gw-a")
+    assert ([p for p, _ in first.offline], first.reaped) == (["frank"], False)
+    late = await leases.sweep(10, "gw-late")  # back: the mark tells it
+    assert late.reaped and not (await leases.sweep(10, "gw-late")).reaped  # once
+    assert await leases.arrive("frank", "phone", "s1", "gw-late", ["r1"], 10) == ["r1"]  # online again

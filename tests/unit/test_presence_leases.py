@@ -191,9 +191,9 @@ def test_memory_leases_tell_devices_in_their_grace_apart_from_connected_ones():
     assert leases.devices("bob").result == {"laptop"}
     leases.depart("bob", "laptop", "s2", "gw", 5)
     assert leases.devices("bob").result == set()
-    assert leases.sweep(10).result.offline == []  # in the grace: still online
+    assert leases.sweep(10, "gw-a").result.offline == []  # in the grace: still online
     clock.advance(6)
-    sweep = leases.sweep(10).result
+    sweep = leases.sweep(10, "gw-a").result
     assert (sweep.online, [p for p, _ in sweep.offline]) == (0, ["bob"])
 
 
@@ -208,3 +208,17 @@ def test_a_room_joined_while_online_is_told_when_the_profile_goes_offline(h):
     close(h, bob)
     h.run_for(GRACE + HEARTBEAT)
     assert presence(erin) == [("bob", OFFLINE, "r5")]
+
+
+def test_a_gateway_whose_leases_were_lapsed_while_it_was_late_takes_them_again(h):
+    alice = h.connect("alice/phone")
+    late = peer(h, "gw-late")
+    late.connect("bob/phone")
+    late.gateway._heartbeat.stop()  # its reactor stalled, say: no renewal, no sweep
+    registration = h.store.values.pop(instance_key("gw-late"))  # and its registration expired
+    h.advance(HEARTBEAT)  # h's sweep lapses gw-late's leases
+    assert presence(alice) == [("bob", ONLINE, "r1"), ("bob", OFFLINE, "r1")]
+    h.store.values[instance_key("gw-late")] = registration  # renewed again
+    late.gateway.presence.tick()  # its own sweep finds the mark
+    assert presence(alice)[-1] == ("bob", ONLINE, "r1")
+    late.stop()
