@@ -346,6 +346,12 @@ SETTINGS = [
         "86400",
         "How long a device's last positions are kept server-side after their last write, and how long a resume token is valid.",
     ),
+    Setting("PROFILE_EVENTS_PER_SECOND", _number(0), "0", "Commands/s of one profile, all gateways (0: off)."),
+    Setting("PROFILE_EVENTS_BURST", _or_derived(_int(1)), "", "Burst of PROFILE_EVENTS_PER_SECOND."),
+    Setting("ROOM_EVENTS_PER_SECOND", _number(0), "0", "Events/s sent into one room, all gateways (0: off)."),
+    Setting("ROOM_EVENTS_BURST", _or_derived(_int(1)), "", "Burst of ROOM_EVENTS_PER_SECOND."),
+    Setting("PRESENCE_GRACE_SEC", _number(0), "10", "A profile stays online this long after its last device left."),
+    Setting("PRESENCE_MAX_ROOM_SIZE", _int(0), "500", "Rooms with more devices get no presenceEvents."),
     Setting("DRAIN_TIMEOUT_SEC", _number(0), "30", "Longest a graceful stop may take."),
     Setting(
         "PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."
@@ -410,6 +416,12 @@ class Config:
     room_stream_max_age_sec: float
     resume_token_secret: str
     resume_positions_ttl_sec: float
+    profile_events_per_second: float
+    profile_events_burst: int
+    room_events_per_second: float
+    room_events_burst: int
+    presence_grace_sec: float
+    presence_max_room_size: int
     drain_timeout_sec: float
     publish_forwarded_events: bool
     core_db: str
@@ -462,6 +474,9 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, objec
     if values["max_frames_per_second"] is None:
         # Every command is a frame; the rest is room for acks, pings and token refreshes.
         values["max_frames_per_second"] = values["max_events_per_second"] + 100
+    for kind in ("profile", "room"):
+        if values[f"{kind}_events_burst"] is None:
+            values[f"{kind}_events_burst"] = max(1, math.ceil(values[f"{kind}_events_per_second"]))
     if values["connect_burst"] is None:
         values["connect_burst"] = max(1, math.ceil(values["max_connects_per_second"]))
     if not values["grpc_interface"]:

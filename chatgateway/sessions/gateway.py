@@ -19,16 +19,19 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
+from chatgateway.sessions.calls import CallSignals
 from chatgateway.sessions.catchup import CatchUps, Pacer
 from chatgateway.sessions.corking import Cork
 from chatgateway.sessions.devicepositions import DevicePositions
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
+from chatgateway.sessions.presence import Presence
 from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.resume import Resumption
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
+from chatgateway.sessions.sharedlimits import SharedLimits
 from chatgateway.sessions.streamreads import StreamReads
 from chatgateway.telemetry.counts import GatewayCounts
 
@@ -83,6 +86,9 @@ class Gateway(service.Service):
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
+        self.presence = Presence(self)  # leases of the local devices; presenceEvents to fellow members
+        self.calls = CallSignals(self)  # call signals relayed on the callees' profile channels
+        self.limits = SharedLimits(config, store, self.clock, self.counts)  # per profile and per room
         self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
         self._heartbeat.clock = self.clock
@@ -244,6 +250,7 @@ class Gateway(service.Service):
         # In this turn still: no live event of its rooms can reach the session before its catch-up starts.
         self.resumption.start(session, planned)
         self._register(session)
+        self.presence.arrived(session)
         if self.draining:
             session.drain(self.reconnect_hint())
         if self._log_connects:
@@ -307,6 +314,7 @@ class Gateway(service.Service):
             self.store.release_device(session.profile_id, session.device_id, self.config.gateway_id, session.id),
             "releasing a device",
         )
+        self.presence.departed(session)
         if self.draining:
             self._check_gone()
 
@@ -402,6 +410,8 @@ class Gateway(service.Service):
         for session in sessions:
             self._register(session)
         self._announce()
+        for session in sessions:  # after the registration their leases hang on
+            self.presence.arrived(session)
 
     def _announce(self):
         info = {
@@ -428,6 +438,7 @@ class Gateway(service.Service):
         sessions = list(self.registry.sessions)
         self._sweep(sessions, 0, now, now - self.config.connection_timeout_sec, [])
         self._announce()
+        self.presence.tick()
         self._ticks += 1
         if self._ticks % REAP_EVERY_TICKS == 0:
             self._reap()
@@ -484,6 +495,7 @@ class Gateway(service.Service):
             changes.append((change, event))
         for session in list(self.registry.profile_sessions(change.profile_id)):
             session.apply_membership(change)
+        self.presence.membership_changed(change)
 
     def publish(self, channel, event):
         """Publish ``event`` by the contracts: a room event gets its position and its place in the

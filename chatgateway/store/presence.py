@@ -1,0 +1,415 @@
+"""Presence from leases: who is online, across gateways (docs/architecture.md#presence).
+
+Each live connection holds a lease in its profile's sorted set. A live lease lasts as long
+as its gateway's registration, the TTL'd ``gateway:instance:{gatewayID}`` key the gateway
+renews every heartbeat (chatgateway.store.redis): nothing per connection is written while
+it stays connected. A closed connection's lease is replaced by a departed one, lapsing
+PRESENCE_GRACE_SEC later (milliseconds of Redis TIME, so the gateways' clocks never matter):
+
+    gateway:presence:{profileID}          ZSET lease member -> +inf (live) or its lapse (ms)
+    gateway:presence-rooms:{profileID}    SET of the rooms to tell when the profile goes offline
+    gateway:presence-gw:{gatewayID}       SET of JSON [profileID, member]: the gateway's live leases
+    gateway:presence-gateways             SET of the gateway ids holding live leases
+    gateway:presence-index                ZSET profile id -> its earliest finite lapse (the sweep's work)
+    gateway:presence-online               SET of the profiles online (for the metric)
+    gateway:presence-reaped:{gatewayID}   a mark: another gateway lapsed its leases   1 day (the one TTL)
+
+The others have no TTL: each is emptied by the sweep (a gateway that comes back cleans up after
+those that died). A lease member is JSON ``[device_id, session_id]``, ``"~"`` + that when
+departed: the profile stays online through a reconnect within the grace (no offline/online
+pair, on any gateway), but the device no longer counts as reachable for calls.
+
+Every transition is decided inside one script, so two gateways never both announce it:
+
+- ``arrive``: a lease added to a set with no unlapsed lease -> the profile came online.
+- ``sweep`` (every gateway, every heartbeat): the live leases of each gateway whose
+  registration has expired lapse at once; then the profiles whose earliest lapse is past
+  lose their lapsed leases, and one left with none went offline (its rooms set is read and
+  deleted).
+
+So the devices of a gateway that dies go offline once its registration expires, max(10 s,
+3 × HEARTBEAT_INTERVAL_SEC), plus at most one sweep interval. A gateway is never its own
+sweep's victim; one that was only late (a reactor stalled past its registration's TTL)
+finds the mark its reaper left, and takes its leases again. A gateway whose leases were
+lost (Redis restarted empty) takes them again when the store tells it to rewrite its
+connections (``arrive`` is idempotent).
+
+Rooms to tell are the profile's rooms with at most ``max_room_size`` connected devices
+(SCARD of gateway:room:{roomID}); the others get no presence events (docs/protocol.md#presence).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from twisted.internet import defer
+from zope.interface import Interface, implementer
+
+from chatgateway.store import conn_key, instance_key, room_key
+
+CONN_PREFIX = conn_key("", "")[:-1]  # "gateway:conn:" + "profileID:deviceID"
+# Of a dead gateway's leases, and of the profiles due, what one sweep handles (the rest: the next).
+SWEEP_BATCH = 500
+DEPARTED = "~"
+INDEX_KEY = "gateway:presence-index"
+GATEWAYS_KEY = "gateway:presence-gateways"
+ONLINE_KEY = "gateway:presence-online"
+
+
+def presence_key(profile_id: str) -> str:
+    return f"gateway:presence:{profile_id}"
+
+
+def presence_rooms_key(profile_id: str) -> str:
+    return f"gateway:presence-rooms:{profile_id}"
+
+
+def gateway_leases_key(gateway_id: str) -> str:
+    return f"gateway:presence-gw:{gateway_id}"
+
+
+def lease_member(device_id: str, session_id: str) -> str:
+    return json.dumps([device_id, session_id], separators=(",", ":"))
+
+
+def gateway_entry(profile_id: str, member: str) -> str:
+    return json.dumps([profile_id, member], separators=(",", ":"))
+
+
+def lease_device(member: str) -> str | None:
+    """The device of a live lease member; None for a departed one (or garbage)."""
+    if member.startswith(DEPARTED):
+        return None
+    try:
+        device_id, _ = json.loads(member)
+    except (ValueError, TypeError):
+        return None
+    return device_id if isinstance(device_id, str) else None
+
+
+def offline_bound_sec(heartbeat_interval_sec: float) -> float:
+    """Longest a device of a dead gateway stays online: its registration's TTL, then one sweep."""
+    return max(10, math.ceil(3 * heartbeat_interval_sec)) + heartbeat_interval_sec
+
+
+_FUNCTIONS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function tell(rooms, max_size, out)
+  if max_size <= 0 then return out end
+  for _, room in ipairs(rooms) do
+    if redis.call('SCARD', 'gateway:room:' .. room) <= max_size then table.insert(out, room) end
+  end
+  return out
+end
+"""
+
+# KEYS: presence key, rooms key, the gateway's leases, the gateways set, the online set.
+# ARGV: profile, member, gateway id, gateway entry, max room size, room ids.
+# Returns {1, rooms to tell...} when the profile came online, else {0}.
+ARRIVE = (
+    _FUNCTIONS
+    + """
+local was = redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')
+redis.call('ZADD', KEYS[1], '+inf', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('SADD', KEYS[5], ARGV[1])
+local rooms = {}
+for i = 6, #ARGV do
+  redis.call('SADD', KEYS[2], ARGV[i])
+  table.insert(rooms, ARGV[i])
+end
+if was > 0 then return {0} end
+return tell(rooms, tonumber(ARGV[5]), {1})
+"""
+)
+
+# KEYS: presence key, the gateway's leases, index. ARGV: profile, member, grace ms, gateway entry.
+DEPART = (
+    _FUNCTIONS
+    + """
+if redis.call('ZREM', KEYS[1], ARGV[2]) == 1 then
+  local lapse = now_ms() + tonumber(ARGV[3])
+  redis.call('ZADD', KEYS[1], lapse, '~' .. ARGV[2])
+  redis.call('ZADD', KEYS[3], 'LT', lapse, ARGV[1])
+end
+redis.call('SREM', KEYS[2], ARGV[4])
+return 1
+"""
+)
+
+# KEYS: index, gateways set, online set. ARGV: max room size, batch, the sweeping gateway's id.
+# Returns {profiles online, {{profile, room to tell...}...}, 1 if the sweeping gateway's own
+# leases were lapsed by another (its registration had expired: it takes them again)}.
+SWEEP = (
+    _FUNCTIONS
+    + """
+local now, batch, own = now_ms(), tonumber(ARGV[2]), ARGV[3]
+local reaped = redis.call('DEL', 'gateway:presence-reaped:' .. own)
+for _, gateway in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if gateway ~= own and redis.call('EXISTS', 'gateway:instance:' .. gateway) == 0 then
+    redis.call('SET', 'gateway:presence-reaped:' .. gateway, '1', 'EX', 86400)
+    local leases = 'gateway:presence-gw:' .. gateway
+    for _, entry in ipairs(redis.call('SPOP', leases, batch)) do
+      local ok, pair = pcall(cjson.decode, entry)
+      if ok and type(pair) == 'table' and type(pair[1]) == 'string' and type(pair[2]) == 'string' then
+        local key = 'gateway:presence:' .. pair[1]
+        if redis.call('ZSCORE', key, pair[2]) then
+          redis.call('ZADD', key, now - 1, pair[2])
+          redis.call('ZADD', KEYS[1], 'LT', now - 1, pair[1])
+        end
+      end
+    end
+    if redis.call('SCARD', leases) == 0 then redis.call('SREM', KEYS[2], gateway) end
+  end
+end
+local offline = {}
+for _, profile in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, batch)) do
+  local key, rooms_key = 'gateway:presence:' .. profile, 'gateway:presence-rooms:' .. profile
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if not first[2] then
+    table.insert(offline, tell(redis.call('SMEMBERS', rooms_key), tonumber(ARGV[1]), {profile}))
+    redis.call('DEL', key, rooms_key)
+    redis.call('ZREM', KEYS[1], profile)
+    redis.call('SREM', KEYS[3], profile)
+  elseif first[2] == 'inf' then
+    redis.call('ZREM', KEYS[1], profile)
+  else
+    redis.call('ZADD', KEYS[1], first[2], profile)
+  end
+end
+return {redis.call('SCARD', KEYS[3]), offline, reaped}
+"""
+)
+
+# KEYS: room key. ARGV: max room size.
+# Returns {1, connected devices} above the size, else {0, online profiles...}.
+ROOM = (
+    _FUNCTIONS
+    + """
+local members = redis.call('SCARD', KEYS[1])
+if members > tonumber(ARGV[1]) then return {1, members} end
+local now = now_ms()
+local seen, out = {}, {0}
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local raw = redis.call('GET', 'gateway:conn:' .. member)
+  local ok, meta = false, nil
+  if raw then ok, meta = pcall(cjson.decode, raw) end
+  if ok and type(meta) == 'table' and type(meta.profile_id) == 'string' and not seen[meta.profile_id] then
+    seen[meta.profile_id] = true
+    if redis.call('ZCOUNT', 'gateway:presence:' .. meta.profile_id, '(' .. now, '+inf') > 0 then
+      table.insert(out, meta.profile_id)
+    end
+  end
+end
+return out
+"""
+)
+
+# KEYS: presence key. Returns its unlapsed lease members.
+DEVICES = (
+    _FUNCTIONS
+    + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms(), '+inf')
+"""
+)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class RoomPresence:
+    """A room's online members: ``profile_ids`` (sorted), or None when only ``count`` is told
+    (devices connected to a room above the size)."""
+
+    def __init__(self, count: int, profile_ids: list[str] | None):
+        self.count = count
+        self.profile_ids = profile_ids
+
+
+class Sweep:
+    """What a sweep found: ``online`` profiles in all, ``offline``: [(profile id, rooms to tell)];
+    ``reaped``: the sweeping gateway's own leases were lapsed by another gateway."""
+
+    def __init__(self, online: int, offline: list[tuple[str, list[str]]], reaped: bool = False):
+        self.online = online
+        self.offline = offline
+        self.reaped = reaped
+
+
+class IPresenceLeases(Interface):
+    """The leases of every gateway's connections, and the transitions they decide (the module docstring)."""
+
+    def arrive(profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+        """Take a connection's lease (again: idempotent). Deferred: the rooms to tell if the
+        profile came online, else None."""
+
+    def depart(profile_id, device_id, session_id, gateway_id, grace_sec):
+        """A connection closed: its lease becomes a departed one lapsing after ``grace_sec``."""
+
+    def add_room(profile_id, room_id):
+        """The profile joined ``room_id``: tell it too when the profile goes offline."""
+
+    def sweep(max_room_size, gateway_id):
+        """By ``gateway_id``: lapse the leases of dead gateways, drop lapsed ones. Deferred: a Sweep."""
+
+    def room(room_id, max_room_size):
+        """Deferred: the RoomPresence of a room."""
+
+    def devices(profile_id):
+        """Deferred: the set of the profile's devices with a live (not departed) lease."""
+
+
+@implementer(IPresenceLeases)
+class RedisPresence:
+    """Leases in the store's Redis (through its RedisConnection)."""
+
+    def __init__(self, redis: Any):
+        self.redis = redis
+
+    def arrive(self, profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+        member = lease_member(device_id, session_id)
+        keys = [
+            presence_key(profile_id),
+            presence_rooms_key(profile_id),
+            gateway_leases_key(gateway_id),
+            GATEWAYS_KEY,
+            ONLINE_KEY,
+        ]
+        args = [profile_id, member, gateway_id, gateway_entry(profile_id, member), max_room_size, *rooms]
+        d = self.redis.eval(ARRIVE, keys, args)
+        return d.addCallback(lambda reply: [_text(r) for r in reply[1:]] if int(reply[0]) else None)
+
+    def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
+        member = lease_member(device_id, session_id)
+        keys = [presence_key(profile_id), gateway_leases_key(gateway_id), INDEX_KEY]
+        args = [profile_id, member, max(0, round(grace_sec * 1000)), gateway_entry(profile_id, member)]
+        return self.redis.eval(DEPART, keys, args).addCallback(lambda _: None)
+
+    def add_room(self, profile_id, room_id):
+        return self.redis.execute("SADD", presence_rooms_key(profile_id), room_id).addCallback(lambda _: None)
+
+    def sweep(self, max_room_size, gateway_id):
+        keys = [INDEX_KEY, GATEWAYS_KEY, ONLINE_KEY]
+        d = self.redis.eval(SWEEP, keys, [max_room_size, SWEEP_BATCH, gateway_id])
+
+        def parsed(reply):
+            online, offline, reaped = reply
+            return Sweep(int(online), [(_text(o[0]), [_text(r) for r in o[1:]]) for o in offline], bool(reaped))
+
+        return d.addCallback(parsed)
+
+    def room(self, room_id, max_room_size):
+        d = self.redis.eval(ROOM, [room_key(room_id)], [max_room_size])
+
+        def parsed(reply):
+            if int(reply[0]):
+                return RoomPresence(int(reply[1]), None)
+            profiles = sorted(_text(p) for p in reply[1:])
+            return RoomPresence(len(profiles), profiles)
+
+        return d.addCallback(parsed)
+
+    def devices(self, profile_id):
+        d = self.redis.eval(DEVICES, [presence_key(profile_id)], [])
+        return d.addCallback(lambda members: {d for d in (lease_device(_text(m)) for m in members) if d})
+
+
+@implementer(IPresenceLeases)
+class MemoryPresence:
+    """The same leases in process, on ``clock``, beside a MemoryStore (its room sets, connection
+    metadata and instance entries); the state lives on the store, so every gateway of the
+    process shares it."""
+
+    def __init__(self, store: Any, clock: Any):
+        self.store = store
+        self.clock = clock
+        if not hasattr(store, "presence_leases"):
+            store.presence_leases = {}  # profile -> {member: lapse (seconds; inf: live)}
+            store.presence_rooms = {}  # profile -> set of room ids
+            store.presence_gateways = {}  # gateway id -> {(profile, member)}
+            store.presence_reaped = set()  # gateway ids whose leases another gateway lapsed
+        self.leases = store.presence_leases
+        self.rooms = store.presence_rooms
+        self.gateways = store.presence_gateways
+        self.reaped = store.presence_reaped
+
+    def _tell(self, rooms, max_room_size):
+        if max_room_size <= 0:
+            return []
+        return sorted(r for r in rooms if len(self.store.sets.get(room_key(r), ())) <= max_room_size)
+
+    def arrive(self, profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+        now = self.clock.seconds()
+        leases = self.leases.setdefault(profile_id, {})
+        was = any(lapse > now for lapse in leases.values())
+        member = lease_member(device_id, session_id)
+        leases[member] = math.inf
+        self.gateways.setdefault(gateway_id, set()).add((profile_id, member))
+        self.rooms.setdefault(profile_id, set()).update(rooms)
+        return defer.succeed(None if was else self._tell(rooms, max_room_size))
+
+    def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
+        leases = self.leases.get(profile_id, {})
+        member = lease_member(device_id, session_id)
+        if leases.pop(member, None) is not None:
+            leases[DEPARTED + member] = self.clock.seconds() + grace_sec
+        self.gateways.get(gateway_id, set()).discard((profile_id, member))
+        return defer.succeed(None)
+
+    def add_room(self, profile_id, room_id):
+        if profile_id in self.leases:
+            self.rooms.setdefault(profile_id, set()).add(room_id)
+        return defer.succeed(None)
+
+    def sweep(self, max_room_size, gateway_id):
+        now = self.clock.seconds()
+        reaped = gateway_id in self.reaped
+        self.reaped.discard(gateway_id)
+        for dead in [g for g in self.gateways if g != gateway_id and instance_key(g) not in self.store.values]:
+            self.reaped.add(dead)
+            for profile_id, member in self.gateways.pop(dead):
+                if member in self.leases.get(profile_id, {}):
+                    self.leases[profile_id][member] = now
+        offline = []
+        for profile_id in sorted(self.leases):
+            leases = self.leases[profile_id]
+            for member in [m for m, lapse in leases.items() if lapse <= now]:
+                del leases[member]
+            if not leases:
+                del self.leases[profile_id]
+                offline.append((profile_id, self._tell(self.rooms.pop(profile_id, ()), max_room_size)))
+        return defer.succeed(Sweep(len(self.leases), offline, reaped))
+
+    def room(self, room_id, max_room_size):
+        members = self.store.sets.get(room_key(room_id), set())
+        if len(members) > max_room_size:
+            return defer.succeed(RoomPresence(len(members), None))
+        now = self.clock.seconds()
+        profiles = set()
+        for member in members:
+            raw = self.store.values.get(CONN_PREFIX + member)
+            profile_id = json.loads(raw).get("profile_id") if raw else None
+            if profile_id and any(lapse > now for lapse in self.leases.get(profile_id, {}).values()):
+                profiles.add(profile_id)
+        return defer.succeed(RoomPresence(len(profiles), sorted(profiles)))
+
+    def devices(self, profile_id):
+        now = self.clock.seconds()
+        held = self.leases.get(profile_id, {})
+        return defer.succeed({d for d in (lease_device(m) for m, lapse in held.items() if lapse > now) if d})
+
+
+def make_presence(store: Any, clock: Any) -> RedisPresence | MemoryPresence:
+    """The presence leases beside ``store``: in its Redis, or in process beside a MemoryStore."""
+    redis = getattr(store, "redis", None)
+    if redis is not None:
+        return RedisPresence(redis)
+    return MemoryPresence(store, clock)
