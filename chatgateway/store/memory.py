@@ -106,6 +106,10 @@ class MemoryStore:
         self._add(INSTANCES_KEY, gateway_id)
         return defer.succeed(None)
 
+    def instances(self):
+        entries = (self.values.get(instance_key(g)) for g in sorted(self.sets.get(INSTANCES_KEY, ())))
+        return defer.succeed([json.loads(entry) for entry in entries if entry is not None])
+
     def reap_dead_instances(self, own_gateway_id):
         reaped = []
         for gateway_id in sorted(self.sets.get(INSTANCES_KEY, ())):
