@@ -30,6 +30,7 @@ STATIC_FILES = {
     "operator.js": "text/javascript; charset=utf-8",
     "common.js": "text/javascript; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 
 

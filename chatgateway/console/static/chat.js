@@ -4,7 +4,7 @@
 "use strict";
 
 (() => {
-  const C = window.Console;
+  const C = window.ChatConsole;
   const $ = C.$;
   const SUBPROTOCOL = "chat.v1.json";
   const TYPE = "type.googleapis.com/chat.v1.";

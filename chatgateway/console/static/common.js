@@ -2,7 +2,7 @@
 // createElement and textContent: no text from the network is ever parsed as HTML.
 "use strict";
 
-const Console = {
+window.ChatConsole = {
   // An element with a class (optional) and children: strings become text nodes.
   el(tag, className, ...children) {
     const node = document.createElement(tag);
@@ -36,7 +36,7 @@ const Console = {
 
   // {dev: bool, admin_scope: string}
   async config() {
-    const { status, body } = await Console.fetchJson("/console/config.json");
+    const { status, body } = await ChatConsole.fetchJson("/console/config.json");
     return status === 200 && body ? body : { dev: false, admin_scope: "chatgateway:admin" };
   },
 
@@ -45,7 +45,7 @@ const Console = {
     const query = new URLSearchParams({ profile });
     if (device) query.set("device", device);
     if (admin) query.set("admin", "1");
-    const { status, body } = await Console.fetchJson("/dev/token?" + query.toString());
+    const { status, body } = await ChatConsole.fetchJson("/dev/token?" + query.toString());
     if (status !== 200 || !body || !body.token) throw new Error("no development token (HTTP " + status + ")");
     return body.token;
   },

@@ -4,7 +4,7 @@
 "use strict";
 
 (() => {
-  const C = window.Console;
+  const C = window.ChatConsole;
   const $ = C.$;
   const POLL_MS = 2000;
   const TOKEN_KEY = "chatgateway.console.admin";
