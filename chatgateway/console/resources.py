@@ -72,7 +72,7 @@ class _Json(resource.Resource):
 
 
 def _answer(request, status, body, headers=()):
-    if request.finished or request._disconnected:
+    if request.finished or getattr(request, "_disconnected", False):
         return
     set_security_headers(request)
     request.setResponseCode(status)
