@@ -4,7 +4,8 @@ A ``StatusSampler`` reads the gateway's counts (chatgateway.telemetry.counts) ev
 SAMPLE_INTERVAL_SEC on the reactor's clock and keeps the rates of the last interval, so a
 status request costs a few dictionary reads, whoever polls it and however often. The
 other gateways come from the store's registry (``IConnectionStore.instances``: with Redis,
-every live gateway; in memory, this one), read once per request.
+every live gateway; in memory, this one), read once per request; their connection counts
+are as of their last heartbeat (HEARTBEAT_INTERVAL_SEC), this gateway's are live.
 """
 
 from twisted.application import service
@@ -85,6 +86,10 @@ class StatusSampler(service.Service):
         except Exception as e:  # the store is down: say so, show this gateway alone
             gateways, registry_error = [], str(e) or type(e).__name__
         now = self._clock.seconds()
+        # The registry holds each gateway's entry as of its last heartbeat; this one's is live.
+        for entry in gateways:
+            if entry.get("gateway_id") == config.gateway_id:
+                entry.update(connections=len(gateway.registry), addresses=list(gateway.addresses))
         return {
             "gateway": {
                 "id": config.gateway_id,

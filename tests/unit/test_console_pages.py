@@ -126,7 +126,7 @@ def test_rates_are_the_counts_of_the_last_interval_per_second():
 
 def test_the_status_names_this_gateway_its_dependencies_and_every_registered_gateway():
     clock, gateway, store = task.Clock(), _Gateway(), MemoryStore()
-    store.instance_alive("gw-1", {"started": 1, "addresses": [], "connections": 3})
+    store.instance_alive("gw-1", {"started": 1, "addresses": [], "connections": 0})  # as of its last heartbeat
     store.instance_alive("gw-2", {"started": 2, "addresses": ["http://b"], "connections": 7})
     sampler = StatusSampler(gateway, {"core": lambda: True, "store:memory": lambda: "down"}, store, clock)
     sampler.startService()
@@ -136,7 +136,9 @@ def test_the_status_names_this_gateway_its_dependencies_and_every_registered_gat
     assert body["gateway"]["connections"] == 3 and body["gateway"]["rooms"] == 2
     assert body["gateway"]["dependencies"] == {"core": "up", "store:memory": "down"}
     assert body["gateway"]["ready"] is False
+    # this gateway's row is live; another's as it registered it
     assert [(g["gateway_id"], g["connections"]) for g in body["gateways"]] == [("gw-1", 3), ("gw-2", 7)]
+    assert body["gateways"][0]["addresses"] == ["http://127.0.0.1:8080"]
     assert body["store"] == "memory" and body["registry_error"] is None
     json.dumps(body)  # what status.json sends
     sampler.stopService()
