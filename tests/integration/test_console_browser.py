@@ -59,7 +59,7 @@ def gateway(tmp_path_factory):
     gw.process.start()
     yield gw
     code = gw.process.stop()
-    assert code in (0, -15), gw.process.log_tail()
+    assert code in (0, -15), f"exit code {code}:\n{gw.process.log_tail()}"
     assert "Traceback (most recent call last)" not in gw.process.log_text(), gw.process.log_tail(80)
 
 
@@ -123,6 +123,12 @@ def test_two_profiles_chat_both_ways_see_typing_receipts_and_survive_a_gateway_r
     bob.wait_connected()
     bob.open_room(room)
     bob.wait(lambda: bob.messages() == [*before, ("bob", "after the restart")], "the history after a reload")
+
+    # bob leaves: the room leaves his list, alice's timeline says so.
+    bob.by_id("leave-room").click()
+    bob.wait(lambda: room not in bob.room_ids(), "the room gone from bob's list")
+    bob.wait(lambda: not bob.by_id("composer").is_displayed(), "bob's room closed")
+    alice.wait(lambda: alice.system_lines()[-1:] == [("bob", "left the room")], "bob's leaving shown to alice")
 
     for page in (alice, bob):
         assert "access_token" not in page.driver.current_url

@@ -14,6 +14,7 @@
   const TYPING_IDLE_MS = 4000; // no key for this long: typing=false
   const TYPING_SHOWN_MS = 6000; // another member's typing shows this long without a repeat
   const HISTORY_PAGE = 30;
+  const COMMAND_TIMEOUT_MS = 15000; // a command unanswered this long fails (the gateway answers within CORE_TIMEOUT_SEC)
   const HINT = /reconnect in (\d+(?:\.\d+)?) ?s/;
   const SESSION_KEY = "chatgateway.console.session";
   const RESUME_KEY = "chatgateway.console.resume";
@@ -36,6 +37,7 @@
     typing: new Map(), // room id -> Map(profile id -> timer)
     presence: new Map(), // profile id -> "ONLINE" | "OFFLINE"
     members: new Map(), // room id -> [profile id]
+    onlineCounts: new Map(), // room id -> online count, for a room too large for names
     marked: new Map(), // room id -> the event id of our last read marker
     typingSentAt: 0,
     typingIdle: null,
@@ -131,10 +133,17 @@
   function command(kind, body) {
     return new Promise((resolve, reject) => {
       const requestId = String(state.nextRequest++);
-      state.pending.set(requestId, { resolve, reject, bodies: [] });
+      const timer = setTimeout(() => {
+        if (state.pending.delete(requestId)) reject(new Error(kind + ": no answer"));
+      }, COMMAND_TIMEOUT_MS);
+      const done = (settle) => (value) => {
+        clearTimeout(timer);
+        settle(value);
+      };
+      state.pending.set(requestId, { resolve: done(resolve), reject: done(reject), bodies: [] });
       if (!send({ command: { requestId, [kind]: body } })) {
         state.pending.delete(requestId);
-        reject(new Error("not connected"));
+        done(reject)(new Error("not connected"));
       }
     });
   }
@@ -162,6 +171,11 @@
 
   function onConnected(connected) {
     state.attempt = 0;
+    // Who we are is the token's (its sub and device_id claim), whatever the form said.
+    state.profile = connected.profileId || state.profile;
+    state.device = connected.deviceId || state.device;
+    $("who").textContent = state.profile + " · " + state.device;
+    saveSession();
     setStatus("up", "connected to " + connected.gatewayId);
     if (connected.resumeToken) sessionStorage.setItem(RESUME_KEY, connected.resumeToken);
     const ids = new Set(connected.roomIds || []);
@@ -339,11 +353,36 @@
     } catch (e) {
       /* shown again at the next change */
     }
+    loadPresence(id);
+  }
+
+  // The room's online members, where the gateway answers the presence command
+  // (docs/protocol.md#presence); elsewhere presence stays unknown until presenceEvents come.
+  async function loadPresence(id) {
+    let body;
+    try {
+      [body] = await command("presence", { roomId: id });
+    } catch (e) {
+      return;
+    }
+    if (!body) return;
+    if (body.countsOnly) {
+      state.onlineCounts.set(id, body.onlineCount || 0);
+    } else {
+      const online = new Set(body.profileIds || []);
+      for (const profileId of state.members.get(id) || []) {
+        state.presence.set(profileId, online.has(profileId) ? "ONLINE" : "OFFLINE");
+      }
+    }
+    if (id === state.open) renderMembers();
   }
 
   function renderMembers() {
     const list = $("members");
     C.clear(list);
+    if (state.onlineCounts.has(state.open)) {
+      list.appendChild(C.el("li", "count", state.onlineCounts.get(state.open) + " online"));
+    }
     for (const profileId of state.members.get(state.open) || []) {
       const online = state.presence.get(profileId) === "ONLINE";
       const item = C.el("li", online ? "online" : "", profileId);
@@ -551,6 +590,8 @@
     const config = await C.config();
     state.dev = !!config.dev;
     $("token-label").hidden = state.dev;
+    $("profile-label").hidden = !state.dev; // in production the profile is the token's sub
+    $("profile").required = state.dev;
     $("signin-hint").textContent = state.dev
       ? "Development mode: pick any profile; the page fetches its token from /dev/token."
       : "Paste a token the gateway accepts (its sub is the profile).";
