@@ -1,7 +1,8 @@
 """The console in production mode (CONSOLE_ENABLED, no --dev) on two real gateways sharing a
 real redis-server, with `twistd chatcore`: the operator status of one gateway lists every
 gateway, a browser device signed in with a pasted token (no /dev/token outside development)
-shows up in it, and a gateway that stopped leaves it (docs/console.md#the-operator-page)."""
+shows up in it and is told when its room's stream was lost, and a gateway that stopped
+leaves the list (docs/console.md#the-operator-page)."""
 
 import json
 import urllib.error
@@ -10,6 +11,7 @@ import urllib.request
 import pytest
 
 from chatgateway.auth.devtokens import mint_token
+from chatgateway.bus.roomstream import position_key, stream_key
 from chatgateway.console.admin import ADMIN_SCOPE
 from support import browser
 from support.processes import Twistd, free_port, until
@@ -56,7 +58,7 @@ def deployment():
     core.start()
     for gateway in gateways:
         gateway.start()
-    yield gateways
+    yield gateways, redis
     codes = [g.stop() for g in gateways if g.running]
     core.stop()
     redis.cleanup()
@@ -71,7 +73,7 @@ def rows(body):
 
 @pytest.mark.skipif(browser.available() is not None, reason=str(browser.available()))
 def test_every_gateway_on_redis_is_listed_with_its_connections_and_a_stopped_one_leaves(deployment):
-    gw0, gw1 = deployment
+    (gw0, gw1), redis = deployment
     admin = token("operator", scope=f"openid {ADMIN_SCOPE}")
     assert status(gw0.port, token("mallory"))[0] == 403  # production: a token without the scope
 
@@ -95,6 +97,15 @@ def test_every_gateway_on_redis_is_listed_with_its_connections_and_a_stopped_one
         page.open_room(room)
         page.send("from production mode")
         page.wait_message("dora", "from production mode")
+        assert page.by_id("notice").text == ""
+
+        # The room's stream is lost (its epoch and stream keys gone, as after a Redis flush):
+        # the next event has a new epoch, the gateway tells the device DATA_LOSS, and the
+        # page says so and reloads the history.
+        redis.client().delete(position_key(room), stream_key(room))
+        page.send("after the loss")
+        page.wait(lambda: "events were missed" in page.by_id("notice").text, "the loss shown")
+        page.wait(lambda: page.messages() == [("dora", "from production mode"), ("dora", "after the loss")], "history")
         assert browser.page_errors(driver) == []
     finally:
         driver.quit()
