@@ -17,8 +17,6 @@ from support.processes import Twistd, free_port
 
 SECRET = "console-browser-test-secret-0123456789ab"
 
-pytestmark = pytest.mark.skipif(browser.available() is not None, reason=str(browser.available()))
-
 
 class Gateway:
     def __init__(self, tmp_path):

@@ -71,7 +71,6 @@ def rows(body):
     return {g["gateway_id"]: g["connections"] for g in body["gateways"]}
 
 
-@pytest.mark.skipif(browser.available() is not None, reason=str(browser.available()))
 def test_every_gateway_on_redis_is_listed_with_its_connections_and_a_stopped_one_leaves(deployment):
     (gw0, gw1), redis = deployment
     admin = token("operator", scope=f"openid {ADMIN_SCOPE}")

@@ -1,8 +1,9 @@
 """Debian's headless chromium driven by Selenium through chromium-driver, and the console's pages.
 
 Nothing is downloaded: the browser and its driver are the apt packages ``chromium`` and
-``chromium-driver`` (``make browser``), named by path so Selenium Manager never looks for
-one of its own.
+``chromium-driver`` (``make browser``, run by ``make test``), named by path so Selenium
+Manager never looks for one of its own. Without them the browser tests fail, saying so (as
+the Redis tests do without redis-server): they do not skip.
 """
 
 import os
@@ -28,6 +29,9 @@ def available():
 
 def chromium(width=1280, height=820):
     """A new headless chromium session with a profile of its own (its own sessionStorage)."""
+    problem = available()
+    if problem is not None:
+        raise RuntimeError(f"the console's browser tests need chromium and chromium-driver: {problem}")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
