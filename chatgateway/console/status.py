@@ -89,7 +89,11 @@ class StatusSampler(service.Service):
         # The registry holds each gateway's entry as of its last heartbeat; this one's is live.
         for entry in gateways:
             if entry.get("gateway_id") == config.gateway_id:
-                entry.update(connections=len(gateway.registry), addresses=list(gateway.addresses))
+                entry.update(
+                    connections=len(gateway.registry),
+                    rooms=len(gateway.registry.room_ids()),
+                    addresses=list(gateway.addresses),
+                )
         return {
             "gateway": {
                 "id": config.gateway_id,

@@ -153,7 +153,8 @@ class IConnectionStore(Interface):
         """Renew this instance's registry entry; ``info`` is {started, addresses, connections}."""
 
     def instances() -> Deferred[list[dict[str, Any]]]:
-        """Every live gateway's registry entry (the JSON of instance_info), by gateway id.
+        """Every live gateway's registry entry (the JSON of instance_info, with ``rooms``: how
+        many rooms it has connections in), by gateway id.
 
         For the operator's status page (chatgateway.console.status), not for the hot path.
         """

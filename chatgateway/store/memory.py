@@ -107,8 +107,12 @@ class MemoryStore:
         return defer.succeed(None)
 
     def instances(self):
-        entries = (self.values.get(instance_key(g)) for g in sorted(self.sets.get(INSTANCES_KEY, ())))
-        return defer.succeed([json.loads(entry) for entry in entries if entry is not None])
+        found = []
+        for gateway_id in sorted(self.sets.get(INSTANCES_KEY, ())):
+            entry = self.values.get(instance_key(gateway_id))
+            if entry is not None:
+                found.append({**json.loads(entry), "rooms": len(self.sets.get(instance_rooms_key(gateway_id), ()))})
+        return defer.succeed(found)
 
     def reap_dead_instances(self, own_gateway_id):
         reaped = []

@@ -397,12 +397,13 @@ class RedisStore:
         if not ids:
             return []
         entries = await self.redis.execute("MGET", *(instance_key(g) for g in ids))
+        rooms = await self.redis.pipeline([("SCARD", instance_rooms_key(g)) for g in ids])
         found = []
-        for entry in entries:
+        for entry, room_count in zip(entries, rooms, strict=True):
             if entry is None:
                 continue  # expired: a dead gateway, not yet reaped
             try:
-                found.append(json.loads(entry))
+                found.append({**json.loads(entry), "rooms": room_count})
             except ValueError:
                 self.log.warn("unreadable instance entry {entry!r}", entry=entry[:100])
         return found

@@ -71,6 +71,10 @@ def rows(body):
     return {g["gateway_id"]: g["connections"] for g in body["gateways"]}
 
 
+def rooms(body):
+    return {g["gateway_id"]: g["rooms"] for g in body["gateways"]}
+
+
 def test_every_gateway_on_redis_is_listed_with_its_connections_and_a_stopped_one_leaves(deployment):
     (gw0, gw1), redis = deployment
     admin = token("operator", scope=f"openid {ADMIN_SCOPE}")
@@ -93,6 +97,7 @@ def test_every_gateway_on_redis_is_listed_with_its_connections_and_a_stopped_one
         assert page.status() == "connected to gw-1"
         until(lambda: rows(status(gw0.port, admin)[1]).get("gw-1") == 1, what="gw-1's device seen from gw-0")
         room = page.create_room("ops")
+        until(lambda: rooms(status(gw0.port, admin)[1]).get("gw-1") == 1, what="gw-1's room seen from gw-0")
         page.open_room(room)
         page.send("from production mode")
         page.wait_message("dora", "from production mode")

@@ -139,6 +139,7 @@ def test_the_status_names_this_gateway_its_dependencies_and_every_registered_gat
     # this gateway's row is live; another's as it registered it
     assert [(g["gateway_id"], g["connections"]) for g in body["gateways"]] == [("gw-1", 3), ("gw-2", 7)]
     assert body["gateways"][0]["addresses"] == ["http://127.0.0.1:8080"]
+    assert [g["rooms"] for g in body["gateways"]] == [2, 0]
     assert body["store"] == "memory" and body["registry_error"] is None
     json.dumps(body)  # what status.json sends
     sampler.stopService()

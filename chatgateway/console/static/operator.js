@@ -65,6 +65,7 @@
         row(
           entry.gateway_id + (entry.gateway_id === g.id ? " (this one)" : ""),
           String(entry.connections ?? ""),
+          String(entry.rooms ?? ""),
           (entry.addresses || []).join(" "),
           entry.started ? new Date(entry.started * 1000).toLocaleString() : "",
         ),
