@@ -29,6 +29,7 @@ STATIC_FILES = {
     "chat.js": "text/javascript; charset=utf-8",
     "operator.js": "text/javascript; charset=utf-8",
     "common.js": "text/javascript; charset=utf-8",
+    "connection.js": "text/javascript; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }

@@ -186,3 +186,31 @@ def test_status_json_is_never_served_without_an_admin_token(gateway):
     status, headers, body = gateway.get("/console/status.json", token=gateway.dev_token("op", admin=True))
     assert status == 200 and body["gateway"]["ready"] is True
     assert "script-src 'self'" in headers["Content-Security-Policy"]
+
+
+def test_the_page_reconnects_with_full_jitter_never_sooner_than_the_hint(gateway, browsers):
+    """The chat page's delays (connection.js), sampled in the browser: uniform in
+    [0, min(30 s, 1 s x 2^n)] for the n-th retry, and never below a close reason's hint."""
+    page = browser.ChatPage(browsers(), gateway.base).open()
+    samples = page.driver.execute_script(
+        "const d = window.ChatConsole.reconnectDelay, out = {};"
+        "for (const [n, reason] of arguments[0]) {"
+        "  out[n + '|' + reason] = Array.from({length: 2000}, () => d(n, reason));"
+        "} return out;",
+        [
+            [0, ""],
+            [3, ""],
+            [10, ""],
+            [0, "gateway draining: reconnect in 2.7s"],
+            [5, "core unavailable: x: reconnect in 6.3s"],
+        ],
+    )
+    for key, delays in samples.items():
+        attempt, reason = key.split("|", 1)
+        ceiling = min(30000, 1000 * 2 ** int(attempt))
+        floor = float(reason.rsplit("in ", 1)[1].rstrip("s")) * 1000 if reason else 0
+        assert all(max(floor, 0) <= d <= max(ceiling, floor) for d in delays), key
+        if floor < ceiling:  # the jitter spreads over the whole window, not a fixed schedule
+            assert min(delays) < floor + 0.1 * (ceiling - floor) and max(delays) > 0.9 * ceiling, key
+        else:
+            assert set(delays) == {floor}, key

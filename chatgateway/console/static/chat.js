@@ -1,35 +1,22 @@
-// The chat page (docs/console.md#the-chat-page): a browser device of the public WebSocket
-// protocol (docs/protocol.md), subprotocol chat.v1.json, signed in with the first frame
-// (never ?access_token=, which would leave the token in the history and the logs).
+// The chat page (docs/console.md#the-chat-page): rooms, timeline, typing, receipts and
+// presence over one device connection of the public protocol (connection.js).
 "use strict";
 
 (() => {
   const C = window.ChatConsole;
   const $ = C.$;
-  const SUBPROTOCOL = "chat.v1.json";
-  const TYPE = "type.googleapis.com/chat.v1.";
-  const BACKOFF_BASE_MS = 1000;
-  const BACKOFF_CAP_MS = 30000;
   const TYPING_RESEND_MS = 3000; // a typing=true is repeated while typing goes on
   const TYPING_IDLE_MS = 4000; // no key for this long: typing=false
   const TYPING_SHOWN_MS = 6000; // another member's typing shows this long without a repeat
   const HISTORY_PAGE = 30;
-  const COMMAND_TIMEOUT_MS = 15000; // a command unanswered this long fails (the gateway answers within CORE_TIMEOUT_SEC)
-  const HINT = /reconnect in (\d+(?:\.\d+)?) ?s/;
   const SESSION_KEY = "chatgateway.console.session";
-  const RESUME_KEY = "chatgateway.console.resume";
 
   const state = {
     dev: false,
     profile: "",
     device: "",
     token: "",
-    ws: null,
-    stopped: true,
-    attempt: 0,
-    retryTimer: null,
-    nextRequest: 1,
-    pending: new Map(), // requestId -> {resolve, reject, bodies}
+    connection: null, // a ChatConsole.Connection (connection.js)
     rooms: new Map(), // room id -> {id, name, unread}
     open: null, // the room shown
     timelines: new Map(), // room id -> {events: Map(id -> RoomEvent), older: cursor, loading}
@@ -43,8 +30,6 @@
     typingIdle: null,
   };
 
-  // ------------------------------------------------------------------ connection
-
   function setStatus(kind, text) {
     const node = $("conn-status");
     node.className = "status " + kind;
@@ -57,99 +42,31 @@
     node.hidden = !text;
   }
 
-  function connect() {
-    clearTimeout(state.retryTimer);
-    state.stopped = false;
-    setStatus("wait", "connecting…");
-    const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
-    const ws = new WebSocket(url, SUBPROTOCOL);
-    state.ws = ws;
-    ws.onopen = () => {
-      const first = { authToken: state.token, deviceId: state.device };
-      const resume = sessionStorage.getItem(RESUME_KEY);
-      if (resume) first.resumeToken = resume; // ignored by a gateway without resume
-      ws.send(JSON.stringify(first));
-    };
-    ws.onmessage = (message) => {
-      if (ws !== state.ws) return;
-      let frame;
-      try {
-        frame = JSON.parse(message.data);
-      } catch (e) {
-        return;
-      }
-      handle(frame);
-    };
-    ws.onclose = (event) => {
-      if (ws === state.ws) closed(event.code, event.reason || "");
-    };
-  }
-
-  function closed(code, reason) {
-    state.ws = null;
-    for (const { reject } of state.pending.values()) reject(new Error("connection lost"));
-    state.pending.clear();
-    if (state.stopped) return;
-    if (code === 4001) {
-      state.stopped = true;
-      setStatus("down", "replaced by a newer connection of this device");
-      return;
-    }
-    if (code === 4401 && !state.dev) {
-      state.stopped = true;
-      setStatus("down", "token refused: sign in again");
-      showSignin("The gateway refused the token (" + reason + ").");
-      return;
-    }
-    // Full jitter (docs/protocol.md#reconnect-hints): random in [0, min(cap, base * 2^n)],
-    // never sooner than the gateway's hint.
-    const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
-    let delay = Math.random() * ceiling;
-    const hint = HINT.exec(reason);
-    if (hint) delay = Math.max(delay, parseFloat(hint[1]) * 1000);
-    state.attempt += 1;
-    setStatus("down", "disconnected (" + code + "): reconnecting in " + (delay / 1000).toFixed(1) + " s");
-    state.retryTimer = setTimeout(async () => {
-      if (state.stopped) return;
-      if (code === 4401 && state.dev) {
-        try {
-          state.token = await C.devToken(state.profile, state.device);
-          saveSession();
-        } catch (e) {
-          /* the next attempt tries again */
-        }
-      }
-      connect();
-    }, delay);
-  }
-
-  function send(frame) {
-    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return false;
-    state.ws.send(JSON.stringify(frame));
-    return true;
-  }
-
-  // A command; resolves with the bodies of its results (one, or one per page of SearchRooms).
   function command(kind, body) {
-    return new Promise((resolve, reject) => {
-      const requestId = String(state.nextRequest++);
-      const timer = setTimeout(() => {
-        if (state.pending.delete(requestId)) reject(new Error(kind + ": no answer"));
-      }, COMMAND_TIMEOUT_MS);
-      const done = (settle) => (value) => {
-        clearTimeout(timer);
-        settle(value);
-      };
-      state.pending.set(requestId, { resolve: done(resolve), reject: done(reject), bodies: [] });
-      if (!send({ command: { requestId, [kind]: body } })) {
-        state.pending.delete(requestId);
-        done(reject)(new Error("not connected"));
-      }
-    });
+    return state.connection ? state.connection.command(kind, body) : Promise.reject(new Error("not connected"));
   }
 
   function call(method, body) {
-    return command("call", { method, body: { "@type": TYPE + method + "Request", ...body } });
+    return state.connection ? state.connection.call(method, body) : Promise.reject(new Error("not connected"));
+  }
+
+  function connect() {
+    if (state.connection) state.connection.stop();
+    state.connection = new C.Connection({
+      token: state.token,
+      device: state.device,
+      onFrame: handle,
+      onStatus: setStatus,
+      // In development a 4401 (the token expired) fetches a new one; in production: sign in again.
+      refreshToken: async () => {
+        if (!state.dev) return null;
+        state.token = await C.devToken(state.profile, state.device);
+        saveSession();
+        return state.token;
+      },
+      onRefused: (reason) => showSignin("The gateway refused the token (" + reason + ")."),
+    });
+    state.connection.start();
   }
 
   // ------------------------------------------------------------------ frames
@@ -161,7 +78,6 @@
     if (frame.receiptEvent) return onReceipt(frame.receiptEvent);
     if (frame.presenceEvent) return onPresence(frame.presenceEvent);
     if (frame.subscriptionEvent) return onSubscription(frame.subscriptionEvent);
-    if (frame.commandResult) return onResult(frame.commandResult);
     if (frame.gap) return onMissed(frame.gap.roomId, "events of this room were missed (gap)");
     if (frame.error) {
       if (frame.error.status === "DATA_LOSS") return onMissed(null, "events were missed: " + frame.error.message);
@@ -170,14 +86,12 @@
   }
 
   function onConnected(connected) {
-    state.attempt = 0;
     // Who we are is the token's (its sub and device_id claim), whatever the form said.
     state.profile = connected.profileId || state.profile;
     state.device = connected.deviceId || state.device;
     $("who").textContent = state.profile + " · " + state.device;
     saveSession();
     setStatus("up", "connected to " + connected.gatewayId);
-    if (connected.resumeToken) sessionStorage.setItem(RESUME_KEY, connected.resumeToken);
     const ids = new Set(connected.roomIds || []);
     for (const id of [...state.rooms.keys()]) if (!ids.has(id)) state.rooms.delete(id);
     for (const id of ids) if (!state.rooms.has(id)) state.rooms.set(id, { id, name: id, unread: 0 });
@@ -189,21 +103,6 @@
     loadRoomNames();
     if (state.open && !ids.has(state.open)) closeRoom();
     else if (state.open) reloadNewest(state.open);
-  }
-
-  function onResult(result) {
-    const pending = state.pending.get(result.requestId);
-    if (!pending) return;
-    if (result.error) {
-      state.pending.delete(result.requestId);
-      pending.reject(new Error((result.error.status || "ERROR") + ": " + (result.error.message || "")));
-      return;
-    }
-    if (result.body) pending.bodies.push(result.body);
-    if (!result.more) {
-      state.pending.delete(result.requestId);
-      pending.resolve(pending.bodies);
-    }
   }
 
   function onMessage(event) {
@@ -573,12 +472,9 @@
   }
 
   function signOut() {
-    state.stopped = true;
-    clearTimeout(state.retryTimer);
-    if (state.ws) state.ws.close(1000);
-    state.ws = null;
+    if (state.connection) state.connection.stop();
+    state.connection = null;
     sessionStorage.removeItem(SESSION_KEY);
-    sessionStorage.removeItem(RESUME_KEY);
     state.rooms.clear();
     state.timelines.clear();
     closeRoom();
@@ -614,7 +510,6 @@
           return;
         }
         $("token").value = "";
-        sessionStorage.removeItem(RESUME_KEY);
         saveSession();
         signedIn();
       }),
