@@ -356,6 +356,12 @@ SETTINGS = [
     Setting(
         "PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."
     ),
+    Setting(
+        "CONSOLE_ENABLED",
+        _bool,
+        "false",
+        "Serve the web console (/console/); its status needs an admin token. On with --dev.",
+    ),
     Setting("CORE_DB", _text, "", "Reference core: SQLite file (default: in memory)."),
     Setting("CORE_PORT", _int(0), "7010", "Reference core: gRPC port of twistd chatcore."),
     Setting("LOG_LEVEL", _log_level, "info", "debug, info, warning or error."),
@@ -424,6 +430,7 @@ class Config:
     presence_max_room_size: int
     drain_timeout_sec: float
     publish_forwarded_events: bool
+    console_enabled: bool
     core_db: str
     core_port: int
     log_level: str
