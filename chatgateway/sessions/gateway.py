@@ -33,6 +33,7 @@ from chatgateway.sessions.resume import Resumption
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
 from chatgateway.sessions.sharedlimits import SharedLimits
 from chatgateway.sessions.streamreads import StreamReads
+from chatgateway.sessions.waits import at_most
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -159,18 +160,14 @@ class Gateway(service.Service):
         """A Deferred firing when no session is left (or opening), or after ``timeout`` seconds."""
         if not self.registry.sessions and not self._opening:
             return defer.succeed(None)
-        d = defer.Deferred()
-        timer = self.clock.callLater(max(0.0, timeout), lambda: d.called or d.callback(None))
-        self._gone_waiters.append(d)
+        gone = defer.Deferred()
+        self._gone_waiters.append(gone)
+        return at_most(self.clock, gone, timeout).addBoth(lambda result: self._forget_waiter(gone, result))
 
-        def done(result):
-            if timer.active():
-                timer.cancel()
-            if d in self._gone_waiters:
-                self._gone_waiters.remove(d)
-            return result
-
-        return d.addBoth(done)
+    def _forget_waiter(self, gone, result):
+        if gone in self._gone_waiters:
+            self._gone_waiters.remove(gone)
+        return result
 
     def _check_gone(self):
         if not self.registry.sessions and not self._opening:
@@ -224,7 +221,7 @@ class Gateway(service.Service):
         changes = self._watch(profile_id)
         try:
             record = defer.Deferred.fromCoroutine(self.resumption.record(profile_id, device_id))  # meanwhile
-            await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
+            await at_most(self.clock, self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
             rooms = await self.connect_rooms(profile_id, token, device_id)
             record = await record
         except BaseException:
@@ -282,23 +279,6 @@ class Gateway(service.Service):
             session.apply_membership(change)
             if event is not None:
                 self.fanout.deliver(EncodedEvent(event), [session])
-
-    def _within(self, d, seconds):
-        """A Deferred firing (with None) when ``d`` does or after ``seconds``, whichever comes first."""
-        if d.called:
-            return defer.succeed(None)  # the channel was subscribed already (or the bus is in process)
-        done = defer.Deferred()
-        timer = self.clock.callLater(seconds, lambda: done.called or done.callback(None))
-
-        def fired(result):
-            if timer.active():
-                timer.cancel()
-            if not done.called:
-                done.callback(None)
-            return result
-
-        d.addBoth(fired)
-        return done
 
     def _opened_none(self):
         """An opening ended without a session."""
