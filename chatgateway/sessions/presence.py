@@ -20,7 +20,7 @@ from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import CoreError
-from chatgateway.store.presence import make_presence, offline_bound_sec
+from chatgateway.store.presence import NoPresence, PresenceUnavailable, make_presence, offline_bound_sec
 
 Status = pb.PresenceEvent.Status
 
@@ -32,6 +32,11 @@ class Presence:
         self._gateway = gateway
         config = gateway.config
         self.leases = make_presence(gateway.store, gateway.clock)
+        if isinstance(self.leases, NoPresence):
+            self.log.warn(
+                "{reason}: no presenceEvents, and the presence command and call signals answer UNAVAILABLE",
+                reason=NoPresence.reason,
+            )
         self.gateway_id = config.gateway_id
         self.grace_sec = config.presence_grace_sec
         self.max_room_size = config.presence_max_room_size
@@ -116,7 +121,10 @@ class Presence:
 
     async def room(self, room_id):
         """The GetPresenceResponse of a room (the caller's membership is checked by the caller)."""
-        found = await self.leases.room(room_id, self.max_room_size)
+        try:
+            found = await self.leases.room(room_id, self.max_room_size)
+        except PresenceUnavailable as e:
+            raise CoreError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         response = pb.GetPresenceResponse(room_id=room_id, online_count=found.count)
         if found.profile_ids is None:
             response.counts_only = True
@@ -124,9 +132,12 @@ class Presence:
             response.profile_ids.extend(found.profile_ids)
         return response
 
-    def devices(self, profile_id):
-        """Deferred: the devices of ``profile_id`` connected now, on any gateway."""
-        return self.leases.devices(profile_id)
+    async def devices(self, profile_id):
+        """The devices of ``profile_id`` connected now, on any gateway."""
+        try:
+            return await self.leases.devices(profile_id)
+        except PresenceUnavailable as e:
+            raise CoreError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
 
 async def get_presence(gateway, request, token, device_id="", **_options):

@@ -48,6 +48,7 @@ from twisted.internet import defer
 from zope.interface import Interface, implementer
 
 from chatgateway.store import conn_key, instance_key, room_key
+from chatgateway.store.cluster import ClusterStore
 
 CONN_PREFIX = conn_key("", "")[:-1]  # "gateway:conn:" + "profileID:deviceID"
 # Of a dead gateway's leases, and of the profiles due, what one sweep handles (the rest: the next).
@@ -407,8 +408,44 @@ class MemoryPresence:
         return defer.succeed({d for d in (lease_device(m) for m, lapse in held.items() if lapse > now) if d})
 
 
-def make_presence(store: Any, clock: Any) -> RedisPresence | MemoryPresence:
-    """The presence leases beside ``store``: in its Redis, or in process beside a MemoryStore."""
+class PresenceUnavailable(Exception):
+    """Presence cannot be answered with this store (a Redis Cluster)."""
+
+
+@implementer(IPresenceLeases)
+class NoPresence:
+    """On a Redis Cluster: no leases, no transitions, queries refused.
+
+    The scripts above read a room's set and the gateways' registrations, keys in other
+    slots than the leases', which a cluster refuses in one script; presence on a cluster
+    is not built (docs/operations.md#redis-cluster). Connects and delivery are unaffected."""
+
+    reason = "presence is not available on a Redis Cluster (docs/operations.md#redis-cluster)"
+
+    def arrive(self, profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+        return defer.succeed(None)
+
+    def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
+        return defer.succeed(None)
+
+    def add_room(self, profile_id, room_id):
+        return defer.succeed(None)
+
+    def sweep(self, max_room_size, gateway_id):
+        return defer.succeed(Sweep(0, []))
+
+    def room(self, room_id, max_room_size):
+        return defer.fail(PresenceUnavailable(self.reason))
+
+    def devices(self, profile_id):
+        return defer.fail(PresenceUnavailable(self.reason))
+
+
+def make_presence(store: Any, clock: Any) -> RedisPresence | MemoryPresence | NoPresence:
+    """The presence leases beside ``store``: in its Redis, or in process beside a MemoryStore;
+    none on a Redis Cluster (NoPresence)."""
+    if isinstance(store, ClusterStore):
+        return NoPresence()
     redis = getattr(store, "redis", None)
     if redis is not None:
         return RedisPresence(redis)
