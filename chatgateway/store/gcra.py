@@ -11,11 +11,15 @@ limit is full again), so an idle profile or room costs Redis nothing.
 
 The time is Redis's own (TIME), so gateways' clocks never matter. The limits of one command
 (its profile's and its room's) are checked in one script: it counts against both or neither,
-so a command refused by one limit does not use up the other.
+so a command refused by one limit does not use up the other. On a Redis Cluster the two
+keys are in different slots: there each limit is its own script, profile first
+(ClusterGcra), and a command the room's limit refuses has counted against its profile's.
 """
 
 from twisted.internet import defer
 from zope.interface import Interface, implementer
+
+from chatgateway.store.cluster import ClusterStore
 
 
 def limit_key(kind, key):
@@ -97,7 +101,22 @@ class MemoryGcra:
         return defer.succeed((None, 0.0))
 
 
+@implementer(IRateChecks)
+class ClusterGcra(RedisGcra):
+    """On a Redis Cluster: one script per limit (its key's slot), in order, up to a refusal."""
+
+    @defer.inlineCallbacks
+    def check(self, limits):
+        for limit in limits:
+            outcome = yield RedisGcra.check(self, [limit])
+            if outcome[0] is not None:
+                return outcome
+        return (None, 0.0)
+
+
 def make_gcra(store, clock):
-    """The checks beside ``store``: in its Redis, or in process."""
+    """The checks beside ``store``: in its Redis (a cluster's: ClusterGcra), or in process."""
+    if isinstance(store, ClusterStore):
+        return ClusterGcra(store.redis)
     redis = getattr(store, "redis", None)
     return RedisGcra(redis) if redis is not None else MemoryGcra(clock)
