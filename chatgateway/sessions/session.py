@@ -50,8 +50,9 @@ class ISessionTransport(Interface):
     def send_event(event: pb.ServerEvent) -> None:
         """Send one ServerEvent to this device only."""
 
-    def send_encoded(encoded: EncodedEvent) -> None:
-        """Send a shared EncodedEvent (fan-out) to this device."""
+    def send_encoded(encoded: EncodedEvent) -> bool | None:
+        """Send a shared EncodedEvent (fan-out) to this device; False when it was dropped (the
+        connection closing), so its position is not counted as given."""
 
     def ping() -> None:
         """Send a heartbeat probe."""
@@ -205,9 +206,10 @@ class Session:
                 self.gateway.catchups.hole(self, last, encoded)  # (another epoch: the stream was lost)
             return  # at or below: given already
         if not self.behind:
-            self.transport.send_encoded(encoded)
+            sent = self.transport.send_encoded(encoded)
             if not self.behind:
-                self.delivered[room_id] = position
+                if sent is not False:  # False: dropped by a closing connection, not given
+                    self.delivered[room_id] = position
                 return
         self.gateway.catchups.fall_behind(self, position, last)
 
@@ -239,8 +241,7 @@ class Session:
         """A catch-up's event (sessions.catchup); False when it did not fit (the device fell behind)."""
         if self.closed or self.behind:
             return False
-        self.transport.send_encoded(encoded)
-        if self.behind:
+        if self.transport.send_encoded(encoded) is False or self.behind:
             return False
         self.gateway.counts.sent(encoded.event)
         return True
