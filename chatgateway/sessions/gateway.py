@@ -76,6 +76,7 @@ class Gateway(service.Service):
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
         self.positions = RoomPositions(self.reads, self.fanout.receive_event, self._events_lost, self.clock)
         self.reads.live_position = self.positions.position
+        self.reads.subscribed = self._room_subscribed
         self.registry.room_released = self._room_released
         # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
         pacer = Pacer(self.clock, self.cork.corked)
@@ -344,13 +345,13 @@ class Gateway(service.Service):
 
     def _bus_reconnected(self):
         """Pub/sub was down: events published meanwhile were not received. Each room with a
-        position reads them from its stream; a room without one (no event of it came since it
-        was subscribed) cannot tell what it missed, and its devices are told."""
+        position reads them from its stream; in a room without one (no event of it came since
+        it was subscribed) each device catches up from its own position (``_events_lost``)."""
         rooms = self.registry.room_ids()
         blind = [room_id for room_id in rooms if self.positions.position(room_id) is None]
         if rooms:  # at start (subscribed before the first connection) there is nothing to read
             self.log.info(
-                "event bus reconnected; reading the streams of {count} rooms, {blind} without a position told of a loss",
+                "event bus reconnected; reading the streams of {count} rooms ({blind} without a position: per device)",
                 count=len(rooms),
                 blind=len(blind),
             )
@@ -377,6 +378,12 @@ class Gateway(service.Service):
             error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
         )
         self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), blind)
+
+    def _room_subscribed(self, room_id):
+        """Fires once the room's channel is subscribed (at once when no local session has it)."""
+        if not self.registry.room_sessions(room_id):
+            return defer.succeed(None)
+        return self.bus.subscribe(channels.room(room_id))
 
     def _room_released(self, room_id):
         """The room's last local session left: its position and catch-up window mean nothing any more."""

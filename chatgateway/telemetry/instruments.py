@@ -24,6 +24,7 @@ from chatgateway.telemetry.names import (
     ERROR_TYPE,
     FANOUT_DROPPED,
     FANOUT_DURATION,
+    FELL_BEHIND,
     GAPS_SENT,
     LIMIT_KIND,
     LIMITED,
@@ -187,6 +188,13 @@ def observe_counts(meter, counts):
             lambda options: [Observation(counts.online_profiles())],
             "{profile}",
             "Profiles online across every gateway (a lease live or in its grace), as this gateway's last sweep counted.",
+        ),
+        (
+            meter.create_observable_counter,
+            FELL_BEHIND,
+            lambda options: [Observation(counts.behind_count())],
+            "{device}",
+            "Times a device's outbox was full of room events: fed none until it drained, then caught up.",
         ),
         (
             meter.create_observable_counter,

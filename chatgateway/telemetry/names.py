@@ -24,6 +24,7 @@ LIMITS_UNCHECKED = "chatgateway.limits.unchecked"
 SIGNALS_RELAYED = "chatgateway.calls.signals_relayed"
 PRESENCE_EVENTS = "chatgateway.presence.events"
 ONLINE_PROFILES = "chatgateway.presence.online_profiles"
+FELL_BEHIND = "chatgateway.catchup.behind"
 
 # Attribute keys.
 TRANSPORT = "chatgateway.transport"
