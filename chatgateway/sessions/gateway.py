@@ -21,7 +21,6 @@ from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
 from chatgateway.sessions.catchup import CatchUps, Pacer
 from chatgateway.sessions.corking import Cork
-from chatgateway.sessions.devicepositions import DevicePositions
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
 from chatgateway.sessions.ratelimit import ConnectRate
@@ -79,8 +78,8 @@ class Gateway(service.Service):
         self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
         self.fanout.on_shed = self.catchups.shed
         # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
-        self.resumption = Resumption.of(config, store, self.clock, self.positions.position, self.counts)
-        self.device_positions = DevicePositions(self.resumption.records, self.clock)
+        self.resumption = Resumption.of(config, store, bus, self.clock, self.positions.position, self.counts)
+        self.device_positions = self.resumption.device_positions
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
@@ -221,7 +220,7 @@ class Gateway(service.Service):
             record = defer.Deferred.fromCoroutine(self.resumption.record(profile_id, device_id))  # meanwhile
             await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
             rooms = await self.connect_rooms(profile_id, token, device_id)
-            record = await record
+            resolved = await self.resumption.resolve(profile_id, device_id, rooms, resume, await record)
         except BaseException:
             self._unwatch(profile_id, changes)
             self._opened_none()
@@ -238,13 +237,13 @@ class Gateway(service.Service):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
-        planned, resume_token, notice = self.resumption.prepare(session, resume, record, replaced)
+        planned, begins, resume_token, notice = self.resumption.finish(session, resolved, replaced)
         session.send(session.connected_event(resume_token, resumed=bool(planned)))
         if notice is not None:
             session.send(notice)
         self._replay_changes(session, changes)
         # In this turn still: no live event of its rooms can reach the session before its catch-up starts.
-        self.resumption.start(session, planned)
+        self.resumption.start(session, planned, begins)
         self._register(session)
         if self.draining:
             session.drain(self.reconnect_hint())

@@ -88,7 +88,7 @@ def test_a_session_without_resume_info_or_record_starts_live_with_a_token(harnes
     assert not connected.resumed
     assert CatchingSession.caught == []
     claims = harness.gateway.resumption.tokens.read(connected.resume_token, "alice", "phone")
-    assert claims.positions == {}  # no room of it has had an event on this gateway yet
+    assert claims.positions == {"r1": ("", 0), "r2": ("", 0)}  # before the rooms' first events
 
 
 def test_explicit_positions_of_the_first_frame_catch_up_in_member_rooms_only(harness):
@@ -101,7 +101,7 @@ def test_explicit_positions_of_the_first_frame_catch_up_in_member_rooms_only(har
     assert connected.resumed
     assert CatchingSession.caught == [("phone", "r1", "e1", 5)]
     token = harness.gateway.resumption.tokens.read(connected.resume_token, "alice", "phone")
-    assert token.positions == {"r1": ("e1", 5)}  # where the new session starts
+    assert token.positions == {"r1": ("e1", 5), "r2": ("", 0)}  # where the new session starts
 
 
 def test_the_token_of_connected_resumes_the_device_on_another_gateway(harness):
