@@ -19,6 +19,7 @@ BREAKER_STATE = "chatgateway.core.breaker.state"
 MEMBERSHIP_LOOKUPS = "chatgateway.membership_cache.lookups"
 CATCHUP_READS = "chatgateway.catchup.reads"
 GAPS_SENT = "chatgateway.catchup.gaps"
+FELL_BEHIND = "chatgateway.catchup.behind"
 RESUME_OPENS = "chatgateway.resume.opens"
 
 # Attribute keys.
