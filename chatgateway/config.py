@@ -331,7 +331,7 @@ SETTINGS = [
         "RESUME_TOKEN_SECRET",
         _text,
         "",
-        "Key of the resume tokens in connected, shared by every gateway (default: derived from JWT_SECRET, else random per process).",
+        "Key of the resume tokens in connected, shared by every gateway (default: derived from JWT_SECRET, else random per gateway).",
     ),
     Setting(
         "RESUME_POSITIONS_TTL_SEC",

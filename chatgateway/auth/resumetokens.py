@@ -3,7 +3,8 @@
 A token is ``r1.<payload>.<signature>``: the payload is base64url JSON
 ``{"p": profile, "d": device, "i": issued, "e": expires, "r": [[room, epoch, offset], ...]}``
 and the signature base64url HMAC-SHA256 of ``r1.<payload>`` with the key every gateway
-shares (RESUME_TOKEN_SECRET, else derived from JWT_SECRET, else random per process).
+shares (RESUME_TOKEN_SECRET, else derived from JWT_SECRET, else random per gateway: the
+parent of --workers draws one for all of them, chatgateway.tap).
 
 A token grants nothing: it is read only for the profile and device its connection
 authenticated as, and the positions it carries are used only for rooms the profile is
@@ -76,7 +77,7 @@ class ResumeTokens:
         self._clock = clock
 
     def _sign(self, signed):
-        return _b64(hmac.new(self._secret, signed.encode("ascii"), hashlib.sha256).digest())
+        return _b64(hmac.digest(self._secret, signed.encode("ascii"), "sha256"))  # one-shot: the C path
 
     def issue(self, profile_id, device_id, positions):
         """A token for the device, carrying ``positions`` (room id -> (epoch, offset)), the

@@ -151,7 +151,7 @@ class CatchUps:
         room_id = last[0]
         entry = session.catching[room_id] = _Entry(session, room_id, last[1], last[2])
         entry.held.append(encoded)
-        self._next(entry)
+        self._next(entry, fresh=True)
 
     def fall_behind(self, session, position, last):
         """``session`` (behind) was not given ``position``: the room waits for its outbox to drain."""
@@ -162,6 +162,18 @@ class CatchUps:
             start = offset - 1
         entry = session.catching[room_id] = _Entry(session, room_id, epoch, start)
         entry.behind = True
+
+    def shed(self, position, recipients):
+        """The overloaded fan-out dropped the room event at ``position`` before giving it to
+        ``recipients``: each catches up from its own position in the room."""
+        room_id, epoch, offset = position
+        for session in recipients:
+            if session.closed or room_id in session.catching:
+                continue  # a catching room reads on to the gateway's live position anyway
+            last = session.delivered.get(room_id)
+            start = last[2] if last is not None and last[1] == epoch else offset - 1
+            entry = session.catching[room_id] = _Entry(session, room_id, epoch, start)
+            self._next(entry)
 
     def drained(self, session):
         """The outbox of ``session`` drained: its rooms that fell behind catch up."""
@@ -177,8 +189,8 @@ class CatchUps:
         session = entry.session
         return session.closed or entry.room_id not in session.rooms or session.catching.get(entry.room_id) is not entry
 
-    def _next(self, entry, attempt=0):
-        """Read what follows the entry's position."""
+    def _next(self, entry, attempt=0, fresh=False):
+        """Read what follows the entry's position (``fresh``: held events lie beyond it)."""
         if self._gone(entry):
             self._finish(entry)
             return
@@ -186,7 +198,7 @@ class CatchUps:
             entry.busy = False
             return
         entry.busy = True
-        d = self.reads.read(entry.room_id, entry.epoch, entry.offset)
+        d = self.reads.read(entry.room_id, entry.epoch, entry.offset, fresh or bool(entry.held))
         d.addCallbacks(self._sliced, self._read_failed, (entry,), None, (entry, attempt))
 
     def _sliced(self, read, entry):
@@ -204,6 +216,10 @@ class CatchUps:
             session.delivered[entry.room_id] = (entry.room_id, entry.epoch, entry.offset)
         events = read.events
         first = events[0][0] if events else read.top + 1
+        if not events and entry.held:
+            held = entry.held[0].position
+            if held[1] == entry.epoch and held[2] > first:
+                first = held[2]  # held beyond what the stream holds: what lies between is not there
         if first > entry.offset + 1:
             # The stream no longer holds (offset, first): the core's history for them.
             self._from_core(entry, first - 1, None, events, read.top)

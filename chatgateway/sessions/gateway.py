@@ -17,7 +17,6 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
-from chatgateway.auth.resumetokens import ResumeTokens, token_secret
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
 from chatgateway.sessions.catchup import CatchUps, Pacer
@@ -31,7 +30,6 @@ from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.resume import Resumption
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
 from chatgateway.sessions.streamreads import StreamReads
-from chatgateway.store.resumepositions import make_resume_positions
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -73,14 +71,14 @@ class Gateway(service.Service):
         self.fanout.observe = self.reads.observe
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
         self.positions = RoomPositions(self.reads, self.fanout.receive_event, self._events_lost, self.clock)
+        self.reads.live_position = self.positions.position
         self.registry.room_released = self._room_released
         # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
         pacer = Pacer(self.clock, self.cork.corked)
         self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
+        self.fanout.on_shed = self.catchups.shed
         # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
-        ttl = config.resume_positions_ttl_sec
-        tokens = ResumeTokens(token_secret(config), ttl, self.clock)
-        self.resumption = Resumption(tokens, make_resume_positions(store, ttl, self.clock), self.positions.position)
+        self.resumption = Resumption.of(config, store, self.clock, self.positions.position)
         self.device_positions = DevicePositions(self.resumption.records, self.clock)
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
@@ -239,6 +237,7 @@ class Gateway(service.Service):
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
         planned, resume_token, notice = self.resumption.prepare(session, resume, record)
+        self.counts.resume_opened("token_ignored" if notice is not None else "resumed" if planned else "live")
         session.send(session.connected_event(resume_token, resumed=bool(planned)))
         if notice is not None:
             session.send(notice)
@@ -373,15 +372,24 @@ class Gateway(service.Service):
             self._events_lost(room_id)
 
     def _events_lost(self, room_id):
-        """Tell the room's local devices that events may have been missed, in order with its events."""
-        sessions = self.registry.room_sessions(room_id)
-        if not sessions:
+        """Events of the room may have been missed (the gateway's fill could not tell them, the
+        stream was lost): each local session with a position in the room catches up from it
+        (docs/architecture.md#catch-up); one without (it got no event of the room yet) is
+        told, in order with its events (DATA_LOSS)."""
+        blind = []
+        for session in list(self.registry.room_sessions(room_id)):
+            last = session.delivered.get(room_id)
+            if last is not None:
+                self.catchups.start(session, room_id, last[1], last[2])
+            elif room_id not in session.catching:
+                blind.append(session)
+        if not blind:
             return
         event = pb.ServerEvent(
             id=uuid.uuid4().hex,
             error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
         )
-        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), sessions)
+        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), blind)
 
     def _room_released(self, room_id):
         """The room's last local session left: its position and catch-up window mean nothing any more."""

@@ -27,8 +27,8 @@ import grpc
 from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
-from chatgateway.auth.resumetokens import MAX_OFFSET, ResumeTokenError
-from chatgateway.store.resumepositions import merged
+from chatgateway.auth.resumetokens import MAX_OFFSET, ResumeTokenError, ResumeTokens, token_secret
+from chatgateway.store.resumepositions import make_resume_positions, merged
 
 # Explicit positions read from one request; more are ignored (a device has them in its record).
 MAX_EXPLICIT_POSITIONS = 10_000
@@ -97,6 +97,15 @@ class Resumption:
         self.tokens = tokens
         self.records = records
         self._room_position = room_position
+
+    @classmethod
+    def of(cls, config, store, clock, room_position):
+        """The gateway's: tokens with the shared key, records beside its store, both kept
+        RESUME_POSITIONS_TTL_SEC."""
+        ttl = config.resume_positions_ttl_sec
+        return cls(
+            ResumeTokens(token_secret(config), ttl, clock), make_resume_positions(store, ttl, clock), room_position
+        )
 
     async def record(self, profile_id, device_id):
         """The device's server-side record; {} when it cannot be read (the resume goes on without it)."""

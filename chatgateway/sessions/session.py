@@ -201,9 +201,9 @@ class Session:
             catching[room_id].live(encoded)
             return
         last = self.delivered.get(room_id)
-        if last is not None and last[1] == position[1] and position[2] != last[2] + 1:
-            if position[2] > last[2]:
-                self.gateway.catchups.hole(self, last, encoded)
+        if last is not None and (position[2] != last[2] + 1 or position[1] != last[1]):
+            if position[2] > last[2] or position[1] != last[1]:
+                self.gateway.catchups.hole(self, last, encoded)  # (another epoch: the stream was lost)
             return  # at or below: given already
         if not self.behind:
             self.transport.send_encoded(encoded)
@@ -241,7 +241,10 @@ class Session:
         if self.closed or self.behind:
             return False
         self.transport.send_encoded(encoded)
-        return not self.behind
+        if self.behind:
+            return False
+        self.gateway.counts.sent(encoded.event)
+        return True
 
     def catch_up(self, room_id, epoch, offset):
         """Give this device every event of the room after (epoch, offset), in order, then live
@@ -383,7 +386,7 @@ class Session:
         self.reply(request_id)
 
     def _cmd_unsubscribe(self, request_id, rooms):
-        self.gateway.registry.leave(self, [r for r in rooms.room_ids if r])
+        self._leave([r for r in rooms.room_ids if r])
         self.reply(request_id)
 
     async def _cmd_call(self, request_id, call):
@@ -423,7 +426,13 @@ class Session:
                 self.gateway.registry.join(self, [change.room_id])
         elif change.change == Change.REMOVED:
             self.member_rooms.discard(change.room_id)
-            self.gateway.registry.leave(self, [change.room_id])
+            self._leave([change.room_id])
+
+    def _leave(self, room_ids):
+        """Stop delivering these rooms; their positions go (a room joined again starts from the join)."""
+        for room_id in self.gateway.registry.leave(self, room_ids):
+            self.delivered.pop(room_id, None)
+            self.catching.pop(room_id, None)
 
 
 class CommandError(Exception):

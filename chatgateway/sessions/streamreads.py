@@ -135,6 +135,8 @@ class StreamReads:
         self._windows = {}  # room id -> _Window
         self._reading = {}  # room id -> {after: [Deferred]}: stream reads in flight
         self._histories = {}  # (room, epoch, after, until) -> Deferred list (in flight) or (History, at)
+        # live_position(room_id): (epoch, offset) the gateway's live delivery reached (RoomPositions.position).
+        self.live_position = lambda room_id: None
 
     # ------------------------------------------------------------ the stream
 
@@ -143,13 +145,17 @@ class StreamReads:
         self._counts.catchup_read("stream")
         return self._bus.read_room_stream(room_id, after, count)
 
-    def read(self, room_id, epoch, after):
+    def read(self, room_id, epoch, after, fresh=False):
         """A Deferred Slice: events of the room after ``after`` (of ``epoch``), from the window
-        when it holds them, else from a stream read shared with every session asking."""
+        when it holds them, else from a stream read shared with every session asking.
+        ``fresh``: the caller knows of events beyond the gateway's live position (do read)."""
         window = self._windows.get(room_id)
         if window is not None and window.epoch == epoch and window.floor <= after < window.top:
             window.used = self._clock.seconds()
             return defer.succeed(Slice(epoch, window.top, window.since(after, READ_CHUNK)))
+        if not fresh and self.live_position(room_id) == (epoch, after):
+            # At the gateway's live position: nothing to read (a device that missed nothing).
+            return defer.succeed(Slice(epoch, after, []))
         waiting = self._reading.setdefault(room_id, {})
         d = defer.Deferred()
         for start, waiters in waiting.items():

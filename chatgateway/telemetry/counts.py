@@ -29,6 +29,9 @@ MEMBERSHIP_LOOKUP_RESULTS = ("hit", "miss", "error")
 # Where catch-up (chatgateway.sessions.catchup) read the events it delivered: the room's
 # stream (one read of up to READ_CHUNK entries) or the core's history (one GetHistory page).
 CATCHUP_SOURCES = ("stream", "core")
+# How a session's open went for resuming (chatgateway.sessions.resume): it catches up in at
+# least one room, it starts live everywhere, or the token it gave was ignored.
+RESUME_RESULTS = ("resumed", "live", "token_ignored")
 # One fan-out in this many is timed into the fan-out duration histogram (chunked ones always are).
 FANOUT_SAMPLE_EVERY = 128
 
@@ -86,6 +89,7 @@ class GatewayCounts:
         self._lookups = _kinds(*MEMBERSHIP_LOOKUP_RESULTS)  # a connect's membership cache lookups, by result
         self._catchup_reads = _kinds(*CATCHUP_SOURCES)  # reads made for catch-up and gap fills, by source
         self._gaps = 0  # gap events sent to devices
+        self._resumes = _kinds(*RESUME_RESULTS)  # sessions opened, by how their resume went
         self._behind = 0  # times a device fell behind (its outbox full of room events)
 
     # ------------------------------------------------------------ what happens (reactor thread)
@@ -148,6 +152,10 @@ class GatewayCounts:
         """One read for catch-up or a gap fill: "stream" (a READ_ROOM) or "core" (a GetHistory page)."""
         self._catchup_reads[source] += 1
 
+    def resume_opened(self, result):
+        """A session opened: one of RESUME_RESULTS."""
+        self._resumes[result] += 1
+
     def gap_sent(self):
         """A device was sent a GapEvent: events of a room that neither the stream nor the core held."""
         self._gaps += 1
@@ -208,6 +216,10 @@ class GatewayCounts:
     def behind_count(self):
         """Times a device fell behind."""
         return self._behind
+
+    def resume_counts(self):
+        """{result: sessions opened}: "resumed", "live", "token_ignored"."""
+        return self._resumes.copy()
 
     def gaps_sent_count(self):
         """GapEvents sent to devices."""

@@ -30,6 +30,8 @@ from chatgateway.telemetry.names import (
     MESSAGE_KIND,
     RATE_LIMITED,
     RECEIVED_MESSAGES,
+    RESUME_OPENS,
+    RESUME_RESULT,
     RPC_CLIENT_CALL_DURATION,
     SCOPE,
     SENT_MESSAGES,
@@ -137,6 +139,13 @@ def observe_counts(meter, counts):
             _by_name(counts.catchup_read_counts, CATCHUP_SOURCE),
             "{read}",
             "Reads made to fill gaps and catch devices up, by source (stream: READ_ROOM; core: GetHistory pages).",
+        ),
+        (
+            meter.create_observable_counter,
+            RESUME_OPENS,
+            _by_name(counts.resume_counts, RESUME_RESULT),
+            "{session}",
+            "Sessions opened, by how their resume went (resumed: catching up in a room; live; token_ignored).",
         ),
         (
             meter.create_observable_counter,

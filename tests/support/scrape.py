@@ -39,19 +39,17 @@ def calls_between(after, before):
 
 
 CATCHUP_READS = "chatgateway_catchup_reads_total"
-
-
-def by_label(port, metric, label, host="127.0.0.1"):
-    """{value of ``label``: the sum of ``metric``'s samples with it} (e.g. catch-up reads by source)."""
-    found = {}
-    for name, labels, value in samples(port, host):
-        if name == metric:
-            key = labels.get(label, "")
-            found[key] = found.get(key, 0) + int(value)
-    return found
+GAPS_SENT = "chatgateway_catchup_gaps_total"
 
 
 def catchup_reads(port, host="127.0.0.1"):
-    """{"stream": room stream reads, "core": GetHistory pages} the gateway made to catch devices
-    up or fill gaps (docs/observability.md#metrics)."""
-    return by_label(port, CATCHUP_READS, "chatgateway_catchup_source", host)
+    """{"stream": READ_ROOM calls, "core": GetHistory pages} the gateway made to fill gaps and
+    catch devices up, and "gaps": gap events it sent (docs/architecture.md#catch-up)."""
+    reads = {"stream": 0, "core": 0, "gaps": 0}
+    for name, labels, value in samples(port, host):
+        if name == CATCHUP_READS:
+            source = labels.get("chatgateway_catchup_source", "")
+            reads[source] = reads.get(source, 0) + int(value)
+        elif name == GAPS_SENT:
+            reads["gaps"] += int(value)
+    return reads

@@ -404,3 +404,85 @@ def test_a_device_that_drains_in_time_is_not_closed():
     h.clock.advance(20)
     h.run()
     assert device.closed is None and device.offsets() == [1, 2]
+
+
+def errors(device):
+    return [e.error.status for e in device.events if e.HasField("error")]
+
+
+def test_events_shed_under_overload_are_caught_up_from_the_stream_not_reported_lost():
+    h = Harness()
+    h.gateway.fanout.max_backlog = 50
+    sessions = [h.session(f"p{i}") for i in range(40)]
+    h.publish(1)
+    h.bus.hold = False
+    for _ in range(30):  # one burst: past the fan-out's budget, then past its backlog bound
+        n = h.hub.streams.rooms[ROOM][1] + 1
+        event = pb.ServerEvent(id=f"e{n}", message=pb.RoomEvent(id=f"e{n}", room_id=ROOM))
+        h.hub.deliver(channels.room(ROOM), h.hub.streams.append(ROOM, event.SerializeToString()))
+    assert sum(h.gateway.counts.dropped_counts().values()) > 0  # events were shed
+    h.run(200)
+    for session, device in sessions:
+        assert device.offsets() == list(range(1, 32)) and errors(device) == []
+        assert session.catching == {}
+    assert h.reads()["core"] == 0
+
+
+def test_a_stream_lost_gives_the_old_epoch_from_the_core_then_the_new_one_without_data_loss():
+    h = Harness()
+    session, device = h.session()
+    h.publish(3)
+    old = h.epoch()
+    for offset in (4, 5):  # published, stored by the core, then Redis lost the stream
+        h.core.kept[offset] = pb.RoomEvent(id=f"old{offset}", room_id=ROOM, epoch=old, offset=offset)
+    del h.hub.streams.rooms[ROOM]
+    h.publish(2)  # the new epoch's 1 and 2
+    h.run()
+    assert [(e.epoch, e.offset) for e in device.events] == [(old, n) for n in range(1, 6)] + [
+        (h.epoch(), 1),
+        (h.epoch(), 2),
+    ]
+    assert errors(device) == [] and session.catching == {}
+
+
+def test_a_room_the_gateways_fill_found_trimmed_is_caught_up_per_session_from_the_core():
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    session, device = h.session()
+    h.publish(2)
+    keep_in_core(h, range(3, 9))
+    h.publish(10, live=False)  # 3..12 missed on pub/sub; the stream keeps 8..12
+    h.publish(1)  # 13: the gateway's fill finds the stream trimmed past 2
+    h.run()
+    assert device.offsets() == list(range(1, 14))
+    assert device.gaps() == [] and errors(device) == []
+
+
+def test_a_room_left_while_catching_up_gives_nothing_more_and_a_room_joined_again_starts_from_the_join():
+    h = Harness()
+    h.publish(10, live=False)
+    session, device = h.session()
+    h.bus.hold = True
+    live = session.catch_up(ROOM, h.epoch(), 0)
+    removed = pb.SubscriptionEvent(room_id=ROOM, profile_id="p", change=pb.SubscriptionEvent.Change.REMOVED)
+    session.apply_membership(removed)
+    h.bus.answer()
+    h.run()
+    assert device.offsets() == [] and live.called and session.catching == {}
+    h.bus.hold = False
+    h.publish(3)  # while away from the room
+    added = pb.SubscriptionEvent(room_id=ROOM, profile_id="p", change=pb.SubscriptionEvent.Change.ADDED)
+    session.apply_membership(added)
+    h.publish(1)
+    assert device.offsets() == [14]
+
+
+def test_sessions_at_the_gateways_live_position_catch_up_without_a_read():
+    h = Harness()
+    watcher, _ = h.session("w")
+    h.publish(5)  # the gateway's live delivery is at 5
+    h.bus.hold = True
+    sessions = [h.session(f"p{i}") for i in range(50)]
+    done = [s.catch_up(ROOM, h.epoch(), 5) for s, _ in sessions]
+    assert all(d.called for d in done) and h.bus.reads == []
+    assert h.reads()["stream"] == 0

@@ -133,3 +133,18 @@ def test_the_gateway_writes_positions_once_per_heartbeat_and_at_the_close(harnes
     harness.advance(0)  # the turn after the close
     assert saves[-1] == {("alice", "phone"): {"r1": ("e", 6)}}
     assert records.load("alice", "phone").result == {"r1": ("e", 6)}
+
+
+def test_a_drain_writes_the_last_positions_before_it_returns(harness):
+    harness.connect("alice/phone")
+    (session,) = harness.gateway.registry.sessions
+    CatchingSession.given[session.id] = {"r1": ("e", 9)}
+    records = harness.gateway.resumption.records
+    at_the_end = []  # the record when the drain returns (the store stops next)
+    drained = harness.gateway.stopService()
+    drained.addCallback(lambda _: at_the_end.append(records.load("alice", "phone").result))
+    for _ in range(50):
+        if drained.called:
+            break
+        harness.advance(0.5)
+    assert at_the_end == [{"r1": ("e", 9)}]

@@ -162,3 +162,62 @@ def test_a_record_that_cannot_be_read_leaves_the_connect_to_go_on(harness):
     harness.gateway.resumption.records.load = lambda p, d: defer.fail(ConnectionError("redis down"))
     connected = connected_of(harness.connect("alice/phone"))
     assert not connected.resumed and connected.room_ids == ["r1", "r2"]
+
+
+# ---------------------------------------------------------------- the gRPC Connect stream
+
+
+class _Handoff:
+    def __init__(self):
+        self.items = []
+
+    def put(self, stream, item):
+        self.items.append(item)
+
+
+class _Edge:
+    def __init__(self, harness):
+        self.gateway = harness.gateway
+        self.devices = set()
+        self.stopping = False
+        self.handoff = _Handoff()
+
+
+def grpc_connected(harness, token=None, resume_token="", first=None):
+    from chatgateway.edge import grpcstream
+
+    edge = _Edge(harness)
+    device = grpcstream.GrpcDevice(edge, object(), "", resume_token)
+    device.start(token)
+    if first is not None:
+        device.received(first)
+    harness.flush()
+    events = [pb.ServerEvent.FromString(i) for i in edge.handoff.items if isinstance(i, bytes)]
+    (connected,) = [e for e in events if e.HasField("connected")]
+    return connected.connected
+
+
+def test_the_grpc_stream_takes_the_token_from_its_metadata(harness):
+    token = harness.gateway.resumption.tokens.issue("alice", "phone", {"r2": ("e", 6)})
+    assert grpc_connected(harness, token="alice/phone", resume_token=token).resumed
+    assert CatchingSession.caught == [("phone", "r2", "e", 6)]
+
+
+def test_the_grpc_stream_takes_token_and_positions_from_its_first_message(harness):
+    first = pb.StreamRequest(auth_token="alice/phone", positions=[pb.RoomPosition(room_id="r1", epoch="e", offset=2)])
+    assert grpc_connected(harness, first=first).resumed
+    assert CatchingSession.caught == [("phone", "r1", "e", 2)]
+
+
+def test_resume_info_sent_after_the_session_opened_is_ignored(harness):
+    c = harness.connect("alice/phone")
+    c.send(pb.StreamRequest(positions=[pb.RoomPosition(room_id="r1", epoch="e", offset=2)]))
+    harness.flush()
+    assert CatchingSession.caught == [] and c.closed is None
+
+
+def test_opens_are_counted_by_how_their_resume_went(harness):
+    harness.connect("alice/phone")
+    first_frame(harness, positions=[pb.RoomPosition(room_id="r1", epoch="e", offset=1)])
+    first_frame(harness, resume_token="r1.forged.token")
+    assert harness.gateway.counts.resume_counts() == {"resumed": 1, "live": 1, "token_ignored": 1}

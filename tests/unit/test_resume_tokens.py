@@ -101,3 +101,15 @@ def test_the_secret_is_the_setting_else_derived_from_jwt_secret_else_random():
     assert derived != b"jwt" and derived != token_secret(config.load({"JWT_SECRET": "other"}))
     no_secret = config.load({"OAUTH2_JWKS_URI": "https://idp.example/jwks"})
     assert token_secret(no_secret) != token_secret(no_secret)  # random: this process only
+
+
+def test_a_parent_of_workers_draws_one_key_for_itself_and_its_workers():
+    from chatgateway.tap import shared_resume_secret
+
+    jwks_only = config.load({"OAUTH2_JWKS_URI": "https://idp.example/jwks"})
+    parent, env = shared_resume_secret(jwks_only, {"PATH": "/bin"})
+    assert len(parent.resume_token_secret) == 64 and env["RESUME_TOKEN_SECRET"] == parent.resume_token_secret
+    worker = config.load({"OAUTH2_JWKS_URI": "https://idp.example/jwks", **env})
+    assert token_secret(worker) == token_secret(parent)
+    with_jwt_secret = _config()
+    assert shared_resume_secret(with_jwt_secret, {}) == (with_jwt_secret, {})  # derived: nothing to draw
