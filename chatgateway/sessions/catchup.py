@@ -261,6 +261,10 @@ class CatchUps:
                 items.append((offset - 1, None, (expected, offset - 1, NOT_HELD)))
             items.append((offset, encoded, None))
             expected = offset + 1
+        if not history.complete and history.events:
+            # More than one answer holds: give this much, then ask on from where it ended.
+            self._give(entry, items, None, lambda: self._from_core(entry, until, next_epoch, then_events, top))
+            return
         if until is not None and expected <= until:
             items.append((until, None, (expected, until, history.failed or NOT_HELD)))
         elif until is None and history.failed:
@@ -300,8 +304,10 @@ class CatchUps:
         while pending and given < STEP:
             offset, encoded, gap = pending[0]
             if gap is not None:
+                if not self._send_gap(entry, *gap):
+                    entry.behind = True
+                    break
                 pending.popleft()
-                self._send_gap(entry, *gap)
                 given += 1
                 continue
             if offset <= entry.offset:
@@ -331,12 +337,19 @@ class CatchUps:
         return given
 
     def _send_gap(self, entry, first, last, reason):
+        """Tell the session's device of the gap; False when it did not fit (the device is behind)."""
+        session = entry.session
+        if session.behind:
+            return False
         gap = pb.GapEvent(room_id=entry.room_id, epoch=entry.epoch, first_offset=first, last_offset=last, reason=reason)
-        entry.session.send(pb.ServerEvent(id=uuid.uuid4().hex, gap=gap))
+        session.send(pb.ServerEvent(id=uuid.uuid4().hex, gap=gap))
+        if session.behind:
+            return False
         self._counts.gap_sent()
         if last:
             entry.offset = max(entry.offset, last)
-            entry.session.delivered[entry.room_id] = (entry.room_id, entry.epoch, entry.offset)
+            session.delivered[entry.room_id] = (entry.room_id, entry.epoch, entry.offset)
+        return True
 
     def _seam(self, entry):
         """Given up to the stream's top: merge the held live events, then rejoin live delivery."""

@@ -357,13 +357,13 @@ class Gateway(service.Service):
 
     def _bus_reconnected(self):
         """Pub/sub was down: events published meanwhile were not received. Each room with a
-        position reads them from its stream; a room without one (no event of it came since it
-        was subscribed) cannot tell what it missed, and its devices are told."""
+        position reads them from its stream; in a room without one (no event of it came since
+        it was subscribed) each device catches up from its own position (``_events_lost``)."""
         rooms = self.registry.room_ids()
         blind = [room_id for room_id in rooms if self.positions.position(room_id) is None]
         if rooms:  # at start (subscribed before the first connection) there is nothing to read
             self.log.info(
-                "event bus reconnected; reading the streams of {count} rooms, {blind} without a position told of a loss",
+                "event bus reconnected; reading the streams of {count} rooms ({blind} without a position: per device)",
                 count=len(rooms),
                 blind=len(blind),
             )

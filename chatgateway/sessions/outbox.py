@@ -17,7 +17,7 @@ While frames wait, each kind of event has its policy:
 - receipts and presence (COALESCED): the latest per room and reader (presence:
   per profile) replaces an older one still waiting, and moves to the end so it
   never overtakes the events it refers to;
-- room events with a position (ROOM: messages, receipts) are kept until the cap;
+- room events with a position (ROOM: messages, receipts; and gap events) are kept until the cap;
   one that does not fit even after every waiting typing event is dropped is not
   sent, and ``behind`` is called: the device is behind (sessions.behind), is fed no
   room events until this queue drained (``drained`` is called), then catches up
@@ -56,8 +56,9 @@ def classify(event):
     which = event.WhichOneof("payload")
     if which == "typing_event":
         return TYPING, (event.typing_event.room_id, event.typing_event.profile_id)
-    if event.offset:
-        # Given once each, in order (a positioned receipt is not coalesced: the device would see a hole).
+    if event.offset or which == "gap":
+        # Given once each, in order (a positioned receipt is not coalesced: the device would see a
+        # hole); a gap event stands for room events, and waits as they do.
         return ROOM, None
     if which == "receipt_event":
         return COALESCED, ("receipt", event.receipt_event.room_id, event.receipt_event.profile_id)

@@ -75,6 +75,11 @@ class Device:
         self.closed = None
 
     def send_event(self, event):
+        if event.HasField("gap") and self.room is not None:  # a gap waits as room events do
+            if self.room <= 0:
+                self.session.fell_behind()
+                return
+            self.room -= 1
         self.events.append(event)
 
     def send_encoded(self, encoded):
@@ -486,3 +491,72 @@ def test_sessions_at_the_gateways_live_position_catch_up_without_a_read():
     done = [s.catch_up(ROOM, h.epoch(), 5) for s, _ in sessions]
     assert all(d.called for d in done) and h.bus.reads == []
     assert h.reads()["stream"] == 0
+
+
+def test_a_thousand_devices_a_hundred_events_behind_in_ten_rooms_cost_ten_stream_reads_and_no_core_call():
+    h = Harness()
+    rooms = [f"room{i}" for i in range(10)]
+    for room in rooms:
+        h.publish(150, live=False, room=room)
+    h.bus.hold = True
+    devices = []
+    for i in range(1000):
+        room = rooms[i % 10]
+        session, device = h.session(f"p{i}", rooms=[room])
+        devices.append((session, device, room, session.catch_up(room, h.epoch(room), 50)))
+        if i == 500:
+            while h.bus.reads:  # the first reads answer while the rest still arrive
+                h.bus.answer()
+            h.run(5)
+    while h.bus.reads:
+        h.bus.answer()
+    h.run(1000)
+    assert all(live.called for *_, live in devices)
+    assert all(device.offsets() == list(range(51, 151)) for _, device, _, _ in devices)
+    assert h.reads() == {"stream": 10, "core": 0}
+
+
+def test_a_gap_event_that_does_not_fit_waits_for_the_drain_like_the_events_it_stands_for():
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(20, live=False)  # the stream keeps 16..20; the core has nothing
+    session, device = h.session()
+    device.room = 0
+    session.catch_up(ROOM, h.epoch(), 2)
+    h.run()
+    assert device.events == [] and session.behind and device.closed is None
+    device.room = None
+    session.drained()
+    h.run()
+    assert device.gaps() == [(3, 15)] and device.offsets() == [16, 17, 18, 19, 20]
+    assert session.catching == {} and h.gateway.counts.gaps_sent_count() == 1
+
+
+def test_sessions_at_different_positions_beyond_the_stream_share_the_cores_answer():
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(20, live=False)
+    keep_in_core(h, range(1, 21))
+    sessions = [h.session(f"p{i}") for i in range(10)]
+    for i, (session, _) in enumerate(sessions):
+        session.catch_up(ROOM, h.epoch(), 2 + i)  # 2..11: all inside the first one's range
+    h.run(100)
+    for i, (_, device) in enumerate(sessions):
+        assert device.offsets() == list(range(3 + i, 21)) and device.gaps() == []
+    assert h.reads()["core"] == 1
+
+
+def test_a_range_longer_than_one_answer_of_the_core_is_asked_on_from_where_it_ended(monkeypatch):
+    from chatgateway.sessions import streamreads
+
+    monkeypatch.setattr(streamreads, "HISTORY_PAGE", 4)
+    monkeypatch.setattr(streamreads, "HISTORY_MAX_PAGES", 2)
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(40, live=False)  # the stream keeps 36..40
+    keep_in_core(h, range(1, 41))
+    session, device = h.session()
+    session.catch_up(ROOM, h.epoch(), 0)
+    h.run(100)
+    assert device.offsets() == list(range(1, 41)) and device.gaps() == []
+    assert h.reads()["core"] >= 35 // 4
