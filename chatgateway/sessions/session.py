@@ -249,8 +249,9 @@ class Session:
     def catch_up(self, room_id, epoch, offset):
         """Give this device every event of the room after (epoch, offset), in order, then live
         events with no gap and no duplicate at the seam. A Deferred fired when the room is live
-        again. Call it before the session gets live events of the room (in the turn it is
-        registered): what it was given live before counts as given."""
+        again. Call it in the turn the session is registered (after ``registry.add``), before
+        live events of the room reach it: what it was given live before counts as given, and
+        the stream is read once the room's channel is subscribed."""
         return self.gateway.catchups.start(self, room_id, epoch, offset)
 
     def position(self, room_id):

@@ -151,6 +151,9 @@ class StreamReads:
         self._spans = {}  # (room, epoch) -> _Span: the last range answered in full, for ranges inside it
         # live_position(room_id): (epoch, offset) the gateway's live delivery reached (RoomPositions.position).
         self.live_position = lambda room_id: None
+        # subscribed(room_id): a Deferred fired once the room's channel is subscribed (Redis confirmed
+        # it). A read made before could miss an event published between it and the subscription.
+        self.subscribed = lambda room_id: defer.succeed(None)
 
     # ------------------------------------------------------------ the stream
 
@@ -177,12 +180,16 @@ class StreamReads:
                 waiters.append((after, epoch, d))  # that read covers this range
                 return d
         waiting[after] = [(after, epoch, d)]
+        ready = self.subscribed(room_id)
+        ready.addBoth(lambda _: self._start(room_id, after))
+        return d
+
+    def _start(self, room_id, after):
         try:
             read = self.read_room_stream(room_id, after, READ_CHUNK)
         except Exception as e:  # noqa: BLE001 - a bus that cannot even send counts as a failed read
             read = defer.fail(e)
         read.addCallbacks(self._read, self._read_failed, (room_id, after), None, (room_id, after))
-        return d
 
     def _read(self, read, room_id, start):
         waiters = self._take(room_id, start)

@@ -185,3 +185,27 @@ async def test_a_websocket_device_resumes_on_another_gateways_grpc_stream(deploy
     finally:
         device.close()
         await owner.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_that_left_a_quiet_room_resumes_on_another_gateway_from_where_it_started(deployment):
+    # The member's device gets no event while connected (the room's only events came before),
+    # so it holds no position: the gateway read where it started, and its record keeps it.
+    redis, (a, b) = deployment
+    owner_id, member_id = unique("owner"), unique("member")
+    owner, _ = await connect(a, owner_id, "desk")
+    room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="quiet", member_ids=[member_id]))).room
+    first, _ = await connect(a, member_id, "phone")
+    await first.close()
+    admin = redis.client()
+    await wait_until(lambda: room.id in parse_record(admin.hgetall(resume_key(member_id, "phone"))), 20)
+    assert messages(first, room.id) == []
+    sent = []
+    await send(owner, room.id, [f"away {i}" for i in range(AWAY)], sent)
+    second, reconnected = await connect(b, member_id, "phone")
+    await wait_until(lambda: {m[0] for m in messages(second, room.id)} >= set(sent), 30)
+    await task.deferLater(reactor, 0.3, lambda: None)
+    assert reconnected.resumed
+    assert [m[0] for m in messages(second, room.id)] == sent
+    await second.close()
+    await owner.close()

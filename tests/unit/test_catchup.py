@@ -27,6 +27,7 @@ class HeldBus(MemoryBus):
         super().__init__(hub)
         self.hold = False
         self.reads = []  # (room, after, count, Deferred)
+        self.unconfirmed = {}  # channel -> Deferreds of subscriptions Redis has not confirmed yet
 
     def read_room_stream(self, room_id, after, count=500):
         if not self.hold:
@@ -34,6 +35,19 @@ class HeldBus(MemoryBus):
         d = defer.Deferred()
         self.reads.append((room_id, after, count, d))
         return d
+
+    def subscribe(self, channel):
+        """Confirmed at once, unless ``unconfirmed`` holds the channel: then when ``confirm`` is called."""
+        super().subscribe(channel)
+        if channel in self.unconfirmed:
+            d = defer.Deferred()
+            self.unconfirmed[channel].append(d)
+            return d
+        return defer.succeed(None)
+
+    def confirm(self, channel):
+        for d in self.unconfirmed.pop(channel):
+            d.callback(None)
 
     def answer(self):
         """Answer the oldest held read with what the stream holds now."""
@@ -560,3 +574,19 @@ def test_a_range_longer_than_one_answer_of_the_core_is_asked_on_from_where_it_en
     h.run(100)
     assert device.offsets() == list(range(1, 41)) and device.gaps() == []
     assert h.reads()["core"] >= 35 // 4
+
+
+def test_the_stream_is_read_once_the_rooms_channel_is_subscribed_so_nothing_falls_between():
+    h = Harness()
+    h.publish(5, live=False)
+    h.bus.unconfirmed[channels.room(ROOM)] = []
+    h.bus.hold = True
+    session, device = h.session()  # the room's first local session: SUBSCRIBE sent, not confirmed
+    live = session.catch_up(ROOM, h.epoch(), 1)
+    assert h.bus.reads == []  # a read now could miss what is published before the subscription
+    h.publish(1, live=False)  # 6: published before the subscription took effect
+    h.bus.confirm(channels.room(ROOM))
+    assert len(h.bus.reads) == 1
+    h.bus.answer()
+    h.run()
+    assert device.offsets() == [2, 3, 4, 5, 6] and live.called
