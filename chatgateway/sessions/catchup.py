@@ -375,6 +375,9 @@ class CatchUps:
         if live is not None and live[0] == entry.epoch and live[1] > entry.offset and live[1] > entry.top:
             self._next(entry)  # the gateway received more than the last read saw: read on
             return
+        # Live from here: the next live event must follow this position (nothing may be given
+        # out of it, even when the catch-up had nothing to give).
+        entry.session.delivered[entry.room_id] = (entry.room_id, entry.epoch, entry.offset)
         self._finish(entry)
 
     def _finish(self, entry):

@@ -35,7 +35,7 @@ from chatgateway.core.client import CoreError
 from chatgateway.sessions.fanout import EncodedEvent
 
 # Events a room's window keeps at most (the oldest go first).
-WINDOW_MAX = 4 * READ_CHUNK
+WINDOW_MAX = 2 * READ_CHUNK
 # A window no session read from for this long is dropped.
 WINDOW_IDLE_SEC = 10.0
 # Events per GetHistory page (the reference core's cap), and pages per range at most.

@@ -24,6 +24,7 @@ from chatgateway.telemetry.names import (
     ERROR_TYPE,
     FANOUT_DROPPED,
     FANOUT_DURATION,
+    FELL_BEHIND,
     GAPS_SENT,
     LOOKUP_RESULT,
     MEMBERSHIP_LOOKUPS,
@@ -153,6 +154,13 @@ def observe_counts(meter, counts):
             lambda options: [Observation(counts.gaps_sent_count())],
             "{event}",
             "Gap events sent to devices: events of a room neither its stream nor the core's history held.",
+        ),
+        (
+            meter.create_observable_counter,
+            FELL_BEHIND,
+            lambda options: [Observation(counts.behind_count())],
+            "{device}",
+            "Times a device's outbox was full of room events: fed none until it drained, then caught up.",
         ),
         (
             meter.create_observable_counter,

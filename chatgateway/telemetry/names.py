@@ -20,6 +20,7 @@ MEMBERSHIP_LOOKUPS = "chatgateway.membership_cache.lookups"
 CATCHUP_READS = "chatgateway.catchup.reads"
 GAPS_SENT = "chatgateway.catchup.gaps"
 RESUME_OPENS = "chatgateway.resume.opens"
+FELL_BEHIND = "chatgateway.catchup.behind"
 
 # Attribute keys.
 TRANSPORT = "chatgateway.transport"

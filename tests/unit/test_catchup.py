@@ -4,6 +4,8 @@ meanwhile; holes in a session's own delivery; reads shared by many sessions; wha
 stream no longer holds asked of the core; gap events for what neither holds."""
 
 import grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 
 from chatgateway import config
@@ -590,3 +592,94 @@ def test_the_stream_is_read_once_the_rooms_channel_is_subscribed_so_nothing_fall
     h.bus.answer()
     h.run()
     assert device.offsets() == [2, 3, 4, 5, 6] and live.called
+
+
+OPS = st.one_of(
+    st.tuples(st.just("live"), st.integers(1, 4)),
+    st.tuples(st.just("lost"), st.integers(1, 4)),
+    st.tuples(st.just("full"), st.integers(0, 3)),
+    st.tuples(st.just("drain"), st.integers(0, 3)),
+    st.tuples(st.just("trickle"), st.integers(0, 3)),
+    st.tuples(st.just("turn"), st.just(0)),
+    st.tuples(st.just("hold"), st.just(0)),
+    st.tuples(st.just("answer"), st.just(0)),
+    st.tuples(st.just("join"), st.integers(0, 40)),
+    st.tuples(st.just("burst"), st.integers(60, 150)),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(OPS, max_size=40), st.sampled_from([1000, 8]))
+def test_whatever_happens_every_device_gets_every_event_once_in_order(ops, kept):
+    """A model test of the seam: live events, pub/sub losses, outboxes filling and draining,
+    reads held while events arrive, devices joining from positions, bursts the fan-out sheds,
+    a stream keeping only ``kept`` events (the core's history has them all), in any order."""
+    h = Harness()
+    h.hub.streams.limit(kept, 86400)
+    h.gateway.fanout.max_backlog = 200
+    append = h.hub.streams.append
+
+    def stored(room_id, payload):  # the core stores every event it publishes, with its position
+        positioned = append(room_id, payload)
+        event = pb.ServerEvent.FromString(positioned)
+        h.core.kept[event.offset] = pb.RoomEvent(id=event.id, room_id=room_id, epoch=event.epoch, offset=event.offset)
+        return positioned
+
+    h.hub.streams.append = stored
+    h.publish(1)  # the room exists
+    devices = [h.session(f"p{i}") + (1,) for i in range(4)]  # (session, device, start)
+    for session, _, _ in devices:
+        session.catch_up(ROOM, h.epoch(), 1)  # each knows it has event 1
+    h.run()
+
+    def top():
+        return h.hub.streams.rooms[ROOM][1]
+
+    for op, arg in ops:
+        if op == "live":
+            h.bus.hold, held = False, h.bus.hold
+            h.publish(arg)
+            h.bus.hold = held
+        elif op == "lost":
+            h.bus.hold, held = False, h.bus.hold
+            h.publish(arg, live=False)
+            h.bus.hold = held
+        elif op == "full":
+            devices[arg][1].room = 0
+        elif op in ("drain", "trickle"):
+            session, device, _ = devices[arg]
+            device.room = None if op == "drain" else 2
+            session.drained()
+        elif op == "turn":
+            h.clock.advance(0)
+        elif op == "hold":
+            h.bus.hold = True
+        elif op == "answer":
+            while h.bus.reads:
+                h.bus.answer()
+        elif op == "burst":  # one reactor turn's worth of pub/sub: past the fan-out's bound
+            for _ in range(arg):
+                n = top() + 1
+                event = pb.ServerEvent(id=f"e{n}", message=pb.RoomEvent(id=f"e{n}", room_id=ROOM))
+                h.hub.deliver(channels.room(ROOM), h.hub.streams.append(ROOM, event.SerializeToString()))
+        elif op == "join":
+            position = min(arg, top())
+            session, device = h.session(f"j{len(devices)}")
+            session.catch_up(ROOM, h.epoch(), position)
+            devices.append((session, device, position))
+    # Let everything settle: reads answered, outboxes drained, one more live event.
+    h.bus.hold = False
+    while h.bus.reads:
+        h.bus.answer()
+    for session, device, _ in devices:
+        device.room = None
+        session.drained()
+    h.publish(1)
+    for _ in range(20):
+        while h.bus.reads:
+            h.bus.answer()
+        h.run(50)
+    for session, device, start in devices:
+        assert device.offsets() == list(range(start + 1, top() + 1)), (start, device.offsets())
+        assert errors(device) == [] and device.gaps() == []
+        assert session.catching == {} and not session.behind
