@@ -19,8 +19,8 @@ BREAKER_STATE = "chatgateway.core.breaker.state"
 MEMBERSHIP_LOOKUPS = "chatgateway.membership_cache.lookups"
 CATCHUP_READS = "chatgateway.catchup.reads"
 GAPS_SENT = "chatgateway.catchup.gaps"
-RESUME_OPENS = "chatgateway.resume.opens"
 FELL_BEHIND = "chatgateway.catchup.behind"
+RESUME_OPENS = "chatgateway.resume.opens"
 
 # Attribute keys.
 TRANSPORT = "chatgateway.transport"
