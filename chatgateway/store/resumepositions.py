@@ -17,7 +17,6 @@ records in a dict, with the same TTL on the gateway's clock.
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
-from chatgateway.store.cluster import ClusterStore
 
 # Devices written per SAVE script.
 SAVE_CHUNK = 200
@@ -118,17 +117,19 @@ class MemoryResumePositions:
 class RedisResumePositions:
     """On ``redis`` (a chatgateway.redisconn.connection.RedisConnection: the store's)."""
 
-    def __init__(self, redis, ttl_sec, chunk=None):
+    def __init__(self, redis, ttl_sec):
         self.ttl_sec = ttl_sec
         self._redis = redis
-        self._chunk = chunk or SAVE_CHUNK  # devices per SAVE script
 
     def save(self, records):
         items = [(resume_key(p, d), positions) for (p, d), positions in records.items() if positions]
+        # On a Redis Cluster a script's keys must share a slot and these (one per device) do
+        # not: one script per device there (chatgateway.redisconn.cluster).
+        chunk = 1 if hasattr(self._redis, "slot_of") else SAVE_CHUNK
         sent = []
-        for start in range(0, len(items), self._chunk):
+        for start in range(0, len(items), chunk):
             keys, args = [], [max(1, int(self.ttl_sec))]
-            for key, positions in items[start : start + self._chunk]:
+            for key, positions in items[start : start + chunk]:
                 keys.append(key)
                 args.append(len(positions))
                 for room, (epoch, offset) in positions.items():
@@ -143,10 +144,7 @@ class RedisResumePositions:
 
 def make_resume_positions(store, ttl_sec, clock):
     """The records beside ``store``: on its Redis, or in process for the in-memory store (one
-    set of records per store, so gateways sharing a store in one process share them). On a
-    Redis Cluster each device's key is in a slot of its own: one SAVE per device."""
-    if isinstance(store, ClusterStore):
-        return RedisResumePositions(store.redis, ttl_sec, chunk=1)
+    set of records per store, so gateways sharing a store in one process share them)."""
     redis = getattr(store, "redis", None)
     if redis is not None:
         return RedisResumePositions(redis, ttl_sec)
