@@ -17,7 +17,6 @@ records in a dict, with the same TTL on the gateway's clock.
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
-
 # Devices written per SAVE script.
 SAVE_CHUNK = 200
 
