@@ -9,6 +9,7 @@ see it. Presence events are not kept in the rooms' streams (no position): they s
 what is true now, and a device that reconnects asks (the ``presence`` command).
 """
 
+import math
 import uuid
 
 import grpc
@@ -20,7 +21,7 @@ from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import CoreError
-from chatgateway.store.presence import make_presence, offline_bound_sec
+from chatgateway.store.presence import KEY_TTL_SEC, make_presence, offline_bound_sec
 
 Status = pb.PresenceEvent.Status
 
@@ -36,6 +37,9 @@ class Presence:
         self.grace_sec = config.presence_grace_sec
         self.max_room_size = config.presence_max_room_size
         self.online_profiles = 0  # across gateways, as the last sweep counted
+        # The keys of live connections are renewed every KEY_TTL_SEC / 3 (a few times a day).
+        self.renew_every = max(1, math.floor(KEY_TTL_SEC / (3 * config.heartbeat_interval_sec)))
+        self._ticks = 0
         gateway.counts.online_profiles = lambda: self.online_profiles
 
     @property
@@ -75,7 +79,13 @@ class Presence:
         """Every heartbeat: sweep the leases (any gateway's) that lapsed or whose gateway died.
 
         Live leases need no renewal: they last as long as this gateway's registration, which
-        the heartbeat renews (chatgateway.store.presence)."""
+        the heartbeat renews (chatgateway.store.presence); only their keys' TTLs are renewed,
+        every ``renew_every`` ticks."""
+        self._ticks += 1
+        if self._ticks % self.renew_every == 0:
+            profiles = {s.profile_id for s in self._gateway.registry.sessions}
+            if profiles:
+                self._gateway._quietly(self.leases.renew(profiles), "renewing presence keys")
         swept = self.leases.sweep(self.max_room_size, self.gateway_id)
         swept.addCallback(self._swept)
         self._gateway._quietly(swept, "sweeping presence leases")

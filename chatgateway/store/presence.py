@@ -12,10 +12,11 @@ PRESENCE_GRACE_SEC later (milliseconds of Redis TIME, so the gateways' clocks ne
     gateway:presence-gateways             SET of the gateway ids holding live leases
     gateway:presence-index                ZSET profile id -> its earliest finite lapse (the sweep's work)
     gateway:presence-online               SET of the profiles online (for the metric)
-    gateway:presence-reaped:{gatewayID}   a mark: another gateway lapsed its leases   1 day (the one TTL)
+    gateway:presence-reaped:{gatewayID}   a mark: another gateway lapsed its leases
 
-The others have no TTL: each is emptied by the sweep (a gateway that comes back cleans up after
-those that died). A lease member is JSON ``[device_id, session_id]``, ``"~"`` + that when
+Each is emptied by the sweep (a gateway that comes back cleans up after those that died),
+and expires KEY_TTL_SEC after it was last written or renewed, so nothing is left behind
+when no gateway is. A lease member is JSON ``[device_id, session_id]``, ``"~"`` + that when
 departed: the profile stays online through a reconnect within the grace (no offline/online
 pair, on any gateway), but the device no longer counts as reachable for calls.
 
@@ -52,6 +53,11 @@ from chatgateway.store import conn_key, instance_key, room_key
 CONN_PREFIX = conn_key("", "")[:-1]  # "gateway:conn:" + "profileID:deviceID"
 # Of a dead gateway's leases, and of the profiles due, what one sweep handles (the rest: the next).
 SWEEP_BATCH = 500
+# Every key expires this long after it was last written or renewed: Redis never fills with
+# leftovers, even when no gateway is left to sweep. Live connections renew their keys every
+# KEY_TTL_SEC / 3 (``renew``: a script per RENEW_CHUNK, a few times a day).
+KEY_TTL_SEC = 86400
+RENEW_CHUNK = 500
 DEPARTED = "~"
 INDEX_KEY = "gateway:presence-index"
 GATEWAYS_KEY = "gateway:presence-gateways"
@@ -109,27 +115,29 @@ end
 """
 
 # KEYS: presence key, rooms key, the gateway's leases, the gateways set, the online set.
-# ARGV: profile, member, gateway id, gateway entry, max room size, room ids.
+# ARGV: profile, member, gateway id, gateway entry, max room size, key TTL, room ids.
 # Returns {1, rooms to tell...} when the profile came online, else {0}.
 ARRIVE = (
     _FUNCTIONS
     + """
+local ttl = ARGV[6]
 local was = redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')
 redis.call('ZADD', KEYS[1], '+inf', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[3])
 redis.call('SADD', KEYS[5], ARGV[1])
 local rooms = {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   redis.call('SADD', KEYS[2], ARGV[i])
   table.insert(rooms, ARGV[i])
 end
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
 if was > 0 then return {0} end
 return tell(rooms, tonumber(ARGV[5]), {1})
 """
 )
 
-# KEYS: presence key, the gateway's leases, index. ARGV: profile, member, grace ms, gateway entry.
+# KEYS: presence key, the gateway's leases, index. ARGV: profile, member, grace ms, gateway entry, key TTL.
 DEPART = (
     _FUNCTIONS
     + """
@@ -137,20 +145,24 @@ if redis.call('ZREM', KEYS[1], ARGV[2]) == 1 then
   local lapse = now_ms() + tonumber(ARGV[3])
   redis.call('ZADD', KEYS[1], lapse, '~' .. ARGV[2])
   redis.call('ZADD', KEYS[3], 'LT', lapse, ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])  -- a new key when that was its last member
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
 redis.call('SREM', KEYS[2], ARGV[4])
 return 1
 """
 )
 
-# KEYS: index, gateways set, online set. ARGV: max room size, batch, the sweeping gateway's id.
+# KEYS: index, gateways set, online set. ARGV: max room size, batch, the sweeping gateway's id, key TTL.
 # Returns {profiles online, {{profile, room to tell...}...}, 1 if the sweeping gateway's own
 # leases were lapsed by another (its registration had expired: it takes them again)}.
 SWEEP = (
     _FUNCTIONS
     + """
-local now, batch, own = now_ms(), tonumber(ARGV[2]), ARGV[3]
+local now, batch, own, ttl = now_ms(), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local reaped = redis.call('DEL', 'gateway:presence-reaped:' .. own)
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+redis.call('EXPIRE', 'gateway:presence-gw:' .. own, ttl)
 for _, gateway in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if gateway ~= own and redis.call('EXISTS', 'gateway:instance:' .. gateway) == 0 then
     redis.call('SET', 'gateway:presence-reaped:' .. gateway, '1', 'EX', 86400)
@@ -187,6 +199,11 @@ end
 return {redis.call('SCARD', KEYS[3]), offline, reaped}
 """
 )
+
+# KEYS: the presence and rooms keys of the leases of live connections. ARGV: key TTL.
+RENEW = """
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+"""
 
 # KEYS: room key. ARGV: max room size.
 # Returns {1, connected devices} above the size, else {0, online profiles...}.
@@ -257,6 +274,9 @@ class IPresenceLeases(Interface):
     def add_room(profile_id, room_id):
         """The profile joined ``room_id``: tell it too when the profile goes offline."""
 
+    def renew(profile_ids):
+        """Renew the TTL of these profiles' keys (their connections are live here)."""
+
     def sweep(max_room_size, gateway_id):
         """By ``gateway_id``: lapse the leases of dead gateways, drop lapsed ones. Deferred: a Sweep."""
 
@@ -283,22 +303,29 @@ class RedisPresence:
             GATEWAYS_KEY,
             ONLINE_KEY,
         ]
-        args = [profile_id, member, gateway_id, gateway_entry(profile_id, member), max_room_size, *rooms]
+        args = [profile_id, member, gateway_id, gateway_entry(profile_id, member), max_room_size, KEY_TTL_SEC, *rooms]
         d = self.redis.eval(ARRIVE, keys, args)
         return d.addCallback(lambda reply: [_text(r) for r in reply[1:]] if int(reply[0]) else None)
 
     def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
         member = lease_member(device_id, session_id)
         keys = [presence_key(profile_id), gateway_leases_key(gateway_id), INDEX_KEY]
-        args = [profile_id, member, max(0, round(grace_sec * 1000)), gateway_entry(profile_id, member)]
+        args = [profile_id, member, max(0, round(grace_sec * 1000)), gateway_entry(profile_id, member), KEY_TTL_SEC]
         return self.redis.eval(DEPART, keys, args).addCallback(lambda _: None)
 
     def add_room(self, profile_id, room_id):
         return self.redis.execute("SADD", presence_rooms_key(profile_id), room_id).addCallback(lambda _: None)
 
+    def renew(self, profile_ids):
+        keys = sorted({k for p in profile_ids for k in (presence_key(p), presence_rooms_key(p))})
+        calls = [
+            self.redis.eval(RENEW, keys[i : i + RENEW_CHUNK], [KEY_TTL_SEC]) for i in range(0, len(keys), RENEW_CHUNK)
+        ]
+        return defer.gatherResults(calls, consumeErrors=True).addCallback(lambda _: None)
+
     def sweep(self, max_room_size, gateway_id):
         keys = [INDEX_KEY, GATEWAYS_KEY, ONLINE_KEY]
-        d = self.redis.eval(SWEEP, keys, [max_room_size, SWEEP_BATCH, gateway_id])
+        d = self.redis.eval(SWEEP, keys, [max_room_size, SWEEP_BATCH, gateway_id, KEY_TTL_SEC])
 
         def parsed(reply):
             online, offline, reaped = reply
@@ -362,6 +389,10 @@ class MemoryPresence:
         if leases.pop(member, None) is not None:
             leases[DEPARTED + member] = self.clock.seconds() + grace_sec
         self.gateways.get(gateway_id, set()).discard((profile_id, member))
+        return defer.succeed(None)
+
+    def renew(self, profile_ids):
+        """Nothing expires in process."""
         return defer.succeed(None)
 
     def add_room(self, profile_id, room_id):

@@ -569,9 +569,13 @@ async def test_sigterm_drains_500_devices_with_calls_in_flight_and_exits_0(tmp_p
         assert report["hinted"] == DEVICES
         assert report["answered_ok"] == report["answered_before_close"] == IN_FLIGHT, report
         # Connections, rooms, devices and the instance entry are gone; the membership cache is
-        # shared by every gateway and stays (docs/architecture.md#membership-cache).
-        assert [k for k in r.keys("gateway:*") if not k.startswith("gateway:memberships:")] == []
+        # shared by every gateway and stays (docs/architecture.md#membership-cache), and so do
+        # the presence leases in their grace, for another gateway to sweep, each with a TTL
+        # (docs/architecture.md#presence).
+        shared = ("gateway:memberships:", "gateway:presence")
+        assert [k for k in r.keys("gateway:*") if not k.startswith(shared)] == []
         assert r.keys("gateway:memberships:*")
+        assert {k: r.ttl(k) for k in r.keys("gateway:presence*") if r.ttl(k) <= 0} == {}
         assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
         # The bus is stopped after the drain, not lost (and reconnected) as the process ends.
         assert "lost; reconnecting" not in gateway.log_text(), gateway.log_tail(60)

@@ -59,6 +59,9 @@ async def test_online_once_offline_after_the_grace_and_the_rooms_to_tell_by_size
     assert await leases.devices("bob") == set()
     sweep = await leases.sweep(3, "gw-a")
     assert (sweep.online, sweep.offline) == (1, [])  # in the grace: still online
+    client = redis_server.client()
+    ttls = {k: client.ttl(k) for k in client.keys("gateway:presence*")}
+    assert ttls and all(0 < t <= 86400 for t in ttls.values()), ttls  # nothing left behind without a gateway
 
     gone = []
 
@@ -68,7 +71,6 @@ async def test_online_once_offline_after_the_grace_and_the_rooms_to_tell_by_size
 
     await wait_until(lambda: defer.ensureDeferred(offline()), timeout=5)
     assert gone == [("bob", ["small"])]
-    client = redis_server.client()
     assert not client.exists(presence_key("bob"), "gateway:presence-rooms:bob", "gateway:presence-gw:gw-a")
     assert client.zcard(INDEX_KEY) == 0 and client.scard("gateway:presence-online") == 0
 

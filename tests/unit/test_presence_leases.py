@@ -4,6 +4,7 @@ rooms, and who may ask."""
 
 import grpc
 import pytest
+from twisted.internet import defer
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.store import instance_key
@@ -222,3 +223,17 @@ def test_a_gateway_whose_leases_were_lapsed_while_it_was_late_takes_them_again(h
     late.gateway.presence.tick()  # its own sweep finds the mark
     assert presence(alice)[-1] == ("bob", ONLINE, "r1")
     late.stop()
+
+
+def test_the_keys_of_live_connections_are_renewed_a_few_times_a_day(h):
+    renewed = []
+    h.gateway.presence.leases.renew = lambda profiles: renewed.append(sorted(profiles)) or defer.succeed(None)
+    later = int(h.clock.seconds()) + 100_000  # tokens valid past the day
+    h.connect(f"alice/phone@{later}")
+    h.connect(f"bob/phone@{later}")
+    every = h.gateway.presence.renew_every
+    assert every == 86400 // (3 * HEARTBEAT)
+    h.run_for((every - 1) * HEARTBEAT, step=HEARTBEAT)
+    assert renewed == []
+    h.run_for(HEARTBEAT, step=HEARTBEAT)
+    assert renewed == [["alice", "bob"]]
