@@ -68,12 +68,18 @@ class Presence:
         self._gateway._quietly(d, "releasing a presence lease")
 
     def membership_changed(self, change):
-        """A profile with devices here joined a room: the room is told when the profile goes offline."""
-        if change.change == pb.SubscriptionEvent.Change.ADDED and self._gateway.registry.profile_sessions(
-            change.profile_id
-        ):
+        """A profile with devices here joined a room (told when the profile goes offline), or left
+        one (no longer told: presence is for fellow members only)."""
+        Change = pb.SubscriptionEvent.Change
+        if change.change not in (Change.ADDED, Change.REMOVED):
+            return
+        if not self._gateway.registry.profile_sessions(change.profile_id):
+            return
+        if change.change == Change.ADDED:
             d = self.leases.add_room(change.profile_id, change.room_id)
-            self._gateway._quietly(d, "adding a room to a presence lease")
+        else:
+            d = self.leases.remove_room(change.profile_id, change.room_id)
+        self._gateway._quietly(d, "updating the rooms of a presence lease")
 
     def tick(self):
         """Every heartbeat: sweep the leases (any gateway's) that lapsed or whose gateway died.

@@ -274,6 +274,9 @@ class IPresenceLeases(Interface):
     def add_room(profile_id, room_id):
         """The profile joined ``room_id``: tell it too when the profile goes offline."""
 
+    def remove_room(profile_id, room_id):
+        """The profile left ``room_id``: it is no longer told of the profile."""
+
     def renew(profile_ids):
         """Renew the TTL of these profiles' keys (their connections are live here)."""
 
@@ -315,6 +318,9 @@ class RedisPresence:
 
     def add_room(self, profile_id, room_id):
         return self.redis.execute("SADD", presence_rooms_key(profile_id), room_id).addCallback(lambda _: None)
+
+    def remove_room(self, profile_id, room_id):
+        return self.redis.execute("SREM", presence_rooms_key(profile_id), room_id).addCallback(lambda _: None)
 
     def renew(self, profile_ids):
         keys = sorted({k for p in profile_ids for k in (presence_key(p), presence_rooms_key(p))})
@@ -398,6 +404,10 @@ class MemoryPresence:
     def add_room(self, profile_id, room_id):
         if profile_id in self.leases:
             self.rooms.setdefault(profile_id, set()).add(room_id)
+        return defer.succeed(None)
+
+    def remove_room(self, profile_id, room_id):
+        self.rooms.get(profile_id, set()).discard(room_id)
         return defer.succeed(None)
 
     def sweep(self, max_room_size, gateway_id):

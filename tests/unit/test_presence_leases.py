@@ -237,3 +237,15 @@ def test_the_keys_of_live_connections_are_renewed_a_few_times_a_day(h):
     assert renewed == []
     h.run_for(HEARTBEAT, step=HEARTBEAT)
     assert renewed == [["alice", "bob"]]
+
+
+def test_a_room_left_is_not_told_when_the_profile_goes_offline(h):
+    from chatgateway.sessions import membership
+
+    alice = h.connect("alice/phone")
+    bob = h.connect("bob/phone")
+    h.core.rooms["bob"].remove("r1")
+    h.gateway.apply_membership(membership.event("r1", "bob", pb.SubscriptionEvent.Change.REMOVED))
+    close(h, bob)
+    h.run_for(GRACE + HEARTBEAT)
+    assert presence(alice) == [("bob", ONLINE, "r1")]  # no offline for a room bob is not in any more
