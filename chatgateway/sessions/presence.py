@@ -21,7 +21,7 @@ from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import CoreError
-from chatgateway.store.presence import KEY_TTL_SEC, make_presence, offline_bound_sec
+from chatgateway.store.presence import KEY_TTL_SEC, holder, make_presence, offline_bound_sec
 
 Status = pb.PresenceEvent.Status
 
@@ -33,7 +33,8 @@ class Presence:
         self._gateway = gateway
         config = gateway.config
         self.leases = make_presence(gateway.store, gateway.clock)
-        self.gateway_id = config.gateway_id
+        # This process: a gateway restarted with the same GATEWAY_ID lapses its earlier leases.
+        self.holder = holder(config.gateway_id, uuid.uuid4().hex[:12])
         self.grace_sec = config.presence_grace_sec
         self.max_room_size = config.presence_max_room_size
         self.online_profiles = 0  # across gateways, as the last sweep counted
@@ -55,7 +56,7 @@ class Presence:
             session.profile_id,
             session.device_id,
             session.id,
-            self.gateway_id,
+            self.holder,
             sorted(session.member_rooms),
             self.max_room_size,
         )
@@ -64,7 +65,7 @@ class Presence:
 
     def departed(self, session):
         """A session closed: its lease lasts the grace period more (a reconnect keeps the profile online)."""
-        d = self.leases.depart(session.profile_id, session.device_id, session.id, self.gateway_id, self.grace_sec)
+        d = self.leases.depart(session.profile_id, session.device_id, session.id, self.holder, self.grace_sec)
         self._gateway._quietly(d, "releasing a presence lease")
 
     def membership_changed(self, change):
@@ -92,7 +93,7 @@ class Presence:
             profiles = {s.profile_id for s in self._gateway.registry.sessions}
             if profiles:
                 self._gateway._quietly(self.leases.renew(profiles), "renewing presence keys")
-        swept = self.leases.sweep(self.max_room_size, self.gateway_id)
+        swept = self.leases.sweep(self.max_room_size, self.holder)
         swept.addCallback(self._swept)
         self._gateway._quietly(swept, "sweeping presence leases")
 

@@ -8,11 +8,14 @@ PRESENCE_GRACE_SEC later (milliseconds of Redis TIME, so the gateways' clocks ne
 
     gateway:presence:{profileID}          ZSET lease member -> +inf (live) or its lapse (ms)
     gateway:presence-rooms:{profileID}    SET of the rooms to tell when the profile goes offline
-    gateway:presence-gw:{gatewayID}       SET of JSON [profileID, member]: the gateway's live leases
-    gateway:presence-gateways             SET of the gateway ids holding live leases
+    gateway:presence-gw:{holder}          SET of JSON [profileID, member]: a holder's live leases
+    gateway:presence-gateways             SET of the holders of live leases
     gateway:presence-index                ZSET profile id -> its earliest finite lapse (the sweep's work)
     gateway:presence-online               SET of the profiles online (for the metric)
-    gateway:presence-reaped:{gatewayID}   a mark: another gateway lapsed its leases
+    gateway:presence-reaped:{holder}      a mark: another gateway lapsed its leases
+
+A holder is JSON ``[gatewayID, incarnation]``: one gateway process (a gateway restarted with
+the same GATEWAY_ID is another incarnation, and lapses the leases of its earlier one).
 
 Each is emptied by the sweep (a gateway that comes back cleans up after those that died),
 and expires KEY_TTL_SEC after it was last written or renewed, so nothing is left behind
@@ -72,8 +75,13 @@ def presence_rooms_key(profile_id: str) -> str:
     return f"gateway:presence-rooms:{profile_id}"
 
 
-def gateway_leases_key(gateway_id: str) -> str:
-    return f"gateway:presence-gw:{gateway_id}"
+def holder(gateway_id: str, incarnation: str) -> str:
+    """Who holds a lease: one process of a gateway."""
+    return json.dumps([gateway_id, incarnation], separators=(",", ":"))
+
+
+def holder_leases_key(holder: str) -> str:
+    return f"gateway:presence-gw:{holder}"
 
 
 def lease_member(device_id: str, session_id: str) -> str:
@@ -114,8 +122,8 @@ local function tell(rooms, max_size, out)
 end
 """
 
-# KEYS: presence key, rooms key, the gateway's leases, the gateways set, the online set.
-# ARGV: profile, member, gateway id, gateway entry, max room size, key TTL, room ids.
+# KEYS: presence key, rooms key, the holder's leases, the holders set, the online set.
+# ARGV: profile, member, holder, holder's entry, max room size, key TTL, room ids.
 # Returns {1, rooms to tell...} when the profile came online, else {0}.
 ARRIVE = (
     _FUNCTIONS
@@ -137,7 +145,7 @@ return tell(rooms, tonumber(ARGV[5]), {1})
 """
 )
 
-# KEYS: presence key, the gateway's leases, index. ARGV: profile, member, grace ms, gateway entry, key TTL.
+# KEYS: presence key, the holder's leases, index. ARGV: profile, member, grace ms, holder's entry, key TTL.
 DEPART = (
     _FUNCTIONS
     + """
@@ -153,20 +161,29 @@ return 1
 """
 )
 
-# KEYS: index, gateways set, online set. ARGV: max room size, batch, the sweeping gateway's id, key TTL.
-# Returns {profiles online, {{profile, room to tell...}...}, 1 if the sweeping gateway's own
-# leases were lapsed by another (its registration had expired: it takes them again)}.
+# KEYS: index, holders set, online set. ARGV: max room size, batch, the sweeping holder, key TTL.
+# Returns {profiles online, {{profile, room to tell...}...}, 1 if the sweeping holder's own
+# leases were lapsed by another gateway (its registration had expired: it takes them again)}.
 SWEEP = (
     _FUNCTIONS
     + """
 local now, batch, own, ttl = now_ms(), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local own_gateway = cjson.decode(own)[1]
 local reaped = redis.call('DEL', 'gateway:presence-reaped:' .. own)
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
 redis.call('EXPIRE', 'gateway:presence-gw:' .. own, ttl)
-for _, gateway in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if gateway ~= own and redis.call('EXISTS', 'gateway:instance:' .. gateway) == 0 then
-    redis.call('SET', 'gateway:presence-reaped:' .. gateway, '1', 'EX', 86400)
-    local leases = 'gateway:presence-gw:' .. gateway
+for _, holder in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local ok, pair = pcall(cjson.decode, holder)
+  local gateway = ok and type(pair) == 'table' and pair[1] or nil
+  local dead = false
+  if holder ~= own and gateway == own_gateway then
+    dead = true  -- an earlier incarnation of the sweeping gateway
+  elseif holder ~= own and (type(gateway) ~= 'string' or redis.call('EXISTS', 'gateway:instance:' .. gateway) == 0) then
+    dead = true
+    redis.call('SET', 'gateway:presence-reaped:' .. holder, '1', 'EX', ttl)
+  end
+  if dead then
+    local leases = 'gateway:presence-gw:' .. holder
     for _, entry in ipairs(redis.call('SPOP', leases, batch)) do
       local ok, pair = pcall(cjson.decode, entry)
       if ok and type(pair) == 'table' and type(pair[1]) == 'string' and type(pair[2]) == 'string' then
@@ -177,7 +194,7 @@ for _, gateway in ipairs(redis.call('SMEMBERS', KEYS[2])) do
         end
       end
     end
-    if redis.call('SCARD', leases) == 0 then redis.call('SREM', KEYS[2], gateway) end
+    if redis.call('SCARD', leases) == 0 then redis.call('SREM', KEYS[2], holder) end
   end
 end
 local offline = {}
@@ -264,11 +281,11 @@ class Sweep:
 class IPresenceLeases(Interface):
     """The leases of every gateway's connections, and the transitions they decide (the module docstring)."""
 
-    def arrive(profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+    def arrive(profile_id, device_id, session_id, holder, rooms, max_room_size):
         """Take a connection's lease (again: idempotent). Deferred: the rooms to tell if the
         profile came online, else None."""
 
-    def depart(profile_id, device_id, session_id, gateway_id, grace_sec):
+    def depart(profile_id, device_id, session_id, holder, grace_sec):
         """A connection closed: its lease becomes a departed one lapsing after ``grace_sec``."""
 
     def add_room(profile_id, room_id):
@@ -280,8 +297,8 @@ class IPresenceLeases(Interface):
     def renew(profile_ids):
         """Renew the TTL of these profiles' keys (their connections are live here)."""
 
-    def sweep(max_room_size, gateway_id):
-        """By ``gateway_id``: lapse the leases of dead gateways, drop lapsed ones. Deferred: a Sweep."""
+    def sweep(max_room_size, holder):
+        """By ``holder`` (this process): lapse the leases of dead holders, drop lapsed ones. Deferred: a Sweep."""
 
     def room(room_id, max_room_size):
         """Deferred: the RoomPresence of a room."""
@@ -297,22 +314,22 @@ class RedisPresence:
     def __init__(self, redis: Any):
         self.redis = redis
 
-    def arrive(self, profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+    def arrive(self, profile_id, device_id, session_id, holder, rooms, max_room_size):
         member = lease_member(device_id, session_id)
         keys = [
             presence_key(profile_id),
             presence_rooms_key(profile_id),
-            gateway_leases_key(gateway_id),
+            holder_leases_key(holder),
             GATEWAYS_KEY,
             ONLINE_KEY,
         ]
-        args = [profile_id, member, gateway_id, gateway_entry(profile_id, member), max_room_size, KEY_TTL_SEC, *rooms]
+        args = [profile_id, member, holder, gateway_entry(profile_id, member), max_room_size, KEY_TTL_SEC, *rooms]
         d = self.redis.eval(ARRIVE, keys, args)
         return d.addCallback(lambda reply: [_text(r) for r in reply[1:]] if int(reply[0]) else None)
 
-    def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
+    def depart(self, profile_id, device_id, session_id, holder, grace_sec):
         member = lease_member(device_id, session_id)
-        keys = [presence_key(profile_id), gateway_leases_key(gateway_id), INDEX_KEY]
+        keys = [presence_key(profile_id), holder_leases_key(holder), INDEX_KEY]
         args = [profile_id, member, max(0, round(grace_sec * 1000)), gateway_entry(profile_id, member), KEY_TTL_SEC]
         return self.redis.eval(DEPART, keys, args).addCallback(lambda _: None)
 
@@ -329,9 +346,9 @@ class RedisPresence:
         ]
         return defer.gatherResults(calls, consumeErrors=True).addCallback(lambda _: None)
 
-    def sweep(self, max_room_size, gateway_id):
+    def sweep(self, max_room_size, holder):
         keys = [INDEX_KEY, GATEWAYS_KEY, ONLINE_KEY]
-        d = self.redis.eval(SWEEP, keys, [max_room_size, SWEEP_BATCH, gateway_id, KEY_TTL_SEC])
+        d = self.redis.eval(SWEEP, keys, [max_room_size, SWEEP_BATCH, holder, KEY_TTL_SEC])
 
         def parsed(reply):
             online, offline, reaped = reply
@@ -367,8 +384,8 @@ class MemoryPresence:
         if not hasattr(store, "presence_leases"):
             store.presence_leases = {}  # profile -> {member: lapse (seconds; inf: live)}
             store.presence_rooms = {}  # profile -> set of room ids
-            store.presence_gateways = {}  # gateway id -> {(profile, member)}
-            store.presence_reaped = set()  # gateway ids whose leases another gateway lapsed
+            store.presence_gateways = {}  # holder -> {(profile, member)}
+            store.presence_reaped = set()  # holders whose leases another gateway lapsed
         self.leases = store.presence_leases
         self.rooms = store.presence_rooms
         self.gateways = store.presence_gateways
@@ -379,22 +396,22 @@ class MemoryPresence:
             return []
         return sorted(r for r in rooms if len(self.store.sets.get(room_key(r), ())) <= max_room_size)
 
-    def arrive(self, profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+    def arrive(self, profile_id, device_id, session_id, holder, rooms, max_room_size):
         now = self.clock.seconds()
         leases = self.leases.setdefault(profile_id, {})
         was = any(lapse > now for lapse in leases.values())
         member = lease_member(device_id, session_id)
         leases[member] = math.inf
-        self.gateways.setdefault(gateway_id, set()).add((profile_id, member))
+        self.gateways.setdefault(holder, set()).add((profile_id, member))
         self.rooms.setdefault(profile_id, set()).update(rooms)
         return defer.succeed(None if was else self._tell(rooms, max_room_size))
 
-    def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
+    def depart(self, profile_id, device_id, session_id, holder, grace_sec):
         leases = self.leases.get(profile_id, {})
         member = lease_member(device_id, session_id)
         if leases.pop(member, None) is not None:
             leases[DEPARTED + member] = self.clock.seconds() + grace_sec
-        self.gateways.get(gateway_id, set()).discard((profile_id, member))
+        self.gateways.get(holder, set()).discard((profile_id, member))
         return defer.succeed(None)
 
     def renew(self, profile_ids):
@@ -410,13 +427,18 @@ class MemoryPresence:
         self.rooms.get(profile_id, set()).discard(room_id)
         return defer.succeed(None)
 
-    def sweep(self, max_room_size, gateway_id):
+    def sweep(self, max_room_size, holder):
         now = self.clock.seconds()
-        reaped = gateway_id in self.reaped
-        self.reaped.discard(gateway_id)
-        for dead in [g for g in self.gateways if g != gateway_id and instance_key(g) not in self.store.values]:
-            self.reaped.add(dead)
-            for profile_id, member in self.gateways.pop(dead):
+        reaped = holder in self.reaped
+        self.reaped.discard(holder)
+        own_gateway = json.loads(holder)[0]
+        for other in [h for h in self.gateways if h != holder]:
+            gateway_id = json.loads(other)[0]
+            if gateway_id != own_gateway:  # an earlier incarnation of this gateway's is dead anyway
+                if instance_key(gateway_id) in self.store.values:
+                    continue
+                self.reaped.add(other)
+            for profile_id, member in self.gateways.pop(other):
                 if member in self.leases.get(profile_id, {}):
                     self.leases[profile_id][member] = now
         offline = []

@@ -9,7 +9,7 @@ from twisted.internet import defer
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.store import instance_key
 from chatgateway.store.memory import MemoryStore
-from chatgateway.store.presence import MemoryPresence
+from chatgateway.store.presence import MemoryPresence, holder
 from support.wsharness import Harness
 
 HEARTBEAT = 10
@@ -185,16 +185,17 @@ def test_memory_leases_tell_devices_in_their_grace_apart_from_connected_ones():
     store = MemoryStore()
     store.instance_alive("gw", {})
     leases = MemoryPresence(store, clock)
-    assert leases.arrive("bob", "phone", "s1", "gw", ["r1"], 10).result == ["r1"]  # came online: tell r1
-    assert leases.arrive("bob", "laptop", "s2", "gw", ["r1"], 10).result is None
-    assert leases.arrive("bob", "laptop", "s2", "gw", ["r1"], 10).result is None  # again: idempotent
-    leases.depart("bob", "phone", "s1", "gw", 5)
+    gw = holder("gw", "1")
+    assert leases.arrive("bob", "phone", "s1", gw, ["r1"], 10).result == ["r1"]  # came online: tell r1
+    assert leases.arrive("bob", "laptop", "s2", gw, ["r1"], 10).result is None
+    assert leases.arrive("bob", "laptop", "s2", gw, ["r1"], 10).result is None  # again: idempotent
+    leases.depart("bob", "phone", "s1", gw, 5)
     assert leases.devices("bob").result == {"laptop"}
-    leases.depart("bob", "laptop", "s2", "gw", 5)
+    leases.depart("bob", "laptop", "s2", gw, 5)
     assert leases.devices("bob").result == set()
-    assert leases.sweep(10, "gw-a").result.offline == []  # in the grace: still online
+    assert leases.sweep(10, gw).result.offline == []  # in the grace: still online
     clock.advance(6)
-    sweep = leases.sweep(10, "gw-a").result
+    sweep = leases.sweep(10, gw).result
     assert (sweep.online, [p for p, _ in sweep.offline]) == (0, ["bob"])
 
 
@@ -249,3 +250,14 @@ def test_a_room_left_is_not_told_when_the_profile_goes_offline(h):
     close(h, bob)
     h.run_for(GRACE + HEARTBEAT)
     assert presence(alice) == [("bob", ONLINE, "r1")]  # no offline for a room bob is not in any more
+
+
+def test_a_gateway_restarted_with_the_same_id_lapses_its_earlier_leases(h):
+    alice = h.connect("alice/phone")
+    first = peer(h, "gw-same")
+    first.connect("bob/phone")
+    first.gateway._heartbeat.stop()  # SIGKILLed, and started again at once under the same GATEWAY_ID:
+    again = peer(h, "gw-same")  # its registration never lapses
+    h.run_for(3 * HEARTBEAT)
+    assert presence(alice) == [("bob", ONLINE, "r1"), ("bob", OFFLINE, "r1")]
+    again.stop()
