@@ -261,3 +261,19 @@ def test_a_gateway_restarted_with_the_same_id_lapses_its_earlier_leases(h):
     h.run_for(3 * HEARTBEAT)
     assert presence(alice) == [("bob", ONLINE, "r1"), ("bob", OFFLINE, "r1")]
     again.stop()
+
+
+def test_a_drained_gateways_devices_reconnecting_elsewhere_within_the_hint_do_not_flap(h):
+    from chatgateway import config
+    from chatgateway.sessions.reconnect import DRAIN_SPREAD_SEC
+
+    default = config.load({"JWT_SECRET": "unit-test-secret"}).presence_grace_sec
+    assert DRAIN_SPREAD_SEC < default  # the rule docs/operations.md states
+    alice = h.connect("alice/phone")
+    draining = peer(h, "gw-drained")
+    draining.connect("bob/phone")
+    draining.stop()  # SIGTERM: every device closed with 1001 and a hint
+    h.run_for(DRAIN_SPREAD_SEC)
+    h.connect("bob/phone")  # as the hint said, on another gateway
+    h.run_for(GRACE + 3 * HEARTBEAT)
+    assert presence(alice) == [("bob", ONLINE, "r1")]
