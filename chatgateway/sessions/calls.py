@@ -61,7 +61,10 @@ class CallSignals:
                 grpc.StatusCode.PERMISSION_DENIED, f"{signal.to_profile_id} is not a member of room {signal.room_id}"
             )
         devices = await self._gateway.presence.devices(signal.to_profile_id)
-        reachable = signal.to_device_id in devices if signal.to_device_id else bool(devices)
+        if devices is None:  # presence not kept (a Redis Cluster): relayed, whoever is there
+            reachable = True
+        else:
+            reachable = signal.to_device_id in devices if signal.to_device_id else bool(devices)
         if not reachable:
             whom = signal.to_profile_id + (f"/{signal.to_device_id}" if signal.to_device_id else "")
             raise SignalRefused(grpc.StatusCode.UNAVAILABLE, f"{whom} is not connected")

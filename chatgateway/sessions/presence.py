@@ -21,7 +21,7 @@ from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import CoreError
-from chatgateway.store.presence import KEY_TTL_SEC, holder, make_presence, offline_bound_sec
+from chatgateway.store.presence import KEY_TTL_SEC, NoPresence, holder, make_presence, offline_bound_sec
 
 Status = pb.PresenceEvent.Status
 
@@ -32,7 +32,10 @@ class Presence:
     def __init__(self, gateway):
         self._gateway = gateway
         config = gateway.config
-        self.leases = make_presence(gateway.store, gateway.clock)
+        self.leases = make_presence(gateway.store, gateway.clock, config.cache_uri)
+        self.kept = not isinstance(self.leases, NoPresence)
+        if not self.kept:
+            self.log.warn("presence is not kept on a Redis Cluster (CACHE_URI): no presenceEvents, no presence command")
         # This process: a gateway restarted with the same GATEWAY_ID lapses its earlier leases.
         self.holder = holder(config.gateway_id, uuid.uuid4().hex[:12])
         self.grace_sec = config.presence_grace_sec
@@ -134,6 +137,8 @@ class Presence:
     async def room(self, room_id):
         """The GetPresenceResponse of a room (the caller's membership is checked by the caller)."""
         found = await self.leases.room(room_id, self.max_room_size)
+        if found is None:
+            raise CoreError(grpc.StatusCode.UNIMPLEMENTED, "presence is not kept on a Redis Cluster")
         response = pb.GetPresenceResponse(room_id=room_id, online_count=found.count)
         if found.profile_ids is None:
             response.counts_only = True

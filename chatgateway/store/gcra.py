@@ -14,6 +14,8 @@ The time is Redis's own (TIME), so gateways' clocks never matter. The limits of 
 so a command refused by one limit does not use up the other.
 """
 
+from urllib.parse import urlsplit
+
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
@@ -97,7 +99,33 @@ class MemoryGcra:
         return defer.succeed((None, 0.0))
 
 
-def make_gcra(store, clock):
-    """The checks beside ``store``: in its Redis, or in process."""
+@implementer(IRateChecks)
+class ClusterGcra:
+    """GCRA checks on a Redis Cluster: one script per limit (each key has its own slot), so a
+    command refused by its room's limit has used up one of its profile's (not both-or-neither)."""
+
+    def __init__(self, redis):
+        self._one = RedisGcra(redis)
+
+    async def _check(self, limits):
+        for limit in limits:
+            outcome = await self._one.check([limit])
+            if outcome[0] is not None:
+                return outcome
+        return (None, 0.0)
+
+    def check(self, limits):
+        return defer.ensureDeferred(self._check(limits))
+
+
+def is_cluster_uri(uri):
+    """A Redis Cluster URI (redis+cluster://, rediss+cluster://)."""
+    return urlsplit(uri.strip()).scheme.endswith("+cluster")
+
+
+def make_gcra(store, clock, uri=""):
+    """The checks beside ``store`` (whose URI is ``uri``): in its Redis, or in process."""
     redis = getattr(store, "redis", None)
-    return RedisGcra(redis) if redis is not None else MemoryGcra(clock)
+    if redis is None:
+        return MemoryGcra(clock)
+    return ClusterGcra(redis) if is_cluster_uri(uri) else RedisGcra(redis)

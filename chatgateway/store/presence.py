@@ -52,6 +52,7 @@ from twisted.internet import defer
 from zope.interface import Interface, implementer
 
 from chatgateway.store import conn_key, instance_key, room_key
+from chatgateway.store.gcra import is_cluster_uri
 
 CONN_PREFIX = conn_key("", "")[:-1]  # "gateway:conn:" + "profileID:deviceID"
 # Of a dead gateway's leases, and of the profiles due, what one sweep handles (the rest: the next).
@@ -301,10 +302,10 @@ class IPresenceLeases(Interface):
         """By ``holder`` (this process): lapse the leases of dead holders, drop lapsed ones. Deferred: a Sweep."""
 
     def room(room_id, max_room_size):
-        """Deferred: the RoomPresence of a room."""
+        """Deferred: the RoomPresence of a room (None: presence is not kept)."""
 
     def devices(profile_id):
-        """Deferred: the set of the profile's devices with a live (not departed) lease."""
+        """Deferred: the set of the profile's devices with a live (not departed) lease (None: not known)."""
 
 
 @implementer(IPresenceLeases)
@@ -470,9 +471,42 @@ class MemoryPresence:
         return defer.succeed({d for d in (lease_device(m) for m, lapse in held.items() if lapse > now) if d})
 
 
-def make_presence(store: Any, clock: Any) -> RedisPresence | MemoryPresence:
-    """The presence leases beside ``store``: in its Redis, or in process beside a MemoryStore."""
+@implementer(IPresenceLeases)
+class NoPresence:
+    """Presence not kept: on a Redis Cluster, where the scripts above cannot run (their keys
+    span slots). Nobody is announced; ``room`` and ``devices`` answer None (not known)."""
+
+    def arrive(self, profile_id, device_id, session_id, holder, rooms, max_room_size):
+        return defer.succeed(None)
+
+    def depart(self, profile_id, device_id, session_id, holder, grace_sec):
+        return defer.succeed(None)
+
+    def add_room(self, profile_id, room_id):
+        return defer.succeed(None)
+
+    def remove_room(self, profile_id, room_id):
+        return defer.succeed(None)
+
+    def renew(self, profile_ids):
+        return defer.succeed(None)
+
+    def sweep(self, max_room_size, holder):
+        return defer.succeed(Sweep(0, []))
+
+    def room(self, room_id, max_room_size):
+        return defer.succeed(None)
+
+    def devices(self, profile_id):
+        return defer.succeed(None)
+
+
+def make_presence(store: Any, clock: Any, uri: str = "") -> RedisPresence | MemoryPresence | NoPresence:
+    """The presence leases beside ``store`` (whose URI is ``uri``): in its Redis, in process
+    beside a MemoryStore, or none on a Redis Cluster."""
     redis = getattr(store, "redis", None)
-    if redis is not None:
-        return RedisPresence(redis)
-    return MemoryPresence(store, clock)
+    if redis is None:
+        return MemoryPresence(store, clock)
+    if is_cluster_uri(uri):
+        return NoPresence()
+    return RedisPresence(redis)
