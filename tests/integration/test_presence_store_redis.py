@@ -9,10 +9,10 @@ from chatgateway import config as configuration
 from chatgateway.store import ConnectionMeta
 from chatgateway.store.gcra import IRateChecks, MemoryGcra, RedisGcra, limit_key
 from chatgateway.store.memory import MemoryStore
+from chatgateway.store.memorypresence import MemoryPresence
 from chatgateway.store.presence import (
     INDEX_KEY,
     IPresenceLeases,
-    MemoryPresence,
     RedisPresence,
     holder,
     holder_leases_key,

@@ -9,7 +9,8 @@ from twisted.internet import defer
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.store import instance_key
 from chatgateway.store.memory import MemoryStore
-from chatgateway.store.presence import MemoryPresence, holder
+from chatgateway.store.memorypresence import MemoryPresence
+from chatgateway.store.presence import holder
 from support.wsharness import Harness
 
 HEARTBEAT = 10
