@@ -194,13 +194,15 @@ class GrpcDevice:
     log = Logger()
     transport_name = "grpc"
 
-    def __init__(self, edge, stream, fallback_device):
+    def __init__(self, edge, stream, fallback_device, resume_token=""):
         self.edge = edge
         self.gateway = edge.gateway
         self.session = None
         self._stream = stream
         self._handoff = edge.handoff
-        self._opening = Opening(self.gateway, self, self._session_opened, REASONS, self.log, fallback_device)
+        self._opening = Opening(
+            self.gateway, self, self._session_opened, REASONS, self.log, fallback_device, resume_token
+        )
         limit = self.gateway.config.send_buffer_bytes
         self._outbox = Outbox(self._write, limit, self._slow_consumer, unsent=self._unsent)
         self._pause_above = buffer_size(limit)
@@ -272,6 +274,7 @@ class GrpcDevice:
     def _session_opened(self, session):
         """The Opening's hand-over: messages go to ``session`` from now on."""
         self.session = session
+        self._outbox.follow(session)
         self._opening = None
 
     # ------------------------------------------------------------ ISessionTransport

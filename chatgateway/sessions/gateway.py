@@ -20,15 +20,20 @@ from chatgateway.api import codec
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
 from chatgateway.sessions.calls import CallSignals
+from chatgateway.sessions.catchup import CatchUps, Pacer
 from chatgateway.sessions.corking import Cork
+from chatgateway.sessions.devicepositions import DevicePositions
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
 from chatgateway.sessions.presence import Presence
 from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
+from chatgateway.sessions.resume import Resumption
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
 from chatgateway.sessions.sharedlimits import SharedLimits
+from chatgateway.sessions.streamreads import StreamReads
+from chatgateway.sessions.waits import at_most
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -65,9 +70,20 @@ class Gateway(service.Service):
         # Frames for one device produced in one burst (a bus read, a fan-out chunk) leave in one write.
         self.cork = Cork()
         self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts, corked=self.cork.corked)
+        # Reads of the rooms' streams and of the core's history, shared by every session (and counted).
+        self.reads = StreamReads(bus, core, self.counts, self.clock)
+        self.fanout.observe = self.reads.observe
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
-        self.positions = RoomPositions(bus, self.fanout.receive_event, self._events_lost, self.clock)
-        self.registry.room_released = self.positions.forget
+        self.positions = RoomPositions(self.reads, self.fanout.receive_event, self._events_lost, self.clock)
+        self.reads.live_position = self.positions.position
+        self.registry.room_released = self._room_released
+        # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
+        pacer = Pacer(self.clock, self.cork.corked)
+        self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
+        self.fanout.on_shed = self.catchups.shed
+        # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
+        self.resumption = Resumption.of(config, store, self.clock, self.positions.position)
+        self.device_positions = DevicePositions(self.resumption.records, self.clock)
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
@@ -132,7 +148,9 @@ class Gateway(service.Service):
             await self._sessions_gone(reserve / 2)
             for session in list(self.registry.sessions):
                 session.closed_by_transport()  # a transport that could not be dropped: forget it
+        await self.device_positions.flush()  # the closed devices' last positions, before the store stops
         self.fanout.stop()
+        self.catchups.pacer.stop()
 
     def reconnect_hint(self):
         """The close reason of a draining gateway: reconnect (elsewhere) after a random delay."""
@@ -142,18 +160,14 @@ class Gateway(service.Service):
         """A Deferred firing when no session is left (or opening), or after ``timeout`` seconds."""
         if not self.registry.sessions and not self._opening:
             return defer.succeed(None)
-        d = defer.Deferred()
-        timer = self.clock.callLater(max(0.0, timeout), lambda: d.called or d.callback(None))
-        self._gone_waiters.append(d)
+        gone = defer.Deferred()
+        self._gone_waiters.append(gone)
+        return at_most(self.clock, gone, timeout).addBoth(lambda result: self._forget_waiter(gone, result))
 
-        def done(result):
-            if timer.active():
-                timer.cancel()
-            if d in self._gone_waiters:
-                self._gone_waiters.remove(d)
-            return result
-
-        return d.addBoth(done)
+    def _forget_waiter(self, gone, result):
+        if gone in self._gone_waiters:
+            self._gone_waiters.remove(gone)
+        return result
 
     def _check_gone(self):
         if not self.registry.sessions and not self._opening:
@@ -189,10 +203,12 @@ class Gateway(service.Service):
         self._quietly(self.bus.cache_memberships(profile_id, rooms, cached.version, ttl), "caching memberships")
         return rooms
 
-    async def open_session(self, transport, claims, token, device_id, abandoned=None):
+    async def open_session(self, transport, claims, token, device_id, abandoned=None, resume=None):
         """Register an authenticated device and send it ``connected``.
 
         Its rooms come from the membership cache, or from the core (``connect_rooms``).
+        ``resume`` (a chatgateway.sessions.resume.ResumeRequest) and the device's server-side
+        positions say where it catches up from in each of its rooms.
         Fails with CoreError when the core, asked, cannot tell the device's rooms. When
         ``abandoned()`` says, once the rooms are known, that the device went away
         meanwhile, nothing is registered (no older session of the device is replaced)
@@ -204,8 +220,10 @@ class Gateway(service.Service):
         # received, and recorded here until the session can take it (_replay_changes).
         changes = self._watch(profile_id)
         try:
-            await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
+            record = defer.Deferred.fromCoroutine(self.resumption.record(profile_id, device_id))  # meanwhile
+            await at_most(self.clock, self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
             rooms = await self.connect_rooms(profile_id, token, device_id)
+            record = await record
         except BaseException:
             self._unwatch(profile_id, changes)
             self._opened_none()
@@ -221,8 +239,13 @@ class Gateway(service.Service):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
-        session.send(session.connected_event())
+        planned, resume_token, notice = self.resumption.prepare(session, resume, record)
+        session.send(session.connected_event(resume_token, resumed=bool(planned)))
+        if notice is not None:
+            session.send(notice)
         self._replay_changes(session, changes)
+        # In this turn still: no live event of its rooms can reach the session before its catch-up starts.
+        self.resumption.start(session, planned)
         self._register(session)
         self.presence.arrived(session)
         if self.draining:
@@ -257,23 +280,6 @@ class Gateway(service.Service):
             if event is not None:
                 self.fanout.deliver(EncodedEvent(event), [session])
 
-    def _within(self, d, seconds):
-        """A Deferred firing (with None) when ``d`` does or after ``seconds``, whichever comes first."""
-        if d.called:
-            return defer.succeed(None)  # the channel was subscribed already (or the bus is in process)
-        done = defer.Deferred()
-        timer = self.clock.callLater(seconds, lambda: done.called or done.callback(None))
-
-        def fired(result):
-            if timer.active():
-                timer.cancel()
-            if not done.called:
-                done.callback(None)
-            return result
-
-        d.addBoth(fired)
-        return done
-
     def _opened_none(self):
         """An opening ended without a session."""
         self._opening -= 1
@@ -281,6 +287,7 @@ class Gateway(service.Service):
             self._check_gone()
 
     def session_closed(self, session):
+        self.device_positions.closed(session)
         self.registry.remove(session)
         self.counts.session_closed(session)
         self._quietly(
@@ -352,15 +359,29 @@ class Gateway(service.Service):
             self._events_lost(room_id)
 
     def _events_lost(self, room_id):
-        """Tell the room's local devices that events may have been missed, in order with its events."""
-        sessions = self.registry.room_sessions(room_id)
-        if not sessions:
+        """Events of the room may have been missed (the gateway's fill could not tell them, the
+        stream was lost): each local session with a position in the room catches up from it
+        (docs/architecture.md#catch-up); one without (it got no event of the room yet) is
+        told, in order with its events (DATA_LOSS)."""
+        blind = []
+        for session in list(self.registry.room_sessions(room_id)):
+            last = session.delivered.get(room_id)
+            if last is not None:
+                self.catchups.start(session, room_id, last[1], last[2])
+            elif room_id not in session.catching:
+                blind.append(session)
+        if not blind:
             return
         event = pb.ServerEvent(
             id=uuid.uuid4().hex,
             error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
         )
-        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), sessions)
+        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), blind)
+
+    def _room_released(self, room_id):
+        """The room's last local session left: its position and catch-up window mean nothing any more."""
+        self.positions.forget(room_id)
+        self.reads.forget(room_id)
 
     def _store_reconnected(self):
         """The store came back and may have lost writes: rewrite every live connection."""
@@ -416,10 +437,13 @@ class Gateway(service.Service):
             session.transport.ping()
             session.last_heartbeat = now
             alive.append(session.meta())
+            self.device_positions.note(session)
         if end < len(sessions):
             self.clock.callLater(0, self._sweep, sessions, end, now, deadline, alive)
-        elif alive:
-            self._quietly(self.store.refresh(alive), "refreshing metadata")
+        else:
+            self.device_positions.flush()  # one batch per sweep: at most a write per heartbeat per device
+            if alive:
+                self._quietly(self.store.refresh(alive), "refreshing metadata")
 
     # ------------------------------------------------------------ shared operations
 

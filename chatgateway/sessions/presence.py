@@ -21,7 +21,14 @@ from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import CoreError
-from chatgateway.store.presence import KEY_TTL_SEC, NoPresence, holder, make_presence, offline_bound_sec
+from chatgateway.store.presence import (
+    KEY_TTL_SEC,
+    NoPresence,
+    PresenceUnavailable,
+    holder,
+    make_presence,
+    offline_bound_sec,
+)
 
 Status = pb.PresenceEvent.Status
 
@@ -33,9 +40,12 @@ class Presence:
         self._gateway = gateway
         config = gateway.config
         self.leases = make_presence(gateway.store, gateway.clock, config.cache_uri)
-        self.kept = not isinstance(self.leases, NoPresence)
-        if not self.kept:
-            self.log.warn("presence is not kept on a Redis Cluster (CACHE_URI): no presenceEvents, no presence command")
+        if isinstance(self.leases, NoPresence):
+            self.log.warn(
+                "{reason}: no presenceEvents, the presence command answers UNAVAILABLE, and call"
+                " signals are relayed without the check that the callee is connected",
+                reason=NoPresence.reason,
+            )
         # This process: a gateway restarted with the same GATEWAY_ID lapses its earlier leases.
         self.holder = holder(config.gateway_id, uuid.uuid4().hex[:12])
         self.grace_sec = config.presence_grace_sec
@@ -136,9 +146,10 @@ class Presence:
 
     async def room(self, room_id):
         """The GetPresenceResponse of a room (the caller's membership is checked by the caller)."""
-        found = await self.leases.room(room_id, self.max_room_size)
-        if found is None:
-            raise CoreError(grpc.StatusCode.UNIMPLEMENTED, "presence is not kept on a Redis Cluster")
+        try:
+            found = await self.leases.room(room_id, self.max_room_size)
+        except PresenceUnavailable as e:
+            raise CoreError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         response = pb.GetPresenceResponse(room_id=room_id, online_count=found.count)
         if found.profile_ids is None:
             response.counts_only = True
@@ -147,7 +158,7 @@ class Presence:
         return response
 
     def devices(self, profile_id):
-        """Deferred: the devices of ``profile_id`` connected now, on any gateway."""
+        """Deferred: the devices of ``profile_id`` connected now, on any gateway (None: not known)."""
         return self.leases.devices(profile_id)
 
 

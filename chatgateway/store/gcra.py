@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
+from chatgateway.store.cluster import ClusterStore
+
 
 def limit_key(kind, key):
     return f"gateway:limit:{kind}:{key}"
@@ -128,4 +130,5 @@ def make_gcra(store, clock, uri=""):
     redis = getattr(store, "redis", None)
     if redis is None:
         return MemoryGcra(clock)
-    return ClusterGcra(redis) if is_cluster_uri(uri) else RedisGcra(redis)
+    clustered = isinstance(store, ClusterStore) or is_cluster_uri(uri)
+    return ClusterGcra(redis) if clustered else RedisGcra(redis)

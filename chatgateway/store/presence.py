@@ -52,6 +52,7 @@ from twisted.internet import defer
 from zope.interface import Interface, implementer
 
 from chatgateway.store import conn_key, room_key
+from chatgateway.store.cluster import ClusterStore
 from chatgateway.store.gcra import is_cluster_uri
 
 CONN_PREFIX = conn_key("", "")[:-1]  # "gateway:conn:" + "profileID:deviceID"
@@ -302,7 +303,7 @@ class IPresenceLeases(Interface):
         """By ``holder`` (this process): lapse the leases of dead holders, drop lapsed ones. Deferred: a Sweep."""
 
     def room(room_id, max_room_size):
-        """Deferred: the RoomPresence of a room (None: presence is not kept)."""
+        """Deferred: the RoomPresence of a room (PresenceUnavailable: presence is not kept)."""
 
     def devices(profile_id):
         """Deferred: the set of the profile's devices with a live (not departed) lease (None: not known)."""
@@ -373,10 +374,20 @@ class RedisPresence:
         return d.addCallback(lambda members: {d for d in (lease_device(_text(m)) for m in members) if d})
 
 
+class PresenceUnavailable(Exception):
+    """Presence cannot be answered with this store (a Redis Cluster)."""
+
+
 @implementer(IPresenceLeases)
 class NoPresence:
-    """Presence not kept: on a Redis Cluster, where the scripts above cannot run (their keys
-    span slots). Nobody is announced; ``room`` and ``devices`` answer None (not known)."""
+    """On a Redis Cluster: no leases, no transitions, room queries refused.
+
+    The scripts above read a room's set and the gateways' registrations, keys in other
+    slots than the leases', which a cluster refuses in one script; presence on a cluster
+    is not built (docs/operations.md#redis-cluster). Connects and delivery are unaffected;
+    ``devices`` answers None (not known), so call signals are relayed without the check."""
+
+    reason = "presence is not available on a Redis Cluster (docs/operations.md#redis-cluster)"
 
     def arrive(self, profile_id, device_id, session_id, holder, rooms, max_room_size):
         return defer.succeed(None)
@@ -397,7 +408,7 @@ class NoPresence:
         return defer.succeed(Sweep(0, []))
 
     def room(self, room_id, max_room_size):
-        return defer.succeed(None)
+        return defer.fail(PresenceUnavailable(self.reason))
 
     def devices(self, profile_id):
         return defer.succeed(None)
@@ -405,12 +416,12 @@ class NoPresence:
 
 def make_presence(store: Any, clock: Any, uri: str = "") -> Any:
     """The presence leases beside ``store`` (whose URI is ``uri``): in its Redis, in process
-    beside a MemoryStore, or none on a Redis Cluster."""
+    beside a MemoryStore, or none on a Redis Cluster (NoPresence)."""
+    if isinstance(store, ClusterStore) or is_cluster_uri(uri):
+        return NoPresence()
     redis = getattr(store, "redis", None)
     if redis is None:
         from chatgateway.store.memorypresence import MemoryPresence
 
         return MemoryPresence(store, clock)
-    if is_cluster_uri(uri):
-        return NoPresence()
     return RedisPresence(redis)

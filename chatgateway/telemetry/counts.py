@@ -26,6 +26,9 @@ TRANSPORTS = ("websocket", "grpc")
 # How a connect's membership cache lookup ended: the rooms were cached, were not (the core
 # was asked), or the cache could not be read (the core was asked).
 MEMBERSHIP_LOOKUP_RESULTS = ("hit", "miss", "error")
+# Where catch-up (chatgateway.sessions.catchup) read the events it delivered: the room's
+# stream (one read of up to READ_CHUNK entries) or the core's history (one GetHistory page).
+CATCHUP_SOURCES = ("stream", "core")
 # The shared limits (chatgateway.sessions.sharedlimits), the call signals a device may be
 # relayed and the presence statuses announced: their series exist from the start.
 LIMIT_KINDS = ("profile", "room")
@@ -86,6 +89,9 @@ class GatewayCounts:
         self._fanouts = 0
         self._dropped = collections.defaultdict(int, _kinds("message"))  # payload kind -> deliveries shed
         self._lookups = _kinds(*MEMBERSHIP_LOOKUP_RESULTS)  # a connect's membership cache lookups, by result
+        self._catchup_reads = _kinds(*CATCHUP_SOURCES)  # reads made for catch-up and gap fills, by source
+        self._gaps = 0  # gap events sent to devices
+        self._behind = 0  # times a device fell behind (its outbox full of room events)
         self._limited = _kinds(*LIMIT_KINDS)  # commands refused by a shared limit, by kind
         self._unchecked = _kinds(*LIMIT_KINDS)  # shared limit checks let in because the store failed
         self._signals = _kinds(*SIGNAL_KINDS)  # call signals relayed, by kind
@@ -148,6 +154,18 @@ class GatewayCounts:
         """A connect looked its profile's rooms up in the membership cache: one of MEMBERSHIP_LOOKUP_RESULTS."""
         self._lookups[result] += 1
 
+    def catchup_read(self, source):
+        """One read for catch-up or a gap fill: "stream" (a READ_ROOM) or "core" (a GetHistory page)."""
+        self._catchup_reads[source] += 1
+
+    def gap_sent(self):
+        """A device was sent a GapEvent: events of a room that neither the stream nor the core held."""
+        self._gaps += 1
+
+    def fell_behind(self):
+        """A device's outbox was full: it is fed no room events until it drains (then catches up)."""
+        self._behind += 1
+
     def limit_refused(self, kind):
         """A command refused by the shared limit ``kind`` ("profile", "room")."""
         self._limited[kind] += 1
@@ -209,6 +227,18 @@ class GatewayCounts:
     def membership_lookup_counts(self):
         """{result: membership cache lookups}: "hit", "miss" or "error"."""
         return self._lookups.copy()
+
+    def catchup_read_counts(self):
+        """{source: reads}: "stream" (READ_ROOM calls) and "core" (GetHistory pages) made to fill gaps."""
+        return self._catchup_reads.copy()
+
+    def behind_count(self):
+        """Times a device fell behind."""
+        return self._behind
+
+    def gaps_sent_count(self):
+        """GapEvents sent to devices."""
+        return self._gaps
 
     def limit_refused_counts(self):
         """{kind: commands refused by the shared limit}: "profile", "room"."""

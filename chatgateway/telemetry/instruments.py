@@ -12,6 +12,8 @@ from opentelemetry.metrics import NoOpMeter, Observation
 from chatgateway.telemetry.names import (
     ACTIVE_CONNECTIONS,
     BREAKER_STATE,
+    CATCHUP_READS,
+    CATCHUP_SOURCE,
     CLOSE_CODE,
     CONNECTION_CLOSES,
     CONNECTION_DURATION,
@@ -22,6 +24,7 @@ from chatgateway.telemetry.names import (
     ERROR_TYPE,
     FANOUT_DROPPED,
     FANOUT_DURATION,
+    GAPS_SENT,
     LIMIT_KIND,
     LIMITED,
     LIMITS_UNCHECKED,
@@ -135,6 +138,20 @@ def observe_counts(meter, counts):
             _by_name(counts.membership_lookup_counts, LOOKUP_RESULT),
             "{lookup}",
             "Membership cache lookups of connects, by result (hit: no core call; miss, error: the core was asked).",
+        ),
+        (
+            meter.create_observable_counter,
+            CATCHUP_READS,
+            _by_name(counts.catchup_read_counts, CATCHUP_SOURCE),
+            "{read}",
+            "Reads made to fill gaps and catch devices up, by source (stream: READ_ROOM; core: GetHistory pages).",
+        ),
+        (
+            meter.create_observable_counter,
+            GAPS_SENT,
+            lambda options: [Observation(counts.gaps_sent_count())],
+            "{event}",
+            "Gap events sent to devices: events of a room neither its stream nor the core's history held.",
         ),
         (
             meter.create_observable_counter,

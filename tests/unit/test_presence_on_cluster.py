@@ -53,7 +53,7 @@ def test_cluster_gcra_sends_one_key_per_script_and_stops_at_the_first_refusal():
     assert refused_first.keys == [["gateway:limit:profile:a"]]
 
 
-def test_without_presence_signals_are_relayed_and_the_presence_command_is_unimplemented():
+def test_without_presence_signals_are_relayed_and_the_presence_command_is_unavailable():
     h = Harness(HEARTBEAT_INTERVAL_SEC=10, CONNECTION_TIMEOUT_SEC=3000)
     h.core.rooms.update({"alice": ["r1"], "bob": ["r1"]})
     h.gateway.presence.leases = NoPresence()
@@ -64,5 +64,5 @@ def test_without_presence_signals_are_relayed_and_the_presence_command_is_unimpl
     alice.command(request_id="p", presence=pb.GetPresenceRequest(room_id="r1"))
     results = {e.command_result.request_id: e.command_result for e in alice.of("command_result")}
     assert not results["s"].HasField("error")
-    assert results["p"].error.code == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    assert results["p"].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
     h.stop()
