@@ -6,9 +6,10 @@ callee's profile channel (chat:profile:{id}), which every gateway holding a devi
 callee subscribes: one bus hop, and nothing stored (the core never sees it).
 
 The rules, in order: the sender is a member of the room (else PERMISSION_DENIED); the
-callee is too (the membership cache, else the core's SearchRoomSubscriptions with the
-sender's token; a yes is remembered for MEMBER_TTL_SEC; else PERMISSION_DENIED, so a
-stranger learns nothing of the callee, not even whether it is online); the callee (or the
+callee is too (the membership cache, which a published removal updates at once; for a
+callee not cached, the core's SearchRoomSubscriptions with the sender's token, whose yes is
+remembered for MEMBER_TTL_SEC; else PERMISSION_DENIED, so a stranger learns nothing of the
+callee, not even whether it is online); the callee (or the
 device named) is connected on some gateway (its presence leases; else UNAVAILABLE).
 
 An ANSWER also goes to the answering profile's own channel as a TAKEN event, so its other
@@ -26,7 +27,7 @@ from chatgateway.bus import channels
 Kind = pb.CallSignal.Kind
 # Kinds a device may send (TAKEN is the gateway's).
 SENDABLE = (Kind.OFFER, Kind.ANSWER, Kind.ICE, Kind.END)
-# A callee found to share a room with a sender is not asked about again for this long
+# A callee the core said shares a room with a sender is not asked about again for this long
 # (a call's ICE candidates come by the dozen).
 MEMBER_TTL_SEC = 60.0
 MEMBER_CACHE_MAX = 10_000
@@ -60,7 +61,10 @@ class CallSignals:
                 grpc.StatusCode.PERMISSION_DENIED, f"{signal.to_profile_id} is not a member of room {signal.room_id}"
             )
         devices = await self._gateway.presence.devices(signal.to_profile_id)
-        reachable = signal.to_device_id in devices if signal.to_device_id else bool(devices)
+        if devices is None:  # presence not kept (a Redis Cluster): relayed, whoever is there
+            reachable = True
+        else:
+            reachable = signal.to_device_id in devices if signal.to_device_id else bool(devices)
         if not reachable:
             whom = signal.to_profile_id + (f"/{signal.to_device_id}" if signal.to_device_id else "")
             raise SignalRefused(grpc.StatusCode.UNAVAILABLE, f"{whom} is not connected")
@@ -92,13 +96,15 @@ class CallSignals:
         gateway._quietly(gateway.bus.publish(channels.profile(profile_id), payload), "relaying a call signal")
 
     async def _is_member(self, session, room_id, profile_id):
+        # The membership cache first: a removal is in it as soon as it is published.
+        member = await self._cached_member(room_id, profile_id)
+        if member is not None:
+            return member
         now = self._gateway.clock.seconds()
         known = self._members.get((room_id, profile_id))
         if known is not None and now - known < MEMBER_TTL_SEC:
             return True
-        member = await self._cached_member(room_id, profile_id)
-        if member is None:
-            member = await self._core_member(session, room_id, profile_id)
+        member = await self._core_member(session, room_id, profile_id)
         if member:
             if len(self._members) >= MEMBER_CACHE_MAX:
                 self._members = {k: t for k, t in self._members.items() if now - t < MEMBER_TTL_SEC}

@@ -9,6 +9,7 @@ see it. Presence events are not kept in the rooms' streams (no position): they s
 what is true now, and a device that reconnects asks (the ``presence`` command).
 """
 
+import math
 import uuid
 
 import grpc
@@ -20,7 +21,14 @@ from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import CoreError
-from chatgateway.store.presence import NoPresence, PresenceUnavailable, make_presence, offline_bound_sec
+from chatgateway.store.presence import (
+    KEY_TTL_SEC,
+    NoPresence,
+    PresenceUnavailable,
+    holder,
+    make_presence,
+    offline_bound_sec,
+)
 
 Status = pb.PresenceEvent.Status
 
@@ -31,16 +39,21 @@ class Presence:
     def __init__(self, gateway):
         self._gateway = gateway
         config = gateway.config
-        self.leases = make_presence(gateway.store, gateway.clock)
+        self.leases = make_presence(gateway.store, gateway.clock, config.cache_uri)
         if isinstance(self.leases, NoPresence):
             self.log.warn(
-                "{reason}: no presenceEvents, and the presence command and call signals answer UNAVAILABLE",
+                "{reason}: no presenceEvents, the presence command answers UNAVAILABLE, and call"
+                " signals are relayed without the check that the callee is connected",
                 reason=NoPresence.reason,
             )
-        self.gateway_id = config.gateway_id
+        # This process: a gateway restarted with the same GATEWAY_ID lapses its earlier leases.
+        self.holder = holder(config.gateway_id, uuid.uuid4().hex[:12])
         self.grace_sec = config.presence_grace_sec
         self.max_room_size = config.presence_max_room_size
         self.online_profiles = 0  # across gateways, as the last sweep counted
+        # The keys of live connections are renewed every KEY_TTL_SEC / 3 (a few times a day).
+        self.renew_every = max(1, math.floor(KEY_TTL_SEC / (3 * config.heartbeat_interval_sec)))
+        self._ticks = 0
         gateway.counts.online_profiles = lambda: self.online_profiles
 
     @property
@@ -56,7 +69,7 @@ class Presence:
             session.profile_id,
             session.device_id,
             session.id,
-            self.gateway_id,
+            self.holder,
             sorted(session.member_rooms),
             self.max_room_size,
         )
@@ -65,23 +78,35 @@ class Presence:
 
     def departed(self, session):
         """A session closed: its lease lasts the grace period more (a reconnect keeps the profile online)."""
-        d = self.leases.depart(session.profile_id, session.device_id, session.id, self.gateway_id, self.grace_sec)
+        d = self.leases.depart(session.profile_id, session.device_id, session.id, self.holder, self.grace_sec)
         self._gateway._quietly(d, "releasing a presence lease")
 
     def membership_changed(self, change):
-        """A profile with devices here joined a room: the room is told when the profile goes offline."""
-        if change.change == pb.SubscriptionEvent.Change.ADDED and self._gateway.registry.profile_sessions(
-            change.profile_id
-        ):
+        """A profile with devices here joined a room (told when the profile goes offline), or left
+        one (no longer told: presence is for fellow members only)."""
+        Change = pb.SubscriptionEvent.Change
+        if change.change not in (Change.ADDED, Change.REMOVED):
+            return
+        if not self._gateway.registry.profile_sessions(change.profile_id):
+            return
+        if change.change == Change.ADDED:
             d = self.leases.add_room(change.profile_id, change.room_id)
-            self._gateway._quietly(d, "adding a room to a presence lease")
+        else:
+            d = self.leases.remove_room(change.profile_id, change.room_id)
+        self._gateway._quietly(d, "updating the rooms of a presence lease")
 
     def tick(self):
         """Every heartbeat: sweep the leases (any gateway's) that lapsed or whose gateway died.
 
         Live leases need no renewal: they last as long as this gateway's registration, which
-        the heartbeat renews (chatgateway.store.presence)."""
-        swept = self.leases.sweep(self.max_room_size, self.gateway_id)
+        the heartbeat renews (chatgateway.store.presence); only their keys' TTLs are renewed,
+        every ``renew_every`` ticks."""
+        self._ticks += 1
+        if self._ticks % self.renew_every == 0:
+            profiles = {s.profile_id for s in self._gateway.registry.sessions}
+            if profiles:
+                self._gateway._quietly(self.leases.renew(profiles), "renewing presence keys")
+        swept = self.leases.sweep(self.max_room_size, self.holder)
         swept.addCallback(self._swept)
         self._gateway._quietly(swept, "sweeping presence leases")
 
@@ -132,12 +157,9 @@ class Presence:
             response.profile_ids.extend(found.profile_ids)
         return response
 
-    async def devices(self, profile_id):
-        """The devices of ``profile_id`` connected now, on any gateway."""
-        try:
-            return await self.leases.devices(profile_id)
-        except PresenceUnavailable as e:
-            raise CoreError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+    def devices(self, profile_id):
+        """Deferred: the devices of ``profile_id`` connected now, on any gateway (None: not known)."""
+        return self.leases.devices(profile_id)
 
 
 async def get_presence(gateway, request, token, device_id="", **_options):

@@ -56,7 +56,7 @@ class SharedLimits:
     log = Logger()
 
     def __init__(self, config, store, clock, counts):
-        self._gcra = make_gcra(store, clock)
+        self._gcra = make_gcra(store, clock, config.cache_uri)
         self._clock = clock
         self._counts = counts
         self._rates = {

@@ -11,10 +11,10 @@ limit is full again), so an idle profile or room costs Redis nothing.
 
 The time is Redis's own (TIME), so gateways' clocks never matter. The limits of one command
 (its profile's and its room's) are checked in one script: it counts against both or neither,
-so a command refused by one limit does not use up the other. On a Redis Cluster the two
-keys are in different slots: there each limit is its own script, profile first
-(ClusterGcra), and a command the room's limit refuses has counted against its profile's.
+so a command refused by one limit does not use up the other.
 """
+
+from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from zope.interface import Interface, implementer
@@ -102,21 +102,33 @@ class MemoryGcra:
 
 
 @implementer(IRateChecks)
-class ClusterGcra(RedisGcra):
-    """On a Redis Cluster: one script per limit (its key's slot), in order, up to a refusal."""
+class ClusterGcra:
+    """GCRA checks on a Redis Cluster: one script per limit (each key has its own slot), so a
+    command refused by its room's limit has used up one of its profile's (not both-or-neither)."""
 
-    @defer.inlineCallbacks
-    def check(self, limits):
+    def __init__(self, redis):
+        self._one = RedisGcra(redis)
+
+    async def _check(self, limits):
         for limit in limits:
-            outcome = yield RedisGcra.check(self, [limit])
+            outcome = await self._one.check([limit])
             if outcome[0] is not None:
                 return outcome
         return (None, 0.0)
 
+    def check(self, limits):
+        return defer.ensureDeferred(self._check(limits))
 
-def make_gcra(store, clock):
-    """The checks beside ``store``: in its Redis (a cluster's: ClusterGcra), or in process."""
-    if isinstance(store, ClusterStore):
-        return ClusterGcra(store.redis)
+
+def is_cluster_uri(uri):
+    """A Redis Cluster URI (redis+cluster://, rediss+cluster://)."""
+    return urlsplit(uri.strip()).scheme.endswith("+cluster")
+
+
+def make_gcra(store, clock, uri=""):
+    """The checks beside ``store`` (whose URI is ``uri``): in its Redis, or in process."""
     redis = getattr(store, "redis", None)
-    return RedisGcra(redis) if redis is not None else MemoryGcra(clock)
+    if redis is None:
+        return MemoryGcra(clock)
+    clustered = isinstance(store, ClusterStore) or is_cluster_uri(uri)
+    return ClusterGcra(redis) if clustered else RedisGcra(redis)

@@ -8,14 +8,18 @@ PRESENCE_GRACE_SEC later (milliseconds of Redis TIME, so the gateways' clocks ne
 
     gateway:presence:{profileID}          ZSET lease member -> +inf (live) or its lapse (ms)
     gateway:presence-rooms:{profileID}    SET of the rooms to tell when the profile goes offline
-    gateway:presence-gw:{gatewayID}       SET of JSON [profileID, member]: the gateway's live leases
-    gateway:presence-gateways             SET of the gateway ids holding live leases
+    gateway:presence-gw:{holder}          SET of JSON [profileID, member]: a holder's live leases
+    gateway:presence-gateways             SET of the holders of live leases
     gateway:presence-index                ZSET profile id -> its earliest finite lapse (the sweep's work)
     gateway:presence-online               SET of the profiles online (for the metric)
-    gateway:presence-reaped:{gatewayID}   a mark: another gateway lapsed its leases   1 day (the one TTL)
+    gateway:presence-reaped:{holder}      a mark: another gateway lapsed its leases
 
-The others have no TTL: each is emptied by the sweep (a gateway that comes back cleans up after
-those that died). A lease member is JSON ``[device_id, session_id]``, ``"~"`` + that when
+A holder is JSON ``[gatewayID, incarnation]``: one gateway process (a gateway restarted with
+the same GATEWAY_ID is another incarnation, and lapses the leases of its earlier one).
+
+Each is emptied by the sweep (a gateway that comes back cleans up after those that died),
+and expires KEY_TTL_SEC after it was last written or renewed, so nothing is left behind
+when no gateway is. A lease member is JSON ``[device_id, session_id]``, ``"~"`` + that when
 departed: the profile stays online through a reconnect within the grace (no offline/online
 pair, on any gateway), but the device no longer counts as reachable for calls.
 
@@ -47,12 +51,18 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
-from chatgateway.store import conn_key, instance_key, room_key
+from chatgateway.store import conn_key, room_key
 from chatgateway.store.cluster import ClusterStore
+from chatgateway.store.gcra import is_cluster_uri
 
 CONN_PREFIX = conn_key("", "")[:-1]  # "gateway:conn:" + "profileID:deviceID"
 # Of a dead gateway's leases, and of the profiles due, what one sweep handles (the rest: the next).
 SWEEP_BATCH = 500
+# Every key expires this long after it was last written or renewed: Redis never fills with
+# leftovers, even when no gateway is left to sweep. Live connections renew their keys every
+# KEY_TTL_SEC / 3 (``renew``: a script per RENEW_CHUNK, a few times a day).
+KEY_TTL_SEC = 86400
+RENEW_CHUNK = 500
 DEPARTED = "~"
 INDEX_KEY = "gateway:presence-index"
 GATEWAYS_KEY = "gateway:presence-gateways"
@@ -67,8 +77,13 @@ def presence_rooms_key(profile_id: str) -> str:
     return f"gateway:presence-rooms:{profile_id}"
 
 
-def gateway_leases_key(gateway_id: str) -> str:
-    return f"gateway:presence-gw:{gateway_id}"
+def holder(gateway_id: str, incarnation: str) -> str:
+    """Who holds a lease: one process of a gateway."""
+    return json.dumps([gateway_id, incarnation], separators=(",", ":"))
+
+
+def holder_leases_key(holder: str) -> str:
+    return f"gateway:presence-gw:{holder}"
 
 
 def lease_member(device_id: str, session_id: str) -> str:
@@ -109,28 +124,30 @@ local function tell(rooms, max_size, out)
 end
 """
 
-# KEYS: presence key, rooms key, the gateway's leases, the gateways set, the online set.
-# ARGV: profile, member, gateway id, gateway entry, max room size, room ids.
+# KEYS: presence key, rooms key, the holder's leases, the holders set, the online set.
+# ARGV: profile, member, holder, holder's entry, max room size, key TTL, room ids.
 # Returns {1, rooms to tell...} when the profile came online, else {0}.
 ARRIVE = (
     _FUNCTIONS
     + """
+local ttl = ARGV[6]
 local was = redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')
 redis.call('ZADD', KEYS[1], '+inf', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[3])
 redis.call('SADD', KEYS[5], ARGV[1])
 local rooms = {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   redis.call('SADD', KEYS[2], ARGV[i])
   table.insert(rooms, ARGV[i])
 end
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
 if was > 0 then return {0} end
 return tell(rooms, tonumber(ARGV[5]), {1})
 """
 )
 
-# KEYS: presence key, the gateway's leases, index. ARGV: profile, member, grace ms, gateway entry.
+# KEYS: presence key, the holder's leases, index. ARGV: profile, member, grace ms, holder's entry, key TTL.
 DEPART = (
     _FUNCTIONS
     + """
@@ -138,24 +155,37 @@ if redis.call('ZREM', KEYS[1], ARGV[2]) == 1 then
   local lapse = now_ms() + tonumber(ARGV[3])
   redis.call('ZADD', KEYS[1], lapse, '~' .. ARGV[2])
   redis.call('ZADD', KEYS[3], 'LT', lapse, ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])  -- a new key when that was its last member
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
 redis.call('SREM', KEYS[2], ARGV[4])
 return 1
 """
 )
 
-# KEYS: index, gateways set, online set. ARGV: max room size, batch, the sweeping gateway's id.
-# Returns {profiles online, {{profile, room to tell...}...}, 1 if the sweeping gateway's own
-# leases were lapsed by another (its registration had expired: it takes them again)}.
+# KEYS: index, holders set, online set. ARGV: max room size, batch, the sweeping holder, key TTL.
+# Returns {profiles online, {{profile, room to tell...}...}, 1 if the sweeping holder's own
+# leases were lapsed by another gateway (its registration had expired: it takes them again)}.
 SWEEP = (
     _FUNCTIONS
     + """
-local now, batch, own = now_ms(), tonumber(ARGV[2]), ARGV[3]
+local now, batch, own, ttl = now_ms(), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local own_gateway = cjson.decode(own)[1]
 local reaped = redis.call('DEL', 'gateway:presence-reaped:' .. own)
-for _, gateway in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if gateway ~= own and redis.call('EXISTS', 'gateway:instance:' .. gateway) == 0 then
-    redis.call('SET', 'gateway:presence-reaped:' .. gateway, '1', 'EX', 86400)
-    local leases = 'gateway:presence-gw:' .. gateway
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+redis.call('EXPIRE', 'gateway:presence-gw:' .. own, ttl)
+for _, holder in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local ok, pair = pcall(cjson.decode, holder)
+  local gateway = ok and type(pair) == 'table' and pair[1] or nil
+  local dead = false
+  if holder ~= own and gateway == own_gateway then
+    dead = true  -- an earlier incarnation of the sweeping gateway
+  elseif holder ~= own and (type(gateway) ~= 'string' or redis.call('EXISTS', 'gateway:instance:' .. gateway) == 0) then
+    dead = true
+    redis.call('SET', 'gateway:presence-reaped:' .. holder, '1', 'EX', ttl)
+  end
+  if dead then
+    local leases = 'gateway:presence-gw:' .. holder
     for _, entry in ipairs(redis.call('SPOP', leases, batch)) do
       local ok, pair = pcall(cjson.decode, entry)
       if ok and type(pair) == 'table' and type(pair[1]) == 'string' and type(pair[2]) == 'string' then
@@ -166,7 +196,7 @@ for _, gateway in ipairs(redis.call('SMEMBERS', KEYS[2])) do
         end
       end
     end
-    if redis.call('SCARD', leases) == 0 then redis.call('SREM', KEYS[2], gateway) end
+    if redis.call('SCARD', leases) == 0 then redis.call('SREM', KEYS[2], holder) end
   end
 end
 local offline = {}
@@ -188,6 +218,11 @@ end
 return {redis.call('SCARD', KEYS[3]), offline, reaped}
 """
 )
+
+# KEYS: the presence and rooms keys of the leases of live connections. ARGV: key TTL.
+RENEW = """
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+"""
 
 # KEYS: room key. ARGV: max room size.
 # Returns {1, connected devices} above the size, else {0, online profiles...}.
@@ -248,24 +283,30 @@ class Sweep:
 class IPresenceLeases(Interface):
     """The leases of every gateway's connections, and the transitions they decide (the module docstring)."""
 
-    def arrive(profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+    def arrive(profile_id, device_id, session_id, holder, rooms, max_room_size):
         """Take a connection's lease (again: idempotent). Deferred: the rooms to tell if the
         profile came online, else None."""
 
-    def depart(profile_id, device_id, session_id, gateway_id, grace_sec):
+    def depart(profile_id, device_id, session_id, holder, grace_sec):
         """A connection closed: its lease becomes a departed one lapsing after ``grace_sec``."""
 
     def add_room(profile_id, room_id):
         """The profile joined ``room_id``: tell it too when the profile goes offline."""
 
-    def sweep(max_room_size, gateway_id):
-        """By ``gateway_id``: lapse the leases of dead gateways, drop lapsed ones. Deferred: a Sweep."""
+    def remove_room(profile_id, room_id):
+        """The profile left ``room_id``: it is no longer told of the profile."""
+
+    def renew(profile_ids):
+        """Renew the TTL of these profiles' keys (their connections are live here)."""
+
+    def sweep(max_room_size, holder):
+        """By ``holder`` (this process): lapse the leases of dead holders, drop lapsed ones. Deferred: a Sweep."""
 
     def room(room_id, max_room_size):
-        """Deferred: the RoomPresence of a room."""
+        """Deferred: the RoomPresence of a room (PresenceUnavailable: presence is not kept)."""
 
     def devices(profile_id):
-        """Deferred: the set of the profile's devices with a live (not departed) lease."""
+        """Deferred: the set of the profile's devices with a live (not departed) lease (None: not known)."""
 
 
 @implementer(IPresenceLeases)
@@ -275,31 +316,41 @@ class RedisPresence:
     def __init__(self, redis: Any):
         self.redis = redis
 
-    def arrive(self, profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+    def arrive(self, profile_id, device_id, session_id, holder, rooms, max_room_size):
         member = lease_member(device_id, session_id)
         keys = [
             presence_key(profile_id),
             presence_rooms_key(profile_id),
-            gateway_leases_key(gateway_id),
+            holder_leases_key(holder),
             GATEWAYS_KEY,
             ONLINE_KEY,
         ]
-        args = [profile_id, member, gateway_id, gateway_entry(profile_id, member), max_room_size, *rooms]
+        args = [profile_id, member, holder, gateway_entry(profile_id, member), max_room_size, KEY_TTL_SEC, *rooms]
         d = self.redis.eval(ARRIVE, keys, args)
         return d.addCallback(lambda reply: [_text(r) for r in reply[1:]] if int(reply[0]) else None)
 
-    def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
+    def depart(self, profile_id, device_id, session_id, holder, grace_sec):
         member = lease_member(device_id, session_id)
-        keys = [presence_key(profile_id), gateway_leases_key(gateway_id), INDEX_KEY]
-        args = [profile_id, member, max(0, round(grace_sec * 1000)), gateway_entry(profile_id, member)]
+        keys = [presence_key(profile_id), holder_leases_key(holder), INDEX_KEY]
+        args = [profile_id, member, max(0, round(grace_sec * 1000)), gateway_entry(profile_id, member), KEY_TTL_SEC]
         return self.redis.eval(DEPART, keys, args).addCallback(lambda _: None)
 
     def add_room(self, profile_id, room_id):
         return self.redis.execute("SADD", presence_rooms_key(profile_id), room_id).addCallback(lambda _: None)
 
-    def sweep(self, max_room_size, gateway_id):
+    def remove_room(self, profile_id, room_id):
+        return self.redis.execute("SREM", presence_rooms_key(profile_id), room_id).addCallback(lambda _: None)
+
+    def renew(self, profile_ids):
+        keys = sorted({k for p in profile_ids for k in (presence_key(p), presence_rooms_key(p))})
+        calls = [
+            self.redis.eval(RENEW, keys[i : i + RENEW_CHUNK], [KEY_TTL_SEC]) for i in range(0, len(keys), RENEW_CHUNK)
+        ]
+        return defer.gatherResults(calls, consumeErrors=True).addCallback(lambda _: None)
+
+    def sweep(self, max_room_size, holder):
         keys = [INDEX_KEY, GATEWAYS_KEY, ONLINE_KEY]
-        d = self.redis.eval(SWEEP, keys, [max_room_size, SWEEP_BATCH, gateway_id])
+        d = self.redis.eval(SWEEP, keys, [max_room_size, SWEEP_BATCH, holder, KEY_TTL_SEC])
 
         def parsed(reply):
             online, offline, reaped = reply
@@ -323,130 +374,54 @@ class RedisPresence:
         return d.addCallback(lambda members: {d for d in (lease_device(_text(m)) for m in members) if d})
 
 
-@implementer(IPresenceLeases)
-class MemoryPresence:
-    """The same leases in process, on ``clock``, beside a MemoryStore (its room sets, connection
-    metadata and instance entries); the state lives on the store, so every gateway of the
-    process shares it."""
-
-    def __init__(self, store: Any, clock: Any):
-        self.store = store
-        self.clock = clock
-        if not hasattr(store, "presence_leases"):
-            store.presence_leases = {}  # profile -> {member: lapse (seconds; inf: live)}
-            store.presence_rooms = {}  # profile -> set of room ids
-            store.presence_gateways = {}  # gateway id -> {(profile, member)}
-            store.presence_reaped = set()  # gateway ids whose leases another gateway lapsed
-        self.leases = store.presence_leases
-        self.rooms = store.presence_rooms
-        self.gateways = store.presence_gateways
-        self.reaped = store.presence_reaped
-
-    def _tell(self, rooms, max_room_size):
-        if max_room_size <= 0:
-            return []
-        return sorted(r for r in rooms if len(self.store.sets.get(room_key(r), ())) <= max_room_size)
-
-    def arrive(self, profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
-        now = self.clock.seconds()
-        leases = self.leases.setdefault(profile_id, {})
-        was = any(lapse > now for lapse in leases.values())
-        member = lease_member(device_id, session_id)
-        leases[member] = math.inf
-        self.gateways.setdefault(gateway_id, set()).add((profile_id, member))
-        self.rooms.setdefault(profile_id, set()).update(rooms)
-        return defer.succeed(None if was else self._tell(rooms, max_room_size))
-
-    def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
-        leases = self.leases.get(profile_id, {})
-        member = lease_member(device_id, session_id)
-        if leases.pop(member, None) is not None:
-            leases[DEPARTED + member] = self.clock.seconds() + grace_sec
-        self.gateways.get(gateway_id, set()).discard((profile_id, member))
-        return defer.succeed(None)
-
-    def add_room(self, profile_id, room_id):
-        if profile_id in self.leases:
-            self.rooms.setdefault(profile_id, set()).add(room_id)
-        return defer.succeed(None)
-
-    def sweep(self, max_room_size, gateway_id):
-        now = self.clock.seconds()
-        reaped = gateway_id in self.reaped
-        self.reaped.discard(gateway_id)
-        for dead in [g for g in self.gateways if g != gateway_id and instance_key(g) not in self.store.values]:
-            self.reaped.add(dead)
-            for profile_id, member in self.gateways.pop(dead):
-                if member in self.leases.get(profile_id, {}):
-                    self.leases[profile_id][member] = now
-        offline = []
-        for profile_id in sorted(self.leases):
-            leases = self.leases[profile_id]
-            for member in [m for m, lapse in leases.items() if lapse <= now]:
-                del leases[member]
-            if not leases:
-                del self.leases[profile_id]
-                offline.append((profile_id, self._tell(self.rooms.pop(profile_id, ()), max_room_size)))
-        return defer.succeed(Sweep(len(self.leases), offline, reaped))
-
-    def room(self, room_id, max_room_size):
-        members = self.store.sets.get(room_key(room_id), set())
-        if len(members) > max_room_size:
-            return defer.succeed(RoomPresence(len(members), None))
-        now = self.clock.seconds()
-        profiles = set()
-        for member in members:
-            raw = self.store.values.get(CONN_PREFIX + member)
-            profile_id = json.loads(raw).get("profile_id") if raw else None
-            if profile_id and any(lapse > now for lapse in self.leases.get(profile_id, {}).values()):
-                profiles.add(profile_id)
-        return defer.succeed(RoomPresence(len(profiles), sorted(profiles)))
-
-    def devices(self, profile_id):
-        now = self.clock.seconds()
-        held = self.leases.get(profile_id, {})
-        return defer.succeed({d for d in (lease_device(m) for m, lapse in held.items() if lapse > now) if d})
-
-
 class PresenceUnavailable(Exception):
     """Presence cannot be answered with this store (a Redis Cluster)."""
 
 
 @implementer(IPresenceLeases)
 class NoPresence:
-    """On a Redis Cluster: no leases, no transitions, queries refused.
+    """On a Redis Cluster: no leases, no transitions, room queries refused.
 
     The scripts above read a room's set and the gateways' registrations, keys in other
     slots than the leases', which a cluster refuses in one script; presence on a cluster
-    is not built (docs/operations.md#redis-cluster). Connects and delivery are unaffected."""
+    is not built (docs/operations.md#redis-cluster). Connects and delivery are unaffected;
+    ``devices`` answers None (not known), so call signals are relayed without the check."""
 
     reason = "presence is not available on a Redis Cluster (docs/operations.md#redis-cluster)"
 
-    def arrive(self, profile_id, device_id, session_id, gateway_id, rooms, max_room_size):
+    def arrive(self, profile_id, device_id, session_id, holder, rooms, max_room_size):
         return defer.succeed(None)
 
-    def depart(self, profile_id, device_id, session_id, gateway_id, grace_sec):
+    def depart(self, profile_id, device_id, session_id, holder, grace_sec):
         return defer.succeed(None)
 
     def add_room(self, profile_id, room_id):
         return defer.succeed(None)
 
-    def sweep(self, max_room_size, gateway_id):
+    def remove_room(self, profile_id, room_id):
+        return defer.succeed(None)
+
+    def renew(self, profile_ids):
+        return defer.succeed(None)
+
+    def sweep(self, max_room_size, holder):
         return defer.succeed(Sweep(0, []))
 
     def room(self, room_id, max_room_size):
         return defer.fail(PresenceUnavailable(self.reason))
 
     def devices(self, profile_id):
-        return defer.fail(PresenceUnavailable(self.reason))
+        return defer.succeed(None)
 
 
-def make_presence(store: Any, clock: Any) -> RedisPresence | MemoryPresence | NoPresence:
-    """The presence leases beside ``store``: in its Redis, or in process beside a MemoryStore;
-    none on a Redis Cluster (NoPresence)."""
-    if isinstance(store, ClusterStore):
+def make_presence(store: Any, clock: Any, uri: str = "") -> Any:
+    """The presence leases beside ``store`` (whose URI is ``uri``): in its Redis, in process
+    beside a MemoryStore, or none on a Redis Cluster (NoPresence)."""
+    if isinstance(store, ClusterStore) or is_cluster_uri(uri):
         return NoPresence()
     redis = getattr(store, "redis", None)
-    if redis is not None:
-        return RedisPresence(redis)
-    return MemoryPresence(store, clock)
+    if redis is None:
+        from chatgateway.store.memorypresence import MemoryPresence
+
+        return MemoryPresence(store, clock)
+    return RedisPresence(redis)

@@ -573,13 +573,14 @@ async def test_sigterm_drains_500_devices_with_calls_in_flight_and_exits_0(tmp_p
         # every gateway: the membership cache (docs/architecture.md#membership-cache), each
         # device's positions for its resume, with their TTL (docs/architecture.md#resume), and
         # the presence leases, departed, for the grace period and the next sweep of any gateway
-        # (docs/protocol.md#presence).
+        # (docs/protocol.md#presence), each with a TTL too.
         shared = ("gateway:memberships:", "gateway:resume:", "gateway:presence")
         assert [k for k in r.keys("gateway:*") if not k.startswith(shared)] == []
         assert r.keys("gateway:memberships:*")
         assert all(r.ttl(k) > 0 for k in r.keys("gateway:resume:*"))
         leases = [score for k in r.keys("gateway:presence:*") for _, score in r.zrange(k, 0, -1, withscores=True)]
         assert leases and all(score != float("inf") for score in leases)  # none live
+        assert {k: r.ttl(k) for k in r.keys("gateway:presence*") if r.ttl(k) <= 0} == {}
         assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
         # The bus is stopped after the drain, not lost (and reconnected) as the process ends.
         assert "lost; reconnecting" not in gateway.log_text(), gateway.log_tail(60)

@@ -9,7 +9,15 @@ from chatgateway import config as configuration
 from chatgateway.store import ConnectionMeta
 from chatgateway.store.gcra import IRateChecks, MemoryGcra, RedisGcra, limit_key
 from chatgateway.store.memory import MemoryStore
-from chatgateway.store.presence import INDEX_KEY, IPresenceLeases, MemoryPresence, RedisPresence, presence_key
+from chatgateway.store.memorypresence import MemoryPresence
+from chatgateway.store.presence import (
+    INDEX_KEY,
+    IPresenceLeases,
+    RedisPresence,
+    holder,
+    holder_leases_key,
+    presence_key,
+)
 from chatgateway.store.redis import RedisStore
 from support.chat import wait_until
 from support.redis import eventually
@@ -27,6 +35,9 @@ async def store(redis_server):
     await eventually(lambda: store.ready, what="store ready")
     yield store
     await store.stop()
+
+
+GW_A, GW_DEAD, GW_LATE = holder("gw-a", "1"), holder("gw-dead", "1"), holder("gw-late", "1")
 
 
 def connect(store, profile, device, rooms):
@@ -48,28 +59,30 @@ async def test_online_once_offline_after_the_grace_and_the_rooms_to_tell_by_size
     for n in range(3):
         await connect(store, f"crowd{n}", "phone", ["big"])
     await connect(store, "bob", "phone", ["small", "big"])
-    assert await leases.arrive("bob", "phone", "s1", "gw-a", ["small", "big"], 3) == ["small"]  # big: 4 devices
-    assert await leases.arrive("bob", "laptop", "s2", "gw-a", ["small"], 3) is None  # online already
-    assert await leases.arrive("bob", "laptop", "s2", "gw-a", ["small"], 3) is None  # again: idempotent
+    assert await leases.arrive("bob", "phone", "s1", GW_A, ["small", "big"], 3) == ["small"]  # big: 4 devices
+    assert await leases.arrive("bob", "laptop", "s2", GW_A, ["small"], 3) is None  # online already
+    assert await leases.arrive("bob", "laptop", "s2", GW_A, ["small"], 3) is None  # again: idempotent
     assert await leases.devices("bob") == {"phone", "laptop"}
-    assert (await leases.sweep(3, "gw-a")).offline == []  # live leases need no renewal
-    await leases.depart("bob", "phone", "s1", "gw-a", 0.3)
+    assert (await leases.sweep(3, GW_A)).offline == []  # live leases need no renewal
+    await leases.depart("bob", "phone", "s1", GW_A, 0.3)
     assert await leases.devices("bob") == {"laptop"}
-    await leases.depart("bob", "laptop", "s2", "gw-a", 0.3)
+    await leases.depart("bob", "laptop", "s2", GW_A, 0.3)
     assert await leases.devices("bob") == set()
-    sweep = await leases.sweep(3, "gw-a")
+    sweep = await leases.sweep(3, GW_A)
     assert (sweep.online, sweep.offline) == (1, [])  # in the grace: still online
+    client = redis_server.client()
+    ttls = {k: client.ttl(k) for k in client.keys("gateway:presence*")}
+    assert ttls and all(0 < t <= 86400 for t in ttls.values()), ttls  # nothing left behind without a gateway
 
     gone = []
 
     async def offline():
-        gone[:] = (await leases.sweep(3, "gw-a")).offline
+        gone[:] = (await leases.sweep(3, GW_A)).offline
         return bool(gone)
 
     await wait_until(lambda: defer.ensureDeferred(offline()), timeout=5)
     assert gone == [("bob", ["small"])]
-    client = redis_server.client()
-    assert not client.exists(presence_key("bob"), "gateway:presence-rooms:bob", "gateway:presence-gw:gw-a")
+    assert not client.exists(presence_key("bob"), "gateway:presence-rooms:bob", holder_leases_key(GW_A))
     assert client.zcard(INDEX_KEY) == 0 and client.scard("gateway:presence-online") == 0
 
 
@@ -77,18 +90,18 @@ async def test_online_once_offline_after_the_grace_and_the_rooms_to_tell_by_size
 async def test_a_dead_gateways_devices_go_offline_once_however_many_gateways_sweep(store, redis_server):
     await store.instance_alive("gw-a", {"started": 0, "addresses": [], "connections": 0})
     leases = RedisPresence(store.redis)
-    await leases.arrive("carol", "phone", "s1", "gw-dead", ["r1"], 10)  # gw-dead: no registration
-    await leases.arrive("carol", "laptop", "s2", "gw-a", ["r1"], 10)
-    await leases.arrive("erin", "phone", "s3", "gw-dead", ["r1"], 10)
+    await leases.arrive("carol", "phone", "s1", GW_DEAD, ["r1"], 10)  # gw-dead: no registration
+    await leases.arrive("carol", "laptop", "s2", GW_A, ["r1"], 10)
+    await leases.arrive("erin", "phone", "s3", GW_DEAD, ["r1"], 10)
     sweeps = await defer.gatherResults(
-        [leases.sweep(10, gw) for gw in ("gw-a", "gw-b", "gw-c")]
+        [leases.sweep(10, gw) for gw in (GW_A, holder("gw-b", "1"), holder("gw-c", "1"))]
     )  # racing from three gateways
     assert [p for s in sweeps for p, _ in s.offline] == ["erin"]  # carol is still on gw-a
     assert [s.online for s in sweeps] == [1, 1, 1]
     assert await leases.devices("carol") == {"laptop"}
     client = redis_server.client()
-    assert client.smembers("gateway:presence-gateways") == {"gw-a"}
-    assert not client.exists("gateway:presence-gw:gw-dead")
+    assert client.smembers("gateway:presence-gateways") == {GW_A}
+    assert not client.exists(holder_leases_key(GW_DEAD))
 
 
 @pytest_twisted.ensureDeferred
@@ -97,9 +110,9 @@ async def test_a_room_answers_its_online_members_or_their_count(store):
     leases = RedisPresence(store.redis)
     await connect(store, "alice", "phone", ["r1"])
     await connect(store, "dave", "phone", ["r1"])
-    await leases.arrive("alice", "phone", "s-alice-phone", "gw-a", ["r1"], 10)
-    await leases.arrive("dave", "phone", "s-dave-phone", "gw-dead", ["r1"], 10)
-    await leases.sweep(10, "gw-a")
+    await leases.arrive("alice", "phone", "s-alice-phone", GW_A, ["r1"], 10)
+    await leases.arrive("dave", "phone", "s-dave-phone", GW_DEAD, ["r1"], 10)
+    await leases.sweep(10, GW_A)
     found = await leases.room("r1", 10)
     assert (found.count, found.profile_ids) == (1, ["alice"])  # dave's gateway is dead
     counted = await leases.room("r1", 1)
@@ -124,10 +137,22 @@ async def test_gcra_in_redis_lets_the_burst_in_and_counts_a_command_against_both
 @pytest_twisted.ensureDeferred
 async def test_a_gateway_that_was_only_late_learns_its_leases_were_lapsed(store):
     leases = RedisPresence(store.redis)
-    await leases.arrive("frank", "phone", "s1", "gw-late", ["r1"], 10)  # its registration has expired
-    assert (await leases.sweep(10, "gw-late")).offline == []  # never its own sweep's victim
-    first = await leases.sweep(10, "gw-a")
+    await leases.arrive("frank", "phone", "s1", GW_LATE, ["r1"], 10)  # its registration has expired
+    assert (await leases.sweep(10, GW_LATE)).offline == []  # never its own sweep's victim
+    first = await leases.sweep(10, GW_A)
     assert ([p for p, _ in first.offline], first.reaped) == (["frank"], False)
-    late = await leases.sweep(10, "gw-late")  # back: the mark tells it
-    assert late.reaped and not (await leases.sweep(10, "gw-late")).reaped  # once
-    assert await leases.arrive("frank", "phone", "s1", "gw-late", ["r1"], 10) == ["r1"]  # online again
+    late = await leases.sweep(10, GW_LATE)  # back: the mark tells it
+    assert late.reaped and not (await leases.sweep(10, GW_LATE)).reaped  # once
+    assert await leases.arrive("frank", "phone", "s1", GW_LATE, ["r1"], 10) == ["r1"]  # online again
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_restarted_under_the_same_id_lapses_its_earlier_incarnations_leases(store):
+    await store.instance_alive("gw-a", {"started": 0, "addresses": [], "connections": 0})
+    leases = RedisPresence(store.redis)
+    earlier, now = holder("gw-a", "0"), GW_A
+    await leases.arrive("gina", "phone", "s1", earlier, ["r1"], 10)  # before a SIGKILL
+    await leases.arrive("hank", "phone", "s2", now, ["r1"], 10)
+    assert (await leases.sweep(10, holder("gw-b", "1"))).offline == []  # gw-a is registered: alive to others
+    sweep = await leases.sweep(10, now)  # its own sweep knows better
+    assert ([p for p, _ in sweep.offline], sweep.reaped) == (["gina"], False)

@@ -131,3 +131,18 @@ def test_a_malformed_signal_is_an_invalid_argument(h, fields):
     h.connect("bob/phone")
     (result,) = alice.command(request_id="x", call_signal=pb.CallSignal(**fields))
     assert result.command_result.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def test_a_callee_removed_from_the_room_is_refused_at_once(h):
+    from chatgateway.bus import channels, memberships
+    from chatgateway.bus.memory import MemoryBus
+    from chatgateway.sessions import membership
+
+    alice = h.connect("alice/laptop")
+    h.connect("bob/phone")
+    assert status(signal(alice, Kind.OFFER, "bob")) == 0
+    removed = membership.event("r1", "bob", pb.SubscriptionEvent.Change.REMOVED)
+    event = pb.ServerEvent(id="x", subscription_event=removed)
+    memberships.publish_event(MemoryBus(h.hub), channels.profile("bob"), event)  # as the core publishes it
+    h.core.rooms["bob"].remove("r1")
+    assert status(signal(alice, Kind.ICE, "bob", request_id="after")) == grpc.StatusCode.PERMISSION_DENIED.value[0]

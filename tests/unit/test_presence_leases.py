@@ -4,11 +4,13 @@ rooms, and who may ask."""
 
 import grpc
 import pytest
+from twisted.internet import defer
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.store import instance_key
 from chatgateway.store.memory import MemoryStore
-from chatgateway.store.presence import MemoryPresence
+from chatgateway.store.memorypresence import MemoryPresence
+from chatgateway.store.presence import holder
 from support.wsharness import Harness
 
 HEARTBEAT = 10
@@ -184,16 +186,17 @@ def test_memory_leases_tell_devices_in_their_grace_apart_from_connected_ones():
     store = MemoryStore()
     store.instance_alive("gw", {})
     leases = MemoryPresence(store, clock)
-    assert leases.arrive("bob", "phone", "s1", "gw", ["r1"], 10).result == ["r1"]  # came online: tell r1
-    assert leases.arrive("bob", "laptop", "s2", "gw", ["r1"], 10).result is None
-    assert leases.arrive("bob", "laptop", "s2", "gw", ["r1"], 10).result is None  # again: idempotent
-    leases.depart("bob", "phone", "s1", "gw", 5)
+    gw = holder("gw", "1")
+    assert leases.arrive("bob", "phone", "s1", gw, ["r1"], 10).result == ["r1"]  # came online: tell r1
+    assert leases.arrive("bob", "laptop", "s2", gw, ["r1"], 10).result is None
+    assert leases.arrive("bob", "laptop", "s2", gw, ["r1"], 10).result is None  # again: idempotent
+    leases.depart("bob", "phone", "s1", gw, 5)
     assert leases.devices("bob").result == {"laptop"}
-    leases.depart("bob", "laptop", "s2", "gw", 5)
+    leases.depart("bob", "laptop", "s2", gw, 5)
     assert leases.devices("bob").result == set()
-    assert leases.sweep(10, "gw-a").result.offline == []  # in the grace: still online
+    assert leases.sweep(10, gw).result.offline == []  # in the grace: still online
     clock.advance(6)
-    sweep = leases.sweep(10, "gw-a").result
+    sweep = leases.sweep(10, gw).result
     assert (sweep.online, [p for p, _ in sweep.offline]) == (0, ["bob"])
 
 
@@ -222,3 +225,56 @@ def test_a_gateway_whose_leases_were_lapsed_while_it_was_late_takes_them_again(h
     late.gateway.presence.tick()  # its own sweep finds the mark
     assert presence(alice)[-1] == ("bob", ONLINE, "r1")
     late.stop()
+
+
+def test_the_keys_of_live_connections_are_renewed_a_few_times_a_day(h):
+    renewed = []
+    h.gateway.presence.leases.renew = lambda profiles: renewed.append(sorted(profiles)) or defer.succeed(None)
+    later = int(h.clock.seconds()) + 100_000  # tokens valid past the day
+    h.connect(f"alice/phone@{later}")
+    h.connect(f"bob/phone@{later}")
+    every = h.gateway.presence.renew_every
+    assert every == 86400 // (3 * HEARTBEAT)
+    h.run_for((every - 1) * HEARTBEAT, step=HEARTBEAT)
+    assert renewed == []
+    h.run_for(HEARTBEAT, step=HEARTBEAT)
+    assert renewed == [["alice", "bob"]]
+
+
+def test_a_room_left_is_not_told_when_the_profile_goes_offline(h):
+    from chatgateway.sessions import membership
+
+    alice = h.connect("alice/phone")
+    bob = h.connect("bob/phone")
+    h.core.rooms["bob"].remove("r1")
+    h.gateway.apply_membership(membership.event("r1", "bob", pb.SubscriptionEvent.Change.REMOVED))
+    close(h, bob)
+    h.run_for(GRACE + HEARTBEAT)
+    assert presence(alice) == [("bob", ONLINE, "r1")]  # no offline for a room bob is not in any more
+
+
+def test_a_gateway_restarted_with_the_same_id_lapses_its_earlier_leases(h):
+    alice = h.connect("alice/phone")
+    first = peer(h, "gw-same")
+    first.connect("bob/phone")
+    first.gateway._heartbeat.stop()  # SIGKILLed, and started again at once under the same GATEWAY_ID:
+    again = peer(h, "gw-same")  # its registration never lapses
+    h.run_for(3 * HEARTBEAT)
+    assert presence(alice) == [("bob", ONLINE, "r1"), ("bob", OFFLINE, "r1")]
+    again.stop()
+
+
+def test_a_drained_gateways_devices_reconnecting_elsewhere_within_the_hint_do_not_flap(h):
+    from chatgateway import config
+    from chatgateway.sessions.reconnect import DRAIN_SPREAD_SEC
+
+    default = config.load({"JWT_SECRET": "unit-test-secret"}).presence_grace_sec
+    assert DRAIN_SPREAD_SEC < default  # the rule docs/operations.md states
+    alice = h.connect("alice/phone")
+    draining = peer(h, "gw-drained")
+    draining.connect("bob/phone")
+    draining.stop()  # SIGTERM: every device closed with 1001 and a hint
+    h.run_for(DRAIN_SPREAD_SEC)
+    h.connect("bob/phone")  # as the hint said, on another gateway
+    h.run_for(GRACE + 3 * HEARTBEAT)
+    assert presence(alice) == [("bob", ONLINE, "r1")]
