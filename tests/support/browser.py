@@ -171,6 +171,13 @@ class ChatPage(Page):
     def typing(self):
         return self.by_id("typing").text
 
+    def members(self):
+        """{profile id: "online" | "offline" | "presence unknown"} of the open room's member list."""
+        return self.driver.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('#members li[data-profile-id]')]"
+            ".map(li => [li.dataset.profileId, li.title]))"
+        )
+
     def seen_by(self, text):
         """The "seen by ..." line under the message ``text``, or ''."""
         return self.driver.execute_script(
