@@ -214,3 +214,17 @@ def test_the_page_reconnects_with_full_jitter_never_sooner_than_the_hint(gateway
             assert min(delays) < floor + 0.1 * (ceiling - floor) and max(delays) > 0.9 * ceiling, key
         else:
             assert set(delays) == {floor}, key
+
+
+def test_the_browser_enforces_the_policy_an_inline_script_does_not_run(gateway, browsers):
+    page = browser.ChatPage(browsers(), gateway.base).open()
+    page.driver.execute_script(
+        "const s = document.createElement('script'); s.textContent = 'window.inlineRan = true';"
+        "document.body.appendChild(s);"
+        "const t = document.createElement('script'); t.src = 'data:text/javascript,window.dataRan = true';"
+        "document.body.appendChild(t);"
+    )
+    reported = []
+    page.wait(lambda: reported.extend(browser.page_errors(page.driver)) or len(reported) >= 2, "both refusals reported")
+    assert all("Content Security Policy" in message for message in reported)
+    assert page.driver.execute_script("return [window.inlineRan, window.dataRan]") == [None, None]
