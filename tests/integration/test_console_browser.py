@@ -16,6 +16,7 @@ from support import browser
 from support.processes import Twistd, free_port
 
 SECRET = "console-browser-test-secret-0123456789ab"
+POSITIONS = "chatgateway.console.positions"  # connection.js's sessionStorage key
 
 
 class Gateway:
@@ -103,6 +104,10 @@ def test_two_profiles_chat_both_ways_see_typing_receipts_and_survive_a_gateway_r
 
     before = [("alice", "hello bob"), ("bob", "hello alice"), ("alice", hostile)]
     assert alice.messages() == before and bob.messages() == before
+    # the page keeps each room's position for the first frame of its next connection (resume)
+    for page in (alice, bob):
+        position = page.driver.execute_script("return JSON.parse(sessionStorage.getItem(arguments[0]))", POSITIONS)
+        assert position[room]["epoch"] and int(position[room]["offset"]) >= len(before)
 
     # A restart of the gateway (drain: 1001 with a reconnect hint) and of its core.
     gateway.process.stop()
