@@ -73,7 +73,7 @@ def browsers():
 
     yield new
     for driver in opened:
-        driver.quit()
+        browser.end_session(driver)
 
 
 def test_two_profiles_chat_both_ways_see_typing_receipts_and_survive_a_gateway_restart(gateway, browsers):

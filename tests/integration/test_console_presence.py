@@ -57,4 +57,4 @@ def test_a_member_shows_online_while_signed_in_and_offline_once_gone(gateway):
             assert browser.page_errors(page.driver) == []
     finally:
         for driver in drivers:
-            driver.quit()
+            browser.end_session(driver)

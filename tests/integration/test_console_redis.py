@@ -138,7 +138,7 @@ def test_every_gateway_on_redis_is_listed_with_its_connections_and_a_stopped_one
         page.wait(lambda: page.messages() == before + [("dora", t) for t in missed], "every message, in order")
         assert browser.page_errors(driver) == []
     finally:
-        driver.quit()
+        browser.end_session(driver)
 
     assert gw1.stop() == 0
     until(lambda: set(rows(status(gw0.port, admin)[1])) == {"gw-0"}, what="the stopped gateway gone from the list")
