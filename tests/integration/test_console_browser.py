@@ -127,6 +127,13 @@ def test_two_profiles_chat_both_ways_see_typing_receipts_and_survive_a_gateway_r
     bob.open_room(room)
     bob.wait(lambda: bob.messages() == [*before, ("bob", "after the restart")], "the history after a reload")
 
+    # alice (the owner) adds carol: both timelines and member lists show it.
+    alice.fill("add-member-id", "carol")
+    alice.by_id("add-member-id").submit()
+    for page in (alice, bob):
+        page.wait(lambda p=page: ("alice", "added carol") in p.system_lines(), "carol's addition in the timeline")
+        page.wait(lambda p=page: "carol" in p.members(), "carol in the member list")
+
     # bob leaves: the room leaves his list, alice's timeline says so.
     bob.by_id("leave-room").click()
     bob.wait(lambda: room not in bob.room_ids(), "the room gone from bob's list")
