@@ -23,8 +23,8 @@ from support.rediscluster import RedisCluster
 # The secret of test_resume_gateways, whose resume scenario runs here too.
 SECRET = resume_gateways.SECRET
 # Above what the other tests' profiles send (an owner creates up to 60 rooms), below a test's own.
-PROFILE_BURST = 120
-ROOM_BURST = 30
+PROFILE_BURST = 400
+ROOM_BURST = 200
 
 
 def token(profile, device=None):
@@ -168,7 +168,7 @@ async def test_the_limits_per_profile_and_per_room_hold_across_gateways(deployme
     ]
     phone = await connect(deployment, 0, alice_id, "phone")
     laptop = await connect(deployment, 1, alice_id, "laptop")
-    # 120 commands over six rooms (20 each: within every room's limit), from both gateways
+    # PROFILE_BURST commands over six rooms (within every room's limit), from both gateways
     sent = [await typing((phone, laptop)[i % 2], rooms[i % 6]) for i in range(PROFILE_BURST)]
     assert sent == [("OK", "")] * PROFILE_BURST
     assert await typing(laptop, rooms[0]) == ("RESOURCE_EXHAUSTED", "profile")
