@@ -212,12 +212,13 @@ class Outbox:
     # ------------------------------------------------------------ sending
 
     def send(self, frame, kind=KEPT, key=None):
+        """Write or queue ``frame``; False when it is dropped at once (closed, or it does not fit)."""
         if self.closed:
-            return
+            return False
         if not self.paused and not self._queue:
             self._write(frame)
-            return
-        self._wait(_Entry(frame, kind, key))
+            return True
+        return self._wait(_Entry(frame, kind, key))
 
     def _wait(self, entry):
         if entry.key is not None and self._by_key:
@@ -232,13 +233,13 @@ class Outbox:
                 # Not even without every waiting typing event.
                 if entry.kind == TYPING:
                     self.dropped += 1
-                    return
+                    return False
                 if entry.kind == ROOM and self.behind is not None:
                     self.behind()  # not sent: the device catches up once this queue drained
-                    return
+                    return False
                 self.close()
                 self._overflow()
-                return
+                return False
             while self._unsent() + self.queued + size > self.limit and self._typing:
                 self._remove(self._typing.popleft(), from_typing=False)
                 self.dropped += 1
@@ -255,6 +256,7 @@ class Outbox:
                 self._typing = collections.deque()
             self._typing.append(entry)
             self._typing_bytes += size
+        return True
 
     def _remove(self, entry, from_typing=True):
         """Forget a waiting entry (it stays in _queue as a hole until flushed or compacted)."""

@@ -20,7 +20,9 @@ from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import METHODS, CoreError
+from chatgateway.sessions.calls import SignalRefused
 from chatgateway.sessions.ratelimit import TokenBucket
+from chatgateway.sessions.sharedlimits import LimitExceeded
 from chatgateway.sessions.tokenexpiry import TokenExpiries
 from chatgateway.store import ConnectionMeta
 
@@ -50,8 +52,9 @@ class ISessionTransport(Interface):
     def send_event(event: pb.ServerEvent) -> None:
         """Send one ServerEvent to this device only."""
 
-    def send_encoded(encoded: EncodedEvent) -> None:
-        """Send a shared EncodedEvent (fan-out) to this device."""
+    def send_encoded(encoded: EncodedEvent) -> bool | None:
+        """Send a shared EncodedEvent (fan-out) to this device; False when it was dropped (the
+        connection closing), so its position is not counted as given."""
 
     def ping() -> None:
         """Send a heartbeat probe."""
@@ -206,9 +209,10 @@ class Session:
                 self.gateway.catchups.hole(self, last, encoded)  # (another epoch: the stream was lost)
             return  # at or below: given already
         if not self.behind:
-            self.transport.send_encoded(encoded)
+            sent = self.transport.send_encoded(encoded)
             if not self.behind:
-                self.delivered[room_id] = position
+                if sent is not False:  # False: dropped by a closing connection, not given
+                    self.delivered[room_id] = position
                 return
         self.gateway.catchups.fall_behind(self, position, last)
 
@@ -240,8 +244,7 @@ class Session:
         """A catch-up's event (sessions.catchup); False when it did not fit (the device fell behind)."""
         if self.closed or self.behind:
             return False
-        self.transport.send_encoded(encoded)
-        if self.behind:
+        if self.transport.send_encoded(encoded) is False or self.behind:
             return False
         self.gateway.counts.sent(encoded.event)
         return True
@@ -328,7 +331,10 @@ class Session:
             self.reply(request_id, error_detail(grpc.StatusCode.INVALID_ARGUMENT, "unknown or empty command"))
             return
         self._in_flight += 1
-        d = defer.maybeDeferred(handler, request_id, getattr(command, which))
+        payload = getattr(command, which)
+        # The limits per profile and per room, across gateways (sessions.sharedlimits), then the command.
+        d = self.gateway.limits.admit(self.profile_id, which, payload)
+        d.addCallback(lambda _: defer.maybeDeferred(handler, request_id, payload))
         d.addErrback(self._command_failed, request_id)
         d.addBoth(self._command_done)
 
@@ -340,8 +346,10 @@ class Session:
     def _command_failed(self, failure, request_id):
         if failure.check(CoreError):
             self.reply(request_id, failure.value.detail())
-        elif failure.check(CommandError):
-            self.reply(request_id, error_detail(failure.value.code, failure.value.message))
+        elif failure.check(CommandError, LimitExceeded, SignalRefused):
+            detail = error_detail(failure.value.code, failure.value.message)
+            detail.meta.update(getattr(failure.value, "meta", {}))
+            self.reply(request_id, detail)
         else:
             self.log.failure("command {request_id} failed", failure, request_id=request_id)
             self.reply(request_id, error_detail(grpc.StatusCode.INTERNAL, "internal error"))
@@ -415,6 +423,14 @@ class Session:
             self.reply(request_id)
         else:
             self.reply(request_id, body=response)
+
+    async def _cmd_call_signal(self, request_id, signal):
+        await self.gateway.calls.send(self, signal)
+        self.reply(request_id)
+
+    async def _cmd_presence(self, request_id, query):
+        self._require_member(query.room_id)
+        self.reply(request_id, body=await self.gateway.presence.room(query.room_id))
 
     # ------------------------------------------------------------ membership
 

@@ -35,7 +35,7 @@ from chatgateway.core.client import CoreError
 from chatgateway.sessions.fanout import EncodedEvent
 
 # Events a room's window keeps at most (the oldest go first).
-WINDOW_MAX = 4 * READ_CHUNK
+WINDOW_MAX = 2 * READ_CHUNK
 # A window no session read from for this long is dropped.
 WINDOW_IDLE_SEC = 10.0
 # Events per GetHistory page (the reference core's cap), and pages per range at most.
@@ -241,7 +241,9 @@ class StreamReads:
         if window is None:
             return
         _, epoch, offset = encoded.position
-        if offset == window.top + 1 and epoch == window.epoch:
+        if epoch != window.epoch:
+            self.forget(room_id)  # the stream was lost: the window's epoch is over
+        elif offset == window.top + 1:
             window.events.append((offset, encoded))
             if len(window.events) > WINDOW_MAX + READ_CHUNK:
                 window.trim()

@@ -74,6 +74,7 @@ gateway's :conns set, ~770 bytes; used_memory grows ~990 bytes per connection
 cost ~70 bytes per extra member; :rooms ~70 bytes per distinct room per gateway.
 """
 
+import json
 import math
 
 from twisted.internet import defer
@@ -396,6 +397,25 @@ class RedisStore:
                 ("EXPIRE", instance_rooms_key(gateway_id), ttl),
             ]
         )
+
+    def instances(self):
+        return defer.ensureDeferred(self._instances())
+
+    async def _instances(self):
+        ids = sorted(await self.redis.execute("SMEMBERS", INSTANCES_KEY))
+        if not ids:
+            return []
+        entries = await self.redis.execute("MGET", *(instance_key(g) for g in ids))
+        rooms = await self.redis.pipeline([("SCARD", instance_rooms_key(g)) for g in ids])
+        found = []
+        for entry, room_count in zip(entries, rooms, strict=True):
+            if entry is None:
+                continue  # expired: a dead gateway, not yet reaped
+            try:
+                found.append({**json.loads(entry), "rooms": room_count})
+            except ValueError:
+                self.log.warn("unreadable instance entry {entry!r}", entry=entry[:100])
+        return found
 
     def reap_dead_instances(self, own_gateway_id):
         return defer.ensureDeferred(self._reap_dead_instances(own_gateway_id))

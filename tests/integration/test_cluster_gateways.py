@@ -1,6 +1,7 @@
 """Two real gateways and the reference core on a real Redis Cluster (3 primaries, 3 replicas):
-delivery across gateways in rooms on every shard, the per-device limit, membership changes,
-and a primary killed during traffic with every published event delivered."""
+delivery across gateways in rooms on every shard, the per-device limit, the limits per profile
+and per room, membership changes, and a primary killed during traffic with every published
+event delivered."""
 
 import json
 
@@ -21,6 +22,9 @@ from support.rediscluster import RedisCluster
 
 # The secret of test_resume_gateways, whose resume scenario runs here too.
 SECRET = resume_gateways.SECRET
+# Above what the other tests' profiles send (an owner creates up to 60 rooms), below a test's own.
+PROFILE_BURST = 400
+ROOM_BURST = 200
 
 
 def token(profile, device=None):
@@ -46,6 +50,11 @@ class Deployment:
                 "HEARTBEAT_INTERVAL_SEC": "0.5",
                 "CONNECTION_TIMEOUT_SEC": "3",
                 "MAX_EVENTS_PER_SECOND": "1000",
+                # Slow enough that nothing refills while the module runs: the bursts are exact.
+                "PROFILE_EVENTS_PER_SECOND": "0.01",
+                "PROFILE_EVENTS_BURST": str(PROFILE_BURST),
+                "ROOM_EVENTS_PER_SECOND": "0.01",
+                "ROOM_EVENTS_BURST": str(ROOM_BURST),
             }
             self.gateways.append(Twistd("chatgateway", ["--workers", "1"], env=gateway_env, port=port))
         self.core.start()
@@ -141,6 +150,39 @@ async def test_the_per_device_limit_holds_across_gateways(deployment):
         (entry,) = r.zrange(f"gateway:device:{profile}:phone", 0, -1)
         assert json.loads(entry) == [connected.connected.gateway_id, connected.connected.session_id]
         await alive.close()
+
+
+async def typing(client, room_id):
+    (result,) = await client.command(typing=pb.TypingCommand(room_id=room_id, typing=True))
+    return result.error.status or "OK", result.error.meta.get("limit", "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_limits_per_profile_and_per_room_hold_across_gateways(deployment):
+    # The two limits' keys are in different slots: one script each (docs/operations.md#redis-cluster).
+    owner = await connect(deployment, 0, unique("owner"))
+    alice_id = unique("alice")
+    rooms = [
+        (await owner.call("CreateRoom", pb.CreateRoomRequest(name="limits", member_ids=[alice_id]))).room.id
+        for _ in range(6)
+    ]
+    phone = await connect(deployment, 0, alice_id, "phone")
+    laptop = await connect(deployment, 1, alice_id, "laptop")
+    # PROFILE_BURST commands over six rooms (within every room's limit), from both gateways
+    sent = [await typing((phone, laptop)[i % 2], rooms[i % 6]) for i in range(PROFILE_BURST)]
+    assert sent == [("OK", "")] * PROFILE_BURST
+    assert await typing(laptop, rooms[0]) == ("RESOURCE_EXHAUSTED", "profile")
+    assert await typing(phone, rooms[1]) == ("RESOURCE_EXHAUSTED", "profile")
+
+    senders = [await connect(deployment, i % 2, unique("sender")) for i in range(3)]
+    members = [c.connected.connected.profile_id for c in senders]
+    room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="busy", member_ids=members))).room.id
+    for sender in senders:  # each learns of the room from its profile's channel
+        await sender.next_event("subscription_event", lambda e: e.subscription_event.room_id == room)
+    statuses = [await typing(senders[i % 3], room) for i in range(ROOM_BURST + 3)]
+    assert statuses == [("OK", "")] * ROOM_BURST + [("RESOURCE_EXHAUSTED", "room")] * 3
+    for client in (owner, phone, laptop, *senders):
+        await client.close()
 
 
 @pytest_twisted.ensureDeferred

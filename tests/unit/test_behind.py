@@ -71,3 +71,19 @@ def test_a_device_that_never_reads_again_is_closed_4429(h, edge):
     h.advance(h.config.close_timeout_sec)
     _, close = device.released()
     assert close == 4429
+
+
+@EDGES
+def test_events_dropped_by_a_closing_connection_do_not_move_the_devices_position(h, edge):
+    # Found by the chaos test (token-only resumes): a position counted for events the
+    # edge dropped after the close frame made a resume skip them.
+    device = edge(h, "reader/dev")
+    publish(h, 2)
+    [session] = h.gateway.registry.sessions
+    session.drain("gateway draining")  # nothing waits: the close goes at once
+    h.advance(0)
+    publish(h, 3)  # fanned out before the connection is gone: dropped by the closing edge
+    events, close = device.released()
+    assert close == 1001
+    assert offsets(events) == [1, 2]
+    assert session.position("r1")[1] == 2

@@ -88,7 +88,7 @@ def test_a_session_without_resume_info_or_record_starts_live_with_a_token(harnes
     assert not connected.resumed
     assert CatchingSession.caught == []
     claims = harness.gateway.resumption.tokens.read(connected.resume_token, "alice", "phone")
-    assert claims.positions == {}  # no room of it has had an event on this gateway yet
+    assert claims.positions == {"r1": ("", 0), "r2": ("", 0)}  # before the rooms' first events
 
 
 def test_explicit_positions_of_the_first_frame_catch_up_in_member_rooms_only(harness):
@@ -101,7 +101,7 @@ def test_explicit_positions_of_the_first_frame_catch_up_in_member_rooms_only(har
     assert connected.resumed
     assert CatchingSession.caught == [("phone", "r1", "e1", 5)]
     token = harness.gateway.resumption.tokens.read(connected.resume_token, "alice", "phone")
-    assert token.positions == {"r1": ("e1", 5)}  # where the new session starts
+    assert token.positions == {"r1": ("e1", 5), "r2": ("", 0)}  # where the new session starts
 
 
 def test_the_token_of_connected_resumes_the_device_on_another_gateway(harness):
@@ -241,3 +241,46 @@ def test_a_reconnect_that_replaces_a_session_of_this_gateway_resumes_from_what_t
     harness.flush()
     assert first.closed is not None  # replaced: 4001
     assert CatchingSession.caught == [("phone", "r1", "e", 12)]
+
+
+def history_with_join(profile, offset, epoch="e"):
+    join = pb.RoomEvent(id="j", room_id="r2", type=pb.RoomEvent.SYSTEM, epoch=epoch, offset=offset)
+    join.payload.update({"action": "member_added", "profile_id": profile})
+    newer = pb.RoomEvent(id="n", room_id="r2", type=pb.RoomEvent.TEXT, epoch=epoch, offset=offset + 1)
+    return pb.GetHistoryResponse(events=[newer, join])  # newest first
+
+
+def test_a_room_joined_while_away_catches_up_from_the_join_found_at_the_core(harness):
+    harness.gateway.resumption.records.save({("alice", "phone"): {"r1": ("e", 3)}})  # r2 unknown to it
+    asked = []
+    call = harness.core.call
+
+    def core(method, request, *args, **kwargs):
+        if method != "GetHistory":
+            return call(method, request, *args, **kwargs)
+        asked.append(request.room_id)
+        return defer.succeed(history_with_join("alice", 7))
+
+    harness.core.call = core
+    assert connected_of(harness.connect("alice/phone")).resumed
+    assert asked == ["r2"]
+    assert sorted(CatchingSession.caught) == [("phone", "r1", "e", 3), ("phone", "r2", "e", 6)]
+
+
+def test_no_join_is_looked_for_without_a_record_nor_when_it_is_not_found(harness):
+    asked = []
+    harness.core.call = lambda method, request, *a, **k: (
+        asked.append(method)
+        or defer.succeed(
+            history_with_join("bob", 7)  # someone else's join
+        )
+    )
+    harness.core.rooms["alice"] = ["r1", "r2"]
+    harness.gateway.core.call = harness.core.call
+    harness.hub.memberships.rooms["alice"] = ({"r1", "r2"}, harness.clock.seconds() + 600)
+    harness.connect("alice/phone")  # a new device: no record, nothing looked for
+    assert "GetHistory" not in asked and CatchingSession.caught == []
+    harness.gateway.resumption.records.save({("alice", "tablet"): {"r1": ("e", 3)}})
+    harness.connect("alice/tablet")
+    assert asked.count("GetHistory") == 1
+    assert CatchingSession.caught == [("tablet", "r1", "e", 3)]  # r2: not found, live
