@@ -11,6 +11,8 @@
 - ``MOVED slot host:port``: the slot is mapped there at once, the whole map is read
   again, and the command is sent there. ``ASK slot host:port`` (a slot being
   migrated): ASKING and the command go to that node, the map is left alone.
+  ``TRYAGAIN`` (a script whose keys are split by a migration in progress) is retried
+  every TRYAGAIN_DELAY_SEC, MAX_REDIRECTS times, then fails.
 - A primary's connection lost (killed, failed over): commands of its slots fail at
   once with ConnectionError, as on one Redis. The map is read again every
   CLUSTER_CHECK_INTERVAL_SEC while any slot's primary is not ready, so a replica
@@ -33,7 +35,13 @@ import re
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, ConnectionError, RedisConnection, all_replies
+from chatgateway.redisconn.connection import (
+    REDIS_TIMEOUT_SEC,
+    ConnectionError,
+    NotConnected,
+    RedisConnection,
+    all_replies,
+)
 from chatgateway.redisconn.protocols import RedisProtocol
 from chatgateway.redisconn.slots import SLOTS, key_slot
 
@@ -42,6 +50,9 @@ CLUSTER_CHECK_INTERVAL_SEC = 0.5
 # A command redirected (MOVED or ASK) more often than this fails.
 MAX_REDIRECTS = 5
 
+# A TRYAGAIN (a multi-key command while its slot migrates) is retried after this long.
+TRYAGAIN_DELAY_SEC = 0.1
+
 _REDIRECT = re.compile(r"^(MOVED|ASK) (\d+) (\S+):(\d+)$")
 
 
@@ -49,7 +60,7 @@ class CrossSlotError(ValueError):
     """The keys of one script (or command) are in different slots of the cluster."""
 
 
-def _redirect(failure):
+def redirect_of(failure):
     """("MOVED" or "ASK", slot, host, port) of a redirection error, else None."""
     message = failure.getErrorMessage() if hasattr(failure, "getErrorMessage") else str(failure)
     match = _REDIRECT.match(message.strip())
@@ -226,7 +237,7 @@ class ClusterConnection:
             replies[index] = reply
 
     def _pipeline_redirected(self, failure, part):
-        if _redirect(failure) is None:
+        if redirect_of(failure) is None:
             return failure
         # A slot moved under a pipeline: send its commands again one by one (each follows its redirection).
         return all_replies([self.execute(*command) for _, command in part])
@@ -244,14 +255,18 @@ class ClusterConnection:
         conn = self.nodes.get(name) if name is not None else None
         if conn is None:
             self._needs_resync = True
-            raise ConnectionError(f"redis {self.name}: no node serves slot {slot} yet")
+            raise NotConnected(f"redis {self.name}: no node serves slot {slot} yet")
         return conn
 
     def _redirected(self, failure, slot, call, raw, redirects):
-        redirect = _redirect(failure.value)
+        redirect = redirect_of(failure.value)
         if redirect is None:
             if failure.check(ConnectionError):
                 self._refresh()
+            if str(failure.value).startswith("TRYAGAIN") and redirects < MAX_REDIRECTS:
+                # Keys of one script being migrated (some moved, some not): ask again shortly.
+                d = task.deferLater(self.clock, TRYAGAIN_DELAY_SEC, lambda: None)
+                return d.addCallback(lambda _: self._send(slot, call, raw, redirects + 1))
             return failure
         kind, moved_slot, host, port = redirect
         if redirects >= MAX_REDIRECTS:
@@ -311,6 +326,10 @@ class ClusterConnection:
         self._update_ready()
         if not self._ready:
             self._refresh()
+
+    def refresh(self):
+        """Read the slot map again soon (the map seems stale: a MOVED outside ``execute``)."""
+        self._refresh()
 
     def _refresh(self):
         """Read CLUSTER SLOTS from a ready node (one read at a time)."""

@@ -54,6 +54,12 @@ HEALTH_CHECK_INTERVAL_SEC = 5.0
 DOWN_WARNING_INTERVAL_SEC = 30.0
 
 ConnectionError = txredisapi.ConnectionError
+
+
+class NotConnected(txredisapi.ConnectionError):
+    """A call refused at once, before anything was sent (no live connection): safe to retry."""
+
+
 TimeoutError = txredisapi.TimeoutError
 
 
@@ -251,7 +257,7 @@ class RedisConnection:
         if not self._ready or self._protocol is None or not self._protocol.connected:
             self.needs_resync = True
             self._counts.dependency_error("redis", "not_connected")
-            raise ConnectionError(f"redis {self.name} at {self.address} is not connected")
+            raise NotConnected(f"redis {self.name} at {self.address} is not connected")
         return self._protocol
 
     # ------------------------------------------------------------ connection state

@@ -7,10 +7,14 @@ from twisted.internet import reactor, task
 from twisted.logger import globalLogPublisher
 
 from chatgateway import config as configuration
+from chatgateway.bus.cluster import ClusterBus
 from chatgateway.bus.redis import RedisBus
+from chatgateway.redisconn.slots import key_slot
 from chatgateway.store import ConnectionMeta
+from chatgateway.store.cluster import ClusterStore
 from chatgateway.store.redis import RedisStore
 from support.redis import RedisServer, eventually
+from support.rediscluster import RedisCluster
 from support.tlscerts import make_certificates
 
 
@@ -132,6 +136,36 @@ async def test_without_verification_any_certificate_is_accepted(tls_server, cert
         await eventually(lambda: store.ready, what="store ready without verification")
     finally:
         await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cluster_over_tls(certs):
+    ours = certs[0]
+    cluster = RedisCluster(primaries=3, replicas=0, tls=ours)
+    config = make_config(
+        cluster.uri,
+        REDIS_TLS_CA_FILE=str(ours.ca),
+        REDIS_TLS_CERT_FILE=str(ours.client_cert),
+        REDIS_TLS_KEY_FILE=str(ours.client_key),
+    )
+    store, bus, got = ClusterStore(config, reactor), ClusterBus(config, reactor), []
+    try:
+        await store.start()
+        bus.start(lambda channel, payload: got.append((channel, payload)))
+        await eventually(lambda: store.ready and bus.ready, what="store and bus ready on the TLS cluster")
+        # The slot map a TLS connection reads names the nodes' TLS ports.
+        assert set(bus.publisher.primaries()) == {f"127.0.0.1:{node.tls_port}" for node in cluster.nodes}
+        await store.open_connection(meta(), "s1", 1)
+        await bus.subscribe("chat:room:r1")
+        await bus.publish("chat:room:r1", b"sharded over tls")
+        await eventually(lambda: got, what="a sharded message over TLS")
+        assert got == [("chat:room:r1", b"sharded over tls")]
+        with cluster.node_of_slot(key_slot("gateway:conn:alice:phone")).client() as c:
+            assert c.exists("gateway:conn:alice:phone") == 1
+    finally:
+        await bus.stop()
+        await store.stop()
+        cluster.cleanup()
 
 
 def test_bad_tls_files_stop_the_start_with_one_line(tmp_path, certs):

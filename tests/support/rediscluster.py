@@ -17,8 +17,11 @@ NODE_TIMEOUT_MS = 1000
 class RedisCluster:
     """``primaries`` primaries, each with ``replicas`` replicas, on 127.0.0.1."""
 
-    def __init__(self, primaries=3, replicas=1):
+    def __init__(self, primaries=3, replicas=1, tls=None):
+        """``tls``: support.tlscerts.Certificates; the nodes then also listen with TLS (clients'
+        and the cluster bus's), and ``uri`` is rediss+cluster:// on their TLS ports."""
         self.nodes = []
+        self.tls = tls
         for _ in range(primaries * (1 + replicas)):
             extra = [
                 "--cluster-enabled",
@@ -30,7 +33,10 @@ class RedisCluster:
                 "--cluster-port",
                 str(free_port()),
             ]
-            self.nodes.append(RedisServer(extra=extra))
+            if tls is not None:
+                extra += ["--tls-cluster", "yes", "--tls-replication", "yes"]
+                extra += ["--tls-client-cert-file", str(tls.client_cert), "--tls-client-key-file", str(tls.client_key)]
+            self.nodes.append(RedisServer(tls=tls, extra=extra))
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RuntimeError("redis-cli is not on PATH: the Redis Cluster tests need it")
@@ -40,8 +46,29 @@ class RedisCluster:
             with self.nodes[0].client() as c:
                 c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
         else:
+            tls_args = []
+            if tls is not None:
+                tls_args = [
+                    "--tls",
+                    "--cacert",
+                    str(tls.ca),
+                    "--cert",
+                    str(tls.client_cert),
+                    "--key",
+                    str(tls.client_key),
+                ]
+                addresses = [f"127.0.0.1:{node.tls_port}" for node in self.nodes]
             subprocess.run(
-                [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
+                [
+                    cli,
+                    *tls_args,
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    str(replicas),
+                    "--cluster-yes",
+                ],
                 check=True,
                 capture_output=True,
                 timeout=60,
@@ -50,6 +77,8 @@ class RedisCluster:
 
     @property
     def uri(self):
+        if self.tls is not None:
+            return "rediss+cluster://" + ",".join(f"127.0.0.1:{node.tls_port}" for node in self.nodes[:2])
         return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:2])
 
     def client(self):
@@ -112,6 +141,32 @@ class RedisCluster:
             maps.append(sorted((s[0], s[1], int(s[2][1])) for s in slots))
         running = {node.port for node in self.running()}
         return all(m == maps[0] for m in maps) and all(port in running for _, _, port in maps[0])
+
+    def node_id(self, node):
+        with node.client(socket_timeout=2) as c:
+            return c.execute_command("CLUSTER", "MYID")
+
+    def start_migrating(self, slot, target):
+        """Mark ``slot`` as moving from its primary to ``target``: keys not yet moved get ASK."""
+        source = self.node_of_slot(slot)
+        with target.client() as t, source.client() as s:
+            t.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
+        return source
+
+    def finish_migrating(self, slot, source, target):
+        """Move the slot's keys to ``target`` and give it the slot (clients on the old map get MOVED)."""
+        with source.client() as s:
+            while True:
+                keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                s.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        target_id = self.node_id(target)
+        for node in self.primaries():
+            with node.client() as c:
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_healthy()
 
     def kill_primary_of(self, slot):
         """SIGKILL the primary of ``slot`` (its replica takes over within a few node timeouts)."""

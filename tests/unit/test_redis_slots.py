@@ -3,7 +3,7 @@
 import pytest
 
 from chatgateway.bus import channels, memberships, roomstream
-from chatgateway.redisconn.cluster import ClusterConnection, CrossSlotError, _redirect
+from chatgateway.redisconn.cluster import ClusterConnection, CrossSlotError, redirect_of
 from chatgateway.redisconn.protocols import ShardedSubscriberProtocol
 from chatgateway.redisconn.slots import crc16, key_slot, tag_of
 
@@ -51,10 +51,10 @@ def test_keys_of_several_slots_are_refused_before_redis_would():
         ClusterConnection.slot_of(["gateway:conn:a:b", "gateway:room:r1"])
 
 
-def test_redirections_are_read_from_the_error():
-    assert _redirect(Exception("MOVED 3999 127.0.0.1:6381")) == ("MOVED", 3999, "127.0.0.1", 6381)
-    assert _redirect(Exception("ASK 3999 10.0.0.2:7000")) == ("ASK", 3999, "10.0.0.2", 7000)
-    assert _redirect(Exception("CROSSSLOT Keys in request don't hash to the same slot")) is None
+def testredirect_ofions_are_read_from_the_error():
+    assert redirect_of(Exception("MOVED 3999 127.0.0.1:6381")) == ("MOVED", 3999, "127.0.0.1", 6381)
+    assert redirect_of(Exception("ASK 3999 10.0.0.2:7000")) == ("ASK", 3999, "10.0.0.2", 7000)
+    assert redirect_of(Exception("CROSSSLOT Keys in request don't hash to the same slot")) is None
 
 
 class _Queue:
