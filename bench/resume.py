@@ -8,7 +8,8 @@ client process, all on the first gateway). Each repeat: every device's connectio
 the core (tests/support/corepublisher.py, SendEvent over gRPC); then every device
 connects to the other gateway at once and resumes (``--resume``: its resume token, its
 positions, both (the default), or a third each of token / positions / both). Reported per repeat: the time from
-the reconnect to the last event caught up, the stream reads and GetHistory pages of the
+the reconnect to the last event caught up, the CPU the resuming gateway and the client
+process spent meanwhile (/proc; the steadier figure on a shared machine), the stream reads and GetHistory pages of the
 resuming gateway (its /metrics, chatgateway_catchup_reads_total) and every call it made to
 the core meanwhile; at the end, the delivery check of every device's records (each event of
 its room once, in order; tests/support/deliverycheck.py). Target: all caught up with ≤ 10
@@ -19,6 +20,7 @@ stream reads (one per room) and 0 core calls. JSON to bench/out/resume.json.
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -45,6 +47,13 @@ SETTINGS = {
 }
 
 
+def cpu_seconds(pid):
+    """User + system CPU of a process so far (/proc): steadier than wall time on a shared machine."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ask(process, line, answer=None, timeout=60):
     process.send(line)
     return process.expect(answer or line.split()[0], timeout)
@@ -63,10 +72,13 @@ def one_repeat(deployment, fleet, publisher, source, target, behind, devices, wa
     before_events = stats(fleet)["events"]
     port = deployment.gateways[target].port
     reads_before, calls_before = catchup_reads(port), core_calls(port)
+    pids = {"gateway": deployment.gateways[target].pid, "client": fleet.process.pid}
+    cpu_before = {k: cpu_seconds(p) for k, p in pids.items()}
     back_at = float(ask(fleet, f"BACK {target}"))
     expected = before_events + devices * behind
     caught_up = until(lambda: stats(fleet)["events"] >= expected, wait)
     after = stats(fleet)
+    cpu = {k: round(cpu_seconds(p) - cpu_before[k], 2) for k, p in pids.items()}
     reads_after, calls_after = catchup_reads(port), core_calls(port)
     reads = {k: v - reads_before.get(k, 0) for k, v in reads_after.items()}
     return {
@@ -75,6 +87,8 @@ def one_repeat(deployment, fleet, publisher, source, target, behind, devices, wa
         "expected": devices * behind,
         "seconds": round(after["last_event"] - back_at, 3) if caught_up else None,
         "connected": after["connected"],
+        "gateway_cpu_seconds": cpu["gateway"],  # from the reconnects to a little after the last event
+        "client_cpu_seconds": cpu["client"],
         "stream_reads": reads.get("stream", 0),
         "core_pages": reads.get("core", 0),
         "core_calls": calls_between(calls_after, calls_before),
@@ -148,6 +162,7 @@ def main():
         done = [r for r in results["repeats"] if r["caught_up"] and r["seconds"] is not None]
         results["median"] = {
             "seconds": statistics.median(r["seconds"] for r in done) if done else None,
+            "gateway_cpu_seconds": statistics.median(r["gateway_cpu_seconds"] for r in results["repeats"]),
             "stream_reads": statistics.median(r["stream_reads"] for r in results["repeats"]),
             "core_calls": statistics.median(sum(r["core_calls"].values()) for r in results["repeats"]),
             "caught_up": f"{len(done)}/{len(results['repeats'])}",

@@ -110,24 +110,11 @@ SETTINGS = [
     ),
     Setting("EVENTS_URI", _store_uri, "", "Event bus; defaults to CACHE_URI."),
     Setting(
-        "REDIS_TLS_CA_FILE",
-        _text,
-        "",
-        "rediss://: PEM file of the CAs that sign Redis's certificate (default: the system's trust store).",
+        "REDIS_TLS_CA_FILE", _text, "", "rediss://: PEM file of the CAs of Redis's certificate (default: the system's)."
     ),
-    Setting(
-        "REDIS_TLS_CERT_FILE",
-        _text,
-        "",
-        "rediss://: PEM client certificate, with REDIS_TLS_KEY_FILE (tls-auth-clients).",
-    ),
+    Setting("REDIS_TLS_CERT_FILE", _text, "", "rediss://: PEM client certificate, with REDIS_TLS_KEY_FILE."),
     Setting("REDIS_TLS_KEY_FILE", _text, "", "rediss://: PEM private key of REDIS_TLS_CERT_FILE."),
-    Setting(
-        "REDIS_TLS_VERIFY",
-        _bool,
-        "true",
-        "rediss://: verify Redis's certificate and host name (false: encrypted, not authenticated).",
-    ),
+    Setting("REDIS_TLS_VERIFY", _bool, "true", "rediss://: verify Redis's certificate and host name (false: do not)."),
     Setting(
         "OAUTH2_ISSUER",
         _text,

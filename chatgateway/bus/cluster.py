@@ -98,7 +98,7 @@ class ClusterBus(RedisBus):
 
     def publish_room_event(self, room_id, payload):
         call = roomstream.publish_call(room_id, payload, self._stream_max_len, self._stream_max_age_sec, cluster=True)
-        return self._eval_with_channel(call).addCallback(lambda _: None)
+        return self._eval_with_channel(call).addCallback(roomstream.parse_published)
 
     def read_room_stream(self, room_id, after, count=roomstream.READ_CHUNK):
         call = roomstream.read_call(room_id, after, count, cluster=True)

@@ -334,7 +334,7 @@ class ClusterConnection:
     def _ask_slots(self, asked):
         # Ask the seeds and the nodes in turn until one answers.
         conn, rest = asked[0], asked[1:]
-        d = conn.execute("CLUSTER", "SLOTS")
+        d = conn.execute("CLUSTER", "SLOTS").addCallback(lambda reply: (conn.address.host, reply))
         if rest:
             d.addErrback(lambda _: self._ask_slots(rest))
         return d
@@ -343,11 +343,14 @@ class ClusterConnection:
         self._refreshing = None
         self._update_ready()
 
-    def _apply_slots(self, reply):
+    def _apply_slots(self, answer):
+        asked, reply = answer
         slots = [None] * SLOTS
         for entry in reply:
             start, end, primary = int(entry[0]), int(entry[1]), entry[2]
-            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0] or "")
+            # An unknown endpoint ("" or "?"): the node is reached where it was asked (CLUSTER SLOTS).
+            host = asked if host in ("", "?") else host
             node = f"{host}:{int(primary[1])}"
             for slot in range(start, end + 1):
                 slots[slot] = node

@@ -83,7 +83,20 @@ class Pacer:
 class _Entry:
     """One room of one session catching up (or behind: waiting for its outbox to drain)."""
 
-    __slots__ = ("session", "room_id", "epoch", "offset", "held", "behind", "busy", "waiters", "pending", "top", "then")
+    __slots__ = (
+        "session",
+        "room_id",
+        "epoch",
+        "offset",
+        "held",
+        "behind",
+        "busy",
+        "waiters",
+        "pending",
+        "top",
+        "then",
+        "past",
+    )
 
     def __init__(self, session, room_id, epoch, offset):
         self.session = session
@@ -97,6 +110,7 @@ class _Entry:
         self.pending = None  # deque of (offset, encoded or None, gap or None) to give
         self.top = 0  # the stream's last offset, as the last read said
         self.then = None  # what to do once pending is given (default: read on, or the seam)
+        self.past = ()  # epochs this catch-up has left behind (their late live events are dropped)
 
     def live(self, encoded):
         """A live event of the room for this session, while it catches up."""
@@ -211,6 +225,9 @@ class CatchUps:
             self._from_core(entry, None, read.epoch or None, [], 0)
             return
         session = entry.session
+        if any(held.position[1] != entry.epoch for held in entry.held):
+            # The stream is of this epoch: a held event of another is a late one of a lost epoch.
+            entry.held = collections.deque((h for h in entry.held if h.position[1] == entry.epoch), maxlen=HELD_MAX)
         if entry.offset > read.top:
             entry.offset = read.top  # a position beyond the room's: nothing to give
             session.delivered[entry.room_id] = (entry.room_id, entry.epoch, entry.offset)
@@ -261,6 +278,10 @@ class CatchUps:
                 items.append((offset - 1, None, (expected, offset - 1, NOT_HELD)))
             items.append((offset, encoded, None))
             expected = offset + 1
+        if not history.complete and history.events:
+            # More than one answer holds: give this much, then ask on from where it ended.
+            self._give(entry, items, None, lambda: self._from_core(entry, until, next_epoch, then_events, top))
+            return
         if until is not None and expected <= until:
             items.append((until, None, (expected, until, history.failed or NOT_HELD)))
         elif until is None and history.failed:
@@ -274,6 +295,7 @@ class CatchUps:
             self._give(entry, items, max(top, until or 0))
 
     def _new_epoch(self, entry, epoch):
+        entry.past = (*entry.past, entry.epoch)
         entry.epoch, entry.offset = epoch, 0
         entry.session.delivered[entry.room_id] = (entry.room_id, epoch, 0)
         self._next(entry)
@@ -300,8 +322,10 @@ class CatchUps:
         while pending and given < STEP:
             offset, encoded, gap = pending[0]
             if gap is not None:
+                if not self._send_gap(entry, *gap):
+                    entry.behind = True
+                    break
                 pending.popleft()
-                self._send_gap(entry, *gap)
                 given += 1
                 continue
             if offset <= entry.offset:
@@ -331,12 +355,19 @@ class CatchUps:
         return given
 
     def _send_gap(self, entry, first, last, reason):
+        """Tell the session's device of the gap; False when it did not fit (the device is behind)."""
+        session = entry.session
+        if session.behind:
+            return False
         gap = pb.GapEvent(room_id=entry.room_id, epoch=entry.epoch, first_offset=first, last_offset=last, reason=reason)
-        entry.session.send(pb.ServerEvent(id=uuid.uuid4().hex, gap=gap))
+        session.send(pb.ServerEvent(id=uuid.uuid4().hex, gap=gap))
+        if session.behind:
+            return False
         self._counts.gap_sent()
         if last:
             entry.offset = max(entry.offset, last)
-            entry.session.delivered[entry.room_id] = (entry.room_id, entry.epoch, entry.offset)
+            session.delivered[entry.room_id] = (entry.room_id, entry.epoch, entry.offset)
+        return True
 
     def _seam(self, entry):
         """Given up to the stream's top: merge the held live events, then rejoin live delivery."""
@@ -348,6 +379,9 @@ class CatchUps:
         expected = entry.offset + 1
         while held:
             _, epoch, offset = held[0].position
+            if epoch in entry.past:
+                held.popleft()  # of an epoch given up to its end already
+                continue
             if epoch != entry.epoch or offset > expected:
                 self._next(entry)  # a hole (or the stream was lost): read on; the rest stays held
                 return
@@ -362,6 +396,9 @@ class CatchUps:
         if live is not None and live[0] == entry.epoch and live[1] > entry.offset and live[1] > entry.top:
             self._next(entry)  # the gateway received more than the last read saw: read on
             return
+        # Live from here: the next live event must follow this position (nothing may be given
+        # out of it, even when the catch-up had nothing to give).
+        entry.session.delivered[entry.room_id] = (entry.room_id, entry.epoch, entry.offset)
         self._finish(entry)
 
     def _finish(self, entry):

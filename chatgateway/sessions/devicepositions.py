@@ -27,6 +27,15 @@ class DevicePositions:
         self._batch = {}  # (profile id, device id) -> {room id: (epoch, offset)} to write
         self._call = None  # the flush of this turn's disconnects
 
+    def started(self, session, begins):
+        """Where the session starts in its rooms ({room id: (epoch, offset)}): it holds every
+        event up to there, so the record says so at the next write (a quiet room included)."""
+        if begins:
+            self._written.setdefault(session.id, {}).update(begins)
+            batch = self._batch.setdefault((session.profile_id, session.device_id), {})
+            for room_id, pos in begins.items():
+                batch[room_id] = merged(batch.get(room_id), pos)
+
     def acked(self, session, ack):
         """An Ack of the session: its position counts for the record, if it has one."""
         if ack.room_id and ack.epoch and ack.offset and ack.room_id in session.member_rooms:

@@ -22,7 +22,6 @@ from chatgateway.sessions import membership
 from chatgateway.sessions.calls import CallSignals
 from chatgateway.sessions.catchup import CatchUps, Pacer
 from chatgateway.sessions.corking import Cork
-from chatgateway.sessions.devicepositions import DevicePositions
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
 from chatgateway.sessions.presence import Presence
@@ -76,14 +75,15 @@ class Gateway(service.Service):
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
         self.positions = RoomPositions(self.reads, self.fanout.receive_event, self._events_lost, self.clock)
         self.reads.live_position = self.positions.position
+        self.reads.subscribed = self._room_subscribed
         self.registry.room_released = self._room_released
         # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
         pacer = Pacer(self.clock, self.cork.corked)
         self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
         self.fanout.on_shed = self.catchups.shed
         # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
-        self.resumption = Resumption.of(config, store, self.clock, self.positions.position)
-        self.device_positions = DevicePositions(self.resumption.records, self.clock)
+        self.resumption = Resumption.of(config, store, bus, core, self.clock, self.positions.position, self.counts)
+        self.device_positions = self.resumption.device_positions
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
@@ -223,7 +223,7 @@ class Gateway(service.Service):
             record = defer.Deferred.fromCoroutine(self.resumption.record(profile_id, device_id))  # meanwhile
             await at_most(self.clock, self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
             rooms = await self.connect_rooms(profile_id, token, device_id)
-            record = await record
+            resolved = await self.resumption.resolve(profile_id, device_id, rooms, resume, await record, token)
         except BaseException:
             self._unwatch(profile_id, changes)
             self._opened_none()
@@ -235,17 +235,18 @@ class Gateway(service.Service):
         self._opening -= 1  # registered below, before anything else runs
         session = Session(self, transport, claims, token, device_id, rooms)
         # The local limit holds at once; the store then enforces it across gateways.
-        for older in self.registry.add(session):
+        replaced = self.registry.add(session)
+        for older in replaced:
             older.close(CloseCode.REPLACED, REPLACED_REASON)
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
-        planned, resume_token, notice = self.resumption.prepare(session, resume, record)
+        planned, begins, resume_token, notice = self.resumption.finish(session, resolved, replaced)
         session.send(session.connected_event(resume_token, resumed=bool(planned)))
         if notice is not None:
             session.send(notice)
         self._replay_changes(session, changes)
         # In this turn still: no live event of its rooms can reach the session before its catch-up starts.
-        self.resumption.start(session, planned)
+        self.resumption.start(session, planned, begins)
         self._register(session)
         self.presence.arrived(session)
         if self.draining:
@@ -344,13 +345,13 @@ class Gateway(service.Service):
 
     def _bus_reconnected(self):
         """Pub/sub was down: events published meanwhile were not received. Each room with a
-        position reads them from its stream; a room without one (no event of it came since it
-        was subscribed) cannot tell what it missed, and its devices are told."""
+        position reads them from its stream; in a room without one (no event of it came since
+        it was subscribed) each device catches up from its own position (``_events_lost``)."""
         rooms = self.registry.room_ids()
         blind = [room_id for room_id in rooms if self.positions.position(room_id) is None]
         if rooms:  # at start (subscribed before the first connection) there is nothing to read
             self.log.info(
-                "event bus reconnected; reading the streams of {count} rooms, {blind} without a position told of a loss",
+                "event bus reconnected; reading the streams of {count} rooms ({blind} without a position: per device)",
                 count=len(rooms),
                 blind=len(blind),
             )
@@ -377,6 +378,12 @@ class Gateway(service.Service):
             error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
         )
         self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), blind)
+
+    def _room_subscribed(self, room_id):
+        """Fires once the room's channel is subscribed (at once when no local session has it)."""
+        if not self.registry.room_sessions(room_id):
+            return defer.succeed(None)
+        return self.bus.subscribe(channels.room(room_id))
 
     def _room_released(self, room_id):
         """The room's last local session left: its position and catch-up window mean nothing any more."""

@@ -17,7 +17,7 @@ While frames wait, each kind of event has its policy:
 - receipts and presence (COALESCED): the latest per room and reader (presence:
   per profile) replaces an older one still waiting, and moves to the end so it
   never overtakes the events it refers to;
-- room events with a position (ROOM: messages, receipts) are kept until the cap;
+- room events with a position (ROOM: messages, receipts; and gap events) are kept until the cap;
   one that does not fit even after every waiting typing event is dropped is not
   sent, and ``behind`` is called: the device is behind (sessions.behind), is fed no
   room events until this queue drained (``drained`` is called), then catches up
@@ -56,8 +56,9 @@ def classify(event):
     which = event.WhichOneof("payload")
     if which == "typing_event":
         return TYPING, (event.typing_event.room_id, event.typing_event.profile_id)
-    if event.offset:
-        # Given once each, in order (a positioned receipt is not coalesced: the device would see a hole).
+    if event.offset or which == "gap":
+        # Given once each, in order (a positioned receipt is not coalesced: the device would see a
+        # hole); a gap event stands for room events, and waits as they do.
         return ROOM, None
     if which == "receipt_event":
         return COALESCED, ("receipt", event.receipt_event.room_id, event.receipt_event.profile_id)
@@ -211,12 +212,13 @@ class Outbox:
     # ------------------------------------------------------------ sending
 
     def send(self, frame, kind=KEPT, key=None):
+        """Write or queue ``frame``; False when it is dropped at once (closed, or it does not fit)."""
         if self.closed:
-            return
+            return False
         if not self.paused and not self._queue:
             self._write(frame)
-            return
-        self._wait(_Entry(frame, kind, key))
+            return True
+        return self._wait(_Entry(frame, kind, key))
 
     def _wait(self, entry):
         if entry.key is not None and self._by_key:
@@ -231,13 +233,13 @@ class Outbox:
                 # Not even without every waiting typing event.
                 if entry.kind == TYPING:
                     self.dropped += 1
-                    return
+                    return False
                 if entry.kind == ROOM and self.behind is not None:
                     self.behind()  # not sent: the device catches up once this queue drained
-                    return
+                    return False
                 self.close()
                 self._overflow()
-                return
+                return False
             while self._unsent() + self.queued + size > self.limit and self._typing:
                 self._remove(self._typing.popleft(), from_typing=False)
                 self.dropped += 1
@@ -254,6 +256,7 @@ class Outbox:
                 self._typing = collections.deque()
             self._typing.append(entry)
             self._typing_bytes += size
+        return True
 
     def _remove(self, entry, from_typing=True):
         """Forget a waiting entry (it stays in _queue as a hole until flushed or compacted)."""

@@ -52,8 +52,9 @@ class ISessionTransport(Interface):
     def send_event(event: pb.ServerEvent) -> None:
         """Send one ServerEvent to this device only."""
 
-    def send_encoded(encoded: EncodedEvent) -> None:
-        """Send a shared EncodedEvent (fan-out) to this device."""
+    def send_encoded(encoded: EncodedEvent) -> bool | None:
+        """Send a shared EncodedEvent (fan-out) to this device; False when it was dropped (the
+        connection closing), so its position is not counted as given."""
 
     def ping() -> None:
         """Send a heartbeat probe."""
@@ -208,9 +209,10 @@ class Session:
                 self.gateway.catchups.hole(self, last, encoded)  # (another epoch: the stream was lost)
             return  # at or below: given already
         if not self.behind:
-            self.transport.send_encoded(encoded)
+            sent = self.transport.send_encoded(encoded)
             if not self.behind:
-                self.delivered[room_id] = position
+                if sent is not False:  # False: dropped by a closing connection, not given
+                    self.delivered[room_id] = position
                 return
         self.gateway.catchups.fall_behind(self, position, last)
 
@@ -242,8 +244,7 @@ class Session:
         """A catch-up's event (sessions.catchup); False when it did not fit (the device fell behind)."""
         if self.closed or self.behind:
             return False
-        self.transport.send_encoded(encoded)
-        if self.behind:
+        if self.transport.send_encoded(encoded) is False or self.behind:
             return False
         self.gateway.counts.sent(encoded.event)
         return True
@@ -251,8 +252,9 @@ class Session:
     def catch_up(self, room_id, epoch, offset):
         """Give this device every event of the room after (epoch, offset), in order, then live
         events with no gap and no duplicate at the seam. A Deferred fired when the room is live
-        again. Call it before the session gets live events of the room (in the turn it is
-        registered): what it was given live before counts as given."""
+        again. Call it in the turn the session is registered (after ``registry.add``), before
+        live events of the room reach it: what it was given live before counts as given, and
+        the stream is read once the room's channel is subscribed."""
         return self.gateway.catchups.start(self, room_id, epoch, offset)
 
     def position(self, room_id):

@@ -35,7 +35,7 @@ from chatgateway.core.client import CoreError
 from chatgateway.sessions.fanout import EncodedEvent
 
 # Events a room's window keeps at most (the oldest go first).
-WINDOW_MAX = 4 * READ_CHUNK
+WINDOW_MAX = 2 * READ_CHUNK
 # A window no session read from for this long is dropped.
 WINDOW_IDLE_SEC = 10.0
 # Events per GetHistory page (the reference core's cap), and pages per range at most.
@@ -57,10 +57,23 @@ class Slice(NamedTuple):
 
 class History(NamedTuple):
     """What the core's history gave for a range: events of the epoch in the range, in order,
-    and why it could not (all of) answer ("" when it did)."""
+    why it could not (all of) answer ("" when it did), and whether the range was read to its
+    end (False: HISTORY_MAX_PAGES pages were read; ask again after the last event)."""
 
     events: list[tuple[int, EncodedEvent]]
     failed: str
+    complete: bool = True
+
+
+class _Span(NamedTuple):
+    """A range the core answered in full: its events of the epoch in (after, end]; ``open``:
+    to the end of what the core held (the rest of a lost epoch, which no longer grows)."""
+
+    after: int
+    end: int
+    open: bool
+    events: list[tuple[int, EncodedEvent]]
+    at: float
 
 
 class _Window:
@@ -135,8 +148,12 @@ class StreamReads:
         self._windows = {}  # room id -> _Window
         self._reading = {}  # room id -> {after: [Deferred]}: stream reads in flight
         self._histories = {}  # (room, epoch, after, until) -> Deferred list (in flight) or (History, at)
+        self._spans = {}  # (room, epoch) -> _Span: the last range answered in full, for ranges inside it
         # live_position(room_id): (epoch, offset) the gateway's live delivery reached (RoomPositions.position).
         self.live_position = lambda room_id: None
+        # subscribed(room_id): a Deferred fired once the room's channel is subscribed (Redis confirmed
+        # it). A read made before could miss an event published between it and the subscription.
+        self.subscribed = lambda room_id: defer.succeed(None)
 
     # ------------------------------------------------------------ the stream
 
@@ -163,12 +180,16 @@ class StreamReads:
                 waiters.append((after, epoch, d))  # that read covers this range
                 return d
         waiting[after] = [(after, epoch, d)]
+        ready = self.subscribed(room_id)
+        ready.addBoth(lambda _: self._start(room_id, after))
+        return d
+
+    def _start(self, room_id, after):
         try:
             read = self.read_room_stream(room_id, after, READ_CHUNK)
         except Exception as e:  # noqa: BLE001 - a bus that cannot even send counts as a failed read
             read = defer.fail(e)
         read.addCallbacks(self._read, self._read_failed, (room_id, after), None, (room_id, after))
-        return d
 
     def _read(self, read, room_id, start):
         waiters = self._take(room_id, start)
@@ -220,7 +241,9 @@ class StreamReads:
         if window is None:
             return
         _, epoch, offset = encoded.position
-        if offset == window.top + 1 and epoch == window.epoch:
+        if epoch != window.epoch:
+            self.forget(room_id)  # the stream was lost: the window's epoch is over
+        elif offset == window.top + 1:
             window.events.append((offset, encoded))
             if len(window.events) > WINDOW_MAX + READ_CHUNK:
                 window.trim()
@@ -252,6 +275,12 @@ class StreamReads:
         to the end of what the core holds), asked of the core once for every session needing it."""
         key = (room_id, epoch, after, until)
         now = self._clock.seconds()
+        span = self._spans.get((room_id, epoch))
+        if span is not None and span.at + HISTORY_KEEP_SEC > now and span.after <= after:
+            if (until is not None and until <= span.end) or (until is None and span.open):
+                # Inside a range answered for another session: no call.
+                inside = [item for item in span.events if after < item[0] and (until is None or item[0] <= until)]
+                return defer.succeed(History(inside, ""))
         known = self._histories.get(key)
         if isinstance(known, tuple):
             if known[1] + HISTORY_KEEP_SEC > now:
@@ -292,8 +321,8 @@ class StreamReads:
                     events.append((message.offset, history_event(room_id, message)))
                     position = message.offset
             if beyond or position == before or not page.next_cursor or (until is not None and position >= until):
-                break
-        return History(events, "")
+                return History(events, "")
+        return History(events, "", complete=False)
 
     def _answered(self, result, key):
         waiters = self._histories.get(key)
@@ -301,6 +330,10 @@ class StreamReads:
             self.log.warn("catch-up from the core's history failed: {error}", error=result)
             result = History([], "the core's history could not be read")
         self._histories[key] = (result, self._clock.seconds())
+        room_id, epoch, after, until = key
+        if not result.failed and result.complete:
+            end = until if until is not None else (result.events[-1][0] if result.events else after)
+            self._spans[(room_id, epoch)] = _Span(after, end, until is None, result.events, self._clock.seconds())
         for d in waiters if isinstance(waiters, list) else ():
             d.callback(result)
         if len(self._histories) > 256:
@@ -308,3 +341,6 @@ class StreamReads:
             for k, v in list(self._histories.items()):
                 if isinstance(v, tuple) and v[1] + HISTORY_KEEP_SEC <= now:
                     del self._histories[k]
+            for k, v in list(self._spans.items()):
+                if v.at + HISTORY_KEEP_SEC <= now:
+                    del self._spans[k]

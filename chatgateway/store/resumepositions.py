@@ -2,7 +2,8 @@
 
 Key ``gateway:resume:{profileID}:{deviceID}`` on the store's Redis (CACHE_URI): a HASH of
 room id -> ``epoch:offset``, the furthest position delivered to, or acknowledged by, the
-device in each room; its TTL RESUME_POSITIONS_TTL_SEC is renewed by every write, so a
+device in each room, or where its session started in it (``:0`` for a room that had no
+event yet); its TTL RESUME_POSITIONS_TTL_SEC is renewed by every write, so a
 device away longer than that resumes from its token or explicit positions only.
 
 A write never moves a room back within its epoch (two gateways may write for one device:
@@ -37,6 +38,7 @@ for k = 1, #KEYS do
       if sep and string.sub(old, 1, sep - 1) == epoch and tonumber(string.sub(old, sep + 1)) >= offset then
         keep = true
       end
+      if epoch == '' then keep = true end  -- before the room's first event: never replaces one
     end
     if not keep then redis.call('HSET', key, room, epoch .. ':' .. ARGV[at - 1]) end
   end
@@ -68,8 +70,9 @@ def parse_record(fields):
 
 
 def merged(old, new):
-    """The position a record keeps of ``old`` and ``new``: the furthest within one epoch, else the newer."""
-    if old is not None and old[0] == new[0] and old[1] >= new[1]:
+    """The position a record keeps of ``old`` and ``new``: the furthest within one epoch, else
+    the newer; ``new`` without an epoch (before the room's first event) never replaces one."""
+    if old is not None and (old[0] == new[0] and old[1] >= new[1] or not new[0]):
         return old
     return new
 
@@ -119,10 +122,13 @@ class RedisResumePositions:
 
     def save(self, records):
         items = [(resume_key(p, d), positions) for (p, d), positions in records.items() if positions]
+        # On a Redis Cluster a script's keys must share a slot and these (one per device) do
+        # not: one script per device there (chatgateway.redisconn.cluster).
+        chunk = 1 if hasattr(self._redis, "slot_of") else SAVE_CHUNK
         sent = []
-        for start in range(0, len(items), SAVE_CHUNK):
+        for start in range(0, len(items), chunk):
             keys, args = [], [max(1, int(self.ttl_sec))]
-            for key, positions in items[start : start + SAVE_CHUNK]:
+            for key, positions in items[start : start + chunk]:
                 keys.append(key)
                 args.append(len(positions))
                 for room, (epoch, offset) in positions.items():

@@ -34,6 +34,9 @@ CATCHUP_SOURCES = ("stream", "core")
 LIMIT_KINDS = ("profile", "room")
 SIGNAL_KINDS = ("offer", "answer", "ice", "end", "taken")
 PRESENCE_STATUSES = ("online", "offline")
+# How a session's open went for resuming (chatgateway.sessions.resume): it catches up in at
+# least one room, it starts live everywhere, or the token it gave was ignored.
+RESUME_RESULTS = ("resumed", "live", "token_ignored")
 # One fan-out in this many is timed into the fan-out duration histogram (chunked ones always are).
 FANOUT_SAMPLE_EVERY = 128
 
@@ -91,6 +94,7 @@ class GatewayCounts:
         self._lookups = _kinds(*MEMBERSHIP_LOOKUP_RESULTS)  # a connect's membership cache lookups, by result
         self._catchup_reads = _kinds(*CATCHUP_SOURCES)  # reads made for catch-up and gap fills, by source
         self._gaps = 0  # gap events sent to devices
+        self._resumes = _kinds(*RESUME_RESULTS)  # sessions opened, by how their resume went
         self._behind = 0  # times a device fell behind (its outbox full of room events)
         self._limited = _kinds(*LIMIT_KINDS)  # commands refused by a shared limit, by kind
         self._unchecked = _kinds(*LIMIT_KINDS)  # shared limit checks let in because the store failed
@@ -157,6 +161,10 @@ class GatewayCounts:
     def catchup_read(self, source):
         """One read for catch-up or a gap fill: "stream" (a READ_ROOM) or "core" (a GetHistory page)."""
         self._catchup_reads[source] += 1
+
+    def resume_opened(self, result):
+        """A session opened: one of RESUME_RESULTS."""
+        self._resumes[result] += 1
 
     def gap_sent(self):
         """A device was sent a GapEvent: events of a room that neither the stream nor the core held."""
@@ -235,6 +243,10 @@ class GatewayCounts:
     def behind_count(self):
         """Times a device fell behind."""
         return self._behind
+
+    def resume_counts(self):
+        """{result: sessions opened}: "resumed", "live", "token_ignored"."""
+        return self._resumes.copy()
 
     def gaps_sent_count(self):
         """GapEvents sent to devices."""

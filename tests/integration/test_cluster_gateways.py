@@ -1,11 +1,13 @@
 """Two real gateways and the reference core on a real Redis Cluster (3 primaries, 3 replicas):
-delivery across gateways in rooms on every shard, the per-device limit, membership changes,
-and a primary killed during traffic with every published event delivered."""
+delivery across gateways in rooms on every shard, the per-device limit, the limits per profile
+and per room, membership changes, and a primary killed during traffic with every published
+event delivered."""
 
 import json
 
 import pytest
 import pytest_twisted
+import test_resume_gateways as resume_gateways
 from twisted.internet import defer, reactor, task, threads
 
 from chatgateway.api import chat_pb2 as pb
@@ -18,7 +20,11 @@ from support.chat import fence, unique, wait_until
 from support.processes import Twistd, free_port
 from support.rediscluster import RedisCluster
 
-SECRET = "cluster-test-secret-0123456789abcdef0123"
+# The secret of test_resume_gateways, whose resume scenario runs here too.
+SECRET = resume_gateways.SECRET
+# Above what the other tests' profiles send (an owner creates up to 60 rooms), below a test's own.
+PROFILE_BURST = 120
+ROOM_BURST = 30
 
 
 def token(profile, device=None):
@@ -44,6 +50,11 @@ class Deployment:
                 "HEARTBEAT_INTERVAL_SEC": "0.5",
                 "CONNECTION_TIMEOUT_SEC": "3",
                 "MAX_EVENTS_PER_SECOND": "1000",
+                # Slow enough that nothing refills while the module runs: the bursts are exact.
+                "PROFILE_EVENTS_PER_SECOND": "0.01",
+                "PROFILE_EVENTS_BURST": str(PROFILE_BURST),
+                "ROOM_EVENTS_PER_SECOND": "0.01",
+                "ROOM_EVENTS_BURST": str(ROOM_BURST),
             }
             self.gateways.append(Twistd("chatgateway", ["--workers", "1"], env=gateway_env, port=port))
         self.core.start()
@@ -141,6 +152,39 @@ async def test_the_per_device_limit_holds_across_gateways(deployment):
         await alive.close()
 
 
+async def typing(client, room_id):
+    (result,) = await client.command(typing=pb.TypingCommand(room_id=room_id, typing=True))
+    return result.error.status or "OK", result.error.meta.get("limit", "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_limits_per_profile_and_per_room_hold_across_gateways(deployment):
+    # The two limits' keys are in different slots: one script each (docs/operations.md#redis-cluster).
+    owner = await connect(deployment, 0, unique("owner"))
+    alice_id = unique("alice")
+    rooms = [
+        (await owner.call("CreateRoom", pb.CreateRoomRequest(name="limits", member_ids=[alice_id]))).room.id
+        for _ in range(6)
+    ]
+    phone = await connect(deployment, 0, alice_id, "phone")
+    laptop = await connect(deployment, 1, alice_id, "laptop")
+    # 120 commands over six rooms (20 each: within every room's limit), from both gateways
+    sent = [await typing((phone, laptop)[i % 2], rooms[i % 6]) for i in range(PROFILE_BURST)]
+    assert sent == [("OK", "")] * PROFILE_BURST
+    assert await typing(laptop, rooms[0]) == ("RESOURCE_EXHAUSTED", "profile")
+    assert await typing(phone, rooms[1]) == ("RESOURCE_EXHAUSTED", "profile")
+
+    senders = [await connect(deployment, i % 2, unique("sender")) for i in range(3)]
+    members = [c.connected.connected.profile_id for c in senders]
+    room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="busy", member_ids=members))).room.id
+    for sender in senders:  # each learns of the room from its profile's channel
+        await sender.next_event("subscription_event", lambda e: e.subscription_event.room_id == room)
+    statuses = [await typing(senders[i % 3], room) for i in range(ROOM_BURST + 3)]
+    assert statuses == [("OK", "")] * ROOM_BURST + [("RESOURCE_EXHAUSTED", "room")] * 3
+    for client in (owner, phone, laptop, *senders):
+        await client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_membership_change_on_one_gateway_rescopes_the_profile_on_the_other(deployment):
     owner_id, joiner_id = unique("owner"), unique("joiner")
@@ -167,6 +211,32 @@ async def test_a_membership_change_on_one_gateway_rescopes_the_profile_on_the_ot
     assert r.get(f"gateway:memberships:{{chat:profile:{joiner_id}}}:version") is not None
     await owner.close()
     await joiner.close()
+
+
+def check_resumed_exactly_once(first, second, sent, reconnected):
+    before = resume_gateways.BEFORE
+    assert reconnected.resumed and reconnected.gateway_id == "gw-1"
+    assert [m[0] for m in first] == sent[:before]
+    assert [m[0] for m in second] == sent[before:]  # every event it missed, once, in order
+    offsets = [m[2] for m in first + second]
+    assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+    assert len({m[1] for m in first + second}) == 1
+
+
+@pytest.mark.parametrize("how", ["token and position", "the server-side record"])
+@pytest_twisted.ensureDeferred
+async def test_a_device_resumes_on_the_other_gateway(deployment, how):
+    # test_resume_gateways' scenario: leave gw-0, events go on, come back on gw-1 while events
+    # keep coming; the positions record is on the cluster (one script per device there).
+    def with_token(first, connected, room_id):
+        _, epoch, offset = resume_gateways.messages(first, room_id)[-1]
+        return {"resume_token": connected.resume_token, "positions": {room_id: (epoch, offset)}}
+
+    def with_nothing(first, connected, room_id):
+        return {}
+
+    resume_with = with_token if how == "token and position" else with_nothing
+    check_resumed_exactly_once(*await resume_gateways.scenario((deployment.redis, deployment.gateways), resume_with))
 
 
 class ContractPublisher:
@@ -232,7 +302,15 @@ async def test_a_primary_killed_during_traffic_every_published_event_is_delivere
         return all(set(ids) <= got for ids in publisher.published.values())
 
     for device in devices:
-        await wait_until(lambda device=device: complete(device), 40)
+        try:
+            await wait_until(lambda device=device: complete(device), 40)
+        except AssertionError:
+            missing = {
+                r: [i for i in ids if i not in {m[0] for m in room_messages(device, r)}]
+                for r, ids in publisher.published.items()
+            }
+            logs = "\n".join(g.log_tail(60) for g in deployment.gateways)
+            raise AssertionError(f"missing {missing} on {device.connected.connected.gateway_id}\n{logs}") from None
     for device in devices:
         for room in rooms:
             messages = room_messages(device, room)
@@ -243,10 +321,19 @@ async def test_a_primary_killed_during_traffic_every_published_event_is_delivere
             assert len({m[1] for m in messages}) == 1  # one epoch: the stream survived the failover
         errors = [(e.error.status, e.error.message) for e in device.pending("error")]
         assert errors == [], (errors, rooms, [shard_of(deployment, r) for r in rooms])  # no DATA_LOSS
-    # delivery through the core goes on after the failover
-    sent = await owner.send_message(victim_room, "after the failover")
-    for device in devices[1:]:
-        await device.next_event("message", lambda e: e.message.id == sent.id, timeout=10)
+
+    # Delivery through the core goes on once the core's own bus found the new primary (a
+    # publish of the core during the failover fails and is lost: the documented loss).
+    async def delivered():
+        sent = await owner.send_message(victim_room, "after the failover")
+        try:
+            for device in devices[1:]:
+                await device.next_event("message", lambda e: e.message.id == sent.id, timeout=2)
+            return True
+        except defer.TimeoutError:
+            return False
+
+    await wait_until(delivered, 30, interval=0.2)
     logs = "\n".join(g.log_text() for g in deployment.gateways)
     assert "reading the streams" in logs or "filled" in logs
     for device in devices:

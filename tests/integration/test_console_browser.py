@@ -16,6 +16,7 @@ from support import browser
 from support.processes import Twistd, free_port
 
 SECRET = "console-browser-test-secret-0123456789ab"
+POSITIONS = "chatgateway.console.positions"  # connection.js's sessionStorage key
 
 
 class Gateway:
@@ -72,7 +73,7 @@ def browsers():
 
     yield new
     for driver in opened:
-        driver.quit()
+        browser.end_session(driver)
 
 
 def test_two_profiles_chat_both_ways_see_typing_receipts_and_survive_a_gateway_restart(gateway, browsers):
@@ -103,6 +104,10 @@ def test_two_profiles_chat_both_ways_see_typing_receipts_and_survive_a_gateway_r
 
     before = [("alice", "hello bob"), ("bob", "hello alice"), ("alice", hostile)]
     assert alice.messages() == before and bob.messages() == before
+    # the page keeps each room's position for the first frame of its next connection (resume)
+    for page in (alice, bob):
+        position = page.driver.execute_script("return JSON.parse(sessionStorage.getItem(arguments[0]))", POSITIONS)
+        assert position[room]["epoch"] and int(position[room]["offset"]) >= len(before)
 
     # A restart of the gateway (drain: 1001 with a reconnect hint) and of its core.
     gateway.process.stop()
@@ -121,6 +126,13 @@ def test_two_profiles_chat_both_ways_see_typing_receipts_and_survive_a_gateway_r
     bob.wait_connected()
     bob.open_room(room)
     bob.wait(lambda: bob.messages() == [*before, ("bob", "after the restart")], "the history after a reload")
+
+    # alice (the owner) adds carol: both timelines and member lists show it.
+    alice.fill("add-member-id", "carol")
+    alice.by_id("add-member-id").submit()
+    for page in (alice, bob):
+        page.wait(lambda p=page: ("alice", "added carol") in p.system_lines(), "carol's addition in the timeline")
+        page.wait(lambda p=page: "carol" in p.members(), "carol in the member list")
 
     # bob leaves: the room leaves his list, alice's timeline says so.
     bob.by_id("leave-room").click()
@@ -214,3 +226,17 @@ def test_the_page_reconnects_with_full_jitter_never_sooner_than_the_hint(gateway
             assert min(delays) < floor + 0.1 * (ceiling - floor) and max(delays) > 0.9 * ceiling, key
         else:
             assert set(delays) == {floor}, key
+
+
+def test_the_browser_enforces_the_policy_an_inline_script_does_not_run(gateway, browsers):
+    page = browser.ChatPage(browsers(), gateway.base).open()
+    page.driver.execute_script(
+        "const s = document.createElement('script'); s.textContent = 'window.inlineRan = true';"
+        "document.body.appendChild(s);"
+        "const t = document.createElement('script'); t.src = 'data:text/javascript,window.dataRan = true';"
+        "document.body.appendChild(t);"
+    )
+    reported = []
+    page.wait(lambda: reported.extend(browser.page_errors(page.driver)) or len(reported) >= 2, "both refusals reported")
+    assert all("Content Security Policy" in message for message in reported)
+    assert page.driver.execute_script("return [window.inlineRan, window.dataRan]") == [None, None]

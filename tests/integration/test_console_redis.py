@@ -35,6 +35,18 @@ def status(port, bearer):
         return e.code, json.loads(e.read() or b"null")
 
 
+def send_event(port, bearer, room_id, text):
+    """A message sent through the gateway's Connect API (curl's way)."""
+    body = {"event": {"roomId": room_id, "type": "TEXT", "payload": {"text": text}}}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/chat.v1.ChatService/SendEvent",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
 @pytest.fixture
 def deployment():
     redis = RedisServer()
@@ -108,11 +120,25 @@ def test_every_gateway_on_redis_is_listed_with_its_connections_and_a_stopped_one
         # history (nothing is missing), so the page shows the message and no loss.
         redis.client().delete(position_key(room), stream_key(room))
         page.send("after the loss")
-        page.wait(lambda: page.messages() == [("dora", "from production mode"), ("dora", "after the loss")], "history")
+        before = [("dora", "from production mode"), ("dora", "after the loss")]
+        page.wait(lambda: page.messages() == before, "history")
         assert page.by_id("notice").text == ""
+
+        # gw-1 goes away while 40 messages (more than a page) go in through gw-0: back on gw-1,
+        # the page shows the newest page, not a timeline with a hole, and the rest when scrolled up.
+        assert gw1.stop() == 0
+        page.wait(lambda: not page.status().startswith("connected"), "gw-1 gone")
+        missed = [f"while away {n:02d}" for n in range(40)]
+        for text in missed:
+            send_event(gw0.port, token("dora", "script"), room, text)
+        gw1.start()
+        page.wait_connected(timeout=60)
+        page.wait(lambda: [t for _, t in page.messages()] == missed[-30:], "the newest page after the gap")
+        page.driver.execute_script("document.getElementById('timeline-box').scrollTop = 0")
+        page.wait(lambda: page.messages() == before + [("dora", t) for t in missed], "every message, in order")
         assert browser.page_errors(driver) == []
     finally:
-        driver.quit()
+        browser.end_session(driver)
 
     assert gw1.stop() == 0
     until(lambda: set(rows(status(gw0.port, admin)[1])) == {"gw-0"}, what="the stopped gateway gone from the list")

@@ -33,6 +33,12 @@ async def test_records_keep_the_furthest_position_within_an_epoch_and_expire(red
         await records.save({("alice", "phone"): {"r1": ("e", 3), "r2": ("new", 1), "r3": ("e", 2)}})
         assert await records.load("alice", "phone") == {"r1": ("e", 5), "r2": ("new", 1), "r3": ("e", 2)}
         assert await records.load("alice", "laptop") == {}
+        # A start before a room's first event ("", 0) never replaces a position; it fills a gap.
+        await records.save({("alice", "phone"): {"r1": ("", 0), "quiet": ("", 0)}})
+        assert (await records.load("alice", "phone"))["r1"] == ("e", 5)
+        assert (await records.load("alice", "phone"))["quiet"] == ("", 0)
+        await records.save({("alice", "phone"): {"quiet": ("e9", 1)}})
+        assert (await records.load("alice", "phone"))["quiet"] == ("e9", 1)
 
         admin = redis_server.client()
         assert 110 < admin.ttl(resume_key("alice", "phone")) <= 120

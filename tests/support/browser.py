@@ -35,6 +35,7 @@ def chromium(width=1280, height=820):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    profile = tempfile.mkdtemp(prefix="console-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in (
@@ -45,11 +46,21 @@ def chromium(width=1280, height=820):
         "--no-first-run",
         "--disable-extensions",
         f"--window-size={width},{height}",
-        f"--user-data-dir={tempfile.mkdtemp(prefix='console-chromium-')}",
+        f"--user-data-dir={profile}",
     ):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.console_profile = profile  # removed by end_session()
+    return driver
+
+
+def end_session(driver):
+    """End a session of ``chromium()`` and remove its profile folder."""
+    try:
+        driver.quit()
+    finally:
+        shutil.rmtree(driver.console_profile, ignore_errors=True)
 
 
 def page_errors(driver):
@@ -170,6 +181,13 @@ class ChatPage(Page):
 
     def typing(self):
         return self.by_id("typing").text
+
+    def members(self):
+        """{profile id: "online" | "offline" | "presence unknown"} of the open room's member list."""
+        return self.driver.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('#members li[data-profile-id]')]"
+            ".map(li => [li.dataset.profileId, li.title]))"
+        )
 
     def seen_by(self, text):
         """The "seen by ..." line under the message ``text``, or ''."""

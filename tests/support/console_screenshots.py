@@ -63,7 +63,7 @@ def main():
             print(f"wrote {out / 'console-chat.png'} and {out / 'console-operator.png'}")
         finally:
             for driver in drivers:
-                driver.quit()
+                browser.end_session(driver)
 
 
 if __name__ == "__main__":

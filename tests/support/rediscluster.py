@@ -35,12 +35,17 @@ class RedisCluster:
         if cli is None:
             raise RuntimeError("redis-cli is not on PATH: the Redis Cluster tests need it")
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        if primaries == 1 and replicas == 0:
+            # redis-cli --cluster create wants 3 primaries: one node takes every slot itself.
+            with self.nodes[0].client() as c:
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        else:
+            subprocess.run(
+                [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
         self.wait_healthy()
 
     @property

@@ -4,6 +4,8 @@ meanwhile; holes in a session's own delivery; reads shared by many sessions; wha
 stream no longer holds asked of the core; gap events for what neither holds."""
 
 import grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 
 from chatgateway import config
@@ -27,6 +29,7 @@ class HeldBus(MemoryBus):
         super().__init__(hub)
         self.hold = False
         self.reads = []  # (room, after, count, Deferred)
+        self.unconfirmed = {}  # channel -> Deferreds of subscriptions Redis has not confirmed yet
 
     def read_room_stream(self, room_id, after, count=500):
         if not self.hold:
@@ -34,6 +37,19 @@ class HeldBus(MemoryBus):
         d = defer.Deferred()
         self.reads.append((room_id, after, count, d))
         return d
+
+    def subscribe(self, channel):
+        """Confirmed at once, unless ``unconfirmed`` holds the channel: then when ``confirm`` is called."""
+        super().subscribe(channel)
+        if channel in self.unconfirmed:
+            d = defer.Deferred()
+            self.unconfirmed[channel].append(d)
+            return d
+        return defer.succeed(None)
+
+    def confirm(self, channel):
+        for d in self.unconfirmed.pop(channel):
+            d.callback(None)
 
     def answer(self):
         """Answer the oldest held read with what the stream holds now."""
@@ -56,7 +72,9 @@ class HistoryCore:
         if self.fail is not None:
             return defer.fail(CoreError(self.fail, "core away"))
         events = [
-            e for o, e in sorted(self.kept.items()) if o > request.after_offset and e.epoch == request.after_epoch
+            e
+            for _, e in sorted(self.kept.items(), key=lambda item: item[1].offset)
+            if e.offset > request.after_offset and e.epoch == request.after_epoch
         ]
         page = events[: request.limit]
         more = len(events) > request.limit
@@ -75,6 +93,11 @@ class Device:
         self.closed = None
 
     def send_event(self, event):
+        if event.HasField("gap") and self.room is not None:  # a gap waits as room events do
+            if self.room <= 0:
+                self.session.fell_behind()
+                return
+            self.room -= 1
         self.events.append(event)
 
     def send_encoded(self, encoded):
@@ -486,3 +509,217 @@ def test_sessions_at_the_gateways_live_position_catch_up_without_a_read():
     done = [s.catch_up(ROOM, h.epoch(), 5) for s, _ in sessions]
     assert all(d.called for d in done) and h.bus.reads == []
     assert h.reads()["stream"] == 0
+
+
+def test_a_thousand_devices_a_hundred_events_behind_in_ten_rooms_cost_ten_stream_reads_and_no_core_call():
+    h = Harness()
+    rooms = [f"room{i}" for i in range(10)]
+    for room in rooms:
+        h.publish(150, live=False, room=room)
+    h.bus.hold = True
+    devices = []
+    for i in range(1000):
+        room = rooms[i % 10]
+        session, device = h.session(f"p{i}", rooms=[room])
+        devices.append((session, device, room, session.catch_up(room, h.epoch(room), 50)))
+        if i == 500:
+            while h.bus.reads:  # the first reads answer while the rest still arrive
+                h.bus.answer()
+            h.run(5)
+    while h.bus.reads:
+        h.bus.answer()
+    h.run(1000)
+    assert all(live.called for *_, live in devices)
+    assert all(device.offsets() == list(range(51, 151)) for _, device, _, _ in devices)
+    assert h.reads() == {"stream": 10, "core": 0}
+
+
+def test_a_gap_event_that_does_not_fit_waits_for_the_drain_like_the_events_it_stands_for():
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(20, live=False)  # the stream keeps 16..20; the core has nothing
+    session, device = h.session()
+    device.room = 0
+    session.catch_up(ROOM, h.epoch(), 2)
+    h.run()
+    assert device.events == [] and session.behind and device.closed is None
+    device.room = None
+    session.drained()
+    h.run()
+    assert device.gaps() == [(3, 15)] and device.offsets() == [16, 17, 18, 19, 20]
+    assert session.catching == {} and h.gateway.counts.gaps_sent_count() == 1
+
+
+def test_sessions_at_different_positions_beyond_the_stream_share_the_cores_answer():
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(20, live=False)
+    keep_in_core(h, range(1, 21))
+    sessions = [h.session(f"p{i}") for i in range(10)]
+    for i, (session, _) in enumerate(sessions):
+        session.catch_up(ROOM, h.epoch(), 2 + i)  # 2..11: all inside the first one's range
+    h.run(100)
+    for i, (_, device) in enumerate(sessions):
+        assert device.offsets() == list(range(3 + i, 21)) and device.gaps() == []
+    assert h.reads()["core"] == 1
+
+
+def test_a_range_longer_than_one_answer_of_the_core_is_asked_on_from_where_it_ended(monkeypatch):
+    from chatgateway.sessions import streamreads
+
+    monkeypatch.setattr(streamreads, "HISTORY_PAGE", 4)
+    monkeypatch.setattr(streamreads, "HISTORY_MAX_PAGES", 2)
+    h = Harness()
+    h.hub.streams.limit(5, 86400)
+    h.publish(40, live=False)  # the stream keeps 36..40
+    keep_in_core(h, range(1, 41))
+    session, device = h.session()
+    session.catch_up(ROOM, h.epoch(), 0)
+    h.run(100)
+    assert device.offsets() == list(range(1, 41)) and device.gaps() == []
+    assert h.reads()["core"] >= 35 // 4
+
+
+def test_the_stream_is_read_once_the_rooms_channel_is_subscribed_so_nothing_falls_between():
+    h = Harness()
+    h.publish(5, live=False)
+    h.bus.unconfirmed[channels.room(ROOM)] = []
+    h.bus.hold = True
+    session, device = h.session()  # the room's first local session: SUBSCRIBE sent, not confirmed
+    live = session.catch_up(ROOM, h.epoch(), 1)
+    assert h.bus.reads == []  # a read now could miss what is published before the subscription
+    h.publish(1, live=False)  # 6: published before the subscription took effect
+    h.bus.confirm(channels.room(ROOM))
+    assert len(h.bus.reads) == 1
+    h.bus.answer()
+    h.run()
+    assert device.offsets() == [2, 3, 4, 5, 6] and live.called
+
+
+OPS = st.one_of(
+    st.tuples(st.just("live"), st.integers(1, 4)),
+    st.tuples(st.just("lost"), st.integers(1, 4)),
+    st.tuples(st.just("full"), st.integers(0, 3)),
+    st.tuples(st.just("drain"), st.integers(0, 3)),
+    st.tuples(st.just("trickle"), st.integers(0, 3)),
+    st.tuples(st.just("turn"), st.just(0)),
+    st.tuples(st.just("hold"), st.just(0)),
+    st.tuples(st.just("answer"), st.just(0)),
+    st.tuples(st.just("join"), st.integers(0, 40)),
+    st.tuples(st.just("burst"), st.integers(60, 150)),
+    st.tuples(st.just("corelose"), st.integers(1, 60)),
+    st.tuples(st.just("flush"), st.just(0)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(OPS, max_size=40), st.sampled_from([1000, 8]))
+def test_whatever_happens_every_device_gets_every_event_once_in_order(ops, kept):
+    """A model test of the seam: live events, pub/sub losses, outboxes filling and draining,
+    reads held while events arrive, devices joining from positions, bursts the fan-out sheds,
+    a stream keeping only ``kept`` events with the core's history behind it, events the core
+    lost, the stream lost (a new epoch), in any order. Every device gets, in order and once,
+    every event after its position, or a gap event for one the core lost, and nothing else."""
+    h = Harness()
+    h.hub.streams.limit(kept, 86400)
+    h.gateway.fanout.max_backlog = 200
+    append = h.hub.streams.append
+    epochs = []  # [epoch, last offset] of each epoch of the room, oldest first
+    core_lost = set()  # (epoch, offset) the core's history no longer holds
+    seen_end = {}  # a lost epoch -> the last offset of it the gateway received
+
+    def stored(room_id, payload):  # the core stores every event it publishes, with its position
+        positioned = append(room_id, payload)
+        event = pb.ServerEvent.FromString(positioned)
+        h.core.kept[(event.epoch, event.offset)] = pb.RoomEvent(
+            id=event.id, room_id=room_id, epoch=event.epoch, offset=event.offset
+        )
+        if not epochs or epochs[-1][0] != event.epoch:
+            epochs.append([event.epoch, 0])
+        epochs[-1][1] = event.offset
+        return positioned
+
+    h.hub.streams.append = stored
+    h.publish(1)  # the room exists
+    devices = [h.session(f"p{i}") + ((h.epoch(), 1),) for i in range(4)]  # (session, device, start)
+    for session, _, _ in devices:
+        session.catch_up(ROOM, h.epoch(), 1)  # each knows it has event 1
+    h.run()
+
+    def top():
+        return h.hub.streams.rooms[ROOM][1] if ROOM in h.hub.streams.rooms else 0
+
+    for op, arg in ops:
+        if op in ("live", "lost"):
+            h.bus.hold, held = False, h.bus.hold
+            h.publish(arg, live=op == "live")
+            h.bus.hold = held
+        elif op == "full":
+            devices[arg][1].room = 0
+        elif op in ("drain", "trickle"):
+            session, device, _ = devices[arg]
+            device.room = None if op == "drain" else 2
+            session.drained()
+        elif op == "turn":
+            h.clock.advance(0)
+        elif op == "hold":
+            h.bus.hold = True
+        elif op == "answer":
+            while h.bus.reads:
+                h.bus.answer()
+        elif op == "join" and ROOM in h.hub.streams.rooms:
+            position = (h.epoch(), min(arg, top()))
+            session, device = h.session(f"j{len(devices)}")
+            session.catch_up(ROOM, *position)
+            devices.append((session, device, position))
+        elif op == "burst" and ROOM in h.hub.streams.rooms:  # one turn's worth of pub/sub: past the bound
+            for _ in range(arg):
+                n = top() + 1
+                event = pb.ServerEvent(id=f"e{n}", message=pb.RoomEvent(id=f"e{n}", room_id=ROOM))
+                h.hub.deliver(channels.room(ROOM), h.hub.streams.append(ROOM, event.SerializeToString()))
+        elif op == "corelose" and epochs:
+            key = (epochs[-1][0], arg)
+            if h.core.kept.pop(key, None) is not None:
+                core_lost.add(key)
+        elif op == "flush" and len(epochs) == 1:  # (once: an epoch born and lost while away is not told)
+            seen = h.gateway.positions.position(ROOM)
+            seen_end[epochs[-1][0]] = seen[1] if seen is not None and seen[0] == epochs[-1][0] else 0
+            h.hub.streams.rooms.pop(ROOM, None)  # Redis lost the room's stream and position
+    # Let everything settle: reads answered, outboxes drained, one more live event.
+    h.bus.hold = False
+    while h.bus.reads:
+        h.bus.answer()
+    for session, device, _ in devices:
+        device.room = None
+        session.drained()
+    h.publish(1)
+    for _ in range(20):
+        while h.bus.reads:
+            h.bus.answer()
+        h.run(50)
+    for session, device, (epoch, offset) in devices:
+
+        def end(i):
+            """The last offset of epoch i anyone can know of: all of the current one; of a lost
+            one, what the gateway received or the core still holds (a lost tail is unknowable)."""
+            epoch_i, last = epochs[i]
+            if i == len(epochs) - 1:
+                return last
+            kept = [o for e, o in h.core.kept if e == epoch_i]
+            return max([seen_end.get(epoch_i, 0), *kept])
+
+        first = [e for e, _ in epochs].index(epoch)
+        expected = [(epoch, n) for n in range(offset + 1, end(first) + 1)]
+        for i in range(first + 1, len(epochs)):
+            expected += [(epochs[i][0], n) for n in range(1, end(i) + 1)]
+        got, gapped = [], set()
+        for e in device.events:
+            if e.HasField("gap"):
+                missing = [(e.gap.epoch, n) for n in range(e.gap.first_offset, e.gap.last_offset + 1)]
+                got += missing
+                gapped.update(missing)
+            elif e.HasField("message"):
+                got.append((e.epoch, e.offset))
+        assert got == expected, (epoch, offset, got, expected)
+        assert gapped <= core_lost and errors(device) == []
+        assert session.catching == {} and not session.behind

@@ -92,6 +92,8 @@ def test_the_memory_record_keeps_the_furthest_within_an_epoch_and_expires():
     records.save({("alice", "phone"): {"r1": ("e", 5), "r2": ("e", 5)}})
     records.save({("alice", "phone"): {"r1": ("e", 3), "r2": ("new", 1)}})  # r1 back: kept; r2 new epoch
     assert records.load("alice", "phone").result == {"r1": ("e", 5), "r2": ("new", 1)}
+    records.save({("alice", "phone"): {"r1": ("", 0), "r3": ("", 0)}})  # starts before a first event
+    assert records.load("alice", "phone").result == {"r1": ("e", 5), "r2": ("new", 1), "r3": ("", 0)}
     clock.advance(60)
     assert records.load("alice", "phone").result == {}
 

@@ -89,3 +89,36 @@ def test_a_device_that_left_the_room_while_away_gets_nothing_of_it(harness):
     _, second = away_and_back(harness, reconnect)
     assert not second.of("connected")[0].connected.resumed
     assert texts(second) == []
+
+
+@pytest.mark.parametrize("earlier_events", [0, 2])
+def test_a_device_that_left_a_quiet_room_gets_what_came_while_it_was_away(harness, earlier_events):
+    # The room had no event (or none since this gateway subscribed it) while the device was
+    # connected: where it started is read at its open, and the record keeps it.
+    for n in range(earlier_events):
+        publish(harness, n)
+    first = harness.connect("alice/phone")
+    first.client.sendClose()
+    harness.advance(0)
+    harness.advance(0)
+    for n in (10, 11, 12):
+        publish(harness, n)
+    second = harness.connect("alice/phone")
+    harness.run_for(1, step=0.1)
+    assert second.of("connected")[0].connected.resumed
+    assert texts(second) == ["m10", "m11", "m12"]
+
+
+def test_the_token_alone_resumes_a_quiet_room_when_the_record_is_gone(harness):
+    first = harness.connect("alice/phone")
+    token = first.of("connected")[0].connected.resume_token
+    first.client.sendClose()
+    harness.advance(0)
+    harness.advance(0)
+    harness.gateway.resumption.records.records.clear()  # e.g. the store lost it
+    for n in (1, 2):
+        publish(harness, n)
+    second = harness.connect()
+    second.send(pb.StreamRequest(auth_token="alice/phone", resume_token=token))
+    harness.run_for(1, step=0.1)
+    assert texts(second) == ["m1", "m2"]

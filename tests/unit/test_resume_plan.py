@@ -88,7 +88,7 @@ def test_a_session_without_resume_info_or_record_starts_live_with_a_token(harnes
     assert not connected.resumed
     assert CatchingSession.caught == []
     claims = harness.gateway.resumption.tokens.read(connected.resume_token, "alice", "phone")
-    assert claims.positions == {}  # no room of it has had an event on this gateway yet
+    assert claims.positions == {"r1": ("", 0), "r2": ("", 0)}  # before the rooms' first events
 
 
 def test_explicit_positions_of_the_first_frame_catch_up_in_member_rooms_only(harness):
@@ -101,7 +101,7 @@ def test_explicit_positions_of_the_first_frame_catch_up_in_member_rooms_only(har
     assert connected.resumed
     assert CatchingSession.caught == [("phone", "r1", "e1", 5)]
     token = harness.gateway.resumption.tokens.read(connected.resume_token, "alice", "phone")
-    assert token.positions == {"r1": ("e1", 5)}  # where the new session starts
+    assert token.positions == {"r1": ("e1", 5), "r2": ("", 0)}  # where the new session starts
 
 
 def test_the_token_of_connected_resumes_the_device_on_another_gateway(harness):
@@ -214,3 +214,73 @@ def test_resume_info_sent_after_the_session_opened_is_ignored(harness):
     c.send(pb.StreamRequest(positions=[pb.RoomPosition(room_id="r1", epoch="e", offset=2)]))
     harness.flush()
     assert CatchingSession.caught == [] and c.closed is None
+
+
+def test_opens_are_counted_by_how_their_resume_went(harness):
+    harness.connect("alice/phone")
+    first_frame(harness, positions=[pb.RoomPosition(room_id="r1", epoch="e", offset=1)])
+    first_frame(harness, resume_token="r1.forged.token")
+    assert harness.gateway.counts.resume_counts() == {"resumed": 1, "live": 1, "token_ignored": 1}
+
+
+def test_a_record_that_does_not_come_leaves_the_connect_to_go_on_after_a_while(harness):
+    from chatgateway.sessions.resume import RECORD_WAIT_SEC
+
+    harness.gateway.resumption.records.load = lambda p, d: defer.Deferred()  # a store that never answers
+    c = harness.connect("alice/phone")
+    assert c.of("connected") == []
+    harness.advance(RECORD_WAIT_SEC)
+    assert not connected_of(c).resumed
+
+
+def test_a_reconnect_that_replaces_a_session_of_this_gateway_resumes_from_what_that_one_was_given(harness):
+    first = harness.connect("alice/phone")  # its connection then goes silent (a network blink)
+    (older,) = harness.gateway.registry.sessions
+    CatchingSession.given[older.id] = {"r1": ("e", 12)}  # given, and never written to the record
+    harness.connect("alice/phone")
+    harness.flush()
+    assert first.closed is not None  # replaced: 4001
+    assert CatchingSession.caught == [("phone", "r1", "e", 12)]
+
+
+def history_with_join(profile, offset, epoch="e"):
+    join = pb.RoomEvent(id="j", room_id="r2", type=pb.RoomEvent.SYSTEM, epoch=epoch, offset=offset)
+    join.payload.update({"action": "member_added", "profile_id": profile})
+    newer = pb.RoomEvent(id="n", room_id="r2", type=pb.RoomEvent.TEXT, epoch=epoch, offset=offset + 1)
+    return pb.GetHistoryResponse(events=[newer, join])  # newest first
+
+
+def test_a_room_joined_while_away_catches_up_from_the_join_found_at_the_core(harness):
+    harness.gateway.resumption.records.save({("alice", "phone"): {"r1": ("e", 3)}})  # r2 unknown to it
+    asked = []
+    call = harness.core.call
+
+    def core(method, request, *args, **kwargs):
+        if method != "GetHistory":
+            return call(method, request, *args, **kwargs)
+        asked.append(request.room_id)
+        return defer.succeed(history_with_join("alice", 7))
+
+    harness.core.call = core
+    assert connected_of(harness.connect("alice/phone")).resumed
+    assert asked == ["r2"]
+    assert sorted(CatchingSession.caught) == [("phone", "r1", "e", 3), ("phone", "r2", "e", 6)]
+
+
+def test_no_join_is_looked_for_without_a_record_nor_when_it_is_not_found(harness):
+    asked = []
+    harness.core.call = lambda method, request, *a, **k: (
+        asked.append(method)
+        or defer.succeed(
+            history_with_join("bob", 7)  # someone else's join
+        )
+    )
+    harness.core.rooms["alice"] = ["r1", "r2"]
+    harness.gateway.core.call = harness.core.call
+    harness.hub.memberships.rooms["alice"] = ({"r1", "r2"}, harness.clock.seconds() + 600)
+    harness.connect("alice/phone")  # a new device: no record, nothing looked for
+    assert "GetHistory" not in asked and CatchingSession.caught == []
+    harness.gateway.resumption.records.save({("alice", "tablet"): {"r1": ("e", 3)}})
+    harness.connect("alice/tablet")
+    assert asked.count("GetHistory") == 1
+    assert CatchingSession.caught == [("tablet", "r1", "e", 3)]  # r2: not found, live

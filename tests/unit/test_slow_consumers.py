@@ -14,70 +14,11 @@ import pytest
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.bus import channels
-from chatgateway.edge import grpcstream
 from chatgateway.sessions.session import CloseCode
-from support.stalled import WebSocketDevice
+from support.stalled import GrpcStreamDevice, WebSocketDevice
 from support.wsharness import Harness
 
 LIMIT = 4096  # SEND_BUFFER_BYTES; the transports hold up to half of it before the Outbox waits
-
-
-class StalledWriter:
-    """The loop side of a stream whose device stops reading: nothing handed is written."""
-
-    written = 0
-
-
-class RecordingHandoff:
-    def __init__(self):
-        self.items = []
-
-    def put(self, stream, item):
-        self.items.append(item)
-
-
-class SameThreadReactor:
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-class FakeGrpcEdge:
-    def __init__(self, harness):
-        self.gateway = harness.gateway
-        self.reactor = SameThreadReactor()
-        self.devices = set()
-        self.stopping = False
-        self.handoff = RecordingHandoff()
-
-
-class GrpcStreamDevice:
-    def __init__(self, harness, token):
-        self.edge = FakeGrpcEdge(harness)
-        self.writer = StalledWriter()
-        self.device = grpcstream.GrpcDevice(self.edge, self.writer, "")
-        self.device.start(token)
-        self.read_again()  # the connected event is written
-
-    def stop_reading(self):
-        pass  # the writer writes nothing more until read_again
-
-    def read_again(self):
-        """What StreamWriter does once its writes go through: write every frame, and resume
-        the Outbox at the marker after them."""
-        while True:
-            handed = self.edge.handoff.items
-            self.writer.written = sum(len(item) for item in handed if isinstance(item, bytes))
-            markers = [item for item in handed if isinstance(item, functools.partial)]
-            self.edge.handoff.items = [item for item in handed if not isinstance(item, functools.partial)]
-            if not markers:
-                return
-            markers[-1]()  # resumes the Outbox, which may hand (and pause) again
-
-    def released(self):
-        items = self.edge.handoff.items
-        events = [pb.ServerEvent.FromString(item) for item in items if isinstance(item, bytes)]
-        ends = [item.code for item in items if isinstance(item, grpcstream.End)]
-        return events, (ends or [None])[0]
 
 
 @pytest.fixture

@@ -256,7 +256,7 @@
   }
 
   // The room's online members, where the gateway answers the presence command
-  // (docs/protocol.md#presence); elsewhere presence stays unknown until presenceEvents come.
+  // (issue 14, docs/protocol.md); elsewhere presence stays unknown until presenceEvents come.
   async function loadPresence(id) {
     let body;
     try {
@@ -303,12 +303,19 @@
   }
 
   // The newest page, merged by event id into what is shown (after a reconnect or a loss).
+  // The newest page: merged by event id when it overlaps what is shown (nothing between is
+  // missing), else it replaces it (more than a page was missed: older pages load on scroll).
   async function reloadNewest(id) {
     const timeline = timelineOf(id);
     try {
       const [page] = await call("GetHistory", { roomId: id, limit: HISTORY_PAGE });
-      for (const event of page.events || []) timeline.events.set(event.id, event);
-      if (timeline.events.size <= (page.events || []).length) timeline.older = page.nextCursor || "";
+      const events = page.events || [];
+      const overlaps = events.some((event) => timeline.events.has(event.id));
+      if (!overlaps) {
+        timeline.events.clear();
+        timeline.older = page.nextCursor || "";
+      }
+      for (const event of events) timeline.events.set(event.id, event);
       if (id === state.open) {
         renderTimeline({ stick: true });
         markRead();

@@ -12,6 +12,8 @@
   const COMMAND_TIMEOUT_MS = 15000; // the gateway answers within CORE_TIMEOUT_SEC; past this, give up
   const HINT = /reconnect in (\d+(?:\.\d+)?) ?s/;
   const RESUME_KEY = "chatgateway.console.resume";
+  const POSITIONS_KEY = "chatgateway.console.positions";
+  const ACK_DELAY_MS = 1000; // acks go out at most this often, for the newest event of each room
 
   // The delay before reconnect attempt ``attempt`` (0, 1, ...) after a close with ``reason``:
   // random in [0, min(cap, base * 2^attempt)], never sooner than the gateway's hint.
@@ -34,6 +36,12 @@
       this.retryTimer = null;
       this.nextRequest = 1;
       this.pending = new Map(); // requestId -> {resolve, reject, bodies}
+      // Per room the position of the last event received, {epoch, offset}, kept in the tab:
+      // the first frame gives them back and acks report them (docs/protocol.md, the guide
+      // for client authors), so a gateway with resume sends what was missed, once.
+      this.positions = new Map(Object.entries(JSON.parse(sessionStorage.getItem(POSITIONS_KEY) || "{}")));
+      this.unacked = new Map(); // room id -> {eventId, epoch, offset} not acknowledged yet
+      this.ackTimer = null;
     }
 
     start() {
@@ -46,7 +54,10 @@
       ws.onopen = () => {
         const first = { authToken: this.token, deviceId: this.device };
         const resume = sessionStorage.getItem(RESUME_KEY);
-        if (resume) first.resumeToken = resume; // ignored by a gateway without resume
+        if (resume) first.resumeToken = resume; // both ignored by a gateway without resume
+        if (this.positions.size) {
+          first.positions = [...this.positions].map(([roomId, p]) => ({ roomId, epoch: p.epoch, offset: p.offset }));
+        }
         ws.send(JSON.stringify(first));
       };
       ws.onmessage = (message) => {
@@ -69,16 +80,49 @@
       clearTimeout(this.retryTimer);
       if (this.ws) this.ws.close(1000);
       this.ws = null;
+      clearTimeout(this.ackTimer);
       sessionStorage.removeItem(RESUME_KEY);
+      sessionStorage.removeItem(POSITIONS_KEY);
     }
 
     received(frame) {
       if (frame.connected) {
         this.attempt = 0;
         if (frame.connected.resumeToken) sessionStorage.setItem(RESUME_KEY, frame.connected.resumeToken);
+        const rooms = new Set(frame.connected.roomIds || []);
+        for (const roomId of [...this.positions.keys()]) if (!rooms.has(roomId)) this.positions.delete(roomId);
+        this.savePositions();
       }
       if (frame.commandResult) this.answered(frame.commandResult);
-      else this.onFrame(frame);
+      else if (this.advanced(frame)) this.onFrame(frame);
+    }
+
+    // Whether a frame is new: one at or below the room's position (same epoch) was had
+    // already (the gateway does not send one; this is the guide's defensive check).
+    advanced(frame) {
+      const roomId = (frame.message || frame.receiptEvent || {}).roomId;
+      if (!roomId || !frame.epoch || !frame.offset) return true; // no position (typing, presence...)
+      const offset = Number(frame.offset);
+      const known = this.positions.get(roomId);
+      if (known && known.epoch === frame.epoch && Number(known.offset) >= offset) return false;
+      this.positions.set(roomId, { epoch: frame.epoch, offset: String(offset) }); // a new epoch voids the old
+      this.savePositions();
+      if (frame.message) {
+        this.unacked.set(roomId, { eventId: frame.message.id, roomId, epoch: frame.epoch, offset: String(offset) });
+        if (!this.ackTimer) this.ackTimer = setTimeout(() => this.ack(), ACK_DELAY_MS);
+      }
+      return true;
+    }
+
+    ack() {
+      this.ackTimer = null;
+      if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return; // the positions go in the next first frame
+      for (const ack of this.unacked.values()) this.ws.send(JSON.stringify({ ack }));
+      this.unacked.clear();
+    }
+
+    savePositions() {
+      sessionStorage.setItem(POSITIONS_KEY, JSON.stringify(Object.fromEntries(this.positions)));
     }
 
     closed(code, reason) {
