@@ -14,11 +14,10 @@ The time is Redis's own (TIME), so gateways' clocks never matter. The limits of 
 so a command refused by one limit does not use up the other.
 """
 
-from urllib.parse import urlsplit
-
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
+from chatgateway.redisconn.uri import is_cluster
 from chatgateway.store.cluster import ClusterStore
 
 
@@ -120,15 +119,10 @@ class ClusterGcra:
         return defer.ensureDeferred(self._check(limits))
 
 
-def is_cluster_uri(uri):
-    """A Redis Cluster URI (redis+cluster://, rediss+cluster://)."""
-    return urlsplit(uri.strip()).scheme.endswith("+cluster")
-
-
 def make_gcra(store, clock, uri=""):
     """The checks beside ``store`` (whose URI is ``uri``): in its Redis, or in process."""
     redis = getattr(store, "redis", None)
     if redis is None:
         return MemoryGcra(clock)
-    clustered = isinstance(store, ClusterStore) or is_cluster_uri(uri)
+    clustered = isinstance(store, ClusterStore) or is_cluster(uri)
     return ClusterGcra(redis) if clustered else RedisGcra(redis)

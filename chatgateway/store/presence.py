@@ -51,9 +51,9 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
+from chatgateway.redisconn.uri import is_cluster
 from chatgateway.store import conn_key, room_key
 from chatgateway.store.cluster import ClusterStore
-from chatgateway.store.gcra import is_cluster_uri
 
 CONN_PREFIX = conn_key("", "")[:-1]  # "gateway:conn:" + "profileID:deviceID"
 # Of a dead gateway's leases, and of the profiles due, what one sweep handles (the rest: the next).
@@ -417,7 +417,7 @@ class NoPresence:
 def make_presence(store: Any, clock: Any, uri: str = "") -> Any:
     """The presence leases beside ``store`` (whose URI is ``uri``): in its Redis, in process
     beside a MemoryStore, or none on a Redis Cluster (NoPresence)."""
-    if isinstance(store, ClusterStore) or is_cluster_uri(uri):
+    if isinstance(store, ClusterStore) or is_cluster(uri):
         return NoPresence()
     redis = getattr(store, "redis", None)
     if redis is None:
