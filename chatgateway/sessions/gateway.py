@@ -74,7 +74,9 @@ class Gateway(service.Service):
         self.registry.room_released = self._room_released
         # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
         pacer = Pacer(self.clock, self.cork.corked)
-        self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
+        self.catchups = CatchUps(
+            self.reads, self.positions.position, pacer, self.clock, self.counts, self.positions.ended
+        )
         self.fanout.on_shed = self.catchups.shed
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
