@@ -240,6 +240,18 @@ class Session:
         if self.behind:
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: behind and not draining within BEHIND_DRAIN_SEC")
 
+    def not_given(self, positions):
+        """The connection closed with these room events queued, unsent: the device's position in
+        each room goes back to before the first of them (a resume from it gets them)."""
+        first = {}
+        for room_id, epoch, offset in positions:
+            if room_id not in first or offset < first[room_id][1]:
+                first[room_id] = (epoch, offset)
+        for room_id, (epoch, offset) in first.items():
+            last = self.delivered.get(room_id)
+            if last is not None and last[1] == epoch and last[2] >= offset:
+                self.delivered[room_id] = (room_id, epoch, offset - 1)
+
     def give(self, encoded):
         """A catch-up's event (sessions.catchup); False when it did not fit (the device fell behind)."""
         if self.closed or self.behind:

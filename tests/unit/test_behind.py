@@ -6,6 +6,7 @@ live ones; one that never reads again is closed 4429."""
 import pytest
 
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.bus import channels
 from support.stalled import GrpcStreamDevice, WebSocketDevice
 from support.wsharness import Harness
 
@@ -87,3 +88,21 @@ def test_events_dropped_by_a_closing_connection_do_not_move_the_devices_position
     assert close == 1001
     assert offsets(events) == [1, 2]
     assert session.position("r1")[1] == 2
+
+
+@EDGES
+def test_room_events_a_slow_consumer_close_releases_unsent_are_not_counted_as_given(h, edge):
+    device = edge(h, "reader/dev")
+    device.stop_reading()
+    publish(h, 12)  # some written, the rest waiting in the outbox (the device fell behind)
+    [session] = h.gateway.registry.sessions
+    assert session.behind
+    # An event without a position that does not fit: a slow consumer, closed 4429 at once.
+    big = pb.ServerEvent(id="big", message=pb.RoomEvent(id="big", room_id="r1", type=pb.RoomEvent.TEXT))
+    big.message.payload.update({"text": "y" * 5000})
+    h.publish(channels.room("r1"), big)
+    events, close = device.released()
+    assert close == 4429
+    written = offsets(events)
+    assert written and written == list(range(1, len(written) + 1)) and len(written) < 12
+    assert session.position("r1")[1] == written[-1]  # the released ones are not counted
