@@ -102,7 +102,7 @@
     renderRooms();
     loadRoomNames();
     if (state.open && !ids.has(state.open)) closeRoom();
-    else if (state.open) reloadNewest(state.open);
+    else if (state.open && !connected.resumed) reloadNewest(state.open); // resumed: the gateway sends what was missed
   }
 
   function onMessage(event) {
