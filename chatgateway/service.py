@@ -281,7 +281,7 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
     root = _Root()
     GarbageCollection().setServiceParent(root)  # first: it freezes what the others built
     LogLevelService(
-        config.log_level, config.log_format, (config.jwt_secret, config.jwt_client_secret)
+        config.log_level, config.log_format, (config.jwt_secret, config.jwt_client_secret, config.resume_token_secret)
     ).setServiceParent(root)
     telemetry = Telemetry(config.gateway_id)  # the SDK's providers and exporters, per the OTEL_* environment
     counts = GatewayCounts(telemetry.instruments)  # the one everything below counts into

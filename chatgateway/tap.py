@@ -127,6 +127,16 @@ def dev_banner(config):
     )
 
 
+def shared_resume_secret(config, env):
+    """(config, env) of a parent of workers: without a key of resume tokens to share (neither
+    RESUME_TOKEN_SECRET nor JWT_SECRET), one drawn here for it and its workers, so a token
+    resumes on any worker of the gateway (docs/protocol.md#resume-tokens)."""
+    if config.resume_token_secret or config.jwt_secret:
+        return config, env
+    secret = secrets.token_hex(32)
+    return config.replace(resume_token_secret=secret), {**env, "RESUME_TOKEN_SECRET": secret}
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -141,11 +151,12 @@ def makeService(options, reactor=None):
     if options.workers > 1:
         from chatgateway.workers import WorkerPool, stop_and_exit
 
+        config, env = shared_resume_secret(config, dict(os.environ))
         workers = WorkerPool(
             reactor,
             options.workers,
             options.worker_args(),
-            dict(os.environ),
+            env,
             config.drain_timeout_sec + 5,
             give_up=lambda message: stop_and_exit(reactor, 1),
         )

@@ -52,9 +52,10 @@ class IEventBus(Interface):
         profile's channel by the contract: the cached memberships are updated in the same step
         (chatgateway.bus.memberships)."""
 
-    def publish_room_event(room_id: str, payload: bytes) -> Deferred[None]:
+    def publish_room_event(room_id: str, payload: bytes) -> Deferred[tuple[str, int]]:
         """Publish a room event (a serialized ServerEvent, not typing) by the contract: it gets
-        the room's next position and a place in the room's stream (chatgateway.bus.roomstream)."""
+        the room's next position and a place in the room's stream (chatgateway.bus.roomstream).
+        Fires with that position, (epoch, offset): the reference core stores it with the event."""
 
     def read_room_stream(room_id: str, after: int, count: int) -> Deferred[StreamRead]:
         """Up to ``count`` events of the room's stream after offset ``after``, with the room's
@@ -85,6 +86,12 @@ def make_bus(config: Config, reactor: Any, hub: Any = None, counts: GatewayCount
         bus = MemoryBus(hub)
         bus.hub.streams.limit(config.room_stream_max_len, config.room_stream_max_age_sec)
         return bus
+    from chatgateway.redisconn.uri import is_cluster
+
+    if is_cluster(config.events_uri):
+        from chatgateway.bus.cluster import ClusterBus
+
+        return ClusterBus(config, reactor, counts=counts)
     from chatgateway.bus.redis import RedisBus
 
     return RedisBus(config, reactor, counts=counts)

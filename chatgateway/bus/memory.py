@@ -152,7 +152,8 @@ class MemoryBus:
 
     def publish_room_event(self, room_id, payload):
         self.hub.deliver(channels.room(room_id), self.hub.streams.append(room_id, payload))
-        return defer.succeed(None)
+        epoch, offset, _ = self.hub.streams.rooms[room_id]
+        return defer.succeed((epoch, offset))
 
     def read_room_stream(self, room_id, after, count=roomstream.READ_CHUNK):
         return defer.succeed(self.hub.streams.read(room_id, after, count))

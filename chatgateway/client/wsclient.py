@@ -78,10 +78,14 @@ class GatewayClient:
         headers=None,
         reactor=None,
         offer_subprotocol=True,
+        resume_token="",
+        positions=None,
     ):
         """Open a connection; auth is "header", "query", "frame" or "none".
 
-        Raises ClosedError when the handshake is refused.
+        To resume (docs/protocol.md#resume): ``resume_token`` goes in the first frame with
+        "frame" auth, else in the URL (``?resume_token=``); ``positions`` ({room id: (epoch,
+        offset)}) need "frame" auth. Raises ClosedError when the handshake is refused.
         """
         if reactor is None:
             from twisted.internet import reactor
@@ -92,9 +96,14 @@ class GatewayClient:
             headers["Authorization"] = f"Bearer {token}"
         if device_id and auth != "frame":
             headers["X-Device-ID"] = device_id
+        params = {}
         if token and auth == "query":
+            params["access_token"] = token
+        if resume_token and auth != "frame":
+            params["resume_token"] = resume_token
+        if params:
             parts = urlsplit(url)
-            query = "&".join(q for q in (parts.query, urlencode({"access_token": token})) if q)
+            query = "&".join(q for q in (parts.query, urlencode(params)) if q)
             url = urlunsplit(parts._replace(query=query))
         factory = WebSocketClientFactory(url, protocols=[subprotocol] if offer_subprotocol else None, headers=headers)
         factory.setProtocolOptions(autoPingInterval=0, maxFramePayloadSize=0, maxMessagePayloadSize=0)
@@ -105,7 +114,10 @@ class GatewayClient:
         await endpoint.connect(factory)
         await client._open
         if token and auth == "frame":
-            client.send(pb.StreamRequest(auth_token=token, device_id=device_id or ""))
+            held = [pb.RoomPosition(room_id=r, epoch=e, offset=o) for r, (e, o) in sorted((positions or {}).items())]
+            client.send(
+                pb.StreamRequest(auth_token=token, device_id=device_id or "", resume_token=resume_token, positions=held)
+            )
         return client
 
     # ------------------------------------------------------------ protocol callbacks

@@ -292,17 +292,31 @@ class ChatModel:
     def get_history(self, caller, request):
         limit = page_limit(request.limit, "limit")
         forward = request.direction == pb.GetHistoryRequest.FORWARD
+        if request.after_epoch and not forward:
+            raise CoreError(_Code.INVALID_ARGUMENT, "after_epoch/after_offset read FORWARD only")
         with self._reading(caller):
             room, _ = self._membership_of(caller, request.room_id)
-            if request.cursor:
-                position = decode_cursor(request.cursor, "history", room.id, int)
+            if request.after_epoch:
+                # By position (the publish contract's): the events of that epoch after the offset.
+                events, more = self._storage.history_after_position(
+                    room.id, request.after_epoch, request.after_offset, limit
+                )
             else:
-                position = 0 if forward else 2**63 - 1
-            events, more = self._storage.history_page(room.id, position, forward, limit)
+                if request.cursor:
+                    position = decode_cursor(request.cursor, "history", room.id, int)
+                else:
+                    position = 0 if forward else 2**63 - 1
+                events, more = self._storage.history_page(room.id, position, forward, limit)
         response = pb.GetHistoryResponse(events=[event for _, event in events])
         if more:
             response.next_cursor = encode_cursor(k="history", s=room.id, p=events[-1][0])
         return response
+
+    def record_position(self, event_id, epoch, offset):
+        """The publish contract gave the stored event ``event_id`` this position in its room
+        (GetHistory after_epoch/after_offset reads by it)."""
+        with self._storage.locked(), self._storage.atomically():
+            return self._storage.set_position(event_id, epoch, offset)
 
     # ------------------------------------------------------------ helpers
 

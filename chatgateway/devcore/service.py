@@ -11,9 +11,12 @@ from twisted.application import service
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from chatgateway.bus import roomstream
+from chatgateway.api import codec
+from chatgateway.bus import channels, roomstream
 from chatgateway.devcore.model import ChatModel
 from chatgateway.devcore.server import ChatCoreServicer, make_grpc_server
+
+ROOM_PREFIX = channels.room("")
 
 
 class CoreService(service.Service):
@@ -64,8 +67,24 @@ class CoreService(service.Service):
         # By the contracts: a room event gets its position and its place in the room's stream, a
         # membership change updates the membership cache, as they are published.
         d = roomstream.publish_payload(self.bus, channel, payload)
-        if d is not None:
-            d.addErrback(lambda failure: self.log.failure("publishing on {channel} failed", failure, channel=channel))
+        if d is None:
+            return
+        if channel.startswith(ROOM_PREFIX):
+            d.addCallback(self._published, payload)
+        d.addErrback(lambda failure: self.log.failure("publishing on {channel} failed", failure, channel=channel))
+
+    def _published(self, position, payload):
+        """A room event got its position: store it with the event (GetHistory reads by it), off the reactor."""
+        event = codec.parse_server_event(payload)
+        if not isinstance(position, tuple) or event is None or not event.HasField("message") or self.model is None:
+            return  # typing, receipts: not stored
+        epoch, offset = position
+        d = deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self.model.record_position, event.message.id, epoch, offset
+        )
+        d.addErrback(
+            lambda failure: self.log.warn("storing a position failed: {error}", error=failure.getErrorMessage())
+        )
 
     def stopService(self):
         super().stopService()

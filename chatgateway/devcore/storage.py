@@ -38,6 +38,13 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_room ON events (room_id, seq);
 """
+# Each event's position in its room, given by the publish contract after it was stored
+# (chatgateway.bus.roomstream): added to a database made before positions existed.
+_POSITIONS = """
+ALTER TABLE events ADD COLUMN position_epoch TEXT;
+ALTER TABLE events ADD COLUMN position_offset INTEGER;
+"""
+_POSITIONS_INDEX = "CREATE INDEX IF NOT EXISTS events_by_position ON events (room_id, position_epoch, position_offset)"
 
 
 def _contains(haystack, needle):
@@ -66,6 +73,10 @@ class ChatStorage:
             self._db.execute("PRAGMA journal_mode=WAL")
         with self._db:
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+            if "position_epoch" not in columns:
+                self._db.executescript(_POSITIONS)
+            self._db.execute(_POSITIONS_INDEX)
         self._closed = False
 
     def close(self):
@@ -169,6 +180,30 @@ class ChatStorage:
             "INSERT INTO events (id, room_id, data) VALUES (?, ?, ?)",
             (event.id, event.room_id, event.SerializeToString()),
         )
+
+    def set_position(self, event_id, epoch, offset):
+        """Record the position the publish contract gave a stored event (in its columns and its
+        data); False when no such event is stored (an unstored event, or one deleted since)."""
+        row = self._db.execute("SELECT data FROM events WHERE id = ?", (event_id,)).fetchone()
+        if row is None:
+            return False
+        event = pb.RoomEvent.FromString(row[0])
+        event.epoch, event.offset = epoch, offset
+        self._db.execute(
+            "UPDATE events SET position_epoch = ?, position_offset = ?, data = ? WHERE id = ?",
+            (epoch, offset, event.SerializeToString(), event_id),
+        )
+        return True
+
+    def history_after_position(self, room_id, epoch, offset, size):
+        """([(seq, RoomEvent)], more): up to ``size`` events of the room of ``epoch`` with a
+        position after ``offset``, in position order, and whether more follow."""
+        rows = self._db.execute(
+            "SELECT seq, data FROM events WHERE room_id = ? AND position_epoch = ? AND position_offset > ?"
+            " ORDER BY position_offset LIMIT ?",
+            (room_id, epoch, offset, size + 1),
+        ).fetchall()
+        return _page(rows, size, pb.RoomEvent)
 
     def history_page(self, room_id, position, forward, size):
         """([(seq, RoomEvent)], more): up to ``size`` events of the room past ``position``,

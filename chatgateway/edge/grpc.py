@@ -228,7 +228,7 @@ class GrpcEdge(service.Service):
     async def _connect(self, request_iterator, context):
         metadata = _metadata(context)
         stream = StreamWriter()
-        device = GrpcDevice(self, stream, metadata.get("x-device-id", ""))
+        device = GrpcDevice(self, stream, metadata.get("x-device-id", ""), metadata.get("x-resume-token", ""))
         self.reactor.callFromThread(device.start, bearer_token(metadata.get("authorization")))
         config = self.config
         # The reactor's clock: its seconds() is safe to read from this thread.

@@ -194,13 +194,15 @@ class GrpcDevice:
     log = Logger()
     transport_name = "grpc"
 
-    def __init__(self, edge, stream, fallback_device):
+    def __init__(self, edge, stream, fallback_device, resume_token=""):
         self.edge = edge
         self.gateway = edge.gateway
         self.session = None
         self._stream = stream
         self._handoff = edge.handoff
-        self._opening = Opening(self.gateway, self, self._session_opened, REASONS, self.log, fallback_device)
+        self._opening = Opening(
+            self.gateway, self, self._session_opened, REASONS, self.log, fallback_device, resume_token
+        )
         limit = self.gateway.config.send_buffer_bytes
         self._outbox = Outbox(self._write, limit, self._slow_consumer, unsent=self._unsent)
         self._pause_above = buffer_size(limit)
@@ -272,6 +274,7 @@ class GrpcDevice:
     def _session_opened(self, session):
         """The Opening's hand-over: messages go to ``session`` from now on."""
         self.session = session
+        self._outbox.follow(session)
         self._opening = None
 
     # ------------------------------------------------------------ ISessionTransport
@@ -287,15 +290,18 @@ class GrpcDevice:
             self._outbox.send(event.SerializeToString(), kind, key)
 
     def send_encoded(self, encoded):
+        """False when the frame is dropped (the stream closing): the session does not count it as given."""
         if self._flowing:  # _hand, inlined: a fan-out calls this once per recipient
             frame = encoded.frame(FRAME_KEY, _serialized)
             self._handed += len(frame)
             self._handoff.put(self._stream, frame)
             if self._handed > self._recheck_at:
                 self._check_unwritten()
-        elif not self._closing:
-            kind, key = encoded.policy
-            self._outbox.send(encoded.frame(FRAME_KEY, _serialized), kind, key)
+            return True
+        if self._closing:
+            return False
+        kind, key = encoded.policy
+        return self._outbox.send(encoded.frame(FRAME_KEY, _serialized), kind, key)
 
     def _hand(self, frame):
         """Hand ``frame`` to the writer; pause the Outbox past its share of unwritten bytes."""

@@ -31,7 +31,7 @@ from zope.interface import implementer
 from chatgateway.api import codec
 from chatgateway.edge.limits import RETRY_AFTER_SEC, Guard, over_connect_rate
 from chatgateway.edge.origins import OriginPolicy
-from chatgateway.sessions.opening import Opening, Reasons, bearer_token
+from chatgateway.sessions.opening import Opening, Reasons, bearer_token, first_param
 from chatgateway.sessions.outbox import Outbox, classify, direct_socket, unsent_bytes
 from chatgateway.sessions.ratelimit import TOO_MANY_CONNECTS, InboundBudget
 from chatgateway.sessions.session import CloseCode, ISessionTransport, error_detail
@@ -42,9 +42,8 @@ REASONS = Reasons("frame")
 PING_FRAME = b"\x89\x00"
 # WebSocket close reasons are limited to 123 bytes of UTF-8.
 MAX_REASON_BYTES = 123
-# What Autobahn keeps of the opening handshake for the connection's lifetime; it
-# reads them only while the handshake runs (the Authorization header alone is
-# ~300 bytes per connection).
+# What Autobahn keeps of the opening handshake for the connection's lifetime; it reads
+# them only while the handshake runs (the Authorization header alone is ~300 bytes).
 HANDSHAKE_ATTRIBUTES = (
     "http_headers",
     "http_headers_cnt",
@@ -106,11 +105,6 @@ def close_frame_error(code, reason):
         except UnicodeDecodeError:
             return WebSocketProtocol.CLOSE_STATUS_CODE_INVALID_PAYLOAD, "invalid close reason (not UTF-8)"
     return None
-
-
-def _first(params, name):
-    values = params.get(name) or [None]
-    return values[0]
 
 
 def _deny_refused(refusal, subprotocol):
@@ -197,12 +191,13 @@ class DeviceProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {origin} is not allowed")
         subprotocol = choose_subprotocol(request.protocols)
         self.subprotocol = subprotocol or codec.JSON
-        fallback_device = _first(request.params, "device_id") or request.headers.get("x-device-id") or ""
-        self._opening = Opening(self.gateway, self, self._session_opened, REASONS, self.log, fallback_device)
+        fallback_device = first_param(request.params, "device_id") or request.headers.get("x-device-id") or ""
+        resume = first_param(request.params, "resume_token") or ""  # docs/protocol.md#resume
+        self._opening = Opening(self.gateway, self, self._session_opened, REASONS, self.log, fallback_device, resume)
         header_token = bearer_token(request.headers.get("authorization"))
         if header_token:
             return self._opening.verify_handshake(header_token).addCallback(_deny_refused, subprotocol)
-        query_token = _first(request.params, "access_token")
+        query_token = first_param(request.params, "access_token")
         if query_token:
             # Browsers cannot read an HTTP 401, so a bad query token is
             # answered after the upgrade with close code 4401.
@@ -226,6 +221,7 @@ class DeviceProtocol(WebSocketServerProtocol):
     def _session_opened(self, session):
         """The Opening's hand-over: frames go to ``session`` from now on."""
         self.session = session
+        self._outbox.follow(session)
         if isinstance(self.transport, Guard):
             self.transport.authenticated()
         self._forget_handshake()
@@ -377,10 +373,10 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._outbox.send(self.factory.prepareMessage(payload, isBinary=is_binary).payloadHybi, kind, key)
 
     def send_encoded(self, encoded):
-        if self._outbox is None or self._closing is not None:
-            return
+        if self._outbox is None or self._closing is not None or self.state != self.STATE_OPEN:
+            return False  # closing: not sent (the session does not count it as given)
         kind, key = encoded.policy
-        self._outbox.send(encoded.frame(self.subprotocol, self._prepare).payloadHybi, kind, key)
+        return self._outbox.send(encoded.frame(self.subprotocol, self._prepare).payloadHybi, kind, key)
 
     def _write_frame(self, frame):
         if self.state == self.STATE_OPEN:

@@ -13,9 +13,11 @@ write per event, each in a different turn.
 
 The queue is bounded (docs/operations.md#overload): when more than
 ``max_backlog`` deliveries are owed, the oldest queued room events are
-dropped whole (never the one being delivered), and their recipients are told
-once per LOSS_NOTICE_INTERVAL_SEC, by a DATA_LOSS error queued where the
-events were, that events were missed. Profile events (membership changes)
+dropped whole (never the one being delivered). The recipients of a room event
+with a position catch up from the room's stream (sessions.catchup, paced);
+those of one without a position (a core that does not follow the publish
+contract) are told once per LOSS_NOTICE_INTERVAL_SEC, by a DATA_LOSS error
+queued where the events were, that events were missed. Profile events (membership changes)
 are never dropped, and their membership effect is applied on receipt in any
 case.
 """
@@ -29,6 +31,7 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
+from chatgateway.sessions import calls
 from chatgateway.sessions.outbox import TYPING, classify
 from chatgateway.sessions.session import error_detail
 
@@ -50,11 +53,14 @@ LOSS_MESSAGE = "the gateway fell behind: events may have been missed"
 class EncodedEvent:
     """One ServerEvent and its frames, encoded on first use per format."""
 
-    __slots__ = ("event", "payload", "_frames", "_policy")
+    __slots__ = ("event", "payload", "position", "_frames", "_policy")
 
-    def __init__(self, event, payload=None):
+    def __init__(self, event, payload=None, position=None):
         self.event = event
         self.payload = payload
+        # (room id, epoch, offset) of a room event with a position, else None: what a
+        # Session checks to deliver each room's events once and in order (sessions.catchup).
+        self.position = position
         self._frames = {}
         self._policy = None
 
@@ -105,6 +111,8 @@ class Fanout:
         self._notice_window = float("-inf")
         self._warned_at = None
         self._unreported = [0, 0, 0]  # events, deliveries dropped and devices told since the last warning
+        self.observe = None  # observe(room_id, encoded): every positioned room event received
+        self.on_shed = None  # on_shed(position, recipients): a positioned event shed (they catch up)
 
     @property
     def backlog(self):
@@ -130,15 +138,26 @@ class Fanout:
             if event.HasField("typing_event"):
                 sender = event.typing_event.profile_id
                 recipients = [s for s in recipients if s.profile_id != sender]
+            elif event.HasField("presence_event"):
+                subject = event.presence_event.profile_id
+                recipients = [s for s in recipients if s.profile_id != subject]
         elif kind == "profile":
             # Applied now, whatever becomes of the delivery: it changes what this gateway routes.
             if event.HasField("subscription_event"):
                 self._on_membership(event.subscription_event, event)
             recipients = self._registry.profile_sessions(key)
+            if event.HasField("call_signal_event"):
+                recipients = calls.recipients(event.call_signal_event, recipients)
         else:
             return
+        if kind == "room" and event.offset:
+            encoded = EncodedEvent(event, payload, (key, event.epoch, event.offset))
+            if self.observe is not None:
+                self.observe(key, encoded)  # the catch-up window of the room (sessions.streamreads)
+        else:
+            encoded = EncodedEvent(event, payload)
         if recipients:
-            self.deliver(EncodedEvent(event, payload), recipients, started, droppable=kind == "room")
+            self.deliver(encoded, recipients, started, droppable=kind == "room")
 
     def deliver(self, encoded, recipients, started=None, droppable=False):
         """Deliver ``encoded`` to ``recipients`` now, or queue it behind earlier events.
@@ -218,10 +237,13 @@ class Fanout:
 
         Never the event being delivered (its order must hold for those still
         waiting), nor the newest (a single fan-out larger than the bound still
-        goes out). Their recipients get a DATA_LOSS notice in their place.
+        goes out). The recipients of a room event with a position catch up from
+        the room's stream (``on_shed``: sessions.catchup); those of an event
+        without one get a DATA_LOSS notice in its place.
         """
         queue = self._queue
         lost = []
+        shed = []  # (position of the first shed event, its recipients) per room and recipients
         events = deliveries = 0
         gap = None  # where the first dropped event was: the notice goes there
         at = 0
@@ -239,14 +261,19 @@ class Fanout:
             events += 1
             deliveries += count
             self._counts.fanout_dropped(encoded.event, count)
-            # typing is ephemeral: nothing to catch up on
-            if encoded.policy[0] != TYPING and (not lost or lost[-1] is not item.recipients):
-                lost.append(item.recipients)
-            if gap is None:
-                gap = at
+            if encoded.position is not None and self.on_shed is not None:
+                # A room event with a position: its recipients catch up from the room's stream.
+                if not shed or shed[-1][1] is not item.recipients or shed[-1][0][0] != encoded.position[0]:
+                    shed.append((encoded.position, item.recipients))
+            elif encoded.policy[0] != TYPING and (not lost or lost[-1] is not item.recipients):
+                lost.append(item.recipients)  # typing is ephemeral: nothing to catch up on
+                if gap is None:
+                    gap = at
         if not events:
             return
-        told = self._notify([session for recipients in lost for session in recipients], gap)
+        for position, recipients in shed:
+            self.on_shed(position, recipients)
+        told = self._notify([session for recipients in lost for session in recipients], gap) if lost else 0
         self._warn(events, deliveries, told)
 
     def _oldest_droppable(self, start):

@@ -19,13 +19,20 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
+from chatgateway.sessions.calls import CallSignals
+from chatgateway.sessions.catchup import CatchUps, Pacer
 from chatgateway.sessions.corking import Cork
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
+from chatgateway.sessions.presence import Presence
 from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
+from chatgateway.sessions.resume import Resumption
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
+from chatgateway.sessions.sharedlimits import SharedLimits
+from chatgateway.sessions.streamreads import StreamReads
+from chatgateway.sessions.waits import at_most
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -62,12 +69,27 @@ class Gateway(service.Service):
         # Frames for one device produced in one burst (a bus read, a fan-out chunk) leave in one write.
         self.cork = Cork()
         self.fanout = Fanout(self.registry, self.apply_membership, reactor, self.counts, corked=self.cork.corked)
+        # Reads of the rooms' streams and of the core's history, shared by every session (and counted).
+        self.reads = StreamReads(bus, core, self.counts, self.clock)
+        self.fanout.observe = self.reads.observe
         # Room events pass the position check before the fan-out; gaps are filled from the rooms' streams.
-        self.positions = RoomPositions(bus, self.fanout.receive_event, self._events_lost, self.clock)
-        self.registry.room_released = self.positions.forget
+        self.positions = RoomPositions(self.reads, self.fanout.receive_event, self._events_lost, self.clock)
+        self.reads.live_position = self.positions.position
+        self.reads.subscribed = self._room_subscribed
+        self.registry.room_released = self._room_released
+        # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
+        pacer = Pacer(self.clock, self.cork.corked)
+        self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
+        self.fanout.on_shed = self.catchups.shed
+        # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
+        self.resumption = Resumption.of(config, store, bus, core, self.clock, self.positions.position, self.counts)
+        self.device_positions = self.resumption.device_positions
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
+        self.presence = Presence(self)  # leases of the local devices; presenceEvents to fellow members
+        self.calls = CallSignals(self)  # call signals relayed on the callees' profile channels
+        self.limits = SharedLimits(config, store, self.clock, self.counts)  # per profile and per room
         self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
         self._heartbeat.clock = self.clock
@@ -126,7 +148,9 @@ class Gateway(service.Service):
             await self._sessions_gone(reserve / 2)
             for session in list(self.registry.sessions):
                 session.closed_by_transport()  # a transport that could not be dropped: forget it
+        await self.device_positions.flush()  # the closed devices' last positions, before the store stops
         self.fanout.stop()
+        self.catchups.pacer.stop()
 
     def reconnect_hint(self):
         """The close reason of a draining gateway: reconnect (elsewhere) after a random delay."""
@@ -136,18 +160,14 @@ class Gateway(service.Service):
         """A Deferred firing when no session is left (or opening), or after ``timeout`` seconds."""
         if not self.registry.sessions and not self._opening:
             return defer.succeed(None)
-        d = defer.Deferred()
-        timer = self.clock.callLater(max(0.0, timeout), lambda: d.called or d.callback(None))
-        self._gone_waiters.append(d)
+        gone = defer.Deferred()
+        self._gone_waiters.append(gone)
+        return at_most(self.clock, gone, timeout).addBoth(lambda result: self._forget_waiter(gone, result))
 
-        def done(result):
-            if timer.active():
-                timer.cancel()
-            if d in self._gone_waiters:
-                self._gone_waiters.remove(d)
-            return result
-
-        return d.addBoth(done)
+    def _forget_waiter(self, gone, result):
+        if gone in self._gone_waiters:
+            self._gone_waiters.remove(gone)
+        return result
 
     def _check_gone(self):
         if not self.registry.sessions and not self._opening:
@@ -183,10 +203,12 @@ class Gateway(service.Service):
         self._quietly(self.bus.cache_memberships(profile_id, rooms, cached.version, ttl), "caching memberships")
         return rooms
 
-    async def open_session(self, transport, claims, token, device_id, abandoned=None):
+    async def open_session(self, transport, claims, token, device_id, abandoned=None, resume=None):
         """Register an authenticated device and send it ``connected``.
 
         Its rooms come from the membership cache, or from the core (``connect_rooms``).
+        ``resume`` (a chatgateway.sessions.resume.ResumeRequest) and the device's server-side
+        positions say where it catches up from in each of its rooms.
         Fails with CoreError when the core, asked, cannot tell the device's rooms. When
         ``abandoned()`` says, once the rooms are known, that the device went away
         meanwhile, nothing is registered (no older session of the device is replaced)
@@ -198,8 +220,10 @@ class Gateway(service.Service):
         # received, and recorded here until the session can take it (_replay_changes).
         changes = self._watch(profile_id)
         try:
-            await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
+            record = defer.Deferred.fromCoroutine(self.resumption.record(profile_id, device_id))  # meanwhile
+            await at_most(self.clock, self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
             rooms = await self.connect_rooms(profile_id, token, device_id)
+            resolved = await self.resumption.resolve(profile_id, device_id, rooms, resume, await record, token)
         except BaseException:
             self._unwatch(profile_id, changes)
             self._opened_none()
@@ -211,13 +235,20 @@ class Gateway(service.Service):
         self._opening -= 1  # registered below, before anything else runs
         session = Session(self, transport, claims, token, device_id, rooms)
         # The local limit holds at once; the store then enforces it across gateways.
-        for older in self.registry.add(session):
+        replaced = self.registry.add(session)
+        for older in replaced:
             older.close(CloseCode.REPLACED, REPLACED_REASON)
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
-        session.send(session.connected_event())
+        planned, begins, resume_token, notice = self.resumption.finish(session, resolved, replaced)
+        session.send(session.connected_event(resume_token, resumed=bool(planned)))
+        if notice is not None:
+            session.send(notice)
         self._replay_changes(session, changes)
+        # In this turn still: no live event of its rooms can reach the session before its catch-up starts.
+        self.resumption.start(session, planned, begins)
         self._register(session)
+        self.presence.arrived(session)
         if self.draining:
             session.drain(self.reconnect_hint())
         if self._log_connects:
@@ -250,23 +281,6 @@ class Gateway(service.Service):
             if event is not None:
                 self.fanout.deliver(EncodedEvent(event), [session])
 
-    def _within(self, d, seconds):
-        """A Deferred firing (with None) when ``d`` does or after ``seconds``, whichever comes first."""
-        if d.called:
-            return defer.succeed(None)  # the channel was subscribed already (or the bus is in process)
-        done = defer.Deferred()
-        timer = self.clock.callLater(seconds, lambda: done.called or done.callback(None))
-
-        def fired(result):
-            if timer.active():
-                timer.cancel()
-            if not done.called:
-                done.callback(None)
-            return result
-
-        d.addBoth(fired)
-        return done
-
     def _opened_none(self):
         """An opening ended without a session."""
         self._opening -= 1
@@ -274,12 +288,14 @@ class Gateway(service.Service):
             self._check_gone()
 
     def session_closed(self, session):
+        self.device_positions.closed(session)
         self.registry.remove(session)
         self.counts.session_closed(session)
         self._quietly(
             self.store.release_device(session.profile_id, session.device_id, self.config.gateway_id, session.id),
             "releasing a device",
         )
+        self.presence.departed(session)
         if self.draining:
             self._check_gone()
 
@@ -329,13 +345,13 @@ class Gateway(service.Service):
 
     def _bus_reconnected(self):
         """Pub/sub was down: events published meanwhile were not received. Each room with a
-        position reads them from its stream; a room without one (no event of it came since it
-        was subscribed) cannot tell what it missed, and its devices are told."""
+        position reads them from its stream; in a room without one (no event of it came since
+        it was subscribed) each device catches up from its own position (``_events_lost``)."""
         rooms = self.registry.room_ids()
         blind = [room_id for room_id in rooms if self.positions.position(room_id) is None]
         if rooms:  # at start (subscribed before the first connection) there is nothing to read
             self.log.info(
-                "event bus reconnected; reading the streams of {count} rooms, {blind} without a position told of a loss",
+                "event bus reconnected; reading the streams of {count} rooms ({blind} without a position: per device)",
                 count=len(rooms),
                 blind=len(blind),
             )
@@ -344,15 +360,35 @@ class Gateway(service.Service):
             self._events_lost(room_id)
 
     def _events_lost(self, room_id):
-        """Tell the room's local devices that events may have been missed, in order with its events."""
-        sessions = self.registry.room_sessions(room_id)
-        if not sessions:
+        """Events of the room may have been missed (the gateway's fill could not tell them, the
+        stream was lost): each local session with a position in the room catches up from it
+        (docs/architecture.md#catch-up); one without (it got no event of the room yet) is
+        told, in order with its events (DATA_LOSS)."""
+        blind = []
+        for session in list(self.registry.room_sessions(room_id)):
+            last = session.delivered.get(room_id)
+            if last is not None:
+                self.catchups.start(session, room_id, last[1], last[2])
+            elif room_id not in session.catching:
+                blind.append(session)
+        if not blind:
             return
         event = pb.ServerEvent(
             id=uuid.uuid4().hex,
             error=error_detail(grpc.StatusCode.DATA_LOSS, f"events of room {room_id} may have been missed"),
         )
-        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), sessions)
+        self.fanout.deliver(EncodedEvent(codec.stamp(event, self.clock.seconds())), blind)
+
+    def _room_subscribed(self, room_id):
+        """Fires once the room's channel is subscribed (at once when no local session has it)."""
+        if not self.registry.room_sessions(room_id):
+            return defer.succeed(None)
+        return self.bus.subscribe(channels.room(room_id))
+
+    def _room_released(self, room_id):
+        """The room's last local session left: its position and catch-up window mean nothing any more."""
+        self.positions.forget(room_id)
+        self.reads.forget(room_id)
 
     def _store_reconnected(self):
         """The store came back and may have lost writes: rewrite every live connection."""
@@ -361,6 +397,8 @@ class Gateway(service.Service):
         for session in sessions:
             self._register(session)
         self._announce()
+        for session in sessions:  # after the registration their leases hang on
+            self.presence.arrived(session)
 
     def _announce(self):
         info = {
@@ -387,6 +425,7 @@ class Gateway(service.Service):
         sessions = list(self.registry.sessions)
         self._sweep(sessions, 0, now, now - self.config.connection_timeout_sec, [])
         self._announce()
+        self.presence.tick()
         self._ticks += 1
         if self._ticks % REAP_EVERY_TICKS == 0:
             self._reap()
@@ -405,10 +444,13 @@ class Gateway(service.Service):
             session.transport.ping()
             session.last_heartbeat = now
             alive.append(session.meta())
+            self.device_positions.note(session)
         if end < len(sessions):
             self.clock.callLater(0, self._sweep, sessions, end, now, deadline, alive)
-        elif alive:
-            self._quietly(self.store.refresh(alive), "refreshing metadata")
+        else:
+            self.device_positions.flush()  # one batch per sweep: at most a write per heartbeat per device
+            if alive:
+                self._quietly(self.store.refresh(alive), "refreshing metadata")
 
     # ------------------------------------------------------------ shared operations
 
@@ -440,6 +482,7 @@ class Gateway(service.Service):
             changes.append((change, event))
         for session in list(self.registry.profile_sessions(change.profile_id)):
             session.apply_membership(change)
+        self.presence.membership_changed(change)
 
     def publish(self, channel, event):
         """Publish ``event`` by the contracts: a room event gets its position and its place in the

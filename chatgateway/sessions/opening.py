@@ -20,6 +20,9 @@ The rules:
 - requests that arrive while the token is verified and the session opens wait,
   at most MAX_PENDING_REQUESTS (more is abuse: 1008), and go to the new session
   in order, their auth_token cleared (it was consumed);
+- what to resume from (chatgateway.sessions.resume) is the signing-in request's
+  ``resume_token`` and ``positions``, else the handshake's token (``resume_token``);
+  later requests' are ignored;
 - a device that closes or goes away before its session is open leaves no
   session behind: the core is not asked for its rooms once its token is
   verified, and when the core answers for a device that has left, nothing is
@@ -32,6 +35,7 @@ from twisted.internet import defer
 from chatgateway.auth.tokens import AuthError
 from chatgateway.core.client import CoreError
 from chatgateway.sessions.reconnect import hinted, try_again_delay
+from chatgateway.sessions.resume import ResumeRequest
 from chatgateway.sessions.session import CloseCode
 
 # Requests a device may send while its session is being opened; more is abuse.
@@ -48,6 +52,12 @@ def bearer_token(value):
     if value and value[:7].lower() == "bearer ":
         return value[7:].strip() or None
     return None
+
+
+def first_param(params, name):
+    """The first value of a query parameter (Autobahn's {name: [values]}), or None."""
+    values = params.get(name) or [None]
+    return values[0]
 
 
 def replay(session, pending):
@@ -100,6 +110,7 @@ class Opening:
         "_reasons",
         "_log",
         "_fallback_device",
+        "_resume",
         "_claims",
         "_token",
         "_refusal",
@@ -108,13 +119,14 @@ class Opening:
         "_state",
     )
 
-    def __init__(self, gateway, transport, opened, reasons, log, fallback_device=""):
+    def __init__(self, gateway, transport, opened, reasons, log, fallback_device="", resume_token=""):
         self._gateway = gateway
         self._transport = transport  # the edge's ISessionTransport
         self._opened = opened  # opened(session): the edge takes the open session over
         self._reasons = reasons
         self._log = log
         self._fallback_device = fallback_device  # the device id of the handshake, if any
+        self._resume = ResumeRequest(resume_token)  # the handshake's, until a request signs in
         self._claims = None
         self._token = None
         self._refusal = None  # why the handshake's token was refused, said once started
@@ -165,6 +177,7 @@ class Opening:
                 self._close(CloseCode.UNAUTHENTICATED, self._reasons.no_token)
                 return
             self._state, self._pending = OPENING, [request]
+            self._resume = ResumeRequest.of(request, self._resume.token)
             self._sign_in(request.auth_token, request.device_id or self._fallback_device)
 
     def undecodable(self, error):
@@ -182,7 +195,7 @@ class Opening:
     def _finish(self):
         """Nothing more to sign in: forget the token and what waited, stop the timer."""
         self._state = DONE
-        self._pending = self._claims = self._token = None
+        self._pending = self._claims = self._token = self._resume = None
         self._cancel_timer()
 
     def _arm_timer(self):
@@ -220,7 +233,9 @@ class Opening:
         claims, token = self._claims, self._token
         device_id = claims.device_id or device_id or "default"
         d = defer.Deferred.fromCoroutine(
-            self._gateway.open_session(self._transport, claims, token, device_id, abandoned=self._abandoned)
+            self._gateway.open_session(
+                self._transport, claims, token, device_id, abandoned=self._abandoned, resume=self._resume
+            )
         )
         d.addCallbacks(self._session_opened, self._failed)
 

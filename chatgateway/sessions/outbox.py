@@ -17,10 +17,16 @@ While frames wait, each kind of event has its policy:
 - receipts and presence (COALESCED): the latest per room and reader (presence:
   per profile) replaces an older one still waiting, and moves to the end so it
   never overtakes the events it refers to;
-- everything else (KEPT: messages, command results, membership changes, errors)
-  is kept until the cap; a frame that does not fit even after every waiting
-  typing event is dropped makes the connection a slow consumer: the queue is
-  released at once and ``overflow`` is called (the edge closes with 4429).
+- room events with a position (ROOM: messages, receipts; and gap events) are kept until the cap;
+  one that does not fit even after every waiting typing event is dropped is not
+  sent, and ``behind`` is called: the device is behind (sessions.behind), is fed no
+  room events until this queue drained (``drained`` is called), then catches up
+  from the room's stream (docs/security.md#slow-consumers); without ``behind`` they
+  are KEPT;
+- everything else (KEPT: messages without a position, command results, membership
+  changes, errors) is kept until the cap; a frame that does not fit even after
+  every waiting typing event is dropped makes the connection a slow consumer: the
+  queue is released at once and ``overflow`` is called (the edge closes with 4429).
 
 Frames are shared between recipients (one encoding per subprotocol), so the
 bytes counted here are an upper bound of the memory a slow connection holds.
@@ -36,6 +42,7 @@ from zope.interface import implementer
 TYPING = "typing"
 COALESCED = "coalesced"
 KEPT = "kept"
+ROOM = "room"
 
 # Bookkeeping of one waiting frame (list, slot, key), counted with its bytes so
 # that many tiny frames cannot hold more memory than the limit says.
@@ -49,6 +56,10 @@ def classify(event):
     which = event.WhichOneof("payload")
     if which == "typing_event":
         return TYPING, (event.typing_event.room_id, event.typing_event.profile_id)
+    if event.offset or which == "gap":
+        # Given once each, in order (a positioned receipt is not coalesced: the device would see a
+        # hole); a gap event stands for room events, and waits as they do.
+        return ROOM, None
     if which == "receipt_event":
         return COALESCED, ("receipt", event.receipt_event.room_id, event.receipt_event.profile_id)
     if which == "presence_event":
@@ -155,6 +166,8 @@ class Outbox:
         "_typing",
         "_by_key",
         "_removed",
+        "behind",
+        "drained",
     )
 
     def __init__(self, write, limit, overflow, unsent=_nothing_unsent):
@@ -171,6 +184,13 @@ class Outbox:
         self._typing = None  # deque of the waiting typing entries, oldest first
         self._by_key = None  # key -> the waiting _Entry of that key
         self._removed = 0  # entries in _queue whose frame is None
+        self.behind = None  # called when a ROOM frame does not fit (else it is KEPT)
+        self.drained = None  # called when the waiting frames are all written
+
+    def follow(self, session):
+        """Let ``session`` fall behind instead of overflowing on room events (sessions.behind)."""
+        self.behind = session.fell_behind
+        self.drained = session.drained
 
     def bind(self, transport):
         """Become ``transport``'s streaming producer; have it pause us at half the limit."""
@@ -192,12 +212,13 @@ class Outbox:
     # ------------------------------------------------------------ sending
 
     def send(self, frame, kind=KEPT, key=None):
+        """Write or queue ``frame``; False when it is dropped at once (closed, or it does not fit)."""
         if self.closed:
-            return
+            return False
         if not self.paused and not self._queue:
             self._write(frame)
-            return
-        self._wait(_Entry(frame, kind, key))
+            return True
+        return self._wait(_Entry(frame, kind, key))
 
     def _wait(self, entry):
         if entry.key is not None and self._by_key:
@@ -212,10 +233,13 @@ class Outbox:
                 # Not even without every waiting typing event.
                 if entry.kind == TYPING:
                     self.dropped += 1
-                    return
+                    return False
+                if entry.kind == ROOM and self.behind is not None:
+                    self.behind()  # not sent: the device catches up once this queue drained
+                    return False
                 self.close()
                 self._overflow()
-                return
+                return False
             while self._unsent() + self.queued + size > self.limit and self._typing:
                 self._remove(self._typing.popleft(), from_typing=False)
                 self.dropped += 1
@@ -232,6 +256,7 @@ class Outbox:
                 self._typing = collections.deque()
             self._typing.append(entry)
             self._typing_bytes += size
+        return True
 
     def _remove(self, entry, from_typing=True):
         """Forget a waiting entry (it stays in _queue as a hole until flushed or compacted)."""
@@ -272,6 +297,8 @@ class Outbox:
             self._write(frame)
         if self._queue is not None and not self._queue:
             self._release()
+            if self.drained is not None:
+                self.drained()
 
     def _release(self):
         """Nothing waits any more: drop the waiting structures until a frame waits again."""

@@ -11,11 +11,12 @@ resubscribed (``resync``: messages of every room may have been missed), each roo
 position is read the same way.
 
 What the stream cannot fill (trimmed past the last offset, its epoch gone, or unreadable
-for FILL_RETRY_SEC) is reported to the room's devices by ``lost(room_id)`` (a DATA_LOSS
-notice), and delivery goes on from what there is. An event of another epoch than the
-room's means the stream was lost: its positions are void, the devices are told, and the
-room starts again from that event. Events without a position (typing, a core that does
-not follow the contract) pass unchecked.
+for FILL_RETRY_SEC) is passed on by ``lost(room_id)``: each of the room's sessions with a
+position catches up from it on its own (chatgateway.sessions.catchup: the core's history,
+then gap events; one without a position gets a DATA_LOSS notice), and delivery goes on
+from what there is. An event of another epoch than the room's means the stream was lost:
+``lost`` too, and the room starts again from that event. Events without a position
+(typing, a core that does not follow the contract) pass unchecked.
 """
 
 from twisted.internet import defer
@@ -47,7 +48,7 @@ class RoomPositions:
     """Checks room events' positions before ``deliver(channel, event, payload)``.
 
     ``bus``: its ``read_room_stream(room_id, after, count)`` fills gaps. ``lost(room_id)``:
-    tell the room's devices events were missed (queued in order with its events).
+    events of the room may have been missed that the stream cannot give (its sessions catch up).
     ``clock``: for the retries of a read that failed.
     """
 

@@ -7,8 +7,6 @@ interface below; everything a device may do is decided here.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import uuid
 from typing import TYPE_CHECKING
 
@@ -22,8 +20,13 @@ from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import METHODS, CoreError
+from chatgateway.sessions.calls import SignalRefused
 from chatgateway.sessions.ratelimit import TokenBucket
+from chatgateway.sessions.sharedlimits import LimitExceeded
+from chatgateway.sessions.tokenexpiry import TokenExpiries
 from chatgateway.store import ConnectionMeta
+
+__all__ = ["CloseCode", "CommandError", "ISessionTransport", "Session", "TokenExpiries", "error_detail"]
 
 if TYPE_CHECKING:
     from chatgateway.sessions.fanout import EncodedEvent
@@ -49,8 +52,9 @@ class ISessionTransport(Interface):
     def send_event(event: pb.ServerEvent) -> None:
         """Send one ServerEvent to this device only."""
 
-    def send_encoded(encoded: EncodedEvent) -> None:
-        """Send a shared EncodedEvent (fan-out) to this device."""
+    def send_encoded(encoded: EncodedEvent) -> bool | None:
+        """Send a shared EncodedEvent (fan-out) to this device; False when it was dropped (the
+        connection closing), so its position is not counted as given."""
 
     def ping() -> None:
         """Send a heartbeat probe."""
@@ -63,94 +67,6 @@ class ISessionTransport(Interface):
 
 def error_detail(code, message):
     return pb.ErrorDetail(code=code.value[0], status=code.name, message=message)
-
-
-class TokenExpiries:
-    """Closes sessions whose token expired (4401): one timer, for the earliest, instead of one per session.
-
-    A token expires for its session when the verifier would start refusing it
-    (Claims.valid_until: exp + JWT_LEEWAY_SEC), so a token accepted is a session kept.
-
-    A heap of (expires_at, n, session). An entry goes stale when its session closes
-    or gets a fresher token; stale entries are skipped when due, and dropped all at
-    once when they are most of the heap (so closed sessions are not kept for long).
-    """
-
-    COMPACT_ABOVE = 64
-
-    def __init__(self, clock):
-        self._clock = clock
-        self._heap = []
-        self._order = itertools.count()  # ties never compare sessions
-        self._live = 0  # sessions with an expiry here
-        self._stale = 0  # heap entries that no longer count (an upper bound)
-        self._timer = None
-        self._due = None  # the expiry the timer is set for
-
-    def __len__(self):
-        return self._live
-
-    def schedule(self, session, expires_at):
-        """Close ``session`` at ``expires_at`` (clock seconds), instead of at the expiry set before."""
-        if session._expires_at == expires_at:
-            return
-        if session._expires_at is None:
-            self._live += 1
-        else:
-            self._stale += 1
-        session._expires_at = expires_at
-        heapq.heappush(self._heap, (expires_at, next(self._order), session))
-        self._compact()
-        self._arm()
-
-    def forget(self, session):
-        """The session is gone."""
-        if session._expires_at is None:
-            return
-        session._expires_at = None
-        self._live -= 1
-        self._stale += 1
-        if not self._live:
-            self._heap.clear()
-            self._stale = 0
-            self._cancel()
-        else:
-            self._compact()
-
-    def _compact(self):
-        if self._stale > self.COMPACT_ABOVE and self._stale * 2 > len(self._heap):
-            self._heap = [entry for entry in self._heap if entry[2]._expires_at == entry[0]]
-            heapq.heapify(self._heap)
-            self._stale = 0
-            self._arm()
-
-    def _arm(self):
-        if not self._heap:
-            self._cancel()
-            return
-        due = self._heap[0][0]
-        if self._timer is not None and self._timer.active() and self._due == due:
-            return
-        self._cancel()
-        self._due = due
-        self._timer = self._clock.callLater(max(0.0, due - self._clock.seconds()), self._expire)
-
-    def _cancel(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self._due = None
-
-    def _expire(self):
-        self._timer = None
-        # The timer's own target counts as now: clock arithmetic may land a hair before it.
-        now = max(self._clock.seconds(), self._due)
-        while self._heap and self._heap[0][0] <= now:  # closing may compact (replace) the heap
-            expires_at, _, session = heapq.heappop(self._heap)
-            if session._expires_at == expires_at:
-                session.close(CloseCode.UNAUTHENTICATED, "token expired")
-            else:
-                self._stale = max(0, self._stale - 1)
-        self._arm()
 
 
 class Session:
@@ -175,6 +91,10 @@ class Session:
         "_bucket",
         "_refreshes",
         "_expires_at",
+        "delivered",
+        "catching",
+        "behind",
+        "_behind_timer",
     )
 
     def __init__(self, gateway, transport, claims, token, device_id, member_rooms):
@@ -193,6 +113,13 @@ class Session:
         self._bucket = None  # the rate limit's TokenBucket, made by the first command (it starts full)
         self._refreshes = None  # MAX_TOKEN_REFRESHES_PER_MINUTE's TokenBucket, made by the first refresh
         self._expires_at = None  # of the token, while TokenExpiries watches it
+        # Per room, the position (room id, epoch, offset) of the last room event given to this
+        # device; the rooms catching up (sessions.catchup: their live events are held); whether
+        # its outbox is full (room events are not fed to it until it drains: sessions.behind).
+        self.delivered = {}
+        self.catching = {}
+        self.behind = False
+        self._behind_timer = None
         gateway.token_expiries.schedule(self, claims.valid_until)
 
     # ------------------------------------------------------------ lifecycle
@@ -208,7 +135,7 @@ class Session:
             gateway_id=self.gateway.config.gateway_id,
         )
 
-    def connected_event(self):
+    def connected_event(self, resume_token="", resumed=False):
         return pb.ServerEvent(
             id=uuid.uuid4().hex,
             connected=pb.Connected(
@@ -218,7 +145,8 @@ class Session:
                 device_id=self.device_id,
                 heartbeat_interval_sec=max(1, round(self.gateway.config.heartbeat_interval_sec)),
                 room_ids=sorted(self.rooms),
-                # resume_token stays empty: resuming a session is not implemented (README).
+                resume_token=resume_token,  # chatgateway.sessions.resume
+                resumed=resumed,
             ),
         )
 
@@ -248,6 +176,8 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        if self._behind_timer is not None and self._behind_timer.active():
+            self._behind_timer.cancel()
         self.gateway.token_expiries.forget(self)
         self.gateway.session_closed(self)
 
@@ -259,8 +189,78 @@ class Session:
             self.gateway.counts.sent(event)
 
     def deliver(self, encoded):
-        if not self.closed:
+        """A live event of the fan-out. A room event is given once and in order by position:
+        one at or below the device's position is dropped, one beyond the next starts a
+        catch-up (docs/architecture.md#catch-up); while its room catches up it is held."""
+        if self.closed:
+            return
+        position = encoded.position
+        if position is None:
             self.transport.send_encoded(encoded)
+            return
+        room_id = position[0]
+        catching = self.catching
+        if catching and room_id in catching:
+            catching[room_id].live(encoded)
+            return
+        last = self.delivered.get(room_id)
+        if last is not None and (position[2] != last[2] + 1 or position[1] != last[1]):
+            if position[2] > last[2] or position[1] != last[1]:
+                self.gateway.catchups.hole(self, last, encoded)  # (another epoch: the stream was lost)
+            return  # at or below: given already
+        if not self.behind:
+            sent = self.transport.send_encoded(encoded)
+            if not self.behind:
+                if sent is not False:  # False: dropped by a closing connection, not given
+                    self.delivered[room_id] = position
+                return
+        self.gateway.catchups.fall_behind(self, position, last)
+
+    def fell_behind(self):
+        """The outbox is full (sessions.outbox ROOM): feed no room events until it drains;
+        close 4429 if it has not within BEHIND_DRAIN_SEC (docs/security.md#slow-consumers)."""
+        if self.behind or self.closed:
+            return
+        self.behind = True
+        self.gateway.counts.fell_behind()
+        self._behind_timer = self.gateway.clock.callLater(self.gateway.config.behind_drain_sec, self._never_drained)
+
+    def drained(self):
+        """The outbox has written everything that waited: the rooms that fell behind catch up."""
+        if not self.behind:
+            return
+        self.behind = False
+        if self._behind_timer is not None and self._behind_timer.active():
+            self._behind_timer.cancel()
+        self._behind_timer = None
+        self.gateway.catchups.drained(self)
+
+    def _never_drained(self):
+        self._behind_timer = None
+        if self.behind:
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer: behind and not draining within BEHIND_DRAIN_SEC")
+
+    def give(self, encoded):
+        """A catch-up's event (sessions.catchup); False when it did not fit (the device fell behind)."""
+        if self.closed or self.behind:
+            return False
+        if self.transport.send_encoded(encoded) is False or self.behind:
+            return False
+        self.gateway.counts.sent(encoded.event)
+        return True
+
+    def catch_up(self, room_id, epoch, offset):
+        """Give this device every event of the room after (epoch, offset), in order, then live
+        events with no gap and no duplicate at the seam. A Deferred fired when the room is live
+        again. Call it in the turn the session is registered (after ``registry.add``), before
+        live events of the room reach it: what it was given live before counts as given, and
+        the stream is read once the room's channel is subscribed."""
+        return self.gateway.catchups.start(self, room_id, epoch, offset)
+
+    def position(self, room_id):
+        """(epoch, offset) of the last event of the room given to this device, or None."""
+        last = self.delivered.get(room_id)
+        return None if last is None else (last[1], last[2])
 
     def reply(self, request_id, error=None, body=None, more=False):
         result = pb.CommandResult(request_id=request_id, more=more)
@@ -284,8 +284,9 @@ class Session:
         which = request.WhichOneof("payload")
         if which == "command":
             self._command(request.command)
-        # Acks are accepted; delivery is at-most-once until resumable catch-up exists
-        # (docs/architecture.md#positions-publish-contract-membership-cache).
+        elif which == "ack":
+            # Its position goes to the device's server-side record (docs/architecture.md#resume).
+            self.gateway.device_positions.acked(self, request.ack)
 
     def _refresh_token(self, token):
         if self._refreshes is None:
@@ -330,7 +331,10 @@ class Session:
             self.reply(request_id, error_detail(grpc.StatusCode.INVALID_ARGUMENT, "unknown or empty command"))
             return
         self._in_flight += 1
-        d = defer.maybeDeferred(handler, request_id, getattr(command, which))
+        payload = getattr(command, which)
+        # The limits per profile and per room, across gateways (sessions.sharedlimits), then the command.
+        d = self.gateway.limits.admit(self.profile_id, which, payload)
+        d.addCallback(lambda _: defer.maybeDeferred(handler, request_id, payload))
         d.addErrback(self._command_failed, request_id)
         d.addBoth(self._command_done)
 
@@ -342,8 +346,10 @@ class Session:
     def _command_failed(self, failure, request_id):
         if failure.check(CoreError):
             self.reply(request_id, failure.value.detail())
-        elif failure.check(CommandError):
-            self.reply(request_id, error_detail(failure.value.code, failure.value.message))
+        elif failure.check(CommandError, LimitExceeded, SignalRefused):
+            detail = error_detail(failure.value.code, failure.value.message)
+            detail.meta.update(getattr(failure.value, "meta", {}))
+            self.reply(request_id, detail)
         else:
             self.log.failure("command {request_id} failed", failure, request_id=request_id)
             self.reply(request_id, error_detail(grpc.StatusCode.INTERNAL, "internal error"))
@@ -389,7 +395,7 @@ class Session:
         self.reply(request_id)
 
     def _cmd_unsubscribe(self, request_id, rooms):
-        self.gateway.registry.leave(self, [r for r in rooms.room_ids if r])
+        self._leave([r for r in rooms.room_ids if r])
         self.reply(request_id)
 
     async def _cmd_call(self, request_id, call):
@@ -418,6 +424,14 @@ class Session:
         else:
             self.reply(request_id, body=response)
 
+    async def _cmd_call_signal(self, request_id, signal):
+        await self.gateway.calls.send(self, signal)
+        self.reply(request_id)
+
+    async def _cmd_presence(self, request_id, query):
+        self._require_member(query.room_id)
+        self.reply(request_id, body=await self.gateway.presence.room(query.room_id))
+
     # ------------------------------------------------------------ membership
 
     def apply_membership(self, change):
@@ -429,7 +443,13 @@ class Session:
                 self.gateway.registry.join(self, [change.room_id])
         elif change.change == Change.REMOVED:
             self.member_rooms.discard(change.room_id)
-            self.gateway.registry.leave(self, [change.room_id])
+            self._leave([change.room_id])
+
+    def _leave(self, room_ids):
+        """Stop delivering these rooms; their positions go (a room joined again starts from the join)."""
+        for room_id in self.gateway.registry.leave(self, room_ids):
+            self.delivered.pop(room_id, None)
+            self.catching.pop(room_id, None)
 
 
 class CommandError(Exception):

@@ -181,6 +181,12 @@ def make_store(config: Config, reactor: Any, counts: GatewayCounts | None = None
         from chatgateway.store.memory import MemoryStore
 
         return MemoryStore()
+    from chatgateway.redisconn.uri import is_cluster
+
+    if is_cluster(config.cache_uri):
+        from chatgateway.store.cluster import ClusterStore
+
+        return ClusterStore(config, reactor, counts=counts)
     from chatgateway.store.redis import RedisStore
 
     return RedisStore(config, reactor, counts=counts)

@@ -26,6 +26,17 @@ TRANSPORTS = ("websocket", "grpc")
 # How a connect's membership cache lookup ended: the rooms were cached, were not (the core
 # was asked), or the cache could not be read (the core was asked).
 MEMBERSHIP_LOOKUP_RESULTS = ("hit", "miss", "error")
+# Where catch-up (chatgateway.sessions.catchup) read the events it delivered: the room's
+# stream (one read of up to READ_CHUNK entries) or the core's history (one GetHistory page).
+CATCHUP_SOURCES = ("stream", "core")
+# The shared limits (chatgateway.sessions.sharedlimits), the call signals a device may be
+# relayed and the presence statuses announced: their series exist from the start.
+LIMIT_KINDS = ("profile", "room")
+SIGNAL_KINDS = ("offer", "answer", "ice", "end", "taken")
+PRESENCE_STATUSES = ("online", "offline")
+# How a session's open went for resuming (chatgateway.sessions.resume): it catches up in at
+# least one room, it starts live everywhere, or the token it gave was ignored.
+RESUME_RESULTS = ("resumed", "live", "token_ignored")
 # One fan-out in this many is timed into the fan-out duration histogram (chunked ones always are).
 FANOUT_SAMPLE_EVERY = 128
 
@@ -81,6 +92,15 @@ class GatewayCounts:
         self._fanouts = 0
         self._dropped = collections.defaultdict(int, _kinds("message"))  # payload kind -> deliveries shed
         self._lookups = _kinds(*MEMBERSHIP_LOOKUP_RESULTS)  # a connect's membership cache lookups, by result
+        self._catchup_reads = _kinds(*CATCHUP_SOURCES)  # reads made for catch-up and gap fills, by source
+        self._gaps = 0  # gap events sent to devices
+        self._resumes = _kinds(*RESUME_RESULTS)  # sessions opened, by how their resume went
+        self._behind = 0  # times a device fell behind (its outbox full of room events)
+        self._limited = _kinds(*LIMIT_KINDS)  # commands refused by a shared limit, by kind
+        self._unchecked = _kinds(*LIMIT_KINDS)  # shared limit checks let in because the store failed
+        self._signals = _kinds(*SIGNAL_KINDS)  # call signals relayed, by kind
+        self._presence = _kinds(*PRESENCE_STATUSES)  # presenceEvents published (one per room told)
+        self.online_profiles = lambda: 0  # profiles online across gateways (set by the Gateway's Presence)
 
     # ------------------------------------------------------------ what happens (reactor thread)
 
@@ -138,6 +158,39 @@ class GatewayCounts:
         """A connect looked its profile's rooms up in the membership cache: one of MEMBERSHIP_LOOKUP_RESULTS."""
         self._lookups[result] += 1
 
+    def catchup_read(self, source):
+        """One read for catch-up or a gap fill: "stream" (a READ_ROOM) or "core" (a GetHistory page)."""
+        self._catchup_reads[source] += 1
+
+    def resume_opened(self, result):
+        """A session opened: one of RESUME_RESULTS."""
+        self._resumes[result] += 1
+
+    def gap_sent(self):
+        """A device was sent a GapEvent: events of a room that neither the stream nor the core held."""
+        self._gaps += 1
+
+    def fell_behind(self):
+        """A device's outbox was full: it is fed no room events until it drains (then catches up)."""
+        self._behind += 1
+
+    def limit_refused(self, kind):
+        """A command refused by the shared limit ``kind`` ("profile", "room")."""
+        self._limited[kind] += 1
+
+    def limit_unchecked(self, kind):
+        """A shared limit check of ``kind`` let in because the store could not answer (fail open)."""
+        self._unchecked[kind] += 1
+
+    def signal_relayed(self, kind):
+        """A call signal of ``kind`` ("offer"... "taken") published to a profile's channel."""
+        self._signals[kind] = self._signals.get(kind, 0) + 1
+
+    def presence_announced(self, status, rooms):
+        """A profile's presence ``status`` (a PresenceEvent.Status) published to ``rooms`` rooms."""
+        name = pb.PresenceEvent.Status.Name(status).lower()
+        self._presence[name] = self._presence.get(name, 0) + rooms
+
     def session_opened(self, session):
         """A device's session is registered (Gateway.open_session)."""
         self._active[transport_name(session.transport)] += 1
@@ -182,6 +235,38 @@ class GatewayCounts:
     def membership_lookup_counts(self):
         """{result: membership cache lookups}: "hit", "miss" or "error"."""
         return self._lookups.copy()
+
+    def catchup_read_counts(self):
+        """{source: reads}: "stream" (READ_ROOM calls) and "core" (GetHistory pages) made to fill gaps."""
+        return self._catchup_reads.copy()
+
+    def behind_count(self):
+        """Times a device fell behind."""
+        return self._behind
+
+    def resume_counts(self):
+        """{result: sessions opened}: "resumed", "live", "token_ignored"."""
+        return self._resumes.copy()
+
+    def gaps_sent_count(self):
+        """GapEvents sent to devices."""
+        return self._gaps
+
+    def limit_refused_counts(self):
+        """{kind: commands refused by the shared limit}: "profile", "room"."""
+        return self._limited.copy()
+
+    def limit_unchecked_counts(self):
+        """{kind: shared limit checks let in unchecked}."""
+        return self._unchecked.copy()
+
+    def signal_counts(self):
+        """{kind: call signals relayed}."""
+        return self._signals.copy()
+
+    def presence_counts(self):
+        """{status: presenceEvents published}."""
+        return self._presence.copy()
 
     def rate_limited_count(self):
         """Commands refused by the rate limit."""

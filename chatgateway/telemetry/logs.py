@@ -10,7 +10,7 @@ follow LOG_FORMAT.
 
 Whatever the format, every line goes through ``redact`` on its way out: JWTs,
 ``Bearer`` credentials, ``access_token=``-style parameters, token fields of JSON
-frames and the configured secrets (JWT_SECRET, JWT_CLIENT_SECRET) are replaced
+frames and the configured secrets (JWT_SECRET, JWT_CLIENT_SECRET, RESUME_TOKEN_SECRET) are replaced
 with ``REDACTED``. Code should not log them in the first place; this is the net
 under it.
 
@@ -163,7 +163,11 @@ def observer():
     """For ``twistd --logger chatgateway.telemetry.logs.observer``: stdout in LOG_FORMAT from the first line."""
     environ = os.environ
     fmt = "json" if environ.get("LOG_FORMAT", "").strip().lower() == "json" else "text"
-    secrets = (environ.get("JWT_SECRET", ""), environ.get("JWT_CLIENT_SECRET", ""))
+    secrets = (
+        environ.get("JWT_SECRET", ""),
+        environ.get("JWT_CLIENT_SECRET", ""),
+        environ.get("RESUME_TOKEN_SECRET", ""),
+    )
     return FileLogObserver(sys.stdout, formatter(fmt, secrets))
 
 

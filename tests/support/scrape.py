@@ -36,3 +36,24 @@ def active_connections(port, host="127.0.0.1"):
 def calls_between(after, before):
     """{method: calls made between two core_calls() readings}, methods with none left out."""
     return {m: n - before.get(m, 0) for m, n in after.items() if n != before.get(m, 0)}
+
+
+CATCHUP_READS = "chatgateway_catchup_reads_total"
+GAPS_SENT = "chatgateway_catchup_gaps_total"
+FELL_BEHIND = "chatgateway_catchup_behind_total"
+
+
+def catchup_reads(port, host="127.0.0.1"):
+    """{"stream": READ_ROOM calls, "core": GetHistory pages} the gateway made to fill gaps and
+    catch devices up, "gaps": gap events it sent, "behind": times a device fell behind
+    (docs/architecture.md#catch-up)."""
+    reads = {"stream": 0, "core": 0, "gaps": 0, "behind": 0}
+    for name, labels, value in samples(port, host):
+        if name == CATCHUP_READS:
+            source = labels.get("chatgateway_catchup_source", "")
+            reads[source] = reads.get(source, 0) + int(value)
+        elif name == GAPS_SENT:
+            reads["gaps"] += int(value)
+        elif name == FELL_BEHIND:
+            reads["behind"] += int(value)
+    return reads

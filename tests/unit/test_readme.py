@@ -65,7 +65,7 @@ def test_readme_states_the_workers_start_rule_the_pool_applies():
     assert f"worker w1 died {deaths} times within {window} of starting (last exit: status 1)" in text
 
 
-def test_readme_connected_example_has_the_fields_the_gateway_sends_and_no_resume_token():
+def test_readme_connected_example_has_the_fields_the_gateway_sends():
     from google.protobuf import json_format
 
     from support.wsharness import Harness
@@ -82,6 +82,5 @@ def test_readme_connected_example_has_the_fields_the_gateway_sends_and_no_resume
     )
     example = json.loads(re.search(r'^\{"id": .*"connected": .*\}$', protocol, flags=re.M).group(0))["connected"]
     assert set(example) == set(sent)
-    # Resuming a session does not exist: neither the frame nor its example may suggest it does.
-    assert "resumeToken" not in sent
-    assert "`resumeToken` is reserved" in " ".join(protocol.split())
+    # Every connected carries a resume token (docs/protocol.md#resume-tokens).
+    assert sent["resumeToken"].startswith("r1.")
