@@ -29,6 +29,12 @@ def totals(counts):
         "connects_refused": sum(counts.connects_refused_counts().values()),
         "deliveries_dropped": sum(counts.dropped_counts().values()),
         "dependency_errors": sum(counts.dependency_error_counts().values()),
+        "shared_limit_refused": sum(counts.limit_refused_counts().values()),
+        "sessions_resumed": counts.resume_counts().get("resumed", 0),
+        "catchup_reads": sum(counts.catchup_read_counts().values()),
+        "gaps_sent": counts.gaps_sent_count(),
+        "presence_events": sum(counts.presence_counts().values()),
+        "call_signals": sum(counts.signal_counts().values()),
     }
 
 
@@ -102,6 +108,7 @@ class StatusSampler(service.Service):
                 "connections": len(gateway.registry),
                 "connections_by_transport": gateway.counts.active_counts(),
                 "rooms": len(gateway.registry.room_ids()),
+                "online_profiles": gateway.counts.online_profiles(),  # every gateway's, as the last sweep counted
                 "draining": bool(gateway.draining),
                 "ready": readiness.is_ready(states),
                 "dependencies": states,
