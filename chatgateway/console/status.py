@@ -1,8 +1,8 @@
 """What the operator page shows: this gateway's state, its rates, and every gateway's entry.
 
 A ``StatusSampler`` reads the gateway's counts (chatgateway.telemetry.counts) every
-SAMPLE_INTERVAL_SEC on the reactor's clock and keeps the rates of the last interval, so a
-status request costs a few dictionary reads, whoever polls it and however often. The
+SAMPLE_INTERVAL_SEC on the reactor's clock and keeps the rates of the last interval, so the
+rates cost a status request a few dictionary reads, whoever polls and however often. The
 other gateways come from the store's registry (``IConnectionStore.instances``: with Redis,
 every live gateway; in memory, this one), read once per request; their connection counts
 are as of their last heartbeat (HEARTBEAT_INTERVAL_SEC), this gateway's are live.
