@@ -1,8 +1,8 @@
 """What the operator page shows: this gateway's state, its rates, and every gateway's entry.
 
 A ``StatusSampler`` reads the gateway's counts (chatgateway.telemetry.counts) every
-SAMPLE_INTERVAL_SEC on the reactor's clock and keeps the rates of the last interval, so a
-status request costs a few dictionary reads, whoever polls it and however often. The
+SAMPLE_INTERVAL_SEC on the reactor's clock and keeps the rates of the last interval, so the
+rates cost a status request a few dictionary reads, whoever polls and however often. The
 other gateways come from the store's registry (``IConnectionStore.instances``: with Redis,
 every live gateway; in memory, this one), read once per request; their connection counts
 are as of their last heartbeat (HEARTBEAT_INTERVAL_SEC), this gateway's are live.
@@ -29,6 +29,12 @@ def totals(counts):
         "connects_refused": sum(counts.connects_refused_counts().values()),
         "deliveries_dropped": sum(counts.dropped_counts().values()),
         "dependency_errors": sum(counts.dependency_error_counts().values()),
+        "shared_limit_refused": sum(counts.limit_refused_counts().values()),
+        "sessions_resumed": counts.resume_counts().get("resumed", 0),
+        "catchup_reads": sum(counts.catchup_read_counts().values()),
+        "gaps_sent": counts.gaps_sent_count(),
+        "presence_events": sum(counts.presence_counts().values()),
+        "call_signals": sum(counts.signal_counts().values()),
     }
 
 
@@ -102,6 +108,7 @@ class StatusSampler(service.Service):
                 "connections": len(gateway.registry),
                 "connections_by_transport": gateway.counts.active_counts(),
                 "rooms": len(gateway.registry.room_ids()),
+                "online_profiles": gateway.counts.online_profiles(),  # every gateway's, as the last sweep counted
                 "draining": bool(gateway.draining),
                 "ready": readiness.is_ready(states),
                 "dependencies": states,

@@ -405,8 +405,12 @@ class RedisStore:
         ids = sorted(await self.redis.execute("SMEMBERS", INSTANCES_KEY))
         if not ids:
             return []
-        entries = await self.redis.execute("MGET", *(instance_key(g) for g in ids))
-        rooms = await self.redis.pipeline([("SCARD", instance_rooms_key(g)) for g in ids])
+        # GETs in a pipeline, not an MGET: on a Redis Cluster the keys are in several slots,
+        # and the cluster's pipeline sends each node its part.
+        replies = await self.redis.pipeline(
+            [("GET", instance_key(g)) for g in ids] + [("SCARD", instance_rooms_key(g)) for g in ids]
+        )
+        entries, rooms = replies[: len(ids)], replies[len(ids) :]
         found = []
         for entry, room_count in zip(entries, rooms, strict=True):
             if entry is None:

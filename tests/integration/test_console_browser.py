@@ -1,9 +1,7 @@
 """The web console in a real browser: Debian's headless chromium (Selenium, chromium-driver)
 against a real ``twistd chatgateway --dev`` whose core keeps its data in a file (CORE_DB),
 so a restart of the gateway keeps the rooms and their history (docs/console.md).
-
-Presence is not sent by the gateway yet (docs/protocol.md): the chat page shows it when it
-comes; these tests check typing and read receipts instead.
+Presence on the page: tests/integration/test_console_presence.py.
 """
 
 import json

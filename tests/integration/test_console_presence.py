@@ -1,6 +1,6 @@
 """Presence on the chat page, in a real browser against a real `twistd chatgateway --dev`:
 a member who signs in shows online to the others, and offline once gone past
-PRESENCE_GRACE_SEC (docs/console.md#the-chat-page).
+PRESENCE_GRACE_SEC (docs/console.md#the-chat-page, docs/protocol.md#presence).
 
 Runs where the gateway has presence (issue 14: the ``presence`` command in the API);
 without it the page shows "presence unknown", and this module is skipped, saying so.

@@ -35,7 +35,7 @@ def main():
     drivers = []
     with gateway:
         try:
-            drivers = [browser.chromium(1200, 700), browser.chromium(1200, 700), browser.chromium(1200, 980)]
+            drivers = [browser.chromium(1200, 700), browser.chromium(1200, 700), browser.chromium(1200, 1150)]
             alice = browser.ChatPage(drivers[0], base).open().sign_in("alice", "laptop")
             bob = browser.ChatPage(drivers[1], base).open().sign_in("bob", "phone")
             room = alice.create_room("general", ["bob", "carol"])

@@ -118,14 +118,21 @@ def test_rates_are_the_counts_of_the_last_interval_per_second():
     assert body["rates"]["per_sec"]["commands_received"] == 5.0
     assert body["rates"]["per_sec"]["deliveries"] == body["rates"]["per_sec"]["messages_delivered"] == 20.0
     assert body["totals"]["commands_received"] == 10
+    gateway.counts.limit_refused("profile")
+    gateway.counts.limit_refused("room")
+    gateway.counts.gap_sent()
+    clock.advance(2)
+    per_sec = sampler.status_deferred().result["rates"]["per_sec"]
+    assert (per_sec["shared_limit_refused"], per_sec["gaps_sent"], per_sec["commands_received"]) == (1.0, 0.5, 0.0)
     clock.advance(2)  # nothing happened in this interval
-    assert sampler.status_deferred().result["rates"]["per_sec"]["commands_received"] == 0.0
+    assert set(sampler.status_deferred().result["rates"]["per_sec"].values()) == {0.0}
     sampler.stopService()
     assert clock.getDelayedCalls() == []
 
 
 def test_the_status_names_this_gateway_its_dependencies_and_every_registered_gateway():
     clock, gateway, store = task.Clock(), _Gateway(), MemoryStore()
+    gateway.counts.online_profiles = lambda: 4  # as presence's last sweep counted
     store.instance_alive("gw-1", {"started": 1, "addresses": [], "connections": 0})  # as of its last heartbeat
     store.instance_alive("gw-2", {"started": 2, "addresses": ["http://b"], "connections": 7})
     sampler = StatusSampler(gateway, {"core": lambda: True, "store:memory": lambda: "down"}, store, clock)
@@ -134,6 +141,7 @@ def test_the_status_names_this_gateway_its_dependencies_and_every_registered_gat
     body = sampler.status_deferred().result
     assert body["gateway"]["id"] == "gw-1" and body["gateway"]["uptime_sec"] == 5
     assert body["gateway"]["connections"] == 3 and body["gateway"]["rooms"] == 2
+    assert body["gateway"]["online_profiles"] == 4
     assert body["gateway"]["dependencies"] == {"core": "up", "store:memory": "down"}
     assert body["gateway"]["ready"] is False
     # this gateway's row is live; another's as it registered it

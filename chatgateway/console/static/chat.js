@@ -102,7 +102,7 @@
     renderRooms();
     loadRoomNames();
     if (state.open && !ids.has(state.open)) closeRoom();
-    else if (state.open) reloadNewest(state.open);
+    else if (state.open && !connected.resumed) reloadNewest(state.open); // resumed: the gateway sends what was missed
   }
 
   function onMessage(event) {
@@ -256,7 +256,7 @@
   }
 
   // The room's online members, where the gateway answers the presence command
-  // (issue 14, docs/protocol.md); elsewhere presence stays unknown until presenceEvents come.
+  // (docs/protocol.md#presence); elsewhere presence stays unknown until presenceEvents come.
   async function loadPresence(id) {
     let body;
     try {

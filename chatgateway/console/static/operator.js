@@ -17,6 +17,12 @@
     ["connects_refused", "connections refused (connection rate)"],
     ["deliveries_dropped", "deliveries dropped under overload"],
     ["dependency_errors", "failed Redis / core operations"],
+    ["shared_limit_refused", "commands refused by the per-profile / per-room limits"],
+    ["sessions_resumed", "sessions resumed"],
+    ["catchup_reads", "catch-up reads (room stream, core history)"],
+    ["gaps_sent", "gap events sent"],
+    ["presence_events", "presence events published"],
+    ["call_signals", "call signals relayed"],
   ];
   let timer = null;
 
@@ -44,6 +50,7 @@
       row("draining", g.draining ? "yes" : "no"),
       row("connections", String(g.connections) + (transports ? " (" + transports + ")" : "")),
       row("rooms with connections", String(g.rooms)),
+      row("profiles online (all gateways)", String(g.online_profiles ?? "")),
       row("addresses", (g.addresses || []).join(" ")),
       row("uptime", Math.round(g.uptime_sec) + " s"),
     ]);
