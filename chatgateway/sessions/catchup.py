@@ -83,7 +83,20 @@ class Pacer:
 class _Entry:
     """One room of one session catching up (or behind: waiting for its outbox to drain)."""
 
-    __slots__ = ("session", "room_id", "epoch", "offset", "held", "behind", "busy", "waiters", "pending", "top", "then")
+    __slots__ = (
+        "session",
+        "room_id",
+        "epoch",
+        "offset",
+        "held",
+        "behind",
+        "busy",
+        "waiters",
+        "pending",
+        "top",
+        "then",
+        "past",
+    )
 
     def __init__(self, session, room_id, epoch, offset):
         self.session = session
@@ -97,6 +110,7 @@ class _Entry:
         self.pending = None  # deque of (offset, encoded or None, gap or None) to give
         self.top = 0  # the stream's last offset, as the last read said
         self.then = None  # what to do once pending is given (default: read on, or the seam)
+        self.past = ()  # epochs this catch-up has left behind (their late live events are dropped)
 
     def live(self, encoded):
         """A live event of the room for this session, while it catches up."""
@@ -211,6 +225,9 @@ class CatchUps:
             self._from_core(entry, None, read.epoch or None, [], 0)
             return
         session = entry.session
+        if any(held.position[1] != entry.epoch for held in entry.held):
+            # The stream is of this epoch: a held event of another is a late one of a lost epoch.
+            entry.held = collections.deque((h for h in entry.held if h.position[1] == entry.epoch), maxlen=HELD_MAX)
         if entry.offset > read.top:
             entry.offset = read.top  # a position beyond the room's: nothing to give
             session.delivered[entry.room_id] = (entry.room_id, entry.epoch, entry.offset)
@@ -278,6 +295,7 @@ class CatchUps:
             self._give(entry, items, max(top, until or 0))
 
     def _new_epoch(self, entry, epoch):
+        entry.past = (*entry.past, entry.epoch)
         entry.epoch, entry.offset = epoch, 0
         entry.session.delivered[entry.room_id] = (entry.room_id, epoch, 0)
         self._next(entry)
@@ -361,6 +379,9 @@ class CatchUps:
         expected = entry.offset + 1
         while held:
             _, epoch, offset = held[0].position
+            if epoch in entry.past:
+                held.popleft()  # of an epoch given up to its end already
+                continue
             if epoch != entry.epoch or offset > expected:
                 self._next(entry)  # a hole (or the stream was lost): read on; the rest stays held
                 return

@@ -241,7 +241,9 @@ class StreamReads:
         if window is None:
             return
         _, epoch, offset = encoded.position
-        if offset == window.top + 1 and epoch == window.epoch:
+        if epoch != window.epoch:
+            self.forget(room_id)  # the stream was lost: the window's epoch is over
+        elif offset == window.top + 1:
             window.events.append((offset, encoded))
             if len(window.events) > WINDOW_MAX + READ_CHUNK:
                 window.trim()
