@@ -59,7 +59,8 @@ class ResumeRequest:
         """The resume info of the StreamRequest that signs in (its token wins over the handshake's)."""
         positions = {}
         for position in request.positions[:MAX_EXPLICIT_POSITIONS]:
-            if position.room_id and 0 <= position.offset <= MAX_OFFSET:
+            # Without an epoch only offset 0 means something: "none of the room's events".
+            if position.room_id and 0 <= position.offset <= MAX_OFFSET and (position.epoch or not position.offset):
                 positions[position.room_id] = (position.epoch, position.offset)
         return cls(request.resume_token or fallback_token, positions)
 
