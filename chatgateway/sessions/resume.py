@@ -214,9 +214,8 @@ class Resumption:
 
     def finish(self, session, resolved, replaced=()):
         """After the registration: (plan, starts, the token ``connected`` carries, the notices
-        to send after it). ``replaced``:
-        the device's sessions on this gateway it replaces (a reconnect after a blink): what
-        they were given is newer than the record, so it counts too."""
+        to send after it). ``replaced``: the device's sessions on this gateway it replaces (a
+        reconnect after a blink): what they were given is newer than the record, so it counts too."""
         planned, starts, notice, explicit = resolved
         for older in replaced:
             for room_id in older.rooms & planned.keys() - explicit:  # the device's own positions win
