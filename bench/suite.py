@@ -256,8 +256,12 @@ class System:
 
     def __init__(self, name, redis_uri, core_port, trees=None):
         self.name = name
+        # "<system>+positions": the same system fed room events by the contract (positioned,
+        # kept in the room's stream), so one invocation measures both (--positions: every system)
+        self.positions = PUBLISH_POSITIONS or name.endswith(POSITIONS_SUFFIX)
+        base = name.removesuffix(POSITIONS_SUFFIX)
         # "gateway@LABEL": the gateway of another checkout (--tree LABEL=PATH), run by its own virtualenv
-        self.kind, _, label = name.partition("@")
+        self.kind, _, label = base.partition("@")
         self.tree = Path((trees or {})[label]) if label else ROOT
         self.redis_uri = redis_uri
         self.core_port = core_port
@@ -285,7 +289,7 @@ class System:
             "PYTHONUNBUFFERED": "1",
         }
         try:
-            if self.name == "reference":
+            if self.kind == "reference":
                 port = free_port()
                 self._spawn(
                     pinned(
@@ -363,7 +367,7 @@ class System:
     def settle(self, timeout=30):
         """Before a step: wait (at most ``timeout``) until every gateway answers /readyz 200 again (after an
         overloaded step one may be reconnecting to Redis); the seconds waited."""
-        if self.name == "reference":
+        if self.kind == "reference":
             return 0.0
         started = time.monotonic()
         for port, process, log in zip(self.ports, self.processes, self.logs, strict=True):
@@ -385,7 +389,7 @@ class System:
 
     def url(self, i, room):
         port = self.ports[i % len(self.ports)]
-        if self.name == "reference":
+        if self.kind == "reference":
             return f"ws://127.0.0.1:{port}/?room={room}"
         return f"ws://127.0.0.1:{port}/ws"
 
@@ -519,7 +523,7 @@ class Clients(ClientProcesses):
 
     def __init__(self, system, room, count, prefix, options, round_name=""):
         super().__init__()
-        gateway = system.name != "reference"
+        gateway = system.kind != "reference"
         parts = max(len(system.ports), math.ceil(count / MAX_PER_CLIENT))
         size = math.ceil(count / parts)
         chunks = [(start, min(size, count - start)) for start in range(0, count, size)]
@@ -611,15 +615,17 @@ def event_bytes(room, sent_at):
 # positioned, kept in the room's stream) instead of a bare PUBLISH. Every system then receives
 # the same positioned bytes on the channel.
 PUBLISH_POSITIONS = False
+POSITIONS_SUFFIX = "+positions"
 
 
-def publish(client, room, rate, seconds):
-    """PUBLISH at ``rate`` per second for ``seconds`` (the messages due at once in one pipeline); the number sent."""
+def publish(client, room, rate, seconds, positions=False):
+    """PUBLISH at ``rate`` per second for ``seconds`` (the messages due at once in one pipeline),
+    by the contract with ``positions``; the number sent."""
     channel = f"chat:room:{room}"
     start = time.time()
     sent = 0
     pipe = client.pipeline(transaction=False)
-    if PUBLISH_POSITIONS:
+    if positions:
         script, keys, args = roomstream.publish_call(room, b"")
         sha = client.script_load(script)
 
@@ -664,7 +670,7 @@ def measure(system, redis_client, clients, room, rate, seconds, members, kind="l
     clients.command("RESET")
     ports = sorted(set(system.ports))
     segments_before = segments.snapshot(ports)
-    sent = publish(redis_client, room, rate, seconds)
+    sent = publish(redis_client, room, rate, seconds, system.positions)
     in_window = sum(s["messages"] for s in clients.stats())
     stats, drained = drain(clients)  # the tail, so late deliveries count in the latencies
     delivered = sum(s["messages"] for s in stats)
@@ -753,7 +759,7 @@ def geometric_mid(lo, hi):
 def fanout(system, redis_client, core_port, members, options):
     room = f"fan-{members}"
     prefix = f"f{members}-"
-    if system.name != "reference":
+    if system.kind != "reference":
         make_room(core_port, redis_client, room, prefix, members)
     started = time.monotonic()
     clients = Clients(system, room, members, prefix, options)
@@ -864,7 +870,7 @@ def idle(system, core_port, count, options):
     """
     room = f"idle-{count}"
     prefix = f"i{count}-"
-    if system.name != "reference":
+    if system.kind != "reference":
         make_room(core_port, options.redis_client, room, prefix, count)
     pids = system.pids()
     before = sum(rss_kib(p) for p in pids)
@@ -996,7 +1002,10 @@ def main():
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--positions", action="store_true", help="publish room events by the contract (positioned, kept in a stream)"
+        "--positions",
+        action="store_true",
+        help="publish room events by the contract (positioned, kept in a stream) to every system; "
+        "a system named X+positions (e.g. gateway+positions) gets them alone",
     )
     parser.add_argument("--idle-repeats", type=int, help="repeats of the idle steps (default: --repeats)")
     parser.add_argument("--systems", default="reference,gateway,gateway-2w,2-gateways")
@@ -1162,6 +1171,16 @@ def summarise(results):
             figures["repeats"] = len(reps)
             entry["idle"][count] = figures
         summary[name] = entry
+    for name, entry in summary.items():  # "X+positions" against "X", measured in the same run
+        if not name.endswith(POSITIONS_SUFFIX) or name.removesuffix(POSITIONS_SUFFIX) not in summary:
+            continue
+        bare = summary[name.removesuffix(POSITIONS_SUFFIX)]
+        for members, figures in entry["fanout"].items():
+            without = bare["fanout"].get(members, {}).get("saturation_deliveries_per_second")
+            if without and figures["saturation_deliveries_per_second"] is not None:
+                figures["saturation_ratio_to_without_positions"] = round(
+                    figures["saturation_deliveries_per_second"] / without, 2
+                )
     reference = summary.get("reference")
     if reference:
         for entry in summary.values():

@@ -3,6 +3,12 @@
 import pytest
 
 
+def pytest_configure(config):
+    # tests/integration/test_chaos.py: real processes killed, stopped and drained for a minute
+    # or two; it runs in `make test` too (deselect with -m "not chaos").
+    config.addinivalue_line("markers", "chaos: the chaos test of issue #17 (docs/architecture.md#the-chaos-test)")
+
+
 @pytest.fixture
 def redis_server():
     """A fresh redis-server on a free port; fails (never skips) without redis-server on PATH."""
