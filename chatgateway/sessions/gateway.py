@@ -237,15 +237,13 @@ class Gateway(service.Service):
         self._opening -= 1  # registered below, before anything else runs
         session = Session(self, transport, claims, token, device_id, rooms)
         # The local limit holds at once; the store then enforces it across gateways.
-        replaced = self.registry.add(session)
-        for older in replaced:
+        for older in (replaced := self.registry.add(session)):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
-        planned, begins, resume_token, notice = self.resumption.finish(session, resolved, replaced)
-        session.send(session.connected_event(resume_token, resumed=bool(planned)))
-        if notice is not None:
-            session.send(notice)
+        planned, begins, resume_token, notices = self.resumption.finish(session, resolved, replaced)
+        for event in (session.connected_event(resume_token, resumed=bool(planned)), *notices):
+            session.send(event)  # connected first
         self._replay_changes(session, changes)
         # In this turn still: no live event of its rooms can reach the session before its catch-up starts.
         self.resumption.start(session, planned, begins)

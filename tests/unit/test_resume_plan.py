@@ -38,10 +38,12 @@ def test_the_signing_in_request_gives_its_token_and_positions():
         positions=[
             pb.RoomPosition(room_id="r1", epoch="e", offset=4),
             pb.RoomPosition(room_id="", epoch="e", offset=4),  # no room: ignored
+            pb.RoomPosition(room_id="r2", epoch="", offset=4),  # an offset of no epoch: ignored
+            pb.RoomPosition(room_id="r3", epoch="", offset=0),  # none of the room's events
         ],
     )
     resume = ResumeRequest.of(request, fallback_token="from-handshake")
-    assert (resume.token, resume.positions) == ("from-frame", {"r1": ("e", 4)})
+    assert (resume.token, resume.positions) == ("from-frame", {"r1": ("e", 4), "r3": ("", 0)})
     assert ResumeRequest.of(pb.StreamRequest(auth_token="t"), "from-handshake").token == "from-handshake"
     assert not ResumeRequest.of(pb.StreamRequest(auth_token="t"))
 
