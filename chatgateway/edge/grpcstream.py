@@ -290,15 +290,18 @@ class GrpcDevice:
             self._outbox.send(event.SerializeToString(), kind, key)
 
     def send_encoded(self, encoded):
+        """False when the frame is dropped (the stream closing): the session does not count it as given."""
         if self._flowing:  # _hand, inlined: a fan-out calls this once per recipient
             frame = encoded.frame(FRAME_KEY, _serialized)
             self._handed += len(frame)
             self._handoff.put(self._stream, frame)
             if self._handed > self._recheck_at:
                 self._check_unwritten()
-        elif not self._closing:
-            kind, key = encoded.policy
-            self._outbox.send(encoded.frame(FRAME_KEY, _serialized), kind, key)
+            return True
+        if self._closing:
+            return False
+        kind, key = encoded.policy
+        return self._outbox.send(encoded.frame(FRAME_KEY, _serialized), kind, key)
 
     def _hand(self, frame):
         """Hand ``frame`` to the writer; pause the Outbox past its share of unwritten bytes."""

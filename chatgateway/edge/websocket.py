@@ -373,10 +373,10 @@ class DeviceProtocol(WebSocketServerProtocol):
         self._outbox.send(self.factory.prepareMessage(payload, isBinary=is_binary).payloadHybi, kind, key)
 
     def send_encoded(self, encoded):
-        if self._outbox is None or self._closing is not None:
-            return
+        if self._outbox is None or self._closing is not None or self.state != self.STATE_OPEN:
+            return False  # closing: not sent (the session does not count it as given)
         kind, key = encoded.policy
-        self._outbox.send(encoded.frame(self.subprotocol, self._prepare).payloadHybi, kind, key)
+        return self._outbox.send(encoded.frame(self.subprotocol, self._prepare).payloadHybi, kind, key)
 
     def _write_frame(self, frame):
         if self.state == self.STATE_OPEN:

@@ -30,8 +30,7 @@ class DevicePositions:
     def started(self, session, begins):
         """Where the session starts in its rooms ({room id: (epoch, offset)}): it holds every
         event up to there, so the record says so at the next write (a quiet room included)."""
-        if begins:
-            self._written.setdefault(session.id, {}).update(begins)
+        if begins:  # not kept per session: a room's later writes come from its deliveries
             batch = self._batch.setdefault((session.profile_id, session.device_id), {})
             for room_id, pos in begins.items():
                 batch[room_id] = merged(batch.get(room_id), pos)

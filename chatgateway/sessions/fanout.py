@@ -31,7 +31,7 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
-from chatgateway.sessions.outbox import TYPING, classify
+from chatgateway.sessions.outbox import ROOM, TYPING, classify
 from chatgateway.sessions.session import error_detail
 
 # Deliveries made before yielding to the reactor.
@@ -67,7 +67,10 @@ class EncodedEvent:
     def policy(self):
         """(kind, key) of chatgateway.sessions.outbox: how the event waits for a slow recipient."""
         if self._policy is None:
-            self._policy = classify(self.event)
+            policy = classify(self.event)
+            # A room event waits keyed by its position (so a connection that closes with it
+            # unsent can say which events its device never got: Outbox.close).
+            self._policy = (ROOM, self.position) if policy[0] == ROOM and self.position else policy
         return self._policy
 
     def frame(self, key, encode):

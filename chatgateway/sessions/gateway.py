@@ -78,7 +78,7 @@ class Gateway(service.Service):
         self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts)
         self.fanout.on_shed = self.catchups.shed
         # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
-        self.resumption = Resumption.of(config, store, bus, self.clock, self.positions.position, self.counts)
+        self.resumption = Resumption.of(config, store, bus, core, self.clock, self.positions.position, self.counts)
         self.device_positions = self.resumption.device_positions
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
@@ -220,7 +220,7 @@ class Gateway(service.Service):
             record = defer.Deferred.fromCoroutine(self.resumption.record(profile_id, device_id))  # meanwhile
             await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
             rooms = await self.connect_rooms(profile_id, token, device_id)
-            resolved = await self.resumption.resolve(profile_id, device_id, rooms, resume, await record)
+            resolved = await self.resumption.resolve(profile_id, device_id, rooms, resume, await record, token)
         except BaseException:
             self._unwatch(profile_id, changes)
             self._opened_none()

@@ -168,6 +168,7 @@ class Outbox:
         "_removed",
         "behind",
         "drained",
+        "not_given",
     )
 
     def __init__(self, write, limit, overflow, unsent=_nothing_unsent):
@@ -186,11 +187,13 @@ class Outbox:
         self._removed = 0  # entries in _queue whose frame is None
         self.behind = None  # called when a ROOM frame does not fit (else it is KEPT)
         self.drained = None  # called when the waiting frames are all written
+        self.not_given = None  # not_given(positions): room events released unsent by close()
 
     def follow(self, session):
         """Let ``session`` fall behind instead of overflowing on room events (sessions.behind)."""
         self.behind = session.fell_behind
         self.drained = session.drained
+        self.not_given = session.not_given
 
     def bind(self, transport):
         """Become ``transport``'s streaming producer; have it pause us at half the limit."""
@@ -212,15 +215,16 @@ class Outbox:
     # ------------------------------------------------------------ sending
 
     def send(self, frame, kind=KEPT, key=None):
+        """Write or queue ``frame``; False when it is dropped at once (closed, or it does not fit)."""
         if self.closed:
-            return
+            return False
         if not self.paused and not self._queue:
             self._write(frame)
-            return
-        self._wait(_Entry(frame, kind, key))
+            return True
+        return self._wait(_Entry(frame, kind, key))
 
     def _wait(self, entry):
-        if entry.key is not None and self._by_key:
+        if entry.key is not None and entry.kind != ROOM and self._by_key:
             older = self._by_key.get(entry.key)
             if older is not None:
                 self._remove(older)
@@ -232,13 +236,13 @@ class Outbox:
                 # Not even without every waiting typing event.
                 if entry.kind == TYPING:
                     self.dropped += 1
-                    return
+                    return False
                 if entry.kind == ROOM and self.behind is not None:
                     self.behind()  # not sent: the device catches up once this queue drained
-                    return
+                    return False
                 self.close()
                 self._overflow()
-                return
+                return False
             while self._unsent() + self.queued + size > self.limit and self._typing:
                 self._remove(self._typing.popleft(), from_typing=False)
                 self.dropped += 1
@@ -246,7 +250,7 @@ class Outbox:
             self._queue = collections.deque()
         self._queue.append(entry)
         self.queued += size
-        if entry.key is not None:
+        if entry.key is not None and entry.kind != ROOM:  # (a ROOM key is its position: never coalesced)
             if self._by_key is None:
                 self._by_key = {}
             self._by_key[entry.key] = entry
@@ -255,6 +259,7 @@ class Outbox:
                 self._typing = collections.deque()
             self._typing.append(entry)
             self._typing_bytes += size
+        return True
 
     def _remove(self, entry, from_typing=True):
         """Forget a waiting entry (it stays in _queue as a hole until flushed or compacted)."""
@@ -266,7 +271,7 @@ class Outbox:
             self._typing_bytes -= size
         entry.frame = None
         self._removed += 1
-        if entry.key is not None and self._by_key.get(entry.key) is entry:
+        if entry.key is not None and self._by_key is not None and self._by_key.get(entry.key) is entry:
             del self._by_key[entry.key]
         if from_typing and entry.kind == TYPING:
             try:
@@ -288,7 +293,7 @@ class Outbox:
             if entry.kind == TYPING:
                 self._typing_bytes -= len(frame) + ENTRY_OVERHEAD
             entry.frame = None
-            if entry.key is not None and self._by_key.get(entry.key) is entry:
+            if entry.key is not None and self._by_key is not None and self._by_key.get(entry.key) is entry:
                 del self._by_key[entry.key]
             if entry.kind == TYPING and self._typing and self._typing[0] is entry:
                 self._typing.popleft()
@@ -306,8 +311,13 @@ class Outbox:
         self._typing_bytes = 0
 
     def close(self):
-        """Send nothing more; release everything waiting."""
+        """Send nothing more; release everything waiting (the positions of the room events among
+        it go to ``not_given``: the device never got them)."""
         self.closed = True
+        if self._queue and self.not_given is not None:
+            positions = [e.key for e in self._queue if e.kind == ROOM and e.frame is not None and e.key]
+            if positions:
+                self.not_given(positions)
         self._release()
 
     # ------------------------------------------------------------ IPushProducer

@@ -30,13 +30,19 @@ from twisted.logger import Logger
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.auth.resumetokens import MAX_OFFSET, ResumeTokenError, ResumeTokens, token_secret
 from chatgateway.sessions.devicepositions import DevicePositions
-from chatgateway.sessions.roomstarts import RoomStarts
+from chatgateway.sessions.roomstarts import RoomStarts, within
 from chatgateway.store.resumepositions import make_resume_positions, merged
 
+BACKWARD = pb.GetHistoryRequest.BACKWARD
 # Explicit positions read from one request; more are ignored (a device has them in its record).
 MAX_EXPLICIT_POSITIONS = 10_000
 # Longest a connect waits for the device's server-side record (a slow store): then it goes on without.
 RECORD_WAIT_SEC = 2.0
+# Rooms joined while away whose join is looked for per resume (one GetHistory each), how
+# many of a room's latest events are looked through, and for how long.
+MAX_JOIN_LOOKUPS = 4
+JOIN_LOOKBACK = 100
+JOIN_WAIT_SEC = 2.0
 
 
 class ResumeRequest:
@@ -53,7 +59,8 @@ class ResumeRequest:
         """The resume info of the StreamRequest that signs in (its token wins over the handshake's)."""
         positions = {}
         for position in request.positions[:MAX_EXPLICIT_POSITIONS]:
-            if position.room_id and 0 <= position.offset <= MAX_OFFSET:
+            # Without an epoch only offset 0 means something: "none of the room's events".
+            if position.room_id and 0 <= position.offset <= MAX_OFFSET and (position.epoch or not position.offset):
                 positions[position.room_id] = (position.epoch, position.offset)
         return cls(request.resume_token or fallback_token, positions)
 
@@ -99,7 +106,8 @@ class Resumption:
 
     log = Logger()
 
-    def __init__(self, tokens, records, room_starts, clock, counts):
+    def __init__(self, tokens, records, room_starts, clock, counts, core=None):
+        self._core = core  # for the joins of rooms joined while away (GetHistory)
         self.tokens = tokens
         self.records = records
         self.device_positions = DevicePositions(records, clock)  # what the record is written from
@@ -108,13 +116,13 @@ class Resumption:
         self._counts = counts  # chatgateway.telemetry.counts.GatewayCounts
 
     @classmethod
-    def of(cls, config, store, bus, clock, room_position, counts):
+    def of(cls, config, store, bus, core, clock, room_position, counts):
         """The gateway's: tokens with the shared key, records beside its store, both kept
         RESUME_POSITIONS_TTL_SEC; rooms' positions from the gateway's, else read from ``bus``."""
         ttl = config.resume_positions_ttl_sec
         tokens = ResumeTokens(token_secret(config), ttl, clock)
         starts = RoomStarts(bus, room_position, clock)
-        return cls(tokens, make_resume_positions(store, ttl, clock), starts, clock, counts)
+        return cls(tokens, make_resume_positions(store, ttl, clock), starts, clock, counts, core)
 
     async def record(self, profile_id, device_id):
         """The device's server-side record; {} when it cannot be read within RECORD_WAIT_SEC
@@ -136,11 +144,13 @@ class Resumption:
         self.log.warn("reading the resume positions of {device} failed: {error}", device=device_id, error=why)
         return {}
 
-    async def resolve(self, profile_id, device_id, rooms, request, record):
+    async def resolve(self, profile_id, device_id, rooms, request, record, token=None):
         """Before the session is registered: (plan, starts, notice). ``starts``: where the
         session starts in each room it is live in (the room's position now, read when the
         gateway has none). A planned position without an epoch (the device held none of the
-        room's events, the room had none yet) becomes the start of the room's epoch now."""
+        room's events, the room had none yet) becomes the start of the room's epoch now. A room
+        the device's record and token do not know, while the record knows others, was joined
+        while the device was away: it catches up from its join (``joins``)."""
         request = request or ResumeRequest()
         token_positions, notice = {}, None
         if request.token:
@@ -158,7 +168,11 @@ class Resumption:
         explicit = {room_id for room_id in planned if room_id in request.positions}
         unplanned = [room_id for room_id in rooms if room_id not in planned or not planned[room_id][0]]
         epochless = {room_id for room_id in unplanned if room_id in planned}
+        joined = [r for r in rooms if record and r not in planned and r not in record and r not in token_positions]
+        lookups = defer.Deferred.fromCoroutine(self.joins(profile_id, device_id, joined, token)) if joined else None
         starts = await self.room_starts.starts(unplanned, fresh=epochless) if unplanned else {}
+        if lookups is not None:
+            planned.update(await lookups)
         for room_id, (epoch, _) in list(planned.items()):
             if not epoch:
                 now = starts.get(room_id)
@@ -167,6 +181,36 @@ class Resumption:
                 else:
                     del planned[room_id]  # still no event: live
         return planned, {r: p for r, p in starts.items() if r not in planned}, notice, explicit
+
+    async def joins(self, profile_id, device_id, room_ids, token):
+        """{room id: the position just before the profile's join} of rooms joined while the
+        device was away, found in each room's latest JOIN_LOOKBACK events at the core: the
+        SYSTEM event ``member_added`` naming the profile (the reference core's). At most
+        MAX_JOIN_LOOKUPS rooms, JOIN_WAIT_SEC; a room whose join is not found starts live."""
+        if self._core is None or token is None:
+            return {}
+        found = {}
+
+        async def look(room_id):
+            request = pb.GetHistoryRequest(room_id=room_id, limit=JOIN_LOOKBACK, direction=BACKWARD)
+            response = await self._core.call("GetHistory", request, token, device_id)
+            for event in response.events:  # newest first: the latest join
+                fields = event.payload.fields
+                if (
+                    event.type == pb.RoomEvent.SYSTEM
+                    and event.epoch
+                    and event.offset
+                    and fields["action"].string_value == "member_added"
+                    and fields["profile_id"].string_value == profile_id
+                ):
+                    found[room_id] = (event.epoch, event.offset - 1)
+                    return
+
+        looks = [defer.Deferred.fromCoroutine(look(room_id)) for room_id in room_ids[:MAX_JOIN_LOOKUPS]]
+        for d in looks:
+            d.addErrback(lambda f: self.log.info("looking for a join failed: {error}", error=f.getErrorMessage()))
+        await within(defer.DeferredList(looks), JOIN_WAIT_SEC, self._clock)
+        return dict(found)
 
     def finish(self, session, resolved, replaced=()):
         """After the registration: the plan, and the token ``connected`` carries. ``replaced``:

@@ -63,7 +63,7 @@ class RoomStarts:
             elif len(reads) < MAX_READS_PER_OPEN:
                 reads[room_id] = self._read(room_id)
         if reads:
-            await _within(defer.DeferredList(list(reads.values()), consumeErrors=True), READ_WAIT_SEC, self._clock)
+            await within(defer.DeferredList(list(reads.values()), consumeErrors=True), READ_WAIT_SEC, self._clock)
             for room_id, read in reads.items():
                 if read.called and read.result is not None:
                     starts[room_id] = read.result
@@ -106,7 +106,7 @@ class RoomStarts:
         return None
 
 
-def _within(d, seconds, clock):
+def within(d, seconds, clock):
     """A Deferred firing (with None) when ``d`` does or after ``seconds``, whichever is first."""
     done = defer.Deferred()
     timer = clock.callLater(seconds, lambda: done.called or done.callback(None))

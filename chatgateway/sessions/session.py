@@ -50,8 +50,9 @@ class ISessionTransport(Interface):
     def send_event(event: pb.ServerEvent) -> None:
         """Send one ServerEvent to this device only."""
 
-    def send_encoded(encoded: EncodedEvent) -> None:
-        """Send a shared EncodedEvent (fan-out) to this device."""
+    def send_encoded(encoded: EncodedEvent) -> bool | None:
+        """Send a shared EncodedEvent (fan-out) to this device; False when it was dropped (the
+        connection closing), so its position is not counted as given."""
 
     def ping() -> None:
         """Send a heartbeat probe."""
@@ -206,9 +207,10 @@ class Session:
                 self.gateway.catchups.hole(self, last, encoded)  # (another epoch: the stream was lost)
             return  # at or below: given already
         if not self.behind:
-            self.transport.send_encoded(encoded)
+            sent = self.transport.send_encoded(encoded)
             if not self.behind:
-                self.delivered[room_id] = position
+                if sent is not False:  # False: dropped by a closing connection, not given
+                    self.delivered[room_id] = position
                 return
         self.gateway.catchups.fall_behind(self, position, last)
 
@@ -236,12 +238,23 @@ class Session:
         if self.behind:
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: behind and not draining within BEHIND_DRAIN_SEC")
 
+    def not_given(self, positions):
+        """The connection closed with these room events queued, unsent: the device's position in
+        each room goes back to before the first of them (a resume from it gets them)."""
+        first = {}
+        for room_id, epoch, offset in positions:
+            if room_id not in first or offset < first[room_id][1]:
+                first[room_id] = (epoch, offset)
+        for room_id, (epoch, offset) in first.items():
+            last = self.delivered.get(room_id)
+            if last is not None and last[1] == epoch and last[2] >= offset:
+                self.delivered[room_id] = (room_id, epoch, offset - 1)
+
     def give(self, encoded):
         """A catch-up's event (sessions.catchup); False when it did not fit (the device fell behind)."""
         if self.closed or self.behind:
             return False
-        self.transport.send_encoded(encoded)
-        if self.behind:
+        if self.transport.send_encoded(encoded) is False or self.behind:
             return False
         self.gateway.counts.sent(encoded.event)
         return True

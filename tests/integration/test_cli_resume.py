@@ -98,3 +98,10 @@ def test_tail_resumes_without_loss_after_its_gateway_was_killed(deployment, star
     stderr = tail.seen["stderr"] + tail.rest("stderr")
     assert not [line for line in stderr if "duplicate" in line or "[gap]" in line or "Traceback" in line]
     assert not [line for line in tail.rest("stdout") if line]  # nothing printed twice after the end
+
+    # A new tail of the device starts where this one left off (the gateway's record of it).
+    later = ["after 1", "after 2"]
+    for text in later:
+        ok(cli(*as_owner, "send", room, text))
+    again = started("--url", url(tail_gateway), "--token", token(member, "phone"), "tail", room)
+    assert [again.wait_for(LINE.pattern)["text"] for _ in later] == later

@@ -209,3 +209,34 @@ async def test_a_device_that_left_a_quiet_room_resumes_on_another_gateway_from_w
     assert [m[0] for m in messages(second, room.id)] == sent
     await second.close()
     await owner.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_room_joined_while_away_is_caught_up_from_the_join(deployment):
+    _, (a, b) = deployment
+    owner_id, member_id = unique("owner"), unique("member")
+    owner, _ = await connect(a, owner_id, "desk")
+    known = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="known", member_ids=[member_id]))).room
+    first, _ = await connect(a, member_id, "phone")
+    await first.close()
+    await task.deferLater(reactor, 0.3, lambda: None)  # the record of the close is written
+    sent = []
+    await send(owner, known.id, ["before the new room"], sent)
+    joined = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="joined", member_ids=[]))).room
+    await send(owner, joined.id, ["before the join"], [])
+    request = pb.AddRoomSubscriptionsRequest(room_id=joined.id, members=[pb.RoomSubscription(profile_id=member_id)])
+    await owner.call("AddRoomSubscriptions", request)
+    after_join = []
+    await send(owner, joined.id, [f"after the join {i}" for i in range(3)], after_join)
+
+    second, reconnected = await connect(b, member_id, "phone")
+    assert reconnected.resumed and joined.id in reconnected.room_ids
+    await wait_until(lambda: {m[0] for m in messages(second, joined.id)} >= set(after_join), 30)
+    await task.deferLater(reactor, 0.3, lambda: None)
+    events = [e.message for e in second.pending("message") if e.message.room_id == joined.id]
+    # From the join's SYSTEM event on, nothing before it.
+    assert [(e.type, e.payload["action"]) for e in events[:1]] == [(pb.RoomEvent.SYSTEM, "member_added")]
+    assert [e.id for e in events[1:]] == after_join
+    assert [m[0] for m in messages(second, known.id)] == sent
+    await second.close()
+    await owner.close()

@@ -6,6 +6,7 @@ live ones; one that never reads again is closed 4429."""
 import pytest
 
 from chatgateway.api import chat_pb2 as pb
+from chatgateway.bus import channels
 from support.stalled import GrpcStreamDevice, WebSocketDevice
 from support.wsharness import Harness
 
@@ -71,3 +72,37 @@ def test_a_device_that_never_reads_again_is_closed_4429(h, edge):
     h.advance(h.config.close_timeout_sec)
     _, close = device.released()
     assert close == 4429
+
+
+@EDGES
+def test_events_dropped_by_a_closing_connection_do_not_move_the_devices_position(h, edge):
+    # Found by the chaos test (token-only resumes): a position counted for events the
+    # edge dropped after the close frame made a resume skip them.
+    device = edge(h, "reader/dev")
+    publish(h, 2)
+    [session] = h.gateway.registry.sessions
+    session.drain("gateway draining")  # nothing waits: the close goes at once
+    h.advance(0)
+    publish(h, 3)  # fanned out before the connection is gone: dropped by the closing edge
+    events, close = device.released()
+    assert close == 1001
+    assert offsets(events) == [1, 2]
+    assert session.position("r1")[1] == 2
+
+
+@EDGES
+def test_room_events_a_slow_consumer_close_releases_unsent_are_not_counted_as_given(h, edge):
+    device = edge(h, "reader/dev")
+    device.stop_reading()
+    publish(h, 12)  # some written, the rest waiting in the outbox (the device fell behind)
+    [session] = h.gateway.registry.sessions
+    assert session.behind
+    # An event without a position that does not fit: a slow consumer, closed 4429 at once.
+    big = pb.ServerEvent(id="big", message=pb.RoomEvent(id="big", room_id="r1", type=pb.RoomEvent.TEXT))
+    big.message.payload.update({"text": "y" * 5000})
+    h.publish(channels.room("r1"), big)
+    events, close = device.released()
+    assert close == 4429
+    written = offsets(events)
+    assert written and written == list(range(1, len(written) + 1)) and len(written) < 12
+    assert session.position("r1")[1] == written[-1]  # the released ones are not counted

@@ -38,10 +38,12 @@ def test_the_signing_in_request_gives_its_token_and_positions():
         positions=[
             pb.RoomPosition(room_id="r1", epoch="e", offset=4),
             pb.RoomPosition(room_id="", epoch="e", offset=4),  # no room: ignored
+            pb.RoomPosition(room_id="r2", epoch="", offset=4),  # an offset of no epoch: ignored
+            pb.RoomPosition(room_id="r3", epoch="", offset=0),  # none of the room's events
         ],
     )
     resume = ResumeRequest.of(request, fallback_token="from-handshake")
-    assert (resume.token, resume.positions) == ("from-frame", {"r1": ("e", 4)})
+    assert (resume.token, resume.positions) == ("from-frame", {"r1": ("e", 4), "r3": ("", 0)})
     assert ResumeRequest.of(pb.StreamRequest(auth_token="t"), "from-handshake").token == "from-handshake"
     assert not ResumeRequest.of(pb.StreamRequest(auth_token="t"))
 
@@ -241,3 +243,46 @@ def test_a_reconnect_that_replaces_a_session_of_this_gateway_resumes_from_what_t
     harness.flush()
     assert first.closed is not None  # replaced: 4001
     assert CatchingSession.caught == [("phone", "r1", "e", 12)]
+
+
+def history_with_join(profile, offset, epoch="e"):
+    join = pb.RoomEvent(id="j", room_id="r2", type=pb.RoomEvent.SYSTEM, epoch=epoch, offset=offset)
+    join.payload.update({"action": "member_added", "profile_id": profile})
+    newer = pb.RoomEvent(id="n", room_id="r2", type=pb.RoomEvent.TEXT, epoch=epoch, offset=offset + 1)
+    return pb.GetHistoryResponse(events=[newer, join])  # newest first
+
+
+def test_a_room_joined_while_away_catches_up_from_the_join_found_at_the_core(harness):
+    harness.gateway.resumption.records.save({("alice", "phone"): {"r1": ("e", 3)}})  # r2 unknown to it
+    asked = []
+    call = harness.core.call
+
+    def core(method, request, *args, **kwargs):
+        if method != "GetHistory":
+            return call(method, request, *args, **kwargs)
+        asked.append(request.room_id)
+        return defer.succeed(history_with_join("alice", 7))
+
+    harness.core.call = core
+    assert connected_of(harness.connect("alice/phone")).resumed
+    assert asked == ["r2"]
+    assert sorted(CatchingSession.caught) == [("phone", "r1", "e", 3), ("phone", "r2", "e", 6)]
+
+
+def test_no_join_is_looked_for_without_a_record_nor_when_it_is_not_found(harness):
+    asked = []
+    harness.core.call = lambda method, request, *a, **k: (
+        asked.append(method)
+        or defer.succeed(
+            history_with_join("bob", 7)  # someone else's join
+        )
+    )
+    harness.core.rooms["alice"] = ["r1", "r2"]
+    harness.gateway.core.call = harness.core.call
+    harness.hub.memberships.rooms["alice"] = ({"r1", "r2"}, harness.clock.seconds() + 600)
+    harness.connect("alice/phone")  # a new device: no record, nothing looked for
+    assert "GetHistory" not in asked and CatchingSession.caught == []
+    harness.gateway.resumption.records.save({("alice", "tablet"): {"r1": ("e", 3)}})
+    harness.connect("alice/tablet")
+    assert asked.count("GetHistory") == 1
+    assert CatchingSession.caught == [("tablet", "r1", "e", 3)]  # r2: not found, live

@@ -119,3 +119,15 @@ def test_typing_gets_no_position_receipts_and_messages_do():
     for event in (message("m", "r"), typing, receipt):
         roomstream.publish_event(bus, channels.room("r"), event)
     assert [(e.id, e.offset) for e in got] == [("e-m", 1), ("t", 0), ("c", 2)]
+
+
+def test_publishing_gives_the_position_given_by_the_contract(redis_server):
+    # The reference core stores it with the event (GetHistory after a position reads by it).
+    client = redis_server.client(decode_responses=False)
+    replies = [run(client, roomstream.publish_call("given", message(str(i)).SerializeToString())) for i in range(2)]
+    positions = [roomstream.parse_published(reply) for reply in replies]
+    assert [offset for _, offset in positions] == [1, 2] and positions[0][0] == positions[1][0]
+    bus = MemoryBus(MemoryHub())
+    first = bus.publish_room_event("r", message("a").SerializeToString()).result
+    second = bus.publish_room_event("r", message("b").SerializeToString()).result
+    assert first[1] == 1 and second == (first[0], 2)
