@@ -123,14 +123,17 @@ class CatchUps:
 
     ``reads``: a sessions.streamreads.StreamReads. ``live_position(room_id)``: the
     (epoch, offset) the gateway's live delivery reached in a room, or None
-    (sessions.positions.RoomPositions.position). ``counts``: a GatewayCounts.
+    (sessions.positions.RoomPositions.position; ``ended_position``: the same of the room's
+    previous epoch, RoomPositions.ended). ``counts``: a GatewayCounts.
     """
 
     log = Logger()
 
-    def __init__(self, reads, live_position, pacer, clock, counts):
+    def __init__(self, reads, live_position, pacer, clock, counts, ended_position=None):
         self.reads = reads
         self._live_position = live_position
+        # ended_position(room_id): (epoch, offset) the gateway received of the room's previous epoch.
+        self._ended_position = ended_position or (lambda room_id: None)
         self.pacer = pacer
         self._clock = clock
         self._counts = counts
@@ -170,8 +173,8 @@ class CatchUps:
     def fall_behind(self, session, position, last):
         """``session`` (behind) was not given ``position``: the room waits for its outbox to drain."""
         room_id, epoch, offset = position
-        if last is not None and last[1] == epoch:
-            start = last[2]
+        if last is not None:
+            epoch, start = last[1], last[2]  # (of another epoch: its rest comes first, then this one's)
         else:
             start = offset - 1
         entry = session.catching[room_id] = _Entry(session, room_id, epoch, start)
@@ -185,8 +188,9 @@ class CatchUps:
             if session.closed or room_id in session.catching:
                 continue  # a catching room reads on to the gateway's live position anyway
             last = session.delivered.get(room_id)
-            start = last[2] if last is not None and last[1] == epoch else offset - 1
-            entry = session.catching[room_id] = _Entry(session, room_id, epoch, start)
+            # From its own position (of another epoch: that epoch's rest first), else from the shed one.
+            at = (last[1], last[2]) if last is not None else (epoch, offset - 1)
+            entry = session.catching[room_id] = _Entry(session, room_id, *at)
             self._next(entry)
 
     def drained(self, session):
@@ -221,8 +225,13 @@ class CatchUps:
             return
         if read.epoch != entry.epoch:
             # The position is of another epoch (the stream was lost since): what the core
-            # holds of that epoch, then the new epoch's stream from its start.
-            self._from_core(entry, None, read.epoch or None, [], 0)
+            # holds of that epoch (up to what the gateway received of it, when it knows: what
+            # the core lacks of that is a gap), then the new epoch's stream from its start.
+            known = None
+            for seen in (self._live_position(entry.room_id), self._ended_position(entry.room_id)):
+                if seen is not None and seen[0] == entry.epoch and seen[1] > entry.offset:
+                    known = seen[1]
+            self._from_core(entry, None, read.epoch or None, [], 0, known)
             return
         session = entry.session
         if any(held.position[1] != entry.epoch for held in entry.held):
@@ -259,15 +268,16 @@ class CatchUps:
         until = live[1] if live is not None and live[0] == entry.epoch and live[1] > entry.offset else None
         self._from_core(entry, until, None, [], until or 0)
 
-    def _from_core(self, entry, until, next_epoch, then_events, top):
+    def _from_core(self, entry, until, next_epoch, then_events, top, known=None):
         """Ask the core for the entry's epoch after its offset up to ``until`` (None: all it
-        holds); give that, gaps for what it lacks, then ``then_events`` (or move to ``next_epoch``)."""
+        holds); give that, gaps for what it lacks, then ``then_events`` (or move to ``next_epoch``).
+        ``known``: an offset of the epoch the gateway knows existed (what the core lacks up to it is a gap)."""
         session = entry.session
         d = self.reads.history(entry.room_id, entry.epoch, entry.offset, until, session.token, session.device_id)
-        d.addCallback(self._historied, entry, until, next_epoch, then_events, top)
+        d.addCallback(self._historied, entry, until, next_epoch, then_events, top, known)
         d.addErrback(lambda failure: self.log.failure("catch-up from the core failed", failure))
 
-    def _historied(self, history, entry, until, next_epoch, then_events, top):
+    def _historied(self, history, entry, until, next_epoch, then_events, top, known=None):
         if self._gone(entry):
             self._finish(entry)
             return
@@ -280,10 +290,12 @@ class CatchUps:
             expected = offset + 1
         if not history.complete and history.events:
             # More than one answer holds: give this much, then ask on from where it ended.
-            self._give(entry, items, None, lambda: self._from_core(entry, until, next_epoch, then_events, top))
+            self._give(entry, items, None, lambda: self._from_core(entry, until, next_epoch, then_events, top, known))
             return
         if until is not None and expected <= until:
             items.append((until, None, (expected, until, history.failed or NOT_HELD)))
+        elif until is None and known is not None and expected <= known:
+            items.append((known, None, (expected, known, history.failed or NOT_HELD)))
         elif until is None and history.failed:
             items.append((expected, None, (expected, 0, history.failed)))  # 0: the end is not known
         items.extend((offset, encoded, None) for offset, encoded in then_events)

@@ -33,11 +33,12 @@ FILL_RETRY_DELAYS_SEC = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 
 
 class _Room:
-    __slots__ = ("epoch", "offset", "filling", "again", "held", "attempts")
+    __slots__ = ("epoch", "offset", "filling", "again", "held", "attempts", "ended")
 
     def __init__(self, epoch, offset):
         self.epoch = epoch
         self.offset = offset  # the last delivered
+        self.ended = None  # (epoch, last delivered offset) of the epoch before this one
         self.filling = False  # a read of the stream is in flight
         self.again = False  # read once more when it ends (the bus resubscribed meanwhile)
         self.held = []  # (offset, epoch, event, payload) arrived while filling
@@ -67,6 +68,12 @@ class RoomPositions:
         """(epoch, last delivered offset) of a room, or None."""
         room = self._rooms.get(room_id)
         return None if room is None else (room.epoch, room.offset)
+
+    def ended(self, room_id):
+        """(epoch, last delivered offset) of the room's epoch before its current one, or None
+        (what a catch-up in that lost epoch knows it held: sessions.catchup)."""
+        room = self._rooms.get(room_id)
+        return None if room is None else room.ended
 
     def receive(self, channel, payload):
         """Bus receiver for event channels: parse, check the position, deliver."""
@@ -106,9 +113,11 @@ class RoomPositions:
         """One live (or held) event of a room not filling. ``covered``: the last offset the
         stream read just now held; a gap at or below it cannot be filled."""
         if epoch != room.epoch:
-            # The stream was lost (a new epoch): positions are void; start again from here.
-            self._lost(room_id)
+            # The stream was lost (a new epoch): positions are void; start again from here (the
+            # room's new position first, so the sessions catching up see the new epoch live).
+            room.ended = (room.epoch, room.offset)
             room.epoch, room.offset = epoch, offset
+            self._lost(room_id)
             self._deliver(channel, event, payload)
         elif offset <= room.offset:
             self.duplicates += 1
@@ -142,6 +151,7 @@ class RoomPositions:
                 del self._rooms[room_id]  # no stream at all: start from the next event seen
                 self._release(room_id, None, room.held)
                 return
+            room.ended = (room.epoch, room.offset)
             room.epoch, room.offset = read.epoch, 0  # the new epoch's stream, from its start
             self._fill(room_id, room)
             return
