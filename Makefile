@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 
-.PHONY: dev test lint fmt install redis-server bench bench-install bench-client bench-quick
+.PHONY: dev test lint fmt install redis-server browser bench bench-install bench-client bench-quick
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,18 @@ redis-server:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
 
+# The console's browser tests (tests/integration/test_console_browser.py) drive Debian's
+# headless chromium through chromium-driver; nothing downloads a browser at test time.
+browser:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium chromium-driver; fi; }
+
 dev: install
 	$(VENV)/bin/twistd --nodaemon --pidfile= chatgateway --dev
 
 # The checks first (make lint), then every test.
-test: install redis-server lint
+test: install redis-server browser lint
 	$(PY) -m pytest -q tests
 
 # The formatter's and the linter's checks (ruff.toml), then the types (mypy.ini).

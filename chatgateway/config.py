@@ -11,12 +11,23 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-# A setting's parser: its text to its value; ValueError (a short reason) when invalid.
-Parser = Callable[[str], Any]
+from chatgateway.configvalues import (
+    Parser,
+    _bool,
+    _host_port,
+    _http_url,
+    _int,
+    _log_format,
+    _log_level,
+    _number,
+    _or_derived,
+    _origins,
+    _store_uri,
+    _text,
+)
 
 
 class ConfigError(Exception):
@@ -37,111 +48,6 @@ class InvalidConfiguration(SystemExit):
     def __init__(self, problems: Iterable[str], program: str = "chatgateway") -> None:
         self.problems = list(problems)
         super().__init__("\n".join(f"{program}: invalid configuration: {p}" for p in self.problems))
-
-
-def _at_least(convert: Callable[[str], float], kind: str, minimum: float) -> Parser:
-    """A parser of finite numbers of one kind, no smaller than minimum."""
-
-    def parse(text: str) -> float:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise ValueError(f"must be {kind}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("must be a finite number")
-        if value < minimum:
-            raise ValueError(f"must be at least {minimum}")
-        return value
-
-    return parse
-
-
-def _int(minimum: int) -> Parser:
-    return _at_least(int, "a whole number", minimum)
-
-
-def _number(minimum: float) -> Parser:
-    return _at_least(float, "a number", minimum)
-
-
-def _or_derived(parse: Parser) -> Parser:
-    """``parse``, or None for an empty value (load() derives it from another setting)."""
-
-    def parse_or_none(text: str) -> Any:
-        return parse(text) if text.strip() else None
-
-    return parse_or_none
-
-
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be true or false")
-
-
-def _text(text: str) -> str:
-    return text.strip()
-
-
-def _host_port(text: str) -> str:
-    """host:port, as grpcio takes it (``dns:///`` prefixes are passed through)."""
-    text = text.strip()
-    target = text.split("///", 1)[-1]
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("must be host:port, e.g. 127.0.0.1:7010")
-    return text
-
-
-def _store_uri(text: str) -> str:
-    text = text.strip()
-    if text in ("", "memory://"):
-        return "memory://"
-    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(
-            f"unknown scheme {urlsplit(text).scheme!r}: use memory://, redis://host:port/db or unix:///path"
-        )
-    from chatgateway.redisconn.uri import parse_uri
-
-    try:
-        parse_uri(text)
-    except ValueError as e:
-        # parse_uri names the URI itself; the caller's line already does.
-        raise ValueError(str(e).split(": ", 1)[-1]) from None
-    return text
-
-
-def _http_url(text: str) -> str:
-    text = text.strip()
-    if not text:
-        return ""
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("must be an http:// or https:// URL")
-    return text
-
-
-def _log_level(text: str) -> str:
-    level = text.strip().lower()
-    if level == "warn":
-        level = "warning"
-    if level not in ("debug", "info", "warning", "error"):
-        raise ValueError("must be one of debug, info, warning, error")
-    return level
-
-
-def _log_format(text: str) -> str:
-    fmt = text.strip().lower()
-    if fmt not in ("text", "json"):
-        raise ValueError("must be text or json")
-    return fmt
-
-
-def _origins(text: str) -> tuple[str, ...]:
-    return tuple(o.strip() for o in text.split(",") if o.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +106,15 @@ SETTINGS = [
         "CACHE_URI",
         _store_uri,
         "memory://",
-        "Connection metadata store: memory:// (one instance) or redis://host:port/db.",
+        "Connection metadata store: memory:// (one instance), redis://host:port/db, rediss:// (TLS), unix:///path, or redis+cluster://host:port,host:port (rediss+cluster:// with TLS).",
     ),
     Setting("EVENTS_URI", _store_uri, "", "Event bus; defaults to CACHE_URI."),
+    Setting(
+        "REDIS_TLS_CA_FILE", _text, "", "rediss://: PEM file of the CAs of Redis's certificate (default: the system's)."
+    ),
+    Setting("REDIS_TLS_CERT_FILE", _text, "", "rediss://: PEM client certificate, with REDIS_TLS_KEY_FILE."),
+    Setting("REDIS_TLS_KEY_FILE", _text, "", "rediss://: PEM private key of REDIS_TLS_CERT_FILE."),
+    Setting("REDIS_TLS_VERIFY", _bool, "true", "rediss://: verify Redis's certificate and host name (false: do not)."),
     Setting(
         "OAUTH2_ISSUER",
         _text,
@@ -339,9 +251,21 @@ SETTINGS = [
         "86400",
         "How long a device's last positions are kept server-side after their last write, and how long a resume token is valid.",
     ),
+    Setting("PROFILE_EVENTS_PER_SECOND", _number(0), "0", "Commands/s of one profile, all gateways (0: off)."),
+    Setting("PROFILE_EVENTS_BURST", _or_derived(_int(1)), "", "Burst of PROFILE_EVENTS_PER_SECOND."),
+    Setting("ROOM_EVENTS_PER_SECOND", _number(0), "0", "Events/s sent into one room, all gateways (0: off)."),
+    Setting("ROOM_EVENTS_BURST", _or_derived(_int(1)), "", "Burst of ROOM_EVENTS_PER_SECOND."),
+    Setting("PRESENCE_GRACE_SEC", _number(0), "10", "A profile stays online this long after its last device left."),
+    Setting("PRESENCE_MAX_ROOM_SIZE", _int(0), "500", "Rooms with more devices get no presenceEvents."),
     Setting("DRAIN_TIMEOUT_SEC", _number(0), "30", "Longest a graceful stop may take."),
     Setting(
         "PUBLISH_FORWARDED_EVENTS", _bool, "false", "Publish forwarded events to the bus (for a core that does not)."
+    ),
+    Setting(
+        "CONSOLE_ENABLED",
+        _bool,
+        "false",
+        "Serve the web console (/console/); its status needs an admin token. On with --dev.",
     ),
     Setting("CORE_DB", _text, "", "Reference core: SQLite file (default: in memory)."),
     Setting("CORE_PORT", _int(0), "7010", "Reference core: gRPC port of twistd chatcore."),
@@ -365,6 +289,10 @@ class Config:
     max_token_refreshes_per_minute: int
     cache_uri: str
     events_uri: str
+    redis_tls_ca_file: str
+    redis_tls_cert_file: str
+    redis_tls_key_file: str
+    redis_tls_verify: bool
     oauth2_issuer: str
     oauth2_jwt_verify_audience: str
     oauth2_jwks_uri: str
@@ -399,8 +327,15 @@ class Config:
     room_stream_max_age_sec: float
     resume_token_secret: str
     resume_positions_ttl_sec: float
+    profile_events_per_second: float
+    profile_events_burst: int
+    room_events_per_second: float
+    room_events_burst: int
+    presence_grace_sec: float
+    presence_max_room_size: int
     drain_timeout_sec: float
     publish_forwarded_events: bool
+    console_enabled: bool
     core_db: str
     core_port: int
     log_level: str
@@ -451,6 +386,9 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, objec
     if values["max_frames_per_second"] is None:
         # Every command is a frame; the rest is room for acks, pings and token refreshes.
         values["max_frames_per_second"] = values["max_events_per_second"] + 100
+    for kind in ("profile", "room"):
+        if values[f"{kind}_events_burst"] is None:
+            values[f"{kind}_events_burst"] = max(1, math.ceil(values[f"{kind}_events_per_second"]))
     if values["connect_burst"] is None:
         values["connect_burst"] = max(1, math.ceil(values["max_connects_per_second"]))
     if not values["grpc_interface"]:
@@ -485,6 +423,14 @@ def _cross_checks(given: Mapping[str, Any]) -> Iterator[str]:
                 f"OAUTH2_ISSUER={values['oauth2_issuer']!r}: discovery needs an http(s) URL; "
                 "set OAUTH2_JWKS_URI or JWT_SECRET"
             )
+    yield from _tls_checks(values)
     client = [values["oauth2_token_endpoint"] or "", values["jwt_client_id"], values["jwt_client_secret"]]
     if any(client) and not all(client):
         yield "OAUTH2_TOKEN_ENDPOINT, JWT_CLIENT_ID and JWT_CLIENT_SECRET go together: set all three or none"
+
+
+def _tls_checks(values: Mapping[str, Any]) -> Iterator[str]:
+    """With a rediss:// URI, the TLS files must be readable and parse now, not at the first connect."""
+    from chatgateway.redisconn.tls import config_problems
+
+    yield from config_problems(values)

@@ -33,6 +33,9 @@ from chatgateway.auth.devtokens import mint_token
 from chatgateway.auth.tokens import TokenVerifier
 from chatgateway.bus import make_bus
 from chatgateway.bus.memory import MemoryHub
+from chatgateway.console.admin import ADMIN_SCOPE
+from chatgateway.console.resources import Console
+from chatgateway.console.status import StatusSampler
 from chatgateway.core.breaker import CircuitBreaker
 from chatgateway.core.client import CoreClient
 from chatgateway.edge.grpc import GrpcEdge
@@ -346,7 +349,7 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
     mint = None
     if dev:
 
-        def mint(profile_id, device_id):
+        def mint(profile_id, device_id, admin=False):
             return mint_token(
                 config.jwt_secret,
                 profile_id,
@@ -354,10 +357,18 @@ def make_gateway_service(config, reactor, dev=False, shared_ports=False, handle_
                 issuer=config.oauth2_issuer,
                 audience=config.oauth2_jwt_verify_audience,
                 ttl=24 * 3600,
+                extra={"scope": ADMIN_SCOPE} if admin else None,
             )
 
     devices = DeviceFactory(gateway)  # /ws
-    http.factory = build_http_factory(gateway, checks, mint, clock=reactor, devices=devices, telemetry=telemetry)
+    console = None
+    if config.console_enabled:
+        sampler = StatusSampler(gateway, checks, store, reactor)
+        sampler.setServiceParent(root)
+        console = Console(verifier, sampler, dev=dev)
+    http.factory = build_http_factory(
+        gateway, checks, mint, clock=reactor, devices=devices, telemetry=telemetry, console=console
+    )
     checks["capacity"] = lambda: "full" if devices.full else "up"  # MAX_CONNECTIONS
     http.setServiceParent(root)
     grpc_edge = GrpcEdge(gateway, reactor, config.grpc_port, config.grpc_interface, checks)

@@ -102,6 +102,7 @@ def dev_environment(environ, overrides):
     default("HTTP_PORT", DEV_HTTP_PORT)
     default("HTTP_INTERFACE", "127.0.0.1")
     default("CACHE_URI", "memory://")
+    default("CONSOLE_ENABLED", "true")
     return environ
 
 
@@ -112,6 +113,9 @@ def dev_banner(config):
         [
             "",
             "chatgateway development mode: reference core in-process, in-memory store and bus.",
+            f"  console:    {base}/console/  (chat)   {base}/console/operator  (operator)"
+            if config.console_enabled
+            else "  console:    off (CONSOLE_ENABLED=false)",
             f"  WebSocket:  ws://{host}:{config.http_port}/ws",
             f"  token:      curl '{base}/dev/token?profile=alice&device=laptop'",
             f"  CLI:        chatgateway-client --url ws://{host}:{config.http_port}/ws --as alice rooms create general",

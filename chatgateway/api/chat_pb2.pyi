@@ -154,7 +154,7 @@ class Ack(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., room_id: _Optional[str] = ..., epoch: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ClientCommand(_message.Message):
-    __slots__ = ("request_id", "room_event", "typing", "read_marker", "subscribe", "unsubscribe", "call")
+    __slots__ = ("request_id", "room_event", "typing", "read_marker", "subscribe", "unsubscribe", "call", "call_signal", "presence")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROOM_EVENT_FIELD_NUMBER: _ClassVar[int]
     TYPING_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,8 @@ class ClientCommand(_message.Message):
     SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
     UNSUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
+    CALL_SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     room_event: RoomEvent
     typing: TypingCommand
@@ -169,7 +171,9 @@ class ClientCommand(_message.Message):
     subscribe: RoomsCommand
     unsubscribe: RoomsCommand
     call: CallCommand
-    def __init__(self, request_id: _Optional[str] = ..., room_event: _Optional[_Union[RoomEvent, _Mapping]] = ..., typing: _Optional[_Union[TypingCommand, _Mapping]] = ..., read_marker: _Optional[_Union[ReadMarkerCommand, _Mapping]] = ..., subscribe: _Optional[_Union[RoomsCommand, _Mapping]] = ..., unsubscribe: _Optional[_Union[RoomsCommand, _Mapping]] = ..., call: _Optional[_Union[CallCommand, _Mapping]] = ...) -> None: ...
+    call_signal: CallSignal
+    presence: GetPresenceRequest
+    def __init__(self, request_id: _Optional[str] = ..., room_event: _Optional[_Union[RoomEvent, _Mapping]] = ..., typing: _Optional[_Union[TypingCommand, _Mapping]] = ..., read_marker: _Optional[_Union[ReadMarkerCommand, _Mapping]] = ..., subscribe: _Optional[_Union[RoomsCommand, _Mapping]] = ..., unsubscribe: _Optional[_Union[RoomsCommand, _Mapping]] = ..., call: _Optional[_Union[CallCommand, _Mapping]] = ..., call_signal: _Optional[_Union[CallSignal, _Mapping]] = ..., presence: _Optional[_Union[GetPresenceRequest, _Mapping]] = ...) -> None: ...
 
 class TypingCommand(_message.Message):
     __slots__ = ("room_id", "typing")
@@ -202,7 +206,7 @@ class CallCommand(_message.Message):
     def __init__(self, method: _Optional[str] = ..., body: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class ServerEvent(_message.Message):
-    __slots__ = ("id", "timestamp", "connected", "message", "typing_event", "receipt_event", "presence_event", "command_result", "subscription_event", "error", "gap", "epoch", "offset")
+    __slots__ = ("id", "timestamp", "connected", "message", "typing_event", "receipt_event", "presence_event", "command_result", "subscription_event", "error", "gap", "call_signal_event", "epoch", "offset")
     ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +218,7 @@ class ServerEvent(_message.Message):
     SUBSCRIPTION_EVENT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     GAP_FIELD_NUMBER: _ClassVar[int]
+    CALL_SIGNAL_EVENT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     id: str
@@ -227,9 +232,10 @@ class ServerEvent(_message.Message):
     subscription_event: SubscriptionEvent
     error: ErrorDetail
     gap: GapEvent
+    call_signal_event: CallSignalEvent
     epoch: str
     offset: int
-    def __init__(self, id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., message: _Optional[_Union[RoomEvent, _Mapping]] = ..., typing_event: _Optional[_Union[TypingEvent, _Mapping]] = ..., receipt_event: _Optional[_Union[ReceiptEvent, _Mapping]] = ..., presence_event: _Optional[_Union[PresenceEvent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., subscription_event: _Optional[_Union[SubscriptionEvent, _Mapping]] = ..., error: _Optional[_Union[ErrorDetail, _Mapping]] = ..., gap: _Optional[_Union[GapEvent, _Mapping]] = ..., epoch: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., message: _Optional[_Union[RoomEvent, _Mapping]] = ..., typing_event: _Optional[_Union[TypingEvent, _Mapping]] = ..., receipt_event: _Optional[_Union[ReceiptEvent, _Mapping]] = ..., presence_event: _Optional[_Union[PresenceEvent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., subscription_event: _Optional[_Union[SubscriptionEvent, _Mapping]] = ..., error: _Optional[_Union[ErrorDetail, _Mapping]] = ..., gap: _Optional[_Union[GapEvent, _Mapping]] = ..., call_signal_event: _Optional[_Union[CallSignalEvent, _Mapping]] = ..., epoch: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Connected(_message.Message):
     __slots__ = ("gateway_id", "session_id", "profile_id", "device_id", "heartbeat_interval_sec", "room_ids", "resume_token", "resumed")
@@ -286,7 +292,7 @@ class ReceiptEvent(_message.Message):
     def __init__(self, room_id: _Optional[str] = ..., profile_id: _Optional[str] = ..., event_id: _Optional[str] = ...) -> None: ...
 
 class PresenceEvent(_message.Message):
-    __slots__ = ("profile_id", "status", "last_active")
+    __slots__ = ("profile_id", "status", "last_active", "room_id")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[PresenceEvent.Status]
@@ -298,10 +304,80 @@ class PresenceEvent(_message.Message):
     PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    ROOM_ID_FIELD_NUMBER: _ClassVar[int]
     profile_id: str
     status: PresenceEvent.Status
     last_active: _timestamp_pb2.Timestamp
-    def __init__(self, profile_id: _Optional[str] = ..., status: _Optional[_Union[PresenceEvent.Status, str]] = ..., last_active: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    room_id: str
+    def __init__(self, profile_id: _Optional[str] = ..., status: _Optional[_Union[PresenceEvent.Status, str]] = ..., last_active: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., room_id: _Optional[str] = ...) -> None: ...
+
+class GetPresenceRequest(_message.Message):
+    __slots__ = ("room_id",)
+    ROOM_ID_FIELD_NUMBER: _ClassVar[int]
+    room_id: str
+    def __init__(self, room_id: _Optional[str] = ...) -> None: ...
+
+class GetPresenceResponse(_message.Message):
+    __slots__ = ("room_id", "online_count", "profile_ids", "counts_only")
+    ROOM_ID_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_IDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    room_id: str
+    online_count: int
+    profile_ids: _containers.RepeatedScalarFieldContainer[str]
+    counts_only: bool
+    def __init__(self, room_id: _Optional[str] = ..., online_count: _Optional[int] = ..., profile_ids: _Optional[_Iterable[str]] = ..., counts_only: _Optional[bool] = ...) -> None: ...
+
+class CallSignal(_message.Message):
+    __slots__ = ("call_id", "kind", "room_id", "to_profile_id", "to_device_id", "payload")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[CallSignal.Kind]
+        OFFER: _ClassVar[CallSignal.Kind]
+        ANSWER: _ClassVar[CallSignal.Kind]
+        ICE: _ClassVar[CallSignal.Kind]
+        END: _ClassVar[CallSignal.Kind]
+        TAKEN: _ClassVar[CallSignal.Kind]
+    KIND_UNSPECIFIED: CallSignal.Kind
+    OFFER: CallSignal.Kind
+    ANSWER: CallSignal.Kind
+    ICE: CallSignal.Kind
+    END: CallSignal.Kind
+    TAKEN: CallSignal.Kind
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROOM_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    kind: CallSignal.Kind
+    room_id: str
+    to_profile_id: str
+    to_device_id: str
+    payload: _struct_pb2.Struct
+    def __init__(self, call_id: _Optional[str] = ..., kind: _Optional[_Union[CallSignal.Kind, str]] = ..., room_id: _Optional[str] = ..., to_profile_id: _Optional[str] = ..., to_device_id: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class CallSignalEvent(_message.Message):
+    __slots__ = ("call_id", "kind", "room_id", "from_profile_id", "from_device_id", "to_profile_id", "to_device_id", "payload")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROOM_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    kind: CallSignal.Kind
+    room_id: str
+    from_profile_id: str
+    from_device_id: str
+    to_profile_id: str
+    to_device_id: str
+    payload: _struct_pb2.Struct
+    def __init__(self, call_id: _Optional[str] = ..., kind: _Optional[_Union[CallSignal.Kind, str]] = ..., room_id: _Optional[str] = ..., from_profile_id: _Optional[str] = ..., from_device_id: _Optional[str] = ..., to_profile_id: _Optional[str] = ..., to_device_id: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class SubscriptionEvent(_message.Message):
     __slots__ = ("room_id", "profile_id", "change", "roles")

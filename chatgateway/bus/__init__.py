@@ -86,6 +86,12 @@ def make_bus(config: Config, reactor: Any, hub: Any = None, counts: GatewayCount
         bus = MemoryBus(hub)
         bus.hub.streams.limit(config.room_stream_max_len, config.room_stream_max_age_sec)
         return bus
+    from chatgateway.redisconn.uri import is_cluster
+
+    if is_cluster(config.events_uri):
+        from chatgateway.bus.cluster import ClusterBus
+
+        return ClusterBus(config, reactor, counts=counts)
     from chatgateway.bus.redis import RedisBus
 
     return RedisBus(config, reactor, counts=counts)

@@ -27,6 +27,11 @@ choose between it and a plain PUBLISH on an IEventBus). With redis-py::
 
     script, keys, args = memberships.change_call(profile_id, room_id, change, payload)
     r.eval(script, len(keys), *keys, *args)
+
+On a Redis Cluster (``cluster=True``) the keys carry the hash tag of the profile's
+channel, ``gateway:memberships:{chat:profile:ID}`` and ``…:version``, so the keys and
+the channel share one slot, and CHANGE publishes with SPUBLISH (sharded pub/sub) on
+that slot's primary: docs/operations.md#redis-cluster.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any, NamedTuple
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import IEventBus, channels
+from chatgateway.redisconn.slots import tag_of
 
 # Marks a cached set: present even when the profile has no room (room ids are never empty).
 MARKER = ""
@@ -59,12 +65,14 @@ class Cached(NamedTuple):
     version: str | None
 
 
-def key(profile_id: str) -> str:
+def key(profile_id: str, cluster: bool = False) -> str:
+    if cluster:
+        return f"gateway:memberships:{tag_of(channels.profile(profile_id))}"
     return f"gateway:memberships:{profile_id}"
 
 
-def version_key(profile_id: str) -> str:
-    return f"gateway:memberships:{profile_id}:version"
+def version_key(profile_id: str, cluster: bool = False) -> str:
+    return key(profile_id, cluster) + ":version"
 
 
 # KEYS: set, version. ARGV: version TTL.
@@ -99,8 +107,8 @@ return 1
 """
 
 # The publish contract of a membership change.
-# KEYS: set, version. ARGV: channel, payload, patch ("+", "-" or ""), room id, version TTL.
-# Returns what PUBLISH returns (the subscribers reached).
+# KEYS: set, version. ARGV: channel, payload, patch ("+", "-" or ""), room id, version TTL,
+# and on a cluster "SPUBLISH". Returns what PUBLISH returns (the subscribers reached).
 CHANGE = """
 redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -111,12 +119,12 @@ if ARGV[3] ~= '' and redis.call('EXISTS', KEYS[1]) == 1 then
     redis.call('SREM', KEYS[1], ARGV[4])
   end
 end
-return redis.call('PUBLISH', ARGV[1], ARGV[2])
+return redis.call(ARGV[6] or 'PUBLISH', ARGV[1], ARGV[2])
 """
 
 
-def read_call(profile_id: str) -> tuple[str, list[str], list[Any]]:
-    return READ, [key(profile_id), version_key(profile_id)], [VERSION_TTL_SEC]
+def read_call(profile_id: str, cluster: bool = False) -> tuple[str, list[str], list[Any]]:
+    return READ, [key(profile_id, cluster), version_key(profile_id, cluster)], [VERSION_TTL_SEC]
 
 
 def parse_read(reply: Sequence[Any]) -> Cached:
@@ -127,24 +135,35 @@ def parse_read(reply: Sequence[Any]) -> Cached:
     return Cached(None, str(values[1]))
 
 
-def write_call(profile_id: str, rooms: Sequence[str], version: str, ttl: float) -> tuple[str, list[str], list[Any]]:
+def write_call(
+    profile_id: str, rooms: Sequence[str], version: str, ttl: float, cluster: bool = False
+) -> tuple[str, list[str], list[Any]]:
     args: list[Any] = [version, max(1, round(ttl)), *(room for room in rooms if room != MARKER)]
-    return WRITE, [key(profile_id), version_key(profile_id)], args
+    return WRITE, [key(profile_id, cluster), version_key(profile_id, cluster)], args
 
 
-def change_call(profile_id: str, room_id: str, change: int, payload: bytes) -> tuple[str, list[str], list[Any]]:
+def change_call(
+    profile_id: str, room_id: str, change: int, payload: bytes, cluster: bool = False
+) -> tuple[str, list[str], list[Any]]:
     """CHANGE's script, keys and arguments for ``change`` (a SubscriptionEvent.Change) of
     ``profile_id``'s membership of ``room_id``, published as ``payload`` (a serialized ServerEvent)."""
     args = [channels.profile(profile_id), payload, PATCH.get(change, ""), room_id, VERSION_TTL_SEC]
-    return CHANGE, [key(profile_id), version_key(profile_id)], args
+    if cluster:
+        args.append("SPUBLISH")
+    return CHANGE, [key(profile_id, cluster), version_key(profile_id, cluster)], args
 
 
 def publish_change(
-    eval: Callable[[str, list[str], list[Any]], Any], profile_id: str, room_id: str, change: int, payload: bytes
+    eval: Callable[[str, list[str], list[Any]], Any],
+    profile_id: str,
+    room_id: str,
+    change: int,
+    payload: bytes,
+    cluster: bool = False,
 ) -> Any:
     """Publish a membership change by the contract through ``eval(script, keys, args)``
     (chatgateway.redisconn.connection.RedisConnection.eval, or an adapter of another client)."""
-    return eval(*change_call(profile_id, room_id, change, payload))
+    return eval(*change_call(profile_id, room_id, change, payload, cluster))
 
 
 def publish_event(bus: IEventBus, channel: str, event: pb.ServerEvent, payload: bytes | None = None) -> Any:

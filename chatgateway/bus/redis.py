@@ -46,6 +46,7 @@ from zope.interface import implementer
 from chatgateway.bus import IEventBus, memberships, roomstream
 from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, ConnectionError, RedisConnection
 from chatgateway.redisconn.protocols import SubscriberProtocol
+from chatgateway.redisconn.tls import TLSSettings
 from chatgateway.redisconn.uri import parse_uri
 
 # Channels named by one SUBSCRIBE when resubscribing (keeps each command and its replies small).
@@ -69,7 +70,7 @@ class RedisBus:
     log = Logger()
 
     def __init__(self, config, reactor, clock=None, timeout=REDIS_TIMEOUT_SEC, counts=None):
-        address = parse_uri(config.events_uri)
+        address = parse_uri(config.events_uri, TLSSettings.of(config))
         self._reactor = reactor
         self._batch = []  # [command, [(channel, Deferred)]] runs, in the order asked
         self._flush_call = None

@@ -28,6 +28,11 @@ through any ``eval(script, keys, args)``). With redis-py::
 
     script, keys, args = roomstream.publish_call(room_id, payload)
     r.eval(script, len(keys), *keys, *args)
+
+On a Redis Cluster (``cluster=True``) the keys carry the hash tag of the room's
+channel, ``chat:position:{chat:room:ID}`` and ``chat:stream:{chat:room:ID}``, so both
+keys and the channel share one slot, and PUBLISH_ROOM publishes with SPUBLISH
+(sharded pub/sub) on that slot's primary: docs/operations.md#redis-cluster.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any, NamedTuple
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import IEventBus, channels, memberships
+from chatgateway.redisconn.slots import tag_of
 
 MAX_LEN = 1000  # the defaults of ROOM_STREAM_MAX_LEN and ROOM_STREAM_MAX_AGE_SEC
 MAX_AGE_SEC = 86400.0
@@ -55,12 +61,12 @@ class StreamRead(NamedTuple):
     events: list[tuple[int, bytes]]
 
 
-def position_key(room_id: str) -> str:
-    return f"chat:position:{room_id}"
+def position_key(room_id: str, cluster: bool = False) -> str:
+    return f"chat:position:{tag_of(channels.room(room_id)) if cluster else room_id}"
 
 
-def stream_key(room_id: str) -> str:
-    return f"chat:stream:{room_id}"
+def stream_key(room_id: str, cluster: bool = False) -> str:
+    return f"chat:stream:{tag_of(channels.room(room_id)) if cluster else room_id}"
 
 
 def keeps(event: pb.ServerEvent) -> bool:
@@ -88,8 +94,8 @@ def position_suffix(epoch: str, offset: int) -> bytes:
 
 
 # KEYS: position hash, stream. ARGV: channel, payload, a new epoch (used if the room has
-# none), max len, max age (ms). Tags: 90 = field 11 (epoch), length-delimited; 96 = field
-# 12 (offset), varint. Returns {offset, epoch, subscribers reached}.
+# none), max len, max age (ms), and on a cluster "SPUBLISH". Tags: 90 = field 11 (epoch),
+# length-delimited; 96 = field 12 (offset), varint. Returns {offset, epoch, subscribers reached}.
 PUBLISH_ROOM = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -117,7 +123,7 @@ for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 2)) do
   redis.call('XDEL', KEYS[2], entry[1])
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return {offset, epoch, redis.call('PUBLISH', ARGV[1], event)}
+return {offset, epoch, redis.call(ARGV[6] or 'PUBLISH', ARGV[1], event)}
 """
 
 # KEYS: position hash, stream. ARGV: the offset to read after, how many.
@@ -135,11 +141,18 @@ return reply
 
 
 def publish_call(
-    room_id: str, payload: bytes, max_len: int = MAX_LEN, max_age_sec: float = MAX_AGE_SEC, epoch: str | None = None
+    room_id: str,
+    payload: bytes,
+    max_len: int = MAX_LEN,
+    max_age_sec: float = MAX_AGE_SEC,
+    epoch: str | None = None,
+    cluster: bool = False,
 ) -> tuple[str, list[str], list[Any]]:
     """PUBLISH_ROOM's script, keys and arguments for ``payload`` (a serialized ServerEvent) in ``room_id``."""
     args = [channels.room(room_id), payload, epoch or new_epoch(), max_len, max(1, round(max_age_sec * 1000))]
-    return PUBLISH_ROOM, [position_key(room_id), stream_key(room_id)], args
+    if cluster:
+        args.append("SPUBLISH")
+    return PUBLISH_ROOM, [position_key(room_id, cluster), stream_key(room_id, cluster)], args
 
 
 def publish_room_event(
@@ -148,10 +161,11 @@ def publish_room_event(
     payload: bytes,
     max_len: int = MAX_LEN,
     max_age_sec: float = MAX_AGE_SEC,
+    cluster: bool = False,
 ) -> Any:
     """Publish a room event by the contract through ``eval(script, keys, args)``
     (chatgateway.redisconn.connection.RedisConnection.eval, or an adapter of another client)."""
-    return eval(*publish_call(room_id, payload, max_len, max_age_sec))
+    return eval(*publish_call(room_id, payload, max_len, max_age_sec, cluster=cluster))
 
 
 def parse_published(reply: Sequence[Any]) -> tuple[str, int]:
@@ -160,8 +174,10 @@ def parse_published(reply: Sequence[Any]) -> tuple[str, int]:
     return epoch, int(reply[0])
 
 
-def read_call(room_id: str, after: int, count: int = READ_CHUNK) -> tuple[str, list[str], list[Any]]:
-    return READ_ROOM, [position_key(room_id), stream_key(room_id)], [after, count]
+def read_call(
+    room_id: str, after: int, count: int = READ_CHUNK, cluster: bool = False
+) -> tuple[str, list[str], list[Any]]:
+    return READ_ROOM, [position_key(room_id, cluster), stream_key(room_id, cluster)], [after, count]
 
 
 def parse_read(reply: Sequence[Any]) -> StreamRead:

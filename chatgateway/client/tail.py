@@ -9,6 +9,9 @@ from chatgateway.client.connection import DEFAULT_TAIL_DEVICE, Failed, _close, c
 from chatgateway.client.output import as_json, close_text, err, format_event, out
 from chatgateway.client.wsclient import ClosedError
 
+# Acks sent at most this often (the server-side record is written once per heartbeat anyway).
+ACK_EVERY_SEC = 1.0
+
 
 class TailState:
     """What tail keeps across its connections to resume where it left off: the latest resume
@@ -22,6 +25,16 @@ class TailState:
         self.stopping = False
         self.tailing = False
         self.connections = 0
+        self.acked_at = None  # when the last ack went out
+
+    def ack_due(self, now):
+        """True at most once per ACK_EVERY_SEC: the gateway keeps the furthest position, so
+        acking the latest event then says as much as acking each (and spares the device's
+        inbound budget in a busy room)."""
+        if self.acked_at is not None and now - self.acked_at < ACK_EVERY_SEC:
+            return False
+        self.acked_at = now
+        return True
 
     def fresh(self, event):
         """False for a room event at or below the room's position (already printed); else
@@ -103,7 +116,8 @@ async def _tail(reactor, args, tail):
             line = tail_line(event, args.room, args.json)
             if line is not None:
                 out(line)
-                _ack(client, event)
+                if tail.ack_due(reactor.seconds()):
+                    _ack(client, event)
 
 
 def reconnected_text(connected, tail):

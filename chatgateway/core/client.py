@@ -43,6 +43,7 @@ and rich details (``grpc-status-details-bin``) come back unchanged in CoreError.
 import collections
 import re
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -102,6 +103,10 @@ CHANNEL_OPTIONS = [
 ]
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# grpc's connectivity poller (behind channel_ready_future) notices that nobody watches any
+# more within its 0.2 s watch deadline; a channel closed before then makes it die with
+# "Cannot invoke RPC: Channel closed!" on its thread. stop() lets it end first.
+POLLER_LINGER_SEC = 0.25
 
 # W3C Trace Context, version 00 (and forward-compatible later versions).
 _TRACEPARENT = re.compile(r"\A[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?\Z")
@@ -188,6 +193,9 @@ class CoreClient:
         self._callables = {}
         self.breaker = breaker if breaker is not None else circuit.CircuitBreaker(self._clock)
         self._service_token = service_token  # ClientCredentials, or None
+        self._pings = threading.Condition()  # guards the two below (ping threads, the stop's thread)
+        self._pings_running = 0
+        self._pinged_at = None  # time.monotonic() when the last readiness ping ended
 
     def start(self) -> None:
         if self._given_channel is not None:
@@ -222,6 +230,7 @@ class CoreClient:
         def shutdown():
             self._pool.stop()
             if channel is not None:
+                self._await_pings()
                 channel.close()
 
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), shutdown)
@@ -411,13 +420,32 @@ class CoreClient:
         channel = self._channel
 
         def blocking():
+            with self._pings:
+                self._pings_running += 1
+            ready = grpc.channel_ready_future(channel)
             try:
-                grpc.channel_ready_future(channel).result(timeout=timeout)
+                ready.result(timeout=timeout)
                 return True
             except grpc.FutureTimeoutError:
                 return False
+            finally:
+                ready.cancel()  # unsubscribes: a timed-out one would keep grpc's poller watching
+                with self._pings:
+                    self._pings_running -= 1
+                    self._pinged_at = time.monotonic()
+                    self._pings.notify_all()
 
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), blocking)
+
+    def _await_pings(self, timeout=2.0):
+        """In stop's thread: the readiness pings ended and grpc's poller had time to see it."""
+        with self._pings:
+            self._pings.wait_for(lambda: self._pings_running == 0, timeout)
+            pinged_at = self._pinged_at
+        if pinged_at is not None:
+            linger = pinged_at + POLLER_LINGER_SEC - time.monotonic()
+            if linger > 0:
+                time.sleep(linger)
 
     def readiness(self) -> Deferred[str]:
         """Deferred of the core's state for /readyz: "up", "down", or the open circuit."""

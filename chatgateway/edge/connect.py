@@ -1,4 +1,4 @@
-"""The Connect protocol on HTTP_PORT: the ten forwarded methods as plain HTTP.
+"""The Connect protocol on HTTP_PORT: the ten forwarded methods as plain HTTP, and GetPresence.
 
 ``POST /chat.v1.ChatService/<Method>`` (https://connectrpc.com/docs/protocol):
 
@@ -21,9 +21,12 @@
   any); preflight ``OPTIONS`` requests are answered for allowed origins.
 
 Runs on the reactor thread like the rest of twisted.web; calls go through
-chatgateway.sessions.forwarding, the path the gRPC unary RPCs take.
+chatgateway.sessions.forwarding, the path the gRPC unary RPCs take. ``GetPresence``
+(docs/protocol.md#presence) is the gateway's own, answered by
+chatgateway.sessions.presence.get_presence with the same codecs and errors.
 """
 
+import functools
 import json
 import struct
 
@@ -34,9 +37,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from chatgateway.api import chat_pb2 as pb
 from chatgateway.core.client import METHODS, SERVICE, CoreError
 from chatgateway.edge.origins import OriginPolicy
-from chatgateway.sessions import forwarding
+from chatgateway.sessions import forwarding, presence
 from chatgateway.sessions.opening import bearer_token
 
 # gRPC status -> (Connect code, HTTP status), from the protocol's table.
@@ -59,6 +63,7 @@ ERROR_HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
 
+GET_PRESENCE = (pb.GetPresenceRequest, pb.GetPresenceResponse, False)
 UNARY_TYPES = {"application/json": "json", "application/proto": "proto"}
 STREAM_TYPES = {"application/connect+json": "json", "application/connect+proto": "proto"}
 END_STREAM = 0x02
@@ -144,6 +149,11 @@ class ConnectService(resource.Resource):
         self._origins = OriginPolicy(gateway.config.allowed_origins)
         for name in METHODS:
             self.putChild(name.encode("ascii"), ConnectMethod(gateway, name, self._origins))
+        # Served by the gateway itself, not forwarded (docs/protocol.md#presence).
+        self.putChild(
+            b"GetPresence",
+            ConnectMethod(gateway, "GetPresence", self._origins, GET_PRESENCE, presence.get_presence),
+        )
 
     def getChild(self, path, request):
         return _Unimplemented(path.decode("utf-8", "replace"))
@@ -173,11 +183,13 @@ class ConnectMethod(resource.Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, gateway, method, origins):
+    def __init__(self, gateway, method, origins, spec=None, call=None):
         super().__init__()
         self._gateway = gateway
         self._method = method
-        self._request_cls, self._response_cls, self._streaming = METHODS[method]
+        self._request_cls, self._response_cls, self._streaming = spec or METHODS[method]
+        # call(gateway, request, token, **options): the answer, or a CoreError.
+        self._call = call if call is not None else functools.partial(forwarding.forward, method=method)
         self._origins = origins
         self._max_bytes = gateway.config.max_message_bytes
 
@@ -236,11 +248,10 @@ class ConnectMethod(resource.Resource):
         gone = []  # the client went away before the answer
         request.notifyFinish().addErrback(gone.append)
         d = defer.Deferred.fromCoroutine(
-            forwarding.forward(
+            self._call(
                 self._gateway,
-                self._method,
-                message,
-                bearer_token(_header(request, b"authorization")),
+                request=message,
+                token=bearer_token(_header(request, b"authorization")),
                 device_id=_header(request, b"x-device-id") or "",
                 traceparent=_header(request, b"traceparent"),
                 tracestate=_header(request, b"tracestate"),

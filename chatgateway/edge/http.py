@@ -1,4 +1,5 @@
-"""The HTTP surface on HTTP_PORT: /ws, the Connect protocol, /healthz, /readyz (and /dev/token in development)."""
+"""The HTTP surface on HTTP_PORT: /ws, the Connect protocol, /healthz, /readyz, /metrics,
+(with CONSOLE_ENABLED) the web console at /console/, and /dev/token in development."""
 
 import json
 import re
@@ -6,7 +7,7 @@ import re
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import http, resource, server
+from twisted.web import http, resource, server, util
 
 from chatgateway.core.client import SERVICE
 from chatgateway.edge.connect import ConnectService
@@ -69,7 +70,10 @@ class Readyz(resource.Resource):
 
 
 class DevToken(resource.Resource):
-    """Development only: GET /dev/token?profile=alice&device=phone mints an HS256 token."""
+    """Development only: GET /dev/token?profile=alice&device=phone mints an HS256 token.
+
+    ``&admin=1`` adds the console's admin scope (docs/console.md#the-admin-claim).
+    """
 
     isLeaf = True
 
@@ -82,7 +86,9 @@ class DevToken(resource.Resource):
         device = (request.args.get(b"device") or [b""])[0].decode("utf-8", "replace") or None
         if not profile:
             return _json(request, 400, {"error": "profile is required"})
-        return _json(request, 200, {"token": self._mint(profile, device), "profile_id": profile, "device_id": device})
+        admin = (request.args.get(b"admin") or [b""])[0] in (b"1", b"true")
+        token = self._mint(profile, device, admin=True) if admin else self._mint(profile, device)
+        return _json(request, 200, {"token": token, "profile_id": profile, "device_id": device})
 
 
 class _Request(server.Request):
@@ -98,14 +104,15 @@ class _Request(server.Request):
         super().process()
 
 
-def build_http_factory(gateway, checks, mint=None, clock=None, devices=None, telemetry=None):
+def build_http_factory(gateway, checks, mint=None, clock=None, devices=None, telemetry=None, console=None):
     """The factory of HTTP_PORT: the Site behind the per-connection limits.
 
     ``devices``: the DeviceFactory of /ws (made here when not given); ``telemetry``: the
-    Telemetry whose metrics /metrics shows (503 without one).
+    Telemetry whose metrics /metrics shows (503 without one); ``console``: the resource of
+    /console/ (chatgateway.console.resources), when CONSOLE_ENABLED.
     """
     config = gateway.config
-    site = build_site(gateway, checks, mint, devices, telemetry)
+    site = build_site(gateway, checks, mint, devices, telemetry, console)
     return ConnectionLimits(
         EdgeRouter(site, site.devices, clock if clock is not None else gateway.clock),
         clock if clock is not None else gateway.clock,
@@ -114,7 +121,7 @@ def build_http_factory(gateway, checks, mint=None, clock=None, devices=None, tel
     )
 
 
-def build_site(gateway, checks, mint=None, devices=None, telemetry=None):
+def build_site(gateway, checks, mint=None, devices=None, telemetry=None, console=None):
     root = resource.Resource()
     factory = devices if devices is not None else DeviceFactory(gateway)
     root.putChild(b"ws", WebSocketResource(factory))
@@ -124,6 +131,9 @@ def build_site(gateway, checks, mint=None, devices=None, telemetry=None):
     root.putChild(
         SERVICE.encode("ascii"), ConnectService(gateway)
     )  # Connect protocol: POST /chat.v1.ChatService/<Method>
+    if console is not None:
+        root.putChild(b"console", console)
+        root.putChild(b"", util.Redirect(b"/console/"))  # a newcomer opens the bare URL
     if mint is not None:
         dev = resource.Resource()
         dev.putChild(b"token", DevToken(mint))

@@ -34,6 +34,7 @@ the endpoint, health checks and logging use the reactor passed in.
 import contextlib
 
 import txredisapi
+from OpenSSL import SSL
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
@@ -169,6 +170,7 @@ class RedisConnection:
         self._started = False
         self._down_since = None
         self._warned_at = None
+        self._tls_error = None  # the last TLS failure logged (each new one is logged once)
         self._health = task.LoopingCall(self._check)
         self._health.clock = self.clock
         self._health_interval = health_interval
@@ -298,6 +300,21 @@ class RedisConnection:
         if was_ready:
             self.log.warn(
                 "redis {name}: connection to {address} lost; reconnecting", name=self.name, address=self.address
+            )
+
+    def lost_because(self, protocol, reason):
+        """A connection of ours was lost (ReportsLoss): a TLS failure is an error to log, once per kind."""
+        if self.stopping or not reason.check(SSL.Error):
+            return
+        error = reason.getErrorMessage()
+        if error != self._tls_error:
+            self._tls_error = error
+            self.log.error(
+                "redis {name}: TLS with {address} failed ({error}); check REDIS_TLS_CA_FILE, "
+                "REDIS_TLS_CERT_FILE/REDIS_TLS_KEY_FILE, REDIS_TLS_VERIFY and the host name of the URI; retrying",
+                name=self.name,
+                address=self.address,
+                error=error,
             )
 
     def _check(self):

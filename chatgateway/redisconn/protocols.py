@@ -68,11 +68,22 @@ class LeanCommands:
         return b"".join(parts)
 
 
-class RedisProtocol(JudgedReplyTimeouts, PromptReader, LeanCommands, txredisapi.RedisProtocol):
+class ReportsLoss:
+    """Mixin for txredisapi protocols: the reason a connection was lost is handed to its
+    RedisConnection (txredisapi drops it), so a TLS handshake refused is logged as such."""
+
+    def connectionLost(self, reason):
+        owner = getattr(self.factory, "owner", None)
+        if owner is not None:
+            owner.lost_because(self, reason)
+        return super().connectionLost(reason)
+
+
+class RedisProtocol(ReportsLoss, JudgedReplyTimeouts, PromptReader, LeanCommands, txredisapi.RedisProtocol):
     """txredisapi's protocol, reading promptly, with judged reply timeouts."""
 
 
-class SubscriberProtocol(JudgedReplyTimeouts, PromptReader, LeanCommands, txredisapi.SubscriberProtocol):
+class SubscriberProtocol(ReportsLoss, JudgedReplyTimeouts, PromptReader, LeanCommands, txredisapi.SubscriberProtocol):
     """Hands every pub/sub message to the connection's ``on_message``, the messages of one
     read inside one ``batch()`` (the connection's: the gateway's cork, sessions.corking)."""
 
@@ -86,3 +97,25 @@ class SubscriberProtocol(JudgedReplyTimeouts, PromptReader, LeanCommands, txredi
         owner = self.factory.owner
         owner.last_message_at = owner.clock.seconds()
         owner.on_message(channel, message)
+
+
+class ShardedSubscriberProtocol(SubscriberProtocol):
+    """Sharded pub/sub (Redis 7: SSUBSCRIBE, ``smessage``), one connection per primary of a cluster.
+
+    Redis confirms SSUBSCRIBE/SUNSUBSCRIBE per channel, as SUBSCRIBE; it also sends a
+    ``sunsubscribe`` nobody asked for when the channel's slot leaves this node (the node
+    became a replica, or the slot moved): that goes to ``on_dropped(channel)``.
+    """
+
+    on_dropped = staticmethod(lambda channel: None)
+
+    def replyReceived(self, reply):
+        if isinstance(reply, list) and len(reply) == 3:
+            kind = reply[0]
+            if kind in (b"smessage", "smessage"):
+                self.messageReceived(None, reply[1], reply[2])
+                return
+            if kind in (b"sunsubscribe", "sunsubscribe") and not self.replyQueue.waiting:
+                self.on_dropped(reply[1])
+                return
+        super().replyReceived(reply)

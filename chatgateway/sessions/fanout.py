@@ -31,6 +31,7 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
+from chatgateway.sessions import calls
 from chatgateway.sessions.outbox import ROOM, TYPING, classify
 from chatgateway.sessions.session import error_detail
 
@@ -140,11 +141,16 @@ class Fanout:
             if event.HasField("typing_event"):
                 sender = event.typing_event.profile_id
                 recipients = [s for s in recipients if s.profile_id != sender]
+            elif event.HasField("presence_event"):
+                subject = event.presence_event.profile_id
+                recipients = [s for s in recipients if s.profile_id != subject]
         elif kind == "profile":
             # Applied now, whatever becomes of the delivery: it changes what this gateway routes.
             if event.HasField("subscription_event"):
                 self._on_membership(event.subscription_event, event)
             recipients = self._registry.profile_sessions(key)
+            if event.HasField("call_signal_event"):
+                recipients = calls.recipients(event.call_signal_event, recipients)
         else:
             return
         if kind == "room" and event.offset:

@@ -14,6 +14,7 @@ import grpc
 
 from chatgateway.auth.tokens import AuthError
 from chatgateway.core.client import METHODS, CoreError
+from chatgateway.sessions.sharedlimits import LimitExceeded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,10 @@ async def forward(
         options["traceparent"] = traceparent
         if tracestate:
             options["tracestate"] = tracestate
+    try:
+        await gateway.limits.admit_call(claims.profile_id, method, request)
+    except LimitExceeded as e:
+        raise CoreError(e.code, e.message, meta=e.meta) from None
     caller = Caller(
         token=token, profile_id=claims.profile_id, device_id=claims.device_id or device_id or "", call_options=options
     )

@@ -19,16 +19,20 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.bus import channels, roomstream
 from chatgateway.sessions import membership
+from chatgateway.sessions.calls import CallSignals
 from chatgateway.sessions.catchup import CatchUps, Pacer
 from chatgateway.sessions.corking import Cork
 from chatgateway.sessions.fanout import EncodedEvent, Fanout
 from chatgateway.sessions.positions import RoomPositions
+from chatgateway.sessions.presence import Presence
 from chatgateway.sessions.ratelimit import ConnectRate
 from chatgateway.sessions.reconnect import drain_delay, hinted
 from chatgateway.sessions.registry import ConnectionRegistry
 from chatgateway.sessions.resume import Resumption
 from chatgateway.sessions.session import CloseCode, Session, TokenExpiries, error_detail
+from chatgateway.sessions.sharedlimits import SharedLimits
 from chatgateway.sessions.streamreads import StreamReads
+from chatgateway.sessions.waits import at_most
 from chatgateway.telemetry.counts import GatewayCounts
 
 # Rooms asked of the core per streamed page when a device connects.
@@ -84,6 +88,9 @@ class Gateway(service.Service):
         # New connections of every edge, let in before their tokens are verified (storm control).
         self.connects = ConnectRate(config.max_connects_per_second, config.connect_burst, self.clock)
         self.addresses = []  # where devices reach this instance (set by the service tree)
+        self.presence = Presence(self)  # leases of the local devices; presenceEvents to fellow members
+        self.calls = CallSignals(self)  # call signals relayed on the callees' profile channels
+        self.limits = SharedLimits(config, store, self.clock, self.counts)  # per profile and per room
         self._control_channel = channels.control(config.gateway_id)
         self._heartbeat = task.LoopingCall(self._heartbeat_tick)
         self._heartbeat.clock = self.clock
@@ -154,18 +161,14 @@ class Gateway(service.Service):
         """A Deferred firing when no session is left (or opening), or after ``timeout`` seconds."""
         if not self.registry.sessions and not self._opening:
             return defer.succeed(None)
-        d = defer.Deferred()
-        timer = self.clock.callLater(max(0.0, timeout), lambda: d.called or d.callback(None))
-        self._gone_waiters.append(d)
+        gone = defer.Deferred()
+        self._gone_waiters.append(gone)
+        return at_most(self.clock, gone, timeout).addBoth(lambda result: self._forget_waiter(gone, result))
 
-        def done(result):
-            if timer.active():
-                timer.cancel()
-            if d in self._gone_waiters:
-                self._gone_waiters.remove(d)
-            return result
-
-        return d.addBoth(done)
+    def _forget_waiter(self, gone, result):
+        if gone in self._gone_waiters:
+            self._gone_waiters.remove(gone)
+        return result
 
     def _check_gone(self):
         if not self.registry.sessions and not self._opening:
@@ -219,7 +222,7 @@ class Gateway(service.Service):
         changes = self._watch(profile_id)
         try:
             record = defer.Deferred.fromCoroutine(self.resumption.record(profile_id, device_id))  # meanwhile
-            await self._within(self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
+            await at_most(self.clock, self.registry.watch_profile(profile_id), WATCH_WAIT_SEC)
             rooms = await self.connect_rooms(profile_id, token, device_id)
             resolved = await self.resumption.resolve(profile_id, device_id, rooms, resume, await record, token)
         except BaseException:
@@ -233,19 +236,18 @@ class Gateway(service.Service):
         self._opening -= 1  # registered below, before anything else runs
         session = Session(self, transport, claims, token, device_id, rooms)
         # The local limit holds at once; the store then enforces it across gateways.
-        replaced = self.registry.add(session)
-        for older in replaced:
+        for older in (replaced := self.registry.add(session)):
             older.close(CloseCode.REPLACED, REPLACED_REASON)
         self._unwatch(profile_id, changes)
         self.counts.session_opened(session)
-        planned, begins, resume_token, notice = self.resumption.finish(session, resolved, replaced)
-        session.send(session.connected_event(resume_token, resumed=bool(planned)))
-        if notice is not None:
-            session.send(notice)
+        planned, begins, resume_token, notices = self.resumption.finish(session, resolved, replaced)
+        for event in (session.connected_event(resume_token, resumed=bool(planned)), *notices):
+            session.send(event)  # connected first
         self._replay_changes(session, changes)
         # In this turn still: no live event of its rooms can reach the session before its catch-up starts.
         self.resumption.start(session, planned, begins)
         self._register(session)
+        self.presence.arrived(session)
         if self.draining:
             session.drain(self.reconnect_hint())
         if self._log_connects:
@@ -278,23 +280,6 @@ class Gateway(service.Service):
             if event is not None:
                 self.fanout.deliver(EncodedEvent(event), [session])
 
-    def _within(self, d, seconds):
-        """A Deferred firing (with None) when ``d`` does or after ``seconds``, whichever comes first."""
-        if d.called:
-            return defer.succeed(None)  # the channel was subscribed already (or the bus is in process)
-        done = defer.Deferred()
-        timer = self.clock.callLater(seconds, lambda: done.called or done.callback(None))
-
-        def fired(result):
-            if timer.active():
-                timer.cancel()
-            if not done.called:
-                done.callback(None)
-            return result
-
-        d.addBoth(fired)
-        return done
-
     def _opened_none(self):
         """An opening ended without a session."""
         self._opening -= 1
@@ -309,6 +294,7 @@ class Gateway(service.Service):
             self.store.release_device(session.profile_id, session.device_id, self.config.gateway_id, session.id),
             "releasing a device",
         )
+        self.presence.departed(session)
         if self.draining:
             self._check_gone()
 
@@ -410,6 +396,8 @@ class Gateway(service.Service):
         for session in sessions:
             self._register(session)
         self._announce()
+        for session in sessions:  # after the registration their leases hang on
+            self.presence.arrived(session)
 
     def _announce(self):
         info = {
@@ -436,6 +424,7 @@ class Gateway(service.Service):
         sessions = list(self.registry.sessions)
         self._sweep(sessions, 0, now, now - self.config.connection_timeout_sec, [])
         self._announce()
+        self.presence.tick()
         self._ticks += 1
         if self._ticks % REAP_EVERY_TICKS == 0:
             self._reap()
@@ -492,6 +481,7 @@ class Gateway(service.Service):
             changes.append((change, event))
         for session in list(self.registry.profile_sessions(change.profile_id)):
             session.apply_membership(change)
+        self.presence.membership_changed(change)
 
     def publish(self, channel, event):
         """Publish ``event`` by the contracts: a room event gets its position and its place in the

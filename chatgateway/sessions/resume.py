@@ -213,9 +213,9 @@ class Resumption:
         return dict(found)
 
     def finish(self, session, resolved, replaced=()):
-        """After the registration: the plan, and the token ``connected`` carries. ``replaced``:
-        the device's sessions on this gateway it replaces (a reconnect after a blink): what
-        they were given is newer than the record, so it counts too."""
+        """After the registration: (plan, starts, the token ``connected`` carries, the notices
+        to send after it). ``replaced``: the device's sessions on this gateway it replaces (a
+        reconnect after a blink): what they were given is newer than the record, so it counts too."""
         planned, starts, notice, explicit = resolved
         for older in replaced:
             for room_id in older.rooms & planned.keys() - explicit:  # the device's own positions win
@@ -230,7 +230,8 @@ class Resumption:
         planned = {room_id: p for room_id, p in planned.items() if room_id in session.member_rooms}
         begins = {**{r: p for r, p in starts.items() if r in session.member_rooms}, **planned}
         self._counts.resume_opened("token_ignored" if notice is not None else "resumed" if planned else "live")
-        return planned, begins, self.tokens.issue(session.profile_id, session.device_id, begins), notice
+        notices = () if notice is None else (notice,)
+        return planned, begins, self.tokens.issue(session.profile_id, session.device_id, begins), notices
 
     def start(self, session, planned, begins):
         """Catch the session up in every planned room (it is live in the others); the record

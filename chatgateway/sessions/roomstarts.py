@@ -9,8 +9,8 @@ the room's next event could not say where to resume from there: it would come ba
 live events, the ones published while it was away lost. So, at open, the rooms the
 gateway has no position of are read from their streams' position keys (READ_ROOM with
 nothing to read: the epoch and last offset), once per room for the whole gateway (reads
-in flight are shared; an answer is kept LEARNED_SEC, but ``("", 0)``, a room without an
-event yet, is not: it would go stale into a replay of the room), before the session is registered:
+in flight are shared; an answer is kept LEARNED_SEC; ``("", 0)`` for a room without an
+event yet), before the session is registered:
 an event published after the read is then one the session receives or resumes from.
 What cannot be read in READ_WAIT_SEC is left out (that room starts live, as before).
 """
@@ -89,9 +89,10 @@ class RoomStarts:
 
     def _read_done(self, read, room_id):
         self._reading.pop(room_id, None)
-        if not read.epoch:
-            return ("", 0)  # no event yet: before whatever epoch comes (never kept: it would go stale)
-        position = (read.epoch, read.top)
+        # No event yet: ("", 0), before whatever epoch comes. Kept like the others: once the
+        # room has events while the gateway is subscribed, RoomPositions knows better; stale,
+        # a start resumes a device at most LEARNED_SEC of the room's events early.
+        position = (read.epoch, read.top) if read.epoch else ("", 0)
         self._learned[room_id] = (position, self._clock.seconds())
         if len(self._learned) > 100_000:  # bounded: the oldest half goes
             for stale in sorted(self._learned, key=lambda r: self._learned[r][1])[:50_000]:

@@ -20,7 +20,9 @@ from chatgateway.api import codec
 from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import METHODS, CoreError
+from chatgateway.sessions.calls import SignalRefused
 from chatgateway.sessions.ratelimit import TokenBucket
+from chatgateway.sessions.sharedlimits import LimitExceeded
 from chatgateway.sessions.tokenexpiry import TokenExpiries
 from chatgateway.store import ConnectionMeta
 
@@ -341,7 +343,10 @@ class Session:
             self.reply(request_id, error_detail(grpc.StatusCode.INVALID_ARGUMENT, "unknown or empty command"))
             return
         self._in_flight += 1
-        d = defer.maybeDeferred(handler, request_id, getattr(command, which))
+        payload = getattr(command, which)
+        # The limits per profile and per room, across gateways (sessions.sharedlimits), then the command.
+        d = self.gateway.limits.admit(self.profile_id, which, payload)
+        d.addCallback(lambda _: defer.maybeDeferred(handler, request_id, payload))
         d.addErrback(self._command_failed, request_id)
         d.addBoth(self._command_done)
 
@@ -353,8 +358,10 @@ class Session:
     def _command_failed(self, failure, request_id):
         if failure.check(CoreError):
             self.reply(request_id, failure.value.detail())
-        elif failure.check(CommandError):
-            self.reply(request_id, error_detail(failure.value.code, failure.value.message))
+        elif failure.check(CommandError, LimitExceeded, SignalRefused):
+            detail = error_detail(failure.value.code, failure.value.message)
+            detail.meta.update(getattr(failure.value, "meta", {}))
+            self.reply(request_id, detail)
         else:
             self.log.failure("command {request_id} failed", failure, request_id=request_id)
             self.reply(request_id, error_detail(grpc.StatusCode.INTERNAL, "internal error"))
@@ -428,6 +435,14 @@ class Session:
             self.reply(request_id)
         else:
             self.reply(request_id, body=response)
+
+    async def _cmd_call_signal(self, request_id, signal):
+        await self.gateway.calls.send(self, signal)
+        self.reply(request_id)
+
+    async def _cmd_presence(self, request_id, query):
+        self._require_member(query.room_id)
+        self.reply(request_id, body=await self.gateway.presence.room(query.room_id))
 
     # ------------------------------------------------------------ membership
 

@@ -152,6 +152,13 @@ class IConnectionStore(Interface):
     def instance_alive(gateway_id: str, info: Mapping[str, Any]) -> Deferred[None]:
         """Renew this instance's registry entry; ``info`` is {started, addresses, connections}."""
 
+    def instances() -> Deferred[list[dict[str, Any]]]:
+        """Every live gateway's registry entry (the JSON of instance_info, with ``rooms``: how
+        many rooms it has connections in), by gateway id.
+
+        For the operator's status page (chatgateway.console.status), not for the hot path.
+        """
+
     def reap_dead_instances(own_gateway_id: str) -> Deferred[list[str]]:
         """Clean up after gateways whose registry entry expired.
 
@@ -174,6 +181,12 @@ def make_store(config: Config, reactor: Any, counts: GatewayCounts | None = None
         from chatgateway.store.memory import MemoryStore
 
         return MemoryStore()
+    from chatgateway.redisconn.uri import is_cluster
+
+    if is_cluster(config.cache_uri):
+        from chatgateway.store.cluster import ClusterStore
+
+        return ClusterStore(config, reactor, counts=counts)
     from chatgateway.store.redis import RedisStore
 
     return RedisStore(config, reactor, counts=counts)

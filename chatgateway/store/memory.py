@@ -106,6 +106,14 @@ class MemoryStore:
         self._add(INSTANCES_KEY, gateway_id)
         return defer.succeed(None)
 
+    def instances(self):
+        found = []
+        for gateway_id in sorted(self.sets.get(INSTANCES_KEY, ())):
+            entry = self.values.get(instance_key(gateway_id))
+            if entry is not None:
+                found.append({**json.loads(entry), "rooms": len(self.sets.get(instance_rooms_key(gateway_id), ()))})
+        return defer.succeed(found)
+
     def reap_dead_instances(self, own_gateway_id):
         reaped = []
         for gateway_id in sorted(self.sets.get(INSTANCES_KEY, ())):

@@ -63,8 +63,8 @@ what a connect storm costs the gateway's reactor in Redis calls.
 
 Redis: 6.2 or later (tested with 7.0). The commands used (SET EX/NX, ZADD,
 SPOP with a count inside a script, EVALSHA) need 5.0 (script effects
-replication); ACL user names in the URI need 6.0. Redis Cluster is not
-supported: the scripts derive key names from the data they read.
+replication); ACL user names in the URI need 6.0. A Redis Cluster: the same
+keys through chatgateway.store.cluster, which splits the scripts that span slots.
 
 Memory per connection, measured on Redis 7.0 (one device in one room of its
 own, ids of 10-20 characters, 10,000 connections): MEMORY USAGE gives 312 bytes
@@ -74,6 +74,7 @@ gateway's :conns set, ~770 bytes; used_memory grows ~990 bytes per connection
 cost ~70 bytes per extra member; :rooms ~70 bytes per distinct room per gateway.
 """
 
+import json
 import math
 
 from twisted.internet import defer
@@ -81,6 +82,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from chatgateway.redisconn.connection import REDIS_TIMEOUT_SEC, RedisConnection, all_replies
+from chatgateway.redisconn.tls import TLSSettings
 from chatgateway.redisconn.uri import parse_uri
 from chatgateway.store import (
     INSTANCES_KEY,
@@ -264,10 +266,12 @@ class RedisStore:
         self._rewrite_next = True
         self._own = {config.gateway_id}
         self._reconnect_callbacks = []
-        self.redis = RedisConnection(
-            parse_uri(config.cache_uri), reactor, "store", timeout=timeout, clock=clock, counts=counts
-        )
+        self.redis = self._connection(config, reactor, timeout, clock, counts)
         self.redis.on_ready(self._back)
+
+    def _connection(self, config, reactor, timeout, clock, counts):
+        address = parse_uri(config.cache_uri, TLSSettings.of(config))
+        return RedisConnection(address, reactor, "store", timeout=timeout, clock=clock, counts=counts)
 
     @property
     def ready(self):
@@ -333,22 +337,28 @@ class RedisStore:
         rewrite = self._rewrite_next or self._refreshes % 2 == 0
         renew = self._renew_next or self._refreshes % self.renew_every == 0
         self._refreshes += 1
-        calls = []
-        if rewrite:
-            for chunk in _chunks(metas, REFRESH_CHUNK):
-                keys = [conn_key(m.profile_id, m.device_id) for m in chunk]
-                calls.append((REWRITE, keys, [ttl, *(m.to_json() for m in chunk)]))
+        rewritten = metas if rewrite else []
+        renewed = []
         if renew:
             devices = {device_key(m.profile_id, m.device_id) for m in metas}
             rooms = {room_key(room_id) for m in metas for room_id in m.room_ids}
-            calls += [(RENEW, keys, [ttl]) for keys in _chunks(sorted(devices | rooms), REFRESH_CHUNK)]
-        if not calls:
+            renewed = sorted(devices | rooms)
+        if not rewritten and not renewed:
             return defer.succeed(None)
         self._rewrite_next = self._renew_next = False
-        d = all_replies([self.redis.eval(*call) for call in calls])
+        d = self._send_refresh(rewritten, renewed, ttl)
         d.addCallback(lambda _: None)
         d.addErrback(self._refresh_failed, rewrite, renew)
         return d
+
+    def _send_refresh(self, metas, renewed, ttl):
+        """Rewrite the conn keys of ``metas`` and renew the keys ``renewed``: a script per REFRESH_CHUNK keys."""
+        calls = []
+        for chunk in _chunks(metas, REFRESH_CHUNK):
+            keys = [conn_key(m.profile_id, m.device_id) for m in chunk]
+            calls.append((REWRITE, keys, [ttl, *(m.to_json() for m in chunk)]))
+        calls += [(RENEW, keys, [ttl]) for keys in _chunks(renewed, REFRESH_CHUNK)]
+        return all_replies([self.redis.eval(*call) for call in calls])
 
     def _refresh_failed(self, failure, rewrite, renew):
         self._rewrite_next = self._rewrite_next or rewrite
@@ -388,6 +398,25 @@ class RedisStore:
             ]
         )
 
+    def instances(self):
+        return defer.ensureDeferred(self._instances())
+
+    async def _instances(self):
+        ids = sorted(await self.redis.execute("SMEMBERS", INSTANCES_KEY))
+        if not ids:
+            return []
+        entries = await self.redis.execute("MGET", *(instance_key(g) for g in ids))
+        rooms = await self.redis.pipeline([("SCARD", instance_rooms_key(g)) for g in ids])
+        found = []
+        for entry, room_count in zip(entries, rooms, strict=True):
+            if entry is None:
+                continue  # expired: a dead gateway, not yet reaped
+            try:
+                found.append({**json.loads(entry), "rooms": room_count})
+            except ValueError:
+                self.log.warn("unreadable instance entry {entry!r}", entry=entry[:100])
+        return found
+
     def reap_dead_instances(self, own_gateway_id):
         return defer.ensureDeferred(self._reap_dead_instances(own_gateway_id))
 
@@ -404,7 +433,7 @@ class RedisStore:
             try:
                 left = None
                 while left != 0 and left != -1:
-                    left = await self.redis.eval(REAP, self._registry_keys(gateway_id), [gateway_id, REAP_BATCH])
+                    left = await self._reap_batch(gateway_id)
                 if left == 0:
                     reaped.append(gateway_id)
                     self.log.info(
@@ -415,6 +444,13 @@ class RedisStore:
         return reaped
 
     # ------------------------------------------------------------ internals
+
+    def _reap_batch(self, gateway_id):
+        """Clean up a batch after dead ``gateway_id``: -1 if alive or done already, else what is left."""
+        return self.redis.eval(REAP, self._registry_keys(gateway_id), [gateway_id, REAP_BATCH])
+
+    def _unregister(self, gateway_id):
+        return self.redis.eval(STOP, self._registry_keys(gateway_id), [gateway_id])
 
     def _registry_keys(self, gateway_id):
         return [instance_key(gateway_id), instance_conns_key(gateway_id), instance_rooms_key(gateway_id), INSTANCES_KEY]
@@ -436,7 +472,7 @@ class RedisStore:
         if self.redis.ready:
             try:
                 await defer.gatherResults(
-                    [self.redis.eval(STOP, self._registry_keys(g), [g]) for g in sorted(self._own)],
+                    [defer.ensureDeferred(self._unregister(g)) for g in sorted(self._own)],
                     consumeErrors=True,
                 )
             except Exception as e:

@@ -122,10 +122,13 @@ class RedisResumePositions:
 
     def save(self, records):
         items = [(resume_key(p, d), positions) for (p, d), positions in records.items() if positions]
+        # On a Redis Cluster a script's keys must share a slot and these (one per device) do
+        # not: one script per device there (chatgateway.redisconn.cluster).
+        chunk = 1 if hasattr(self._redis, "slot_of") else SAVE_CHUNK
         sent = []
-        for start in range(0, len(items), SAVE_CHUNK):
+        for start in range(0, len(items), chunk):
             keys, args = [], [max(1, int(self.ttl_sec))]
-            for key, positions in items[start : start + SAVE_CHUNK]:
+            for key, positions in items[start : start + chunk]:
                 keys.append(key)
                 args.append(len(positions))
                 for room, (epoch, offset) in positions.items():

@@ -29,6 +29,11 @@ MEMBERSHIP_LOOKUP_RESULTS = ("hit", "miss", "error")
 # Where catch-up (chatgateway.sessions.catchup) read the events it delivered: the room's
 # stream (one read of up to READ_CHUNK entries) or the core's history (one GetHistory page).
 CATCHUP_SOURCES = ("stream", "core")
+# The shared limits (chatgateway.sessions.sharedlimits), the call signals a device may be
+# relayed and the presence statuses announced: their series exist from the start.
+LIMIT_KINDS = ("profile", "room")
+SIGNAL_KINDS = ("offer", "answer", "ice", "end", "taken")
+PRESENCE_STATUSES = ("online", "offline")
 # How a session's open went for resuming (chatgateway.sessions.resume): it catches up in at
 # least one room, it starts live everywhere, or the token it gave was ignored.
 RESUME_RESULTS = ("resumed", "live", "token_ignored")
@@ -91,6 +96,11 @@ class GatewayCounts:
         self._gaps = 0  # gap events sent to devices
         self._resumes = _kinds(*RESUME_RESULTS)  # sessions opened, by how their resume went
         self._behind = 0  # times a device fell behind (its outbox full of room events)
+        self._limited = _kinds(*LIMIT_KINDS)  # commands refused by a shared limit, by kind
+        self._unchecked = _kinds(*LIMIT_KINDS)  # shared limit checks let in because the store failed
+        self._signals = _kinds(*SIGNAL_KINDS)  # call signals relayed, by kind
+        self._presence = _kinds(*PRESENCE_STATUSES)  # presenceEvents published (one per room told)
+        self.online_profiles = lambda: 0  # profiles online across gateways (set by the Gateway's Presence)
 
     # ------------------------------------------------------------ what happens (reactor thread)
 
@@ -164,6 +174,23 @@ class GatewayCounts:
         """A device's outbox was full: it is fed no room events until it drains (then catches up)."""
         self._behind += 1
 
+    def limit_refused(self, kind):
+        """A command refused by the shared limit ``kind`` ("profile", "room")."""
+        self._limited[kind] += 1
+
+    def limit_unchecked(self, kind):
+        """A shared limit check of ``kind`` let in because the store could not answer (fail open)."""
+        self._unchecked[kind] += 1
+
+    def signal_relayed(self, kind):
+        """A call signal of ``kind`` ("offer"... "taken") published to a profile's channel."""
+        self._signals[kind] = self._signals.get(kind, 0) + 1
+
+    def presence_announced(self, status, rooms):
+        """A profile's presence ``status`` (a PresenceEvent.Status) published to ``rooms`` rooms."""
+        name = pb.PresenceEvent.Status.Name(status).lower()
+        self._presence[name] = self._presence.get(name, 0) + rooms
+
     def session_opened(self, session):
         """A device's session is registered (Gateway.open_session)."""
         self._active[transport_name(session.transport)] += 1
@@ -224,6 +251,22 @@ class GatewayCounts:
     def gaps_sent_count(self):
         """GapEvents sent to devices."""
         return self._gaps
+
+    def limit_refused_counts(self):
+        """{kind: commands refused by the shared limit}: "profile", "room"."""
+        return self._limited.copy()
+
+    def limit_unchecked_counts(self):
+        """{kind: shared limit checks let in unchecked}."""
+        return self._unchecked.copy()
+
+    def signal_counts(self):
+        """{kind: call signals relayed}."""
+        return self._signals.copy()
+
+    def presence_counts(self):
+        """{status: presenceEvents published}."""
+        return self._presence.copy()
 
     def rate_limited_count(self):
         """Commands refused by the rate limit."""

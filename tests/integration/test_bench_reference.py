@@ -57,6 +57,8 @@ async def test_reference_and_gateway_deliver_the_same_messages(redis_server, tmp
             "HTTP_INTERFACE": "127.0.0.1",
             "GRPC_PORT": str(free_port()),
             "CHAT_SERVICE_URI": f"127.0.0.1:{core_port}",
+            # presenceEvents on the room's channel would reach the reference's clients too
+            "PRESENCE_MAX_ROOM_SIZE": "0",
         },
     ).start()
     reference = subprocess.Popen(

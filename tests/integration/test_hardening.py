@@ -245,6 +245,7 @@ def lone_gateway(tmp_path):
         MAX_UNAUTHENTICATED_PER_ADDRESS=4,
         AUTH_TIMEOUT_SEC=1,
         HANDSHAKE_TIMEOUT_SEC=1,
+        PRESENCE_MAX_ROOM_SIZE=0,  # the devices share room "r": no presenceEvents between them
     )
     gateway.start()
     yield gateway
@@ -568,10 +569,18 @@ async def test_sigterm_drains_500_devices_with_calls_in_flight_and_exits_0(tmp_p
         assert report["codes"] == {"1001": DEVICES}, report
         assert report["hinted"] == DEVICES
         assert report["answered_ok"] == report["answered_before_close"] == IN_FLIGHT, report
-        # Connections, rooms, devices and the instance entry are gone; the membership cache is
-        # shared by every gateway and stays (docs/architecture.md#membership-cache).
-        assert [k for k in r.keys("gateway:*") if not k.startswith("gateway:memberships:")] == []
+        # Connections, rooms, devices and the instance entry are gone. What stays is shared by
+        # every gateway: the membership cache (docs/architecture.md#membership-cache), each
+        # device's positions for its resume, with their TTL (docs/architecture.md#resume), and
+        # the presence leases, departed, for the grace period and the next sweep of any gateway
+        # (docs/protocol.md#presence), each with a TTL too.
+        shared = ("gateway:memberships:", "gateway:resume:", "gateway:presence")
+        assert [k for k in r.keys("gateway:*") if not k.startswith(shared)] == []
         assert r.keys("gateway:memberships:*")
+        assert all(r.ttl(k) > 0 for k in r.keys("gateway:resume:*"))
+        leases = [score for k in r.keys("gateway:presence:*") for _, score in r.zrange(k, 0, -1, withscores=True)]
+        assert leases and all(score != float("inf") for score in leases)  # none live
+        assert {k: r.ttl(k) for k in r.keys("gateway:presence*") if r.ttl(k) <= 0} == {}
         assert "Traceback (most recent call last)" not in gateway.log_text(), gateway.log_tail(60)
         # The bus is stopped after the drain, not lost (and reconnected) as the process ends.
         assert "lost; reconnecting" not in gateway.log_text(), gateway.log_tail(60)

@@ -10,7 +10,8 @@ from zope.interface.verify import verifyObject
 
 from chatgateway import config as configuration
 from chatgateway.redisconn.connection import ConnectionError, TimeoutError
-from chatgateway.redisconn.uri import RedisAddress, parse_uri
+from chatgateway.redisconn.tls import TLSSettings
+from chatgateway.redisconn.uri import ClusterAddress, RedisAddress, parse_uri
 from chatgateway.store import ConnectionMeta, IConnectionStore, device_entry
 from chatgateway.store.memory import MemoryStore
 from chatgateway.store.redis import RedisStore
@@ -110,6 +111,7 @@ async def test_both_stores_provide_the_interface(stores):
         ("redis://gw:pw@redis/1", RedisAddress(host="redis", port=6379, db=1, username="gw", password="pw")),
         ("unix:///run/redis.sock?db=2", RedisAddress(path="/run/redis.sock", db=2)),
         ("unix:///run/redis.sock?password=pw", RedisAddress(path="/run/redis.sock", db=0, password="pw")),
+        ("rediss://:pw@redis:6380/1", RedisAddress(host="redis", port=6380, db=1, password="pw", tls=TLSSettings())),
     ],
 )
 def test_parse_uri(uri, address):
@@ -117,10 +119,23 @@ def test_parse_uri(uri, address):
     assert "pw" not in str(parse_uri(uri)) and "cret" not in str(parse_uri(uri))
 
 
+def test_parse_cluster_uri():
+    address = parse_uri("rediss+cluster://gw:pw@10.0.0.1:7000,10.0.0.2:7001", TLSSettings(ca_file="/ca.pem"))
+    tls = TLSSettings(ca_file="/ca.pem")
+    assert address == ClusterAddress(
+        (
+            RedisAddress(host="10.0.0.1", port=7000, username="gw", password="pw", tls=tls),
+            RedisAddress(host="10.0.0.2", port=7001, username="gw", password="pw", tls=tls),
+        )
+    )
+    assert str(address) == "rediss+cluster://10.0.0.1:7000,10.0.0.2:7001"
+
+
 @pytest.mark.parametrize(
     "uri, problem",
     [
-        ("rediss://redis:6380/0", "not supported yet"),
+        ("redis+cluster://a:7000,b/0", "must be host:port"),
+        ("redis+cluster://a:7000/2", "only database 0"),
         ("redis://redis:6379/x", "invalid literal"),
         ("redis://redis:99999/0", "out of range"),
         ("unix://", "socket path"),

@@ -240,3 +240,31 @@ async def test_a_room_joined_while_away_is_caught_up_from_the_join(deployment):
     assert [m[0] for m in messages(second, known.id)] == sent
     await second.close()
     await owner.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_grpc_stream_resumes_with_the_token_in_its_metadata(deployment):
+    _, (a, b) = deployment
+    owner_id, member_id = unique("owner"), unique("member")
+    owner, _ = await connect(a, owner_id, "desk")
+    room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="resume", member_ids=[member_id]))).room
+    first, connected = await connect(a, member_id, "phone")
+    sent = []
+    await send(owner, room.id, [f"before {i}" for i in range(3)], sent)
+    await wait_until(lambda: {m[0] for m in messages(first, room.id)} >= set(sent), 20)
+    await first.close()
+    await task.deferLater(reactor, 0.3, lambda: None)  # the record of the close is written
+    await send(owner, room.id, [f"away {i}" for i in range(5)], sent)
+    metadata = [
+        ("authorization", f"Bearer {token(member_id, 'phone')}"),
+        ("x-resume-token", connected.resume_token),
+    ]
+    device = StreamDevice(f"127.0.0.1:{b.grpc_port}", metadata=metadata)
+    try:
+        reconnected = (await threads.deferToThread(device.next_event, "connected", None, 20)).connected
+        assert reconnected.resumed
+        got = [(await threads.deferToThread(device.next_event, "message", None, 20)).id for _ in range(5)]
+        assert got == sent[3:]
+    finally:
+        device.close()
+        await owner.close()

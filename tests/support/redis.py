@@ -25,12 +25,18 @@ MISSING = (
 class RedisServer:
     """``redis-server`` without persistence, bound to 127.0.0.1 on ``port`` (a free one by default)."""
 
-    def __init__(self, port=None, start=True):
+    def __init__(self, port=None, start=True, tls=None, extra=()):
+        """``tls``: support.tlscerts.Certificates; the server then also listens with TLS on
+        ``tls_port`` and asks clients for a certificate (not required: tls-auth-clients optional).
+        ``extra``: more redis-server arguments."""
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError(MISSING)
         self.version = _version(self.binary)
         self.port = port or free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls is not None else None
+        self.extra = list(extra)
         self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
         self.log_path = self.dir / "redis.log"
         self.process = None
@@ -80,6 +86,20 @@ class RedisServer:
             "--unixsocketperm",
             "700",
         ]
+        if self.tls is not None:
+            command += [
+                "--tls-port",
+                str(self.tls_port),
+                "--tls-cert-file",
+                str(self.tls.server_cert),
+                "--tls-key-file",
+                str(self.tls.server_key),
+                "--tls-ca-cert-file",
+                str(self.tls.ca),
+                "--tls-auth-clients",
+                "optional",
+            ]
+        command += self.extra
         if self.version >= (7,):
             command += ["--enable-debug-command", "local"]  # DEBUG SLEEP in tests; off by default since 7.0
         self.process = subprocess.Popen(

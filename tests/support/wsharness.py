@@ -133,6 +133,12 @@ class FakeCore:
             for member in removed:
                 self.rooms[member].remove(request.room_id)
             return defer.succeed(pb.RemoveRoomSubscriptionsResponse(removed_profile_ids=removed))
+        if method == "SearchRoomSubscriptions":
+            if request.room_id not in self.rooms.get(profile, []):
+                return defer.fail(CoreError(grpc.StatusCode.PERMISSION_DENIED, "not a member"))
+            members = sorted(p for p, rooms in self.rooms.items() if request.room_id in rooms and request.query in p)
+            subs = [pb.RoomSubscription(room_id=request.room_id, profile_id=p, roles=["member"]) for p in members]
+            return defer.succeed(pb.SearchRoomSubscriptionsResponse(data=subs))
         if method == "GetHistory":
             return defer.fail(CoreError(grpc.StatusCode.NOT_FOUND, f"room {request.room_id} not found"))
         return defer.fail(CoreError(grpc.StatusCode.UNIMPLEMENTED, method))
@@ -214,7 +220,8 @@ class Harness:
     """
 
     def __init__(self, _shared=None, counts=None, **settings):
-        env = {"JWT_SECRET": "unit-test-secret", "GATEWAY_ID": "gw-test"}
+        # No presenceEvents unless a test asks (PRESENCE_MAX_ROOM_SIZE): the fan-out tests count every frame.
+        env = {"JWT_SECRET": "unit-test-secret", "GATEWAY_ID": "gw-test", "PRESENCE_MAX_ROOM_SIZE": "0"}
         env.update({k: str(v) for k, v in settings.items()})
         self.config = config.load(env)
         if _shared is None:

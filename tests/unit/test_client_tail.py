@@ -27,6 +27,11 @@ def test_a_gap_moves_the_position_past_it_and_is_printed():
     assert gap_text(gap) == "--:--:-- [gap] events 5-9 of epoch e are missing (trimmed)"
 
 
+def test_acks_go_out_at_most_once_a_second():
+    tail = TailState("r")
+    assert [tail.ack_due(t) for t in (0.0, 0.2, 0.99, 1.0, 1.5, 2.1)] == [True, False, False, True, False, True]
+
+
 def test_tail_says_whether_a_reconnect_resumed():
     tail = TailState("r")
     tail.fresh(message(7))

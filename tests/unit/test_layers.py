@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "chatgateway"
 # Top to bottom. A module may import its own layer and those below it.
 LAYERS = [
     {"tap", "service", "workers"},
-    {"edge"},
+    {"edge", "console"},
     {"sessions"},
     {"auth", "core", "store", "bus"},
     {"redisconn", "api", "config"},

@@ -1,10 +1,10 @@
 """Found by the chaos test (docs/architecture.md#the-chaos-test) with devices resuming by
 their token alone: a live event fanned out to a session after its close frame went (a
-drain's 1001, a 4408) was dropped by the WebSocket edge yet counted as delivered, so the
-position the gateway keeps for the device ran ahead of what it received and a resume from
-the token or the server-side record skipped those events. Fixed on `delivery` (the edge's
-``send_encoded`` says whether it took the event); this keeps it fixed, end to end through
-the drain."""
+drain's 1001, a 4408) is dropped by the WebSocket edge (``send_encoded``: closing, or not
+open) yet counted as delivered (``Session.deliver`` records the position), so the position
+the gateway keeps for the device runs ahead of what it received, and a resume from the
+token or the server-side record skipped those events. Fixed: an event the closing edge
+drops does not move the device's position."""
 
 from chatgateway.api import chat_pb2 as pb
 from support.stalled import WebSocketDevice
@@ -33,6 +33,6 @@ def test_events_after_the_close_frame_do_not_move_the_devices_position():
         events, close = device.released()
         assert close == 1001
         assert [e.offset for e in events if e.HasField("message")] == [1, 2]
-        assert session.position("r1")[1] == 2  # was 5: the dropped events counted
+        assert session.position("r1")[1] == 2  # not 5: what the edge dropped is not counted
     finally:
         h.stop()
