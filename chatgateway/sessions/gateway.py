@@ -79,9 +79,8 @@ class Gateway(service.Service):
         self.registry.room_released = self._room_released
         # Sessions catching up in a room (a resume, a hole in their delivery, after falling behind).
         pacer = Pacer(self.clock, self.cork.corked)
-        self.catchups = CatchUps(
-            self.reads, self.positions.position, pacer, self.clock, self.counts, self.positions.ended
-        )
+        ended = self.positions.ended
+        self.catchups = CatchUps(self.reads, self.positions.position, pacer, self.clock, self.counts, ended)
         self.fanout.on_shed = self.catchups.shed
         # Resume (docs/architecture.md#resume): tokens and plans at open, the devices' server-side positions.
         self.resumption = Resumption.of(config, store, bus, core, self.clock, self.positions.position, self.counts)

@@ -4,8 +4,8 @@ doubled or reordered while gateways are killed, drained, stopped and cut off fro
 Real processes: one redis-server, `twistd chatcore` publishing by the contract, two
 `twistd chatgateway` (gw-0 with one process, gw-1 with `--workers 2`), 200 devices
 (support/fleet.py: 199 in one process, 1 alone in another so that it can be frozen) each
-in 2 of 20 rooms, resuming with their token and their positions (a token or the
-gateway's record alone is not exactly-once: docs/protocol.md#acks), and a publisher (support/corepublisher.py) sending numbered events
+in 2 of 20 rooms, resuming a third each with their token alone, their positions alone, or
+both, and a publisher (support/corepublisher.py) sending numbered events
 through the core over gRPC all along. Meanwhile, in this order:
 
 1. ``CLIENT KILL TYPE pubsub``: every gateway process loses its subscriptions at once;
@@ -19,6 +19,10 @@ through the core over gRPC all along. Meanwhile, in this order:
 
 Then the publisher stops, and every device must hold every event of its rooms exactly
 once, in order (support/deliverycheck.py), with no gap event and no DATA_LOSS reported.
+A device resuming with its token alone resumes from the token's and the gateway's record
+of its positions, which may be up to a heartbeat behind after a SIGKILL
+(docs/protocol.md#acks): it may be given again what it holds (counted, dropped), never
+anything out of order, and it must miss nothing.
 """
 
 import json
@@ -30,6 +34,7 @@ import pytest
 
 from support.deliverycheck import check
 from support.deployment import OWNER, Deployment
+from support.fleet import resume_with
 from support.loadgen import LineProcess
 from support.processes import until
 
@@ -40,6 +45,9 @@ DEVICES = 200
 ROOMS = 20
 PREFIX = "chaos"
 RATE = 40  # events/s over all rooms
+RESUME = "mixed"
+# devices resuming with their token alone: at least once (support/deliverycheck.py)
+TOKEN_ONLY = [f"{PREFIX}{i}" for i in range(DEVICES) if resume_with(RESUME, i) == (True, False)]
 SETTINGS = {
     "HEARTBEAT_INTERVAL_SEC": "1",
     "CONNECTION_TIMEOUT_SEC": "3",  # the frozen device is timed out within its 5 s
@@ -86,7 +94,7 @@ class Run:
                 "--prefix",
                 PREFIX,
                 "--resume",
-                "both",
+                RESUME,
             ],
             log_path=self.tmp_path / f"fleet-{first}.log",
         )
@@ -235,7 +243,7 @@ def test_every_device_holds_every_event_once_in_order_through_kills_drains_stops
 
     until(caught_up, 30)  # then judged whatever it is
     stage("judged")
-    report = check(run.expected, published, run.dump())
+    report = check(run.expected, published, run.dump(), at_least_once=TOKEN_ONLY)
     stats = run.stats()
     summary = f"stages (s from the start): {stages}\npublisher errors: {published['errors']}\nfleets: {stats}\n"
     if not report.ok:  # the first faults of each device, not the Report's repr

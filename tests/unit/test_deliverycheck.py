@@ -130,3 +130,17 @@ def test_a_token_only_device_sends_no_positions():
     device.last["a"] = ("x", "e", 5)
     request = device.sign_in()
     assert request.resume_token == "r1" and not request.positions
+
+
+def test_an_at_least_once_device_may_be_given_again_what_it_holds_but_not_miss_or_reorder():
+    published = {"sent": {"r": [0, 1, 2, 3]}}
+    again = [["e1", 1, 0], ["e1", 2, 1], ["e1", 3, 2], ["e1", 2, 1], ["e1", 3, 2], ["e1", 4, 3]]
+    dump = {"a": {"rooms": {"r": again}, "gaps": [], "errors": []}}
+    assert not check({"a": ["r"]}, published, dump).ok  # exactly once: doubled
+    report = check({"a": ["r"]}, published, dump, at_least_once=["a"])
+    assert report.ok and report.redelivered == 2
+    skipped = {
+        "a": {"rooms": {"r": [["e1", 1, 0], ["e1", 1, 0], ["e1", 3, 2], ["e1", 4, 3]]}, "gaps": [], "errors": []}
+    }
+    report = check({"a": ["r"]}, published, skipped, at_least_once=["a"])
+    assert report.findings[("a", "r")].missing == [1] and report.redelivered == 1
