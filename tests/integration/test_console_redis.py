@@ -12,15 +12,12 @@ import pytest
 
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.bus.roomstream import position_key, stream_key
-from chatgateway.config import SETTINGS
 from chatgateway.console.admin import ADMIN_SCOPE
 from support import browser
 from support.processes import Twistd, free_port, until
 from support.redis import RedisServer
 
 SECRET = "console-redis-test-secret-0123456789abcd"
-# Whether this gateway resumes and catches up (issue 17, whose settings are RESUME_*).
-RESUMES = any(setting.name.startswith("RESUME_") for setting in SETTINGS)
 HEARTBEAT = 0.5
 
 
@@ -119,22 +116,17 @@ def test_every_gateway_on_redis_is_listed_with_its_connections_and_a_stopped_one
         assert page.by_id("notice").text == ""
 
         # The room's stream is lost (its epoch and stream keys gone, as after a Redis flush):
-        # the next event has a new epoch. A gateway with resume (issue 17) takes the old epoch's
-        # rest from the core's history (nothing is missing): the page shows the message and no
-        # loss. One without tells the device DATA_LOSS: the page says so and reloads the history.
+        # the next event has a new epoch; the gateway takes the old epoch's rest from the core's
+        # history (nothing is missing): the page shows the message and no loss.
         redis.client().delete(position_key(room), stream_key(room))
         page.send("after the loss")
         before = [("dora", "from production mode"), ("dora", "after the loss")]
         page.wait(lambda: page.messages() == before, "the timeline whole after the loss")
-        if RESUMES:
-            assert page.by_id("notice").text == ""
-        else:
-            page.wait(lambda: "events were missed" in page.by_id("notice").text, "the loss shown")
+        assert page.by_id("notice").text == ""
 
         # gw-1 goes away while 40 messages (more than a page) go in through gw-0, then comes
-        # back. With resume (issue 17) the page's first frame resumes it and the gateway sends
-        # the 40; without, the page shows the newest page, not a timeline with a hole, and the
-        # rest when scrolled up. Either way: every message once, in order.
+        # back: the page's first frame resumes it (token and positions) and the gateway sends
+        # the 40, every message once, in order.
         assert gw1.stop() == 0
         page.wait(lambda: not page.status().startswith("connected"), "gw-1 gone")
         missed = [f"while away {n:02d}" for n in range(40)]
@@ -142,9 +134,6 @@ def test_every_gateway_on_redis_is_listed_with_its_connections_and_a_stopped_one
             send_event(gw0.port, token("dora", "script"), room, text)
         gw1.start()
         page.wait_connected(timeout=60)
-        if not RESUMES:
-            page.wait(lambda: [t for _, t in page.messages()] == missed[-30:], "the newest page after the gap")
-            page.driver.execute_script("document.getElementById('timeline-box').scrollTop = 0")
         page.wait(lambda: page.messages() == before + [("dora", t) for t in missed], "every message, in order")
         assert page.by_id("notice").text == ""
         assert browser.page_errors(driver) == []
