@@ -7,6 +7,7 @@ the contract of chatgateway.bus.memberships (the cache updated in the same step)
 room events by that of chatgateway.bus.roomstream (positioned, kept in the stream).
 """
 
+import txredisapi
 from twisted.application import service
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -71,7 +72,15 @@ class CoreService(service.Service):
             return
         if channel.startswith(ROOM_PREFIX):
             d.addCallback(self._published, payload)
-        d.addErrback(lambda failure: self.log.failure("publishing on {channel} failed", failure, channel=channel))
+        d.addErrback(self._publish_failed, channel)
+
+    def _publish_failed(self, failure, channel):
+        # Redis gone (restarting, or the core stopping): an operational event, not a bug; the
+        # event stays in the core's history, and gateways catch devices up from it.
+        if failure.check(txredisapi.ConnectionError):
+            self.log.warn("publishing on {channel} failed: {error}", channel=channel, error=failure.getErrorMessage())
+        else:
+            self.log.failure("publishing on {channel} failed", failure, channel=channel)
 
     def _published(self, position, payload):
         """A room event got its position: store it with the event (GetHistory reads by it), off the reactor."""
