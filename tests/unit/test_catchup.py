@@ -30,8 +30,12 @@ class HeldBus(MemoryBus):
         self.hold = False
         self.reads = []  # (room, after, count, Deferred)
         self.unconfirmed = {}  # channel -> Deferreds of subscriptions Redis has not confirmed yet
+        self.failing = 0  # the next reads that fail
 
     def read_room_stream(self, room_id, after, count=500):
+        if self.failing:
+            self.failing -= 1
+            return defer.fail(ConnectionError("redis away"))
         if not self.hold:
             return super().read_room_stream(room_id, after, count)
         d = defer.Deferred()
@@ -609,6 +613,8 @@ OPS = st.one_of(
     st.tuples(st.just("burst"), st.integers(60, 150)),
     st.tuples(st.just("corelose"), st.integers(1, 60)),
     st.tuples(st.just("flush"), st.just(0)),
+    st.tuples(st.just("fail"), st.integers(1, 12)),
+    st.tuples(st.just("wait"), st.sampled_from([0.1, 0.5, 2.0, 7.0])),
 )
 
 
@@ -618,9 +624,9 @@ def test_whatever_happens_every_device_gets_every_event_once_in_order(ops, kept)
     """A model test of the seam: live events, pub/sub losses, outboxes filling and draining,
     reads held while events arrive, devices joining from positions, bursts the fan-out sheds,
     a stream keeping only ``kept`` events with the core's history behind it, events the core
-    lost, the stream lost (a new epoch), in any order. Every device gets, in order and once,
+    lost, the stream lost (a new epoch), stream reads failing for a while, in any order. Every device gets, in order and once,
     every event after its position, or a gap event for one the core lost, and nothing else."""
-    h = Harness()
+    h = Harness(BEHIND_DRAIN_SEC=86400)  # (never drained in time is another test's)
     h.hub.streams.limit(kept, 86400)
     h.gateway.fanout.max_backlog = 200
     append = h.hub.streams.append
@@ -681,11 +687,18 @@ def test_whatever_happens_every_device_gets_every_event_once_in_order(ops, kept)
             key = (epochs[-1][0], arg)
             if h.core.kept.pop(key, None) is not None:
                 core_lost.add(key)
+        elif op == "fail":
+            h.bus.failing = arg  # Redis away for the next reads (retried, then the core is asked)
+        elif op == "wait":
+            h.clock.advance(arg)
         elif op == "flush" and len(epochs) == 1:  # (once: an epoch born and lost while away is not told)
             seen = h.gateway.positions.position(ROOM)
             seen_end[epochs[-1][0]] = seen[1] if seen is not None and seen[0] == epochs[-1][0] else 0
             h.hub.streams.rooms.pop(ROOM, None)  # Redis lost the room's stream and position
-    # Let everything settle: reads answered, outboxes drained, one more live event.
+    # Let everything settle: Redis back, reads answered, outboxes drained, one more live event.
+    h.bus.failing = 0
+    for _ in range(12):
+        h.clock.advance(1)  # retries of failed reads are due
     h.bus.hold = False
     while h.bus.reads:
         h.bus.answer()
@@ -697,6 +710,7 @@ def test_whatever_happens_every_device_gets_every_event_once_in_order(ops, kept)
         while h.bus.reads:
             h.bus.answer()
         h.run(50)
+        h.clock.advance(1)
     for session, device, (epoch, offset) in devices:
 
         def least_end(i):
