@@ -163,7 +163,7 @@ async def test_slow_consumers_are_closed_4429_within_the_memory_bound_and_do_not
         await fast.next_event("connected")
         slow = LineProcess(
             "tests/support/slowclients.py",
-            ["--port", gateway.port, "--secret", SECRET, "--count", SLOW, "--collect-timeout", 120],
+            ["--port", gateway.port, "--secret", SECRET, "--count", SLOW, "--collect-timeout", 120, "--rcvbuf", 65536],
             log_path=tmp_path / "slowclients.log",
         )
         assert int(await threads.deferToThread(slow.expect, "READY", 120)) == SLOW
