@@ -28,6 +28,16 @@ class Caller:
     call_options: dict
 
 
+async def verified(gateway, token):
+    """The claims of a call's bearer token; CoreError UNAUTHENTICATED without a valid one."""
+    if not token:
+        raise CoreError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+    try:
+        return await gateway.verifier.verify(token)
+    except AuthError as e:
+        raise CoreError(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {e}") from None
+
+
 async def forward(
     gateway, method, request, token, device_id="", traceparent=None, tracestate=None, timeout=None, arrived=None
 ):
@@ -45,12 +55,7 @@ async def forward(
     )
     if method not in METHODS:
         raise CoreError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
-    if not token:
-        raise CoreError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
-    try:
-        claims = await gateway.verifier.verify(token)
-    except AuthError as e:
-        raise CoreError(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {e}") from None
+    claims = await verified(gateway, token)
     options = {"timeout": deadline - gateway.clock.seconds()}
     if traceparent:
         options["traceparent"] = traceparent

@@ -18,9 +18,9 @@ from twisted.logger import Logger
 
 from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
-from chatgateway.auth.tokens import AuthError
 from chatgateway.bus import channels
 from chatgateway.core.client import CoreError
+from chatgateway.sessions.forwarding import verified
 from chatgateway.store.presence import (
     KEY_TTL_SEC,
     NoPresence,
@@ -168,12 +168,7 @@ async def get_presence(gateway, request, token, device_id="", **_options):
     The caller's rooms come as at a connect (the membership cache, else the core). Errors are
     CoreErrors, as a forwarded method's are.
     """
-    if not token:
-        raise CoreError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
-    try:
-        claims = await gateway.verifier.verify(token)
-    except AuthError as e:
-        raise CoreError(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {e}") from None
+    claims = await verified(gateway, token)
     if not request.room_id:
         raise CoreError(grpc.StatusCode.INVALID_ARGUMENT, "room_id is required")
     rooms = await gateway.connect_rooms(claims.profile_id, token, claims.device_id or device_id or "")
