@@ -4,7 +4,8 @@ publishing by the contract, a `twistd chatgateway`, a real WebSocket device.
 A device whose gateway missed more events than the room's stream keeps (ROOM_STREAM_MAX_LEN
 small) gets the missing range from the core's history (GetHistory after its position); events
 the core's history does not hold either reach it as a GapEvent naming the room, the epoch and
-the first and last offsets missing."""
+the first and last offsets missing. The same for a device that was disconnected that long and
+resumes with its token."""
 
 import os
 import signal
@@ -210,3 +211,81 @@ async def test_what_neither_the_stream_nor_the_cores_history_holds_is_a_gap_even
     assert catchup_reads(gateway.port)["gaps"] == 2  # the member's device and the owner's
     await owner.close()
     await member.close()
+
+
+async def away_and_back(gateway, member_id, connected):
+    """The member's device signs in again with the resume token of its last ``connected``
+    (in the first frame): a new client."""
+    return await GatewayClient.connect(
+        f"ws://127.0.0.1:{gateway.port}/ws",
+        token(member_id),
+        subprotocol=codec.PROTO,
+        auth="frame",
+        resume_token=connected.resume_token,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_disconnected_longer_than_the_stream_keeps_resumes_from_the_cores_history(deployment):
+    redis, core, gateway = deployment
+    owner_id, member_id = unique("owner"), unique("member")
+    owner = await connect(gateway, owner_id)
+    room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="offline", member_ids=[member_id]))).room
+    member = await GatewayClient.connect(f"ws://127.0.0.1:{gateway.port}/ws", token(member_id), subprotocol=codec.PROTO)
+    connected = (await member.next_event("connected")).connected
+    first = await owner.send_message(room.id, "before")
+    await member.next_event("message", lambda e: e.message.id == first.id)
+    await member.close()  # the device goes away
+
+    away = await deferToThread(send_to_core, core.port, owner_id, room.id, AWAY)
+    assert await stream_length(redis, room.id) <= KEPT + 1  # the stream lost most of them
+    reads_before = catchup_reads(gateway.port)["core"]
+    back = await away_and_back(gateway, member_id, connected)
+    assert (await back.next_event("connected")).connected.resumed
+    last = await owner.send_message(room.id, "back")
+
+    def complete():
+        return last.id in [r[1] for r in received(back, room.id, 0) if r[0] == "message"]
+
+    await wait_until(complete, 30)
+    await task.deferLater(reactor, 0.3, lambda: None)
+    got = received(back, room.id, 0)
+    assert [r for r in got if r[0] != "message"] == []  # no gap, no DATA_LOSS
+    assert [r[1] for r in got] == away + [last.id]  # every one, once, in order
+    assert catchup_reads(gateway.port)["core"] > reads_before  # the range came from the core
+    await owner.close()
+    await back.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_disconnected_past_what_the_core_holds_is_told_the_gap_with_its_positions(deployment):
+    redis, core, gateway = deployment
+    owner_id, member_id = unique("owner"), unique("member")
+    owner = await connect(gateway, owner_id)
+    room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="offline-gap", member_ids=[member_id]))).room
+    member = await GatewayClient.connect(f"ws://127.0.0.1:{gateway.port}/ws", token(member_id), subprotocol=codec.PROTO)
+    connected = (await member.next_event("connected")).connected
+    first = await owner.send_message(room.id, "before")
+    before = await member.next_event("message", lambda e: e.message.id == first.id)
+    await member.close()
+
+    lost = await deferToThread(lose, redis, room.id, AWAY)  # the core never stored them
+    back = await away_and_back(gateway, member_id, connected)
+    assert (await back.next_event("connected")).connected.resumed
+    last = await owner.send_message(room.id, "after")
+
+    def complete():
+        return last.id in [r[1] for r in received(back, room.id, 0) if r[0] == "message"]
+
+    await wait_until(complete, 30)
+    got = received(back, room.id, 0)
+    gaps = [r for r in got if r[0] == "gap"]
+    assert len(gaps) == 1 and got[0][0] == "gap"  # first the gap, then what the stream kept
+    (first_missing, last_missing), epoch = gaps[0][1], gaps[0][2]
+    assert epoch == before.epoch and first_missing == before.offset + 1
+    kept = [r for r in got if r[0] == "message" and r[1] in set(lost)]
+    assert kept and last_missing == kept[0][3] - 1
+    assert [r[1] for r in kept] == lost[-len(kept) :]
+    assert [r for r in got if r[0] == "error"] == []
+    await owner.close()
+    await back.close()
