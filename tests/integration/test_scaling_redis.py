@@ -10,7 +10,7 @@ from chatgateway.api import chat_pb2 as pb
 from chatgateway.api import codec
 from chatgateway.auth.devtokens import mint_token
 from chatgateway.client.wsclient import GatewayClient
-from support.chat import fence, pending_texts, unique, wait_until
+from support.chat import fence, pending_texts, rescope_across_gateways, unique, wait_until
 from support.processes import Twistd, free_port
 from support.redis import RedisServer
 
@@ -287,22 +287,7 @@ async def test_membership_change_on_one_gateway_rescopes_the_profile_on_another(
     owner_id, joiner_id = unique("owner"), unique("joiner")
     owner = await connect(cluster, 0, owner_id)
     joiner = await connect(cluster, 2, joiner_id)
-    room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="rescope"))).room
-    await owner.call(
-        "AddRoomSubscriptions",
-        pb.AddRoomSubscriptionsRequest(room_id=room.id, members=[pb.RoomSubscription(profile_id=joiner_id)]),
-    )
-    await joiner.next_event("subscription_event")
-    sent = await owner.send_message(room.id, "hello from gw-0")
-    await joiner.next_event("message", lambda e: e.message.id == sent.id)
-    await owner.call(
-        "RemoveRoomSubscriptions", pb.RemoveRoomSubscriptionsRequest(room_id=room.id, profile_ids=[joiner_id])
-    )
-    await joiner.next_event("subscription_event", lambda e: e.subscription_event.change == pb.SubscriptionEvent.REMOVED)
-    gone = await owner.send_message(room.id, "not for you")
-    own = (await joiner.call("CreateRoom", pb.CreateRoomRequest(name="own"))).room
-    await fence(joiner, own.id)
-    assert gone.id not in [e.message.id for e in joiner.pending("message")]
+    await rescope_across_gateways(owner, joiner, joiner_id)
     await owner.close()
     await joiner.close()
 

@@ -36,3 +36,24 @@ def pending_texts(client, room_id):
         for e in client.pending("message")
         if e.message.room_id == room_id and e.message.type == pb.RoomEvent.TEXT
     ]
+
+
+async def rescope_across_gateways(owner, joiner, joiner_id):
+    """``owner`` adds ``joiner`` (connected to another gateway) to a new room, then removes it:
+    the joiner gets the room's event while a member, and none once removed."""
+    room = (await owner.call("CreateRoom", pb.CreateRoomRequest(name="rescope"))).room
+    await owner.call(
+        "AddRoomSubscriptions",
+        pb.AddRoomSubscriptionsRequest(room_id=room.id, members=[pb.RoomSubscription(profile_id=joiner_id)]),
+    )
+    await joiner.next_event("subscription_event")
+    sent = await owner.send_message(room.id, "hello from gw-0")
+    await joiner.next_event("message", lambda e: e.message.id == sent.id)
+    await owner.call(
+        "RemoveRoomSubscriptions", pb.RemoveRoomSubscriptionsRequest(room_id=room.id, profile_ids=[joiner_id])
+    )
+    await joiner.next_event("subscription_event", lambda e: e.subscription_event.change == pb.SubscriptionEvent.REMOVED)
+    gone = await owner.send_message(room.id, "not for you")
+    own = (await joiner.call("CreateRoom", pb.CreateRoomRequest(name="own"))).room
+    await fence(joiner, own.id)
+    assert gone.id not in [e.message.id for e in joiner.pending("message")]
